@@ -1,0 +1,3 @@
+from atsync.cli import main
+
+main()

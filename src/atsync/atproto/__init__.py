@@ -1,0 +1,1 @@
+"""(layer under construction; see DESIGN.md §2)"""

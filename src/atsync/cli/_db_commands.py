@@ -1,0 +1,3 @@
+"""Commands that read a local atsync database."""
+
+from __future__ import annotations
