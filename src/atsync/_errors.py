@@ -6,13 +6,14 @@ An operation that raises has written nothing (its transaction is rolled back).
     AtsyncError
     ├── SchemaError               a model schema or an upgrade step is malformed
     ├── UnknownModelError         a model name that the schema does not define
+    ├── NotFoundError             update()/merge() of a record that does not exist
     ├── ValidationError           a value does not fit the schema (type, null, primary key)
     │   └── RecordError           a record breaks the atproto data model or its Lexicon
     ├── ClosedError               the database or app was used after close()
     ├── TransactionError          transactions misused (e.g. nesting across threads)
     ├── ActionError               an action is unknown or was called wrongly
     ├── SignerError               a key cannot be created, loaded, or used
-    ├── SyntaxError_              an identifier (handle, DID, NSID, AT URI, TID, rkey...) is malformed
+    ├── SyntaxError_              a handle, DID, NSID, AT URI, TID or record key is malformed
     ├── VerificationError         a signature, CID, CAR, or MST proof does not check out
     ├── DevPDSError               the local reference PDS could not be installed or started
     └── NetworkError              a call to a PDS or another service failed
@@ -33,6 +34,7 @@ __all__ = [
     "ClosedError",
     "DevPDSError",
     "NetworkError",
+    "NotFoundError",
     "PermanentError",
     "RateLimitedError",
     "RecordError",
@@ -62,6 +64,13 @@ class UnknownModelError(AtsyncError, KeyError):
         return str(self.args[0]) if self.args else "unknown model"
 
 
+class NotFoundError(AtsyncError, KeyError):
+    """``update()`` or ``merge()`` named a record that does not exist."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "not found"
+
+
 class ValidationError(AtsyncError, ValueError):
     """A value does not fit the schema: wrong type, null where not nullable, bad key."""
 
@@ -86,7 +95,7 @@ class SignerError(AtsyncError):
     """A signing key could not be created, loaded or used."""
 
 
-class SyntaxError_(AtsyncError, ValueError):  # noqa: N801 - the builtin name is taken
+class SyntaxError_(AtsyncError, ValueError):
     """An atproto identifier (handle, DID, NSID, AT URI, TID, record key...) is malformed."""
 
 

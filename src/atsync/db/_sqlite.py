@@ -1,0 +1,553 @@
+"""ModelDB on SQLite: plain tables, savepoint transactions, live queries.
+
+One connection, guarded by a re-entrant lock: a transaction holds the lock until it ends,
+so it is seen whole or not at all by other threads; nested transactions are savepoints.
+Durability follows SQLite's own settings (WAL; ``synchronous=FULL`` by default, or
+``NORMAL`` which survives a killed process but may lose the last commits on power loss).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from .._errors import (
+    ClosedError,
+    NotFoundError,
+    TransactionError,
+    UnknownModelError,
+    ValidationError,
+)
+from ._migrations import Upgrade, prepare_schema
+from ._query import Query, compile_query, quote
+from ._schema import Model, Property, Schema, parse_schema, relation_table
+from ._subscriptions import Change, Subscription, SubscriptionHub
+from ._values import decode_column, encode_column, validate_key
+
+__all__ = ["Durability", "ModelDB"]
+
+Durability = Literal["full", "normal"]
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """Per-model SQL and codecs, prepared once when the database opens."""
+
+    model: Model
+    columns: tuple[Property, ...]
+    names: tuple[str, ...]
+    upsert: str
+    select_one: str
+    delete: str
+    decoders: tuple[Callable[[object], Any], ...]
+
+
+def _plan(model: Model) -> _Plan:
+    columns = model.columns
+    names = tuple(p.name for p in columns)
+    table, pk = quote(model.name), quote(model.primary_key)
+    cols = ", ".join(quote(n) for n in names)
+    updates = ", ".join(
+        f"{quote(n)} = excluded.{quote(n)}" for n in names if n != model.primary_key
+    )
+    conflict = f"DO UPDATE SET {updates}" if updates else "DO NOTHING"
+    return _Plan(
+        model=model,
+        columns=columns,
+        names=names,
+        upsert=(
+            f"INSERT INTO {table} ({cols}) VALUES ({', '.join('?' * len(names))}) "
+            f"ON CONFLICT ({pk}) {conflict}"
+        ),
+        select_one=f"SELECT {cols} FROM {table} WHERE {pk} = ?",
+        delete=f"DELETE FROM {table} WHERE {pk} = ?",
+        decoders=tuple(decode_column(p) for p in columns),
+    )
+
+
+class ModelDB:
+    """A local database of models, on SQLite. Open with ``ModelDB.open(path, models)``."""
+
+    def __init__(
+        self, conn: sqlite3.Connection, schema: Schema, path: str, durability: Durability
+    ) -> None:
+        self._conn = conn
+        self.schema = schema
+        self.path = path
+        self.durability: Durability = durability
+        self._plans = {name: _plan(model) for name, model in schema.models.items()}
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._owner: int | None = None  # thread id holding the open transaction
+        self._closed = False
+        self._hub = SubscriptionHub()
+        # Hooks of the layer above (the app's action log): run inside the outermost
+        # transaction just before COMMIT, and after a rollback of it.
+        self.before_commit: list[Callable[[], None]] = []
+        self.after_rollback: list[Callable[[], None]] = []
+
+    # -- opening and closing ----------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        models: Mapping[str, Mapping[str, Any]] | Schema,
+        *,
+        version: int = 1,
+        upgrade: Upgrade | None = None,
+        durability: Durability = "full",
+        timeout: float = 5.0,
+        setup: Callable[[sqlite3.Connection], None] | None = None,
+    ) -> ModelDB:
+        """Open (or create) a database and bring its tables to ``models`` at ``version``.
+
+        ``setup`` runs inside the opening transaction; the app layer creates its own
+        ``_atsync_*`` tables there.
+        """
+        schema = models if isinstance(models, Schema) else parse_schema(models)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ValidationError(f"version must be a positive integer, got {version!r}")
+        if durability not in ("full", "normal"):
+            raise ValidationError(f"durability must be 'full' or 'normal', got {durability!r}")
+        path_str = str(path)
+        conn = sqlite3.connect(
+            path_str, isolation_level=None, check_same_thread=False, timeout=timeout
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+            if path_str != ":memory:":
+                conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {durability.upper()}")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                prepare_schema(conn, schema, version, upgrade)
+                if setup is not None:
+                    setup(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except BaseException:
+            conn.close()
+            raise
+        return cls(conn, schema, path_str, durability)
+
+    def close(self) -> None:
+        """Close the database; later calls raise ``ClosedError``. Safe to call twice."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._conn.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> ModelDB:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<ModelDB {self.path!r} models={list(self.schema.models)}>"
+
+    # -- transactions -------------------------------------------------------------------
+
+    @property
+    def in_transaction(self) -> bool:
+        """Whether the calling thread is inside ``transaction()``."""
+        return self._depth > 0 and self._owner == threading.get_ident()
+
+    @contextmanager
+    def transaction(self) -> Iterator[ModelDB]:
+        """All writes inside commit together or not at all; nesting uses savepoints."""
+        changes: list[Change] = []
+        with self._lock:
+            self._check_open()
+            depth = self._depth
+            mark = len(self._hub.pending)
+            self._conn.execute("BEGIN IMMEDIATE" if depth == 0 else f"SAVEPOINT atsync_{depth}")
+            self._depth = depth + 1
+            self._owner = threading.get_ident()
+            try:
+                yield self
+                if depth == 0:
+                    for hook in self.before_commit:
+                        hook()
+                    self._conn.execute("COMMIT")
+                    changes = self._hub.take_pending()
+                else:
+                    self._conn.execute(f"RELEASE atsync_{depth}")
+            except BaseException:
+                self._rollback(depth, mark)
+                raise
+            finally:
+                self._depth = depth
+                if depth == 0:
+                    self._owner = None
+        self._hub.notify(self, changes)
+
+    def _rollback(self, depth: int, mark: int) -> None:
+        del self._hub.pending[mark:]
+        if depth > 0:
+            self._conn.execute(f"ROLLBACK TO atsync_{depth}")
+            self._conn.execute(f"RELEASE atsync_{depth}")
+            return
+        # SQLite may already have rolled back by itself (e.g. on SQLITE_FULL).
+        if self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
+        for hook in self.after_rollback:
+            hook()
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        # A lone write outside a transaction gets a transaction of its own.
+        if self.in_transaction:
+            yield
+        else:
+            with self.transaction():
+                yield
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"the database {self.path!r} is closed")
+
+    def _plan(self, model: str) -> _Plan:
+        try:
+            return self._plans[model]
+        except (KeyError, TypeError):
+            known = ", ".join(self._plans) or "none"
+            raise UnknownModelError(f"unknown model {model!r} (models: {known})") from None
+
+    # -- writes -------------------------------------------------------------------------
+
+    def set(self, model: str, value: Mapping[str, Any]) -> None:
+        """Create or replace a record; properties left out are null (if nullable) or []."""
+        plan = self._plan(model)
+        params = self._encode(plan, value)
+        relations = self._encode_relations(plan.model, value)
+        with self._writing():
+            self._write(plan, params, relations)
+
+    def update(self, model: str, value: Mapping[str, Any]) -> None:
+        """Change some properties of an existing record (shallow); ``NotFoundError`` if none."""
+        self._modify(model, value, deep=False)
+
+    def merge(self, model: str, value: Mapping[str, Any]) -> None:
+        """Like ``update`` but merges nested objects in json properties (deep)."""
+        self._modify(model, value, deep=True)
+
+    def delete(self, model: str, key: str) -> None:
+        """Delete a record (and its relation rows); deleting a missing record is a no-op."""
+        plan = self._plan(model)
+        validate_key(plan.model, key)
+        with self._writing():
+            old = self._stored(plan, key) if self._hub.watches(model) else None
+            self._conn.execute(plan.delete, (key,))
+            for rel in plan.model.relations:
+                self._conn.execute(
+                    f'DELETE FROM {quote(relation_table(model, rel.name))} WHERE "_source" = ?',
+                    (key,),
+                )
+            if old is not None:
+                self._hub.pending.append(Change(model, old, None))
+
+    def _modify(self, model: str, value: Mapping[str, Any], *, deep: bool) -> None:
+        plan = self._plan(model)
+        if not isinstance(value, Mapping):
+            raise ValidationError(f"{model}: expected a mapping, got {type(value).__name__}")
+        key = validate_key(plan.model, value.get(plan.model.primary_key))
+        with self._writing():
+            current = self.get(model, key)
+            if current is None:
+                raise NotFoundError(f"{model}/{key} does not exist; use set() to create it")
+            merged = _deep_merge(current, value, plan.model) if deep else {**current, **value}
+            params = self._encode(plan, merged)
+            relations = self._encode_relations(plan.model, merged)
+            self._write(plan, params, relations)
+
+    def _encode(self, plan: _Plan, value: Mapping[str, Any]) -> list[object]:
+        model = plan.model
+        if not isinstance(value, Mapping):
+            raise ValidationError(f"{model.name}: expected a mapping, got {type(value).__name__}")
+        unknown = [k for k in value if k not in model.by_name]
+        if unknown:
+            raise ValidationError(f"{model.name}: unknown properties {unknown!r}")
+        params: list[object] = []
+        for prop in plan.columns:
+            if prop.name in value:
+                params.append(encode_column(model, prop, value[prop.name]))
+            elif prop.nullable:
+                params.append(None)
+            else:
+                raise ValidationError(f"{model.name}.{prop.name}: missing (not nullable)")
+        return params
+
+    def _encode_relations(
+        self, model: Model, value: Mapping[str, Any]
+    ) -> list[tuple[Property, list[str]]]:
+        out = []
+        for prop in model.relations:
+            targets = value.get(prop.name, [])
+            if isinstance(targets, str | bytes) or not isinstance(targets, Iterable):
+                raise ValidationError(
+                    f"{model.name}.{prop.name}: expected a list of {prop.target} keys"
+                )
+            keys = list(targets)
+            for key in keys:
+                if not isinstance(key, str) or not key:
+                    raise ValidationError(
+                        f"{model.name}.{prop.name}: {key!r} is not a {prop.target} key"
+                    )
+            out.append((prop, keys))
+        return out
+
+    def _write(
+        self, plan: _Plan, params: list[object], relations: list[tuple[Property, list[str]]]
+    ) -> None:
+        model = plan.model.name
+        watched = self._hub.watches(model)
+        key = params[plan.names.index(plan.model.primary_key)]
+        old = self._stored(plan, key) if watched else None
+        self._conn.execute(plan.upsert, params)
+        for prop, keys in relations:
+            table = quote(relation_table(model, prop.name))
+            self._conn.execute(f'DELETE FROM {table} WHERE "_source" = ?', (key,))
+            self._conn.executemany(
+                f'INSERT INTO {table} ("_source", "_index", "_target") VALUES (?, ?, ?)',
+                [(key, i, target) for i, target in enumerate(keys)],
+            )
+        if watched:
+            new = dict(zip(plan.names, params, strict=True))
+            new.update({prop.name: tuple(keys) for prop, keys in relations})
+            self._hub.pending.append(Change(model, old, new))
+
+    def _stored(self, plan: _Plan, key: object) -> Row | None:
+        row = self._conn.execute(plan.select_one, (key,)).fetchone()
+        if row is None:
+            return None
+        stored = dict(zip(plan.names, row, strict=True))
+        for prop in plan.model.relations:
+            stored[prop.name] = tuple(self._relation(plan.model.name, prop.name, key))
+        return stored
+
+    # -- reads --------------------------------------------------------------------------
+
+    def get(self, model: str, key: str) -> Row | None:
+        """The record with this primary key, or ``None``."""
+        plan = self._plan(model)
+        validate_key(plan.model, key)
+        with self._lock:
+            self._check_open()
+            row = self._conn.execute(plan.select_one, (key,)).fetchone()
+            return None if row is None else self._decode(plan, row, plan.names)
+
+    def get_many(self, model: str, keys: Sequence[str]) -> list[Row | None]:
+        """Records for each key, in the order given (``None`` where missing)."""
+        plan = self._plan(model)
+        for key in keys:
+            validate_key(plan.model, key)
+        found: dict[str, Row] = {}
+        pk = plan.model.primary_key
+        cols = ", ".join(quote(n) for n in plan.names)
+        with self._lock:
+            self._check_open()
+            unique = list(dict.fromkeys(keys))
+            for start in range(0, len(unique), 500):
+                chunk = unique[start : start + 500]
+                sql = (
+                    f"SELECT {cols} FROM {quote(model)} WHERE {quote(pk)} IN "
+                    f"({', '.join('?' * len(chunk))})"
+                )
+                for row in self._conn.execute(sql, chunk):
+                    record = self._decode(plan, row, plan.names)
+                    found[record[pk]] = record
+        return [found.get(key) for key in keys]
+
+    def query(
+        self,
+        model: str,
+        *,
+        where: Mapping[str, Any] | None = None,
+        order_by: object = None,
+        limit: int | None = None,
+        offset: int = 0,
+        select: object = None,
+    ) -> list[Row]:
+        """Records matching ``where``, sorted by ``order_by`` (then by primary key)."""
+        plan = self._plan(model)
+        query = compile_query(
+            plan.model, where=where, order_by=order_by, limit=limit, offset=offset, select=select
+        )
+        return self.run_query(query)
+
+    def count(self, model: str, *, where: Mapping[str, Any] | None = None) -> int:
+        """How many records match ``where``."""
+        plan = self._plan(model)
+        sql, params = compile_query(plan.model, where=where).select_sql(count=True)
+        with self._lock:
+            self._check_open()
+            result: int = self._conn.execute(sql, params).fetchone()[0]
+            return result
+
+    def iterate(
+        self,
+        model: str,
+        *,
+        where: Mapping[str, Any] | None = None,
+        order_by: object = None,
+        select: object = None,
+        batch_size: int = 256,
+    ) -> Iterator[Row]:
+        """Stream matching records in constant memory.
+
+        Outside a transaction it reads a consistent snapshot through a second, read-only
+        connection (WAL lets it run beside writers); inside one, it reads what the
+        transaction sees. An in-memory database is read into memory first.
+        """
+        plan = self._plan(model)
+        query = compile_query(plan.model, where=where, order_by=order_by, select=select)
+        sql, params = query.select_sql()
+        if self.in_transaction:
+            yield from self._stream(self._conn, plan, query, sql, params, batch_size)
+        elif self.path == ":memory:" or self.path.startswith("file::memory:"):
+            yield from self.run_query(query)
+        else:
+            self._check_open()
+            uri = "file:" + Path(self.path).resolve().as_posix() + "?mode=ro"
+            reader = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            try:
+                reader.execute("BEGIN")  # one snapshot for the whole iteration
+                yield from self._stream(reader, plan, query, sql, params, batch_size)
+            finally:
+                reader.close()
+
+    def _stream(
+        self,
+        conn: sqlite3.Connection,
+        plan: _Plan,
+        query: Query,
+        sql: str,
+        params: list[Any],
+        batch_size: int,
+    ) -> Iterator[Row]:
+        cursor = conn.execute(sql, params)
+        while rows := cursor.fetchmany(batch_size):
+            for row in rows:
+                yield self._decode(plan, row, query.columns, query.relations, conn)
+
+    def run_query(self, query: Query) -> list[Row]:
+        """Run a compiled query (used by ``query`` and by live subscriptions)."""
+        plan = self._plans[query.model.name]
+        sql, params = query.select_sql()
+        with self._lock:
+            self._check_open()
+            rows = self._conn.execute(sql, params).fetchall()
+            return [self._decode(plan, row, query.columns, query.relations) for row in rows]
+
+    def _decode(
+        self,
+        plan: _Plan,
+        row: Sequence[object],
+        names: Sequence[str],
+        relations: Sequence[str] | None = None,
+        conn: sqlite3.Connection | None = None,
+    ) -> Row:
+        if names is plan.names:
+            record = {n: dec(v) for n, dec, v in zip(names, plan.decoders, row, strict=True)}
+        else:
+            by_name = plan.model.by_name
+            record = {n: decode_column(by_name[n])(v) for n, v in zip(names, row, strict=True)}
+        wanted = (p.name for p in plan.model.relations) if relations is None else relations
+        for name in wanted:
+            record[name] = self._relation(
+                plan.model.name, name, record[plan.model.primary_key], conn
+            )
+        return record
+
+    def _relation(
+        self, model: str, prop: str, key: object, conn: sqlite3.Connection | None = None
+    ) -> list[str]:
+        sql = (
+            f'SELECT "_target" FROM {quote(relation_table(model, prop))} WHERE "_source" = ? '
+            'ORDER BY "_index"'
+        )
+        return [target for (target,) in (conn or self._conn).execute(sql, (key,))]
+
+    # -- live queries -------------------------------------------------------------------
+
+    def subscribe(
+        self,
+        model: str,
+        callback: Callable[[list[Row]], None],
+        *,
+        where: Mapping[str, Any] | None = None,
+        order_by: object = None,
+        limit: int | None = None,
+        offset: int = 0,
+        select: object = None,
+        initial: bool = True,
+    ) -> Subscription:
+        """Call ``callback(results)`` now (if ``initial``) and after each commit that changes
+        the results of this query. Returns a ``Subscription``; ``cancel()`` it when done."""
+        plan = self._plan(model)
+        query = compile_query(
+            plan.model, where=where, order_by=order_by, limit=limit, offset=offset, select=select
+        )
+        with self._lock:
+            sub = Subscription(query, callback, self.run_query(query))
+            self._hub.add(sub)
+        if initial:
+            callback(sub.results)
+        return sub
+
+    # -- internal access for the layers above ---------------------------------------------
+
+    def execute(
+        self, sql: str, params: Sequence[object] | Mapping[str, object] = ()
+    ) -> sqlite3.Cursor:
+        """Run raw SQL on the database's connection (for atsync's own ``_atsync_*`` tables).
+
+        Writes belong inside ``transaction()``; model tables should be written through
+        ``set``/``update``/``delete`` so that live queries see the change.
+        """
+        with self._lock:
+            self._check_open()
+            return self._conn.execute(sql, params)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[object]]) -> None:
+        with self._lock:
+            self._check_open()
+            self._conn.executemany(sql, rows)
+
+    def require_transaction(self) -> None:
+        if not self.in_transaction:
+            raise TransactionError("this operation must run inside db.transaction()")
+
+
+def _deep_merge(current: Mapping[str, Any], patch: Mapping[str, Any], model: Model) -> Row:
+    merged = dict(current)
+    for name, value in patch.items():
+        prop = model.by_name.get(name)
+        if prop is not None and prop.kind == "json":
+            merged[name] = _merge_json(current.get(name), value)
+        else:
+            merged[name] = value
+    return merged
+
+
+def _merge_json(old: object, new: object) -> object:
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        out = dict(old)
+        for key, value in new.items():
+            out[key] = _merge_json(old.get(key), value)
+        return out
+    return new

@@ -1,0 +1,167 @@
+"""Checking Python values against property kinds, and their SQLite column encodings.
+
+Each kind maps to one plain SQLite column type so raw SQL reads naturally:
+
+    primary, string, reference -> TEXT      integer, boolean -> INTEGER (boolean as 0/1)
+    float, number              -> REAL      json            -> TEXT (JSON, json_extract works)
+    bytes                      -> BLOB      relation        -> rows of "<model>__<prop>"
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .._errors import ValidationError
+from ._schema import Model, Property
+
+__all__ = ["decode_column", "encode_column", "sql_type", "validate_key"]
+
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
+_SQL_TYPES = {
+    "primary": "TEXT",
+    "string": "TEXT",
+    "reference": "TEXT",
+    "integer": "INTEGER",
+    "boolean": "INTEGER",
+    "float": "REAL",
+    "number": "REAL",
+    "json": "TEXT",
+    "bytes": "BLOB",
+}
+
+
+def sql_type(prop: Property) -> str:
+    return _SQL_TYPES[prop.kind]
+
+
+def _where(model: Model, prop: Property) -> str:
+    return f"{model.name}.{prop.name}"
+
+
+def _check_text(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValidationError(f"{what}: expected a string, got {type(value).__name__} {value!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValidationError(f"{what}: string is not valid Unicode ({exc.reason})") from None
+    return value
+
+
+def validate_key(model: Model, key: object) -> str:
+    """A primary key: a non-empty string (any Unicode; atproto rkeys are stricter)."""
+    what = f"{model.name}.{model.primary_key}"
+    if not isinstance(key, str):
+        raise ValidationError(
+            f"{what}: the primary key must be a string, got {type(key).__name__} {key!r}"
+        )
+    if not key:
+        raise ValidationError(f"{what}: the primary key must not be empty")
+    return _check_text(key, what)
+
+
+def _check_json(value: object, what: str, depth: int = 0) -> object:
+    """A JSON value, normalised the way it will be read back (tuples become lists)."""
+    if depth > 200:
+        raise ValidationError(f"{what}: JSON nested deeper than 200 levels")
+    if value is None or isinstance(value, bool | str):
+        if isinstance(value, str):
+            _check_text(value, what)
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValidationError(f"{what}: JSON cannot hold {value!r}")
+        return value
+    if isinstance(value, list | tuple):
+        return [_check_json(item, what, depth + 1) for item in value]
+    if isinstance(value, Mapping):
+        out: dict[str, object] = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ValidationError(f"{what}: JSON object keys must be strings, got {k!r}")
+            out[_check_text(k, what)] = _check_json(v, what, depth + 1)
+        return out
+    raise ValidationError(f"{what}: {type(value).__name__} {value!r} is not a JSON value")
+
+
+def encode_column(model: Model, prop: Property, value: object) -> object:
+    """Check ``value`` for ``prop`` and return what is stored in its column."""
+    if value is None:
+        if prop.nullable:
+            return None
+        raise ValidationError(
+            f"{_where(model, prop)}: null is not allowed (type {prop.type_string})"
+        )
+    kind = prop.kind
+    if kind in ("string", "reference", "primary"):
+        if kind == "primary":
+            return validate_key(model, value)
+        return _check_text(value, _where(model, prop))
+    if kind == "integer":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValidationError(
+                f"{_where(model, prop)}: expected an integer, got {type(value).__name__} {value!r}"
+            )
+        if not _INT_MIN <= value <= _INT_MAX:
+            raise ValidationError(f"{_where(model, prop)}: {value} does not fit in 64 bits")
+        return value
+    if kind in ("float", "number"):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValidationError(
+                f"{_where(model, prop)}: expected a number, got {type(value).__name__} {value!r}"
+            )
+        as_float = float(value)
+        if math.isnan(as_float):
+            # SQLite stores NaN as NULL, which would silently lose the value.
+            raise ValidationError(f"{_where(model, prop)}: NaN cannot be stored")
+        return as_float
+    if kind == "boolean":
+        if not isinstance(value, bool):
+            raise ValidationError(
+                f"{_where(model, prop)}: expected a bool, got {type(value).__name__} {value!r}"
+            )
+        return 1 if value else 0
+    if kind == "bytes":
+        if not isinstance(value, bytes | bytearray | memoryview):
+            raise ValidationError(
+                f"{_where(model, prop)}: expected bytes, got {type(value).__name__} {value!r}"
+            )
+        return bytes(value)
+    if kind == "json":
+        normal = _check_json(value, _where(model, prop))
+        return json.dumps(normal, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    raise ValidationError(f"{_where(model, prop)}: relations are not stored in a column")
+
+
+def _decode_bool(raw: object) -> object:
+    return None if raw is None else bool(raw)
+
+
+def _decode_json(raw: object) -> object:
+    return None if raw is None else json.loads(raw)  # type: ignore[arg-type]
+
+
+def _decode_float(raw: object) -> object:
+    return None if raw is None else float(raw)  # type: ignore[arg-type]
+
+
+def _identity(raw: object) -> object:
+    return raw
+
+
+_DECODERS: dict[str, Callable[[object], object]] = {
+    "boolean": _decode_bool,
+    "json": _decode_json,
+    "float": _decode_float,
+    "number": _decode_float,
+}
+
+
+def decode_column(prop: Property) -> Callable[[object], Any]:
+    """The function that turns a stored column value back into its Python value."""
+    return _DECODERS.get(prop.kind, _identity)
