@@ -1,0 +1,503 @@
+"""CIDs, strict DAG-CBOR, and the atproto data model (atproto.com/specs/data-model).
+
+Written by hand rather than on ``libipld`` (see docs/dependencies-atproto.md): libipld 3.5
+decodes links to plain ``bytes`` and encodes any ``bytes`` that happen to parse as a CID as a
+link, so a record's bytes field and a link cannot be told apart and a computed CID can differ
+from the PDS's. Here a link is always a ``CID`` object and bytes are always ``bytes``.
+
+Errors: bytes that are not canonical DAG-CBOR within the atproto data model raise
+``VerificationError`` (they came from somewhere else and do not check out); a Python value that
+breaks the data model raises ``RecordError``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+from atsync._errors import RecordError, VerificationError
+
+__all__ = [
+    "CID",
+    "CODEC_DAG_CBOR",
+    "CODEC_RAW",
+    "check_data_model",
+    "cid_for_record",
+    "data_from_json",
+    "data_to_json",
+    "decode_dag_cbor",
+    "decode_record",
+    "encode_dag_cbor",
+]
+
+CODEC_DAG_CBOR = 0x71
+CODEC_RAW = 0x55
+HASH_SHA256 = 0x12
+MAX_DEPTH = 128  # nesting beyond this is hostile, not data (and would exhaust the C stack)
+_INT_MIN = -(1 << 63)
+_INT_MAX = (1 << 63) - 1
+
+
+# --- varints and CIDs --------------------------------------------------------------------------
+
+
+def read_uvarint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
+    """Decode a minimal unsigned LEB128 varint (at most 9 bytes) at ``pos``: (value, new pos).
+
+    Raises ``ValueError``; callers turn it into their own error kind.
+    """
+    value = 0
+    for i in range(9):
+        if pos + i >= len(data):
+            raise ValueError("varint runs past the end of the data")
+        b = data[pos + i]
+        value |= (b & 0x7F) << (7 * i)
+        if not b & 0x80:
+            if b == 0 and i > 0:
+                raise ValueError("varint is not minimally encoded")
+            return value, pos + i + 1
+    raise ValueError("varint longer than 9 bytes")
+
+
+def encode_uvarint(n: int) -> bytes:
+    if n < 0:
+        raise ValueError("varints are unsigned")
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+class CID:
+    """A CIDv1 (atproto never uses v0). Equal CIDs have equal bytes; ``str()`` is base32."""
+
+    __slots__ = ("_raw", "codec", "digest", "hash_code")
+
+    def __init__(self, raw: bytes) -> None:
+        try:
+            end = _parse_cid(raw, 0)
+        except ValueError as e:
+            raise VerificationError(f"malformed CID bytes {bytes(raw[:40]).hex()}: {e}") from e
+        if end != len(raw):
+            raise VerificationError("malformed CID bytes: trailing data after the digest")
+        self._raw = bytes(raw)
+        _, p = read_uvarint(self._raw, 0)
+        self.codec, p = read_uvarint(self._raw, p)
+        self.hash_code, p = read_uvarint(self._raw, p)
+        size, p = read_uvarint(self._raw, p)
+        self.digest = self._raw[p : p + size]
+
+    @classmethod
+    def parse(cls, s: str) -> CID:
+        """Parse the base32 multibase string form (``b…``); anything else is refused."""
+        if not isinstance(s, str) or len(s) < 2 or not s.startswith("b"):
+            raise VerificationError(f"CID {s!r:.70} is not a base32 ('b…') CIDv1 string")
+        body = s[1:]
+        if not body.isascii() or not body.isalnum() or body != body.lower():
+            raise VerificationError(f"CID {s!r:.70} has characters outside lowercase base32")
+        try:
+            raw = base64.b32decode(body.upper() + "=" * (-len(body) % 8))
+        except ValueError as e:
+            raise VerificationError(f"CID {s!r:.70} is not valid base32") from e
+        cid = cls(raw)
+        if str(cid) != s:  # non-zero padding bits would give two spellings of one CID
+            raise VerificationError(f"CID {s!r:.70} is not canonically encoded")
+        return cid
+
+    @classmethod
+    def for_data(cls, data: bytes, codec: int = CODEC_DAG_CBOR) -> CID:
+        digest = hashlib.sha256(data).digest()
+        return cls(bytes((1, codec, HASH_SHA256, 32)) + digest)
+
+    @property
+    def version(self) -> int:
+        return 1
+
+    def __bytes__(self) -> bytes:
+        return self._raw
+
+    def __str__(self) -> str:
+        return "b" + base64.b32encode(self._raw).decode().lower().rstrip("=")
+
+    def __repr__(self) -> str:
+        return f"CID({str(self)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CID) and other._raw == self._raw
+
+    def __hash__(self) -> int:
+        return hash(self._raw)
+
+    def __lt__(self, other: CID) -> bool:
+        return self._raw < other._raw
+
+    def matches(self, data: bytes) -> bool:
+        """True if ``data`` hashes to this CID (sha256 only; other hashes never match)."""
+        return (
+            self.hash_code == HASH_SHA256
+            and len(self.digest) == 32
+            and hashlib.sha256(data).digest() == self.digest
+        )
+
+
+def _parse_cid(data: bytes | memoryview, pos: int) -> int:
+    """Validate a binary CIDv1 starting at ``pos``; return the position just after it."""
+    version, pos = read_uvarint(data, pos)
+    if version != 1:
+        raise ValueError(f"CID version {version} (only CIDv1 is allowed)")
+    _, pos = read_uvarint(data, pos)
+    _, pos = read_uvarint(data, pos)
+    size, pos = read_uvarint(data, pos)
+    if size > 64:
+        raise ValueError(f"multihash digest of {size} bytes")
+    if pos + size > len(data):
+        raise ValueError("multihash digest runs past the end of the data")
+    return pos + size
+
+
+# --- DAG-CBOR encoding -------------------------------------------------------------------------
+
+
+def _head(out: bytearray, major: int, n: int) -> None:
+    m = major << 5
+    if n < 24:
+        out.append(m | n)
+    elif n < 0x100:
+        out += bytes((m | 24, n))
+    elif n < 0x10000:
+        out.append(m | 25)
+        out += n.to_bytes(2, "big")
+    elif n < 0x100000000:
+        out.append(m | 26)
+        out += n.to_bytes(4, "big")
+    else:
+        out.append(m | 27)
+        out += n.to_bytes(8, "big")
+
+
+def _map_key(k: str) -> bytes:
+    return k.encode("utf-8")
+
+
+def _encode(value: Any, out: bytearray, depth: int, path: str) -> None:
+    if depth > MAX_DEPTH:
+        raise RecordError(f"{path}: nested deeper than {MAX_DEPTH} levels")
+    if value is None:
+        out.append(0xF6)
+    elif value is True:
+        out.append(0xF5)
+    elif value is False:
+        out.append(0xF4)
+    elif isinstance(value, int):
+        if not _INT_MIN <= value <= _INT_MAX:
+            raise RecordError(f"{path}: integer {value} outside the signed 64-bit range")
+        if value >= 0:
+            _head(out, 0, value)
+        else:
+            _head(out, 1, -1 - value)
+    elif isinstance(value, str):
+        try:
+            b = value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RecordError(f"{path}: string is not valid Unicode ({e.reason})") from e
+        _head(out, 3, len(b))
+        out += b
+    elif isinstance(value, bytes | bytearray | memoryview):
+        _head(out, 2, len(value))
+        out += value
+    elif isinstance(value, CID):
+        raw = b"\x00" + bytes(value)
+        out += b"\xd8\x2a"
+        _head(out, 2, len(raw))
+        out += raw
+    elif isinstance(value, list | tuple):
+        _head(out, 4, len(value))
+        for i, item in enumerate(value):
+            _encode(item, out, depth + 1, f"{path}[{i}]")
+    elif isinstance(value, Mapping):
+        keys = []
+        for k in value:
+            if not isinstance(k, str):
+                raise RecordError(f"{path}: map key {k!r} is not a string")
+            try:
+                keys.append((_map_key(k), k))
+            except UnicodeEncodeError as e:
+                raise RecordError(f"{path}: map key is not valid Unicode ({e.reason})") from e
+        # DAG-CBOR canonical order: shorter encoded keys first, then bytewise.
+        keys.sort(key=lambda kv: (len(kv[0]), kv[0]))
+        _head(out, 5, len(keys))
+        for kb, k in keys:
+            _head(out, 3, len(kb))
+            out += kb
+            _encode(value[k], out, depth + 1, f"{path}.{k}")
+    elif isinstance(value, float):
+        raise RecordError(f"{path}: float {value!r} is not allowed in the atproto data model")
+    else:
+        raise RecordError(f"{path}: {type(value).__name__} is not an atproto data-model type")
+
+
+def encode_dag_cbor(value: Any) -> bytes:
+    """Canonical DAG-CBOR of an atproto data-model value (``RecordError`` if it is not one)."""
+    out = bytearray()
+    _encode(value, out, 0, "$")
+    return bytes(out)
+
+
+# --- DAG-CBOR decoding -------------------------------------------------------------------------
+
+
+class _Decoder:
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def fail(self, why: str) -> VerificationError:
+        return VerificationError(f"malformed DAG-CBOR at byte {self.pos}: {why}")
+
+    def head(self) -> tuple[int, int, int]:
+        data, pos = self.data, self.pos
+        if pos >= len(data):
+            raise self.fail("unexpected end of data")
+        ib = data[pos]
+        major, info = ib >> 5, ib & 0x1F
+        if info < 24:
+            self.pos = pos + 1
+            return major, info, info
+        if info > 27:
+            raise self.fail("indefinite length or reserved header")
+        size = 1 << (info - 24)
+        end = pos + 1 + size
+        if end > len(data):
+            raise self.fail("unexpected end of data in a header")
+        n = int.from_bytes(data[pos + 1 : end], "big")
+        if major == 7:
+            self.pos = end
+            return major, info, n
+        # Canonical DAG-CBOR uses the shortest header that fits.
+        if n < (24 if size == 1 else 1 << (4 * size)):
+            raise self.fail("integer or length is not minimally encoded")
+        self.pos = end
+        return major, info, n
+
+    def take(self, n: int) -> bytes:
+        end = self.pos + n
+        if end > len(self.data):
+            raise self.fail(f"length {n} runs past the end of the data")
+        b = self.data[self.pos : end]
+        self.pos = end
+        return b
+
+    def item(self, depth: int) -> Any:
+        if depth > MAX_DEPTH:
+            raise self.fail(f"nested deeper than {MAX_DEPTH} levels")
+        major, info, n = self.head()
+        if major == 0:
+            if n > _INT_MAX:
+                raise self.fail("integer outside the signed 64-bit range")
+            return n
+        if major == 1:
+            if n > _INT_MAX:
+                raise self.fail("integer outside the signed 64-bit range")
+            return -1 - n
+        if major == 2:
+            return self.take(n)
+        if major == 3:
+            return self.text(n)
+        if major == 4:
+            if n > len(self.data) - self.pos:
+                raise self.fail(f"array of {n} items cannot fit in the remaining data")
+            return [self.item(depth + 1) for _ in range(n)]
+        if major == 5:
+            if 2 * n > len(self.data) - self.pos:
+                raise self.fail(f"map of {n} entries cannot fit in the remaining data")
+            out: dict[str, Any] = {}
+            prev: bytes | None = None
+            for _ in range(n):
+                kmajor, _, klen = self.head()
+                if kmajor != 3:
+                    raise self.fail("map key is not a string")
+                kb = self.take(klen)
+                if prev is not None and (len(prev), prev) >= (len(kb), kb):
+                    raise self.fail("map keys are not in canonical order or are repeated")
+                prev = kb
+                key = self.decode_text(kb)
+                out[key] = self.item(depth + 1)
+            return out
+        if major == 6:
+            if n != 42:
+                raise self.fail(f"tag {n} (only tag 42, a CID link, is allowed)")
+            bmajor, _, blen = self.head()
+            if bmajor != 2:
+                raise self.fail("tag 42 does not wrap a byte string")
+            raw = self.take(blen)
+            if not raw or raw[0] != 0:
+                raise self.fail("CID link lacks the 0x00 multibase prefix")
+            try:
+                return CID(raw[1:])
+            except VerificationError as e:
+                raise self.fail(str(e)) from e
+        # major 7
+        if info == 20:
+            return False
+        if info == 21:
+            return True
+        if info == 22:
+            return None
+        if info in (25, 26, 27):
+            raise self.fail("floats are not allowed in the atproto data model")
+        raise self.fail(f"simple value {n} is not allowed")
+
+    def text(self, n: int) -> str:
+        return self.decode_text(self.take(n))
+
+    def decode_text(self, b: bytes) -> str:
+        try:
+            return b.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise self.fail("string is not valid UTF-8") from e
+
+
+def decode_dag_cbor(data: bytes) -> Any:
+    """Decode exactly one canonical DAG-CBOR value; ``VerificationError`` on anything else."""
+    dec = _Decoder(bytes(data))
+    value = dec.item(0)
+    if dec.pos != len(dec.data):
+        raise dec.fail(f"{len(dec.data) - dec.pos} trailing bytes after the value")
+    return value
+
+
+def decode_record(data: bytes) -> dict[str, Any]:
+    """Decode a record block: a map obeying the data model (``$type`` and blob shapes too)."""
+    value = decode_dag_cbor(data)
+    if not isinstance(value, dict):
+        raise VerificationError("record block is not a map")
+    check_data_model(value)
+    return value
+
+
+# --- data model --------------------------------------------------------------------------------
+
+
+def check_data_model(value: Any) -> None:
+    """Raise ``RecordError`` (naming the path) unless ``value`` is an atproto data-model object.
+
+    The top level must be a map. Rejected anywhere: floats, non-string map keys, integers
+    outside 64 bits, invalid Unicode, unknown types, ``$link``/``$bytes`` keys (they cannot
+    survive a JSON round trip), an empty or non-string ``$type``, malformed blobs.
+    """
+    if not isinstance(value, Mapping):
+        raise RecordError(f"$: top level must be an object, got {type(value).__name__}")
+    _check(value, 0, "$")
+
+
+def _check(value: Any, depth: int, path: str) -> None:
+    if depth > MAX_DEPTH:
+        raise RecordError(f"{path}: nested deeper than {MAX_DEPTH} levels")
+    if value is None or isinstance(value, bool | bytes | bytearray | memoryview | CID):
+        return
+    if isinstance(value, int):
+        if not _INT_MIN <= value <= _INT_MAX:
+            raise RecordError(f"{path}: integer {value} outside the signed 64-bit range")
+    elif isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RecordError(f"{path}: string is not valid Unicode ({e.reason})") from e
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check(item, depth + 1, f"{path}[{i}]")
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise RecordError(f"{path}: map key {k!r} is not a string")
+            if k in ("$link", "$bytes"):
+                raise RecordError(f"{path}: key {k!r} is reserved for the JSON encoding")
+            _check(k, depth + 1, f"{path}.<key>")
+            _check(v, depth + 1, f"{path}.{k}")
+        if "$type" in value:
+            t = value["$type"]
+            if not isinstance(t, str) or not t:
+                raise RecordError(f"{path}.$type: must be a non-empty string, got {t!r}")
+            if t == "blob":
+                _check_blob(value, path)
+    elif isinstance(value, float):
+        raise RecordError(f"{path}: float {value!r} is not allowed in the atproto data model")
+    else:
+        raise RecordError(f"{path}: {type(value).__name__} is not an atproto data-model type")
+
+
+def _check_blob(value: Mapping[str, Any], path: str) -> None:
+    if not isinstance(value.get("ref"), CID):
+        raise RecordError(f"{path}: blob needs 'ref' as a CID link")
+    mime = value.get("mimeType")
+    if not isinstance(mime, str) or not mime:
+        raise RecordError(f"{path}: blob needs a non-empty string 'mimeType'")
+    size = value.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise RecordError(f"{path}: blob needs a non-negative integer 'size', got {size!r}")
+
+
+def cid_for_record(record: Mapping[str, Any]) -> str:
+    """The CID string a PDS computes for ``record`` (CIDv1, dag-cbor, sha256, base32)."""
+    check_data_model(record)
+    return str(CID.for_data(encode_dag_cbor(record)))
+
+
+# --- JSON representation -----------------------------------------------------------------------
+
+
+def data_from_json(value: Any, _path: str = "$", _depth: int = 0) -> Any:
+    """Map the JSON form (``{"$link": …}``, ``{"$bytes": …}``) to data-model values.
+
+    JSON has one number type, so an integral float (``123.0``) becomes an int; any other
+    float is refused.
+    """
+    if _depth > MAX_DEPTH:
+        raise RecordError(f"{_path}: nested deeper than {MAX_DEPTH} levels")
+    if isinstance(value, dict):
+        if "$link" in value:
+            link = value["$link"]
+            if len(value) != 1 or not isinstance(link, str):
+                raise RecordError(f"{_path}: a $link object must be exactly {{'$link': str}}")
+            try:
+                return CID.parse(link)
+            except VerificationError as e:
+                raise RecordError(f"{_path}: {e}") from e
+        if "$bytes" in value:
+            b64 = value["$bytes"]
+            if len(value) != 1 or not isinstance(b64, str):
+                raise RecordError(f"{_path}: a $bytes object must be exactly {{'$bytes': str}}")
+            try:
+                return base64.b64decode(b64 + "=" * (-len(b64) % 4), validate=True)
+            except ValueError as e:
+                raise RecordError(f"{_path}: $bytes is not valid base64") from e
+        return {k: data_from_json(v, f"{_path}.{k}", _depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [data_from_json(v, f"{_path}[{i}]", _depth + 1) for i, v in enumerate(value)]
+    if isinstance(value, float):
+        if value.is_integer():
+            return int(value)
+        raise RecordError(f"{_path}: float {value!r} is not allowed in the atproto data model")
+    return value
+
+
+def data_to_json(value: Any) -> Any:
+    """Inverse of ``data_from_json``: JSON-serializable form of a data-model value."""
+    if isinstance(value, CID):
+        return {"$link": str(value)}
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {"$bytes": base64.b64encode(bytes(value)).decode().rstrip("=")}
+    if isinstance(value, Mapping):
+        return {k: data_to_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [data_to_json(v) for v in value]
+    return value
