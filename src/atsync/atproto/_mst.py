@@ -1,0 +1,290 @@
+"""The Merkle Search Tree of an atproto repository (atproto.com/specs/repository).
+
+A key's height is the number of leading zero bits of sha256(key), counted in 2-bit chunks; a
+key lives in the node of its height, and each child sits exactly one layer below its parent
+(empty nodes fill skipped layers). The tree is therefore a pure function of its key set,
+which this module checks while reading: every node read is fetched by CID and hash-checked,
+keys must be in order and inside the bounds set by the parent, and every key must sit at its
+own height. That is what makes a path from the root a proof of presence *or* absence.
+
+Nodes are ``{"l": CID | null, "e": [{"p": int, "k": bytes, "v": CID, "t": CID | null}]}``,
+keys prefix-compressed against the previous entry of the same node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from atsync._errors import VerificationError
+
+from ._cbor import CID, CODEC_DAG_CBOR, decode_dag_cbor, encode_dag_cbor
+
+__all__ = [
+    "MstEntry",
+    "MstNode",
+    "build_mst",
+    "common_prefix_len",
+    "covering_proof",
+    "decode_node",
+    "encode_node",
+    "get_block",
+    "iter_leaves",
+    "key_height",
+    "mst_lookup",
+]
+
+MAX_KEY_BYTES = 1024
+Blocks = Mapping[CID, bytes]
+
+
+def _b(key: str | bytes) -> bytes:
+    return key.encode("utf-8") if isinstance(key, str) else key
+
+
+def key_height(key: str | bytes) -> int:
+    """Leading zero bits of sha256(key), in 2-bit chunks (a fanout of 4)."""
+    digest = hashlib.sha256(_b(key)).digest()
+    n = int.from_bytes(digest, "big")
+    leading_zero_bits = 256 - n.bit_length()
+    return leading_zero_bits // 2
+
+
+def common_prefix_len(a: str | bytes, b: str | bytes) -> int:
+    """Length of the common prefix, in bytes of the UTF-8 encoding."""
+    ab, bb = _b(a), _b(b)
+    n = min(len(ab), len(bb))
+    for i in range(n):
+        if ab[i] != bb[i]:
+            return i
+    return n
+
+
+@dataclass(frozen=True)
+class MstEntry:
+    key: bytes
+    value: CID
+    right: CID | None
+
+
+@dataclass(frozen=True)
+class MstNode:
+    left: CID | None
+    entries: tuple[MstEntry, ...]
+
+
+def get_block(blocks: Blocks, cid: CID, what: str = "block") -> bytes:
+    """Fetch a block and re-check its hash: ``blocks`` may be any mapping, trusted or not."""
+    data = blocks.get(cid)
+    if data is None:
+        raise VerificationError(f"missing block {cid} ({what})")
+    if not cid.matches(data):
+        raise VerificationError(f"CID mismatch at block {cid} ({what})")
+    return data
+
+
+def _node_link(value: Any, cid: CID | None, field: str) -> CID | None:
+    if value is None:
+        return None
+    if not isinstance(value, CID) or value.codec != CODEC_DAG_CBOR:
+        raise VerificationError(f"malformed node {cid}: {field} is not a dag-cbor CID or null")
+    return value
+
+
+def decode_node(data: bytes, cid: CID | None = None) -> MstNode:
+    """Decode one MST node strictly; ``VerificationError`` "malformed node" otherwise."""
+    try:
+        raw = decode_dag_cbor(data)
+    except VerificationError as e:
+        raise VerificationError(f"malformed node {cid}: {e}") from e
+    if not isinstance(raw, dict) or set(raw) != {"e", "l"}:
+        raise VerificationError(f"malformed node {cid}: must be a map of exactly 'l' and 'e'")
+    left = _node_link(raw["l"], cid, "'l'")
+    if not isinstance(raw["e"], list):
+        raise VerificationError(f"malformed node {cid}: 'e' is not a list")
+    entries = []
+    prev = b""
+    for i, item in enumerate(raw["e"]):
+        if not isinstance(item, dict) or set(item) != {"k", "p", "t", "v"}:
+            raise VerificationError(f"malformed node {cid}: entry {i} needs exactly k, p, t, v")
+        p, k, v = item["p"], item["k"], item["v"]
+        if not isinstance(p, int) or isinstance(p, bool) or not 0 <= p <= len(prev):
+            raise VerificationError(f"malformed node {cid}: entry {i} has a bad prefix length")
+        if i == 0 and p != 0:
+            raise VerificationError(f"malformed node {cid}: first entry has a prefix length")
+        if not isinstance(k, bytes) or not isinstance(v, CID):
+            raise VerificationError(f"malformed node {cid}: entry {i} k/v have wrong types")
+        key = prev[:p] + k
+        if not key or len(key) > MAX_KEY_BYTES:
+            raise VerificationError(f"malformed node {cid}: entry {i} key length {len(key)}")
+        if key <= prev:
+            raise VerificationError(f"malformed node {cid}: keys out of order at entry {i}")
+        entries.append(MstEntry(key, v, _node_link(item["t"], cid, f"entry {i} 't'")))
+        prev = key
+    return MstNode(left, tuple(entries))
+
+
+def encode_node(node: MstNode) -> bytes:
+    entries = []
+    prev = b""
+    for e in node.entries:
+        p = common_prefix_len(prev, e.key)
+        entries.append({"p": p, "k": e.key[p:], "v": e.value, "t": e.right})
+        prev = e.key
+    return encode_dag_cbor({"l": node.left, "e": entries})
+
+
+def build_mst(items: Mapping[str, CID] | Mapping[bytes, CID]) -> tuple[CID, dict[CID, bytes]]:
+    """The canonical tree for ``items``: its root CID and all of its node blocks."""
+    blocks: dict[CID, bytes] = {}
+    ordered = sorted((_b(k), v) for k, v in items.items())
+    heights = [key_height(k) for k, _ in ordered]
+
+    def put(node: MstNode) -> CID:
+        data = encode_node(node)
+        cid = CID.for_data(data)
+        blocks[cid] = data
+        return cid
+
+    def build(lo: int, hi: int, layer: int) -> CID | None:
+        # Items lo..hi-1 all have height <= layer; this returns the node for them at `layer`.
+        if lo == hi:
+            return None
+        here = [i for i in range(lo, hi) if heights[i] == layer]
+        left = build(lo, here[0] if here else hi, layer - 1)
+        entries = []
+        for j, i in enumerate(here):
+            end = here[j + 1] if j + 1 < len(here) else hi
+            entries.append(MstEntry(ordered[i][0], ordered[i][1], build(i + 1, end, layer - 1)))
+        return put(MstNode(left, tuple(entries)))
+
+    root = build(0, len(ordered), max(heights, default=0))
+    if root is None:
+        root = put(MstNode(None, ()))
+    return root, blocks
+
+
+class _Walker:
+    """Shared checks for lookups and full walks."""
+
+    def __init__(self, blocks: Blocks) -> None:
+        self.blocks = blocks
+
+    def load(
+        self, cid: CID, layer: int | None, lo: bytes | None, hi: bytes | None, is_root: bool
+    ) -> tuple[MstNode, int]:
+        """Load a node expected at ``layer`` (None: the root, layer taken from its keys) whose
+        keys must lie strictly between ``lo`` and ``hi``. Returns the node and its layer."""
+        node = decode_node(get_block(self.blocks, cid, "MST node"), cid)
+        if not node.entries:
+            if is_root and node.left is not None:
+                raise VerificationError(f"malformed node {cid}: root has no entries but a subtree")
+            if not is_root and node.left is None:
+                raise VerificationError(f"malformed node {cid}: empty node inside the tree")
+            if layer is None:  # the empty tree: a lone root with nothing in it
+                layer = 0
+        for e in node.entries:
+            h = key_height(e.key)
+            if layer is None:
+                layer = h
+            if h != layer:
+                raise VerificationError(
+                    f"malformed node {cid}: key {e.key!r} has height {h} but sits at layer {layer}"
+                )
+        if node.entries:
+            if lo is not None and node.entries[0].key <= lo:
+                raise VerificationError(
+                    f"malformed node {cid}: key {node.entries[0].key!r} "
+                    "is outside the range its parent allows"
+                )
+            if hi is not None and node.entries[-1].key >= hi:
+                raise VerificationError(
+                    f"malformed node {cid}: key {node.entries[-1].key!r} "
+                    "is outside the range its parent allows"
+                )
+        assert layer is not None
+        if layer < 0 or (layer == 0 and (node.left or any(e.right for e in node.entries))):
+            raise VerificationError(f"malformed node {cid}: subtree below layer 0")
+        return node, layer
+
+
+def mst_lookup(blocks: Blocks, root: CID, key: str | bytes) -> tuple[CID | None, list[CID]]:
+    """Walk from ``root`` to ``key``: (its value CID or None if provably absent, nodes visited).
+
+    Only the nodes on the path are needed, so this works on a proof CAR from ``getRecord``.
+    """
+    k = _b(key)
+    walker = _Walker(blocks)
+    path: list[CID] = []
+    cid: CID | None = root
+    layer: int | None = None
+    lo: bytes | None = None
+    hi: bytes | None = None
+    while cid is not None:
+        path.append(cid)
+        node, layer = walker.load(cid, None if len(path) == 1 else layer, lo, hi, len(path) == 1)
+        nxt = node.left
+        for e in node.entries:
+            if e.key == k:
+                return e.value, path
+            if e.key > k:
+                hi = e.key
+                break
+            lo, nxt = e.key, e.right
+        cid = nxt
+        layer -= 1
+    return None, path
+
+
+def iter_leaves(blocks: Blocks, root: CID) -> Iterator[tuple[str, CID]]:
+    """Every ``(key, value CID)`` in key order, checking the whole tree's structure."""
+    walker = _Walker(blocks)
+
+    def walk(
+        cid: CID, layer: int | None, lo: bytes | None, hi: bytes | None
+    ) -> Iterator[tuple[str, CID]]:
+        node, layer = walker.load(cid, layer, lo, hi, layer is None)
+        if node.left is not None:
+            yield from walk(node.left, layer - 1, lo, node.entries[0].key if node.entries else hi)
+        for i, e in enumerate(node.entries):
+            try:
+                key = e.key.decode("ascii")
+            except UnicodeDecodeError:
+                raise VerificationError(f"malformed node {cid}: non-ASCII key {e.key!r}") from None
+            yield key, e.value
+            if e.right is not None:
+                nxt = node.entries[i + 1].key if i + 1 < len(node.entries) else hi
+                yield from walk(e.right, layer - 1, e.key, nxt)
+
+    yield from walk(root, None, None, None)
+
+
+def covering_proof(blocks: Blocks, root: CID, key: str | bytes) -> set[CID]:
+    """The nodes a commit touching ``key`` must carry so a reader can invert the operation.
+
+    That is the path to the key's position, plus, when the key is present, the rightmost
+    spine of the subtree just left of it and the leftmost spine of its right subtree: the
+    nodes that would merge if the key were removed (the firehose's "MST inversion" rule).
+    """
+    k = _b(key)
+    value, path = mst_lookup(blocks, root, k)
+    out = set(path)
+    if value is None:
+        return out
+    node = decode_node(get_block(blocks, path[-1], "MST node"), path[-1])
+    for i, e in enumerate(node.entries):
+        if e.key == k:
+            out |= _spine(blocks, node.left if i == 0 else node.entries[i - 1].right, True)
+            out |= _spine(blocks, e.right, False)
+    return out
+
+
+def _spine(blocks: Blocks, cid: CID | None, rightmost: bool) -> set[CID]:
+    out = set()
+    while cid is not None:
+        out.add(cid)
+        node = decode_node(get_block(blocks, cid, "MST node"), cid)
+        cid = node.entries[-1].right if rightmost and node.entries else node.left
+    return out
