@@ -146,7 +146,8 @@ class DevPDS:
     ) -> None:
         self._requested = [(h.lower(), pw) for h, pw in accounts]
         for handle, _ in self._requested:
-            if not handle.endswith(".test") or handle.count(".") < 1 or len(handle) < 8:
+            # The PDS itself checks the rest (label lengths, characters) at createAccount.
+            if not handle.endswith(".test") or len(handle) <= len(".test"):
                 raise DevPDSError(f"dev PDS handles must look like name.test, got {handle!r}")
         self._port = port
         self._data_dir = Path(data_dir).resolve() if data_dir is not None else None
@@ -201,6 +202,11 @@ class DevPDS:
     def data_dir(self) -> Path | None:
         """The kept data directory, or ``None`` when data is temporary."""
         return self._data_dir
+
+    @property
+    def directory(self) -> Path | None:
+        """Where the running PDS keeps its data: ``data_dir`` or a temporary directory."""
+        return self._run_dir
 
     @property
     def pid(self) -> int | None:
@@ -333,6 +339,8 @@ class DevPDS:
             PDS_RATE_LIMITS_ENABLED="true" if self._rate_limits else "false",
             LOG_ENABLED="true" if self._log else "false",
         )
+        if self._temp_dir is not None:
+            env["ATSYNC_DEVPDS_TEMP_DIR"] = str(self._temp_dir)
         self._stderr.clear()
         self._ready = None
         self._ready_event.clear()
@@ -458,4 +466,5 @@ class DevPDS:
         if self._temp_dir is not None:
             shutil.rmtree(self._temp_dir, ignore_errors=True)
             self._temp_dir = None
+            self._run_dir = None
             self._state = {}

@@ -3,6 +3,7 @@
 //   ATSYNC_DEVPDS_INSTALL_DIR  directory whose node_modules holds @atproto/pds and @did-plc/server
 //   ATSYNC_DEVPDS_PLC_LOG      JSON-lines file of PLC operations (kept in the data directory)
 //   ATSYNC_DEVPDS_PLC_PORT     port for the PLC (0 = any free port)
+//   ATSYNC_DEVPDS_TEMP_DIR     temporary data directory to delete on exit (unset: data is kept)
 //   PDS_*                      the PDS's own configuration (readEnv() reads it)
 // When both servers listen it prints one line `ATSYNC-DEVPDS {"plc_port":…,"pds_port":…}`
 // on stdout. It exits when stdin reaches EOF (the Python parent died or closed the pipe), and
@@ -21,6 +22,7 @@ const SHUTDOWN_GRACE_MS = 5000
 const installDir = process.env.ATSYNC_DEVPDS_INSTALL_DIR
 const plcLogPath = process.env.ATSYNC_DEVPDS_PLC_LOG
 const plcPort = Number(process.env.ATSYNC_DEVPDS_PLC_PORT ?? '0')
+const tempDir = process.env.ATSYNC_DEVPDS_TEMP_DIR
 
 let stopping = false
 let plcServer
@@ -115,6 +117,10 @@ async function main() {
   process.stdout.write(`ATSYNC-DEVPDS ${JSON.stringify(ready)}\n`)
 }
 
+// Python removes it too, but not when it was killed; then only this process is left to.
+process.on('exit', () => {
+  if (tempDir) fs.rmSync(tempDir, { recursive: true, force: true })
+})
 process.on('SIGTERM', () => shutdown('SIGTERM'))
 process.on('SIGINT', () => shutdown('SIGINT'))
 process.stdin.on('end', () => shutdown('parent gone'))
