@@ -191,6 +191,8 @@ def is_valid_record_key(s: str) -> bool:
 
 _B32 = "234567abcdefghijklmnopqrstuvwxyz"
 _B32_INDEX = {c: i for i, c in enumerate(_B32)}
+# Two base32 digits per lookup: TIDs are minted on every action, so encoding is hot.
+_B32_PAIRS = tuple(a + b for a in _B32 for b in _B32)
 # The first character carries the top 5 bits of a 65-bit field whose top bit is always 0.
 _TID = re.compile(r"[234567abcdefghij][234567abcdefghijklmnopqrstuvwxyz]{12}")
 
@@ -229,8 +231,7 @@ class Tid:
             raise SyntaxError_(f"invalid TID: clock id {self.clock_id} out of 0..1023")
 
     def __str__(self) -> str:
-        n = (self.timestamp_us << 10) | self.clock_id
-        return "".join(_B32[(n >> (5 * i)) & 31] for i in range(12, -1, -1))
+        return format_tid(self.timestamp_us, self.clock_id)
 
     @classmethod
     def parse(cls, s: str) -> Tid:
@@ -239,6 +240,21 @@ class Tid:
         for c in s:
             n = (n << 5) | _B32_INDEX[c]
         return cls(n >> 10, n & _MAX_CLOCK_ID)
+
+
+def format_tid(timestamp_us: int, clock_id: int) -> str:
+    """The 13-character TID for a timestamp and clock id (both assumed in range)."""
+    n = (timestamp_us << 10) | clock_id
+    pairs = _B32_PAIRS
+    return (
+        _B32[n >> 60]
+        + pairs[(n >> 50) & 1023]
+        + pairs[(n >> 40) & 1023]
+        + pairs[(n >> 30) & 1023]
+        + pairs[(n >> 20) & 1023]
+        + pairs[(n >> 10) & 1023]
+        + pairs[n & 1023]
+    )
 
 
 class TidClock:
@@ -261,11 +277,17 @@ class TidClock:
         self._last = -1
         self._lock = threading.Lock()
 
-    def next_tid(self) -> Tid:
+    def next_timestamp(self) -> int:
+        """The next timestamp in microseconds: now, or just after the last one if later."""
         with self._lock:
-            ts = max(self._now_us(), self._last + 1)
+            ts = self._now_us()
+            if ts <= self._last:
+                ts = self._last + 1
             self._last = ts
-        return Tid(ts, self.clock_id)
+        return ts
+
+    def next_tid(self) -> Tid:
+        return Tid(self.next_timestamp(), self.clock_id)
 
     def next(self) -> str:
         return str(self.next_tid())

@@ -2,8 +2,9 @@
 
 One connection, guarded by a re-entrant lock: a transaction holds the lock until it ends,
 so it is seen whole or not at all by other threads; nested transactions are savepoints.
-Durability follows SQLite's own settings (WAL; ``synchronous=FULL`` by default, or
-``NORMAL`` which survives a killed process but may lose the last commits on power loss).
+Durability follows SQLite's settings: WAL with ``synchronous=NORMAL`` by default (survives a
+killed process; a power loss may drop the last commits but never corrupts), or ``FULL``
+(an fsync per commit: survives power loss too).
 """
 
 from __future__ import annotations
@@ -27,11 +28,14 @@ from ._migrations import Upgrade, prepare_schema
 from ._query import Query, compile_query, quote
 from ._schema import Model, Property, Schema, parse_schema, relation_table
 from ._subscriptions import Change, Subscription, SubscriptionHub
-from ._values import decode_column, encode_column, validate_key
+from ._values import column_encoder, decode_column, validate_key
 
 __all__ = ["Durability", "ModelDB"]
 
 Durability = Literal["full", "normal"]
+# A page cache large enough that a big transaction does not spill pages to the WAL
+# before it commits (the default is 2 MiB).
+CACHE_KIB = 32 * 1024
 Row = dict[str, Any]
 
 
@@ -42,6 +46,9 @@ class _Plan:
     model: Model
     columns: tuple[Property, ...]
     names: tuple[str, ...]
+    name_set: frozenset[str]
+    encoders: tuple[tuple[str, Callable[[object], object]], ...]
+    key_index: int
     upsert: str
     select_one: str
     delete: str
@@ -61,6 +68,9 @@ def _plan(model: Model) -> _Plan:
         model=model,
         columns=columns,
         names=names,
+        name_set=frozenset(model.by_name),
+        encoders=tuple((p.name, column_encoder(model, p)) for p in columns),
+        key_index=names.index(model.primary_key),
         upsert=(
             f"INSERT INTO {table} ({cols}) VALUES ({', '.join('?' * len(names))}) "
             f"ON CONFLICT ({pk}) {conflict}"
@@ -85,12 +95,19 @@ class ModelDB:
         self._lock = threading.RLock()
         self._depth = 0
         self._owner: int | None = None  # thread id holding the open transaction
+        self._failure: str | None = None  # why the open transaction may not commit
         self._closed = False
+        # Bumped when a transaction begins and on every rollback: a cache of what the
+        # database holds (the action log's head) is valid while this stays the same.
+        self.generation = 0
         self._hub = SubscriptionHub()
         # Hooks of the layer above (the app's action log): run inside the outermost
-        # transaction just before COMMIT, and after a rollback of it.
+        # transaction just before COMMIT (an exception there rolls it back), and after
+        # that transaction ended either way.
         self.before_commit: list[Callable[[], None]] = []
-        self.after_rollback: list[Callable[[], None]] = []
+        self.after_transaction: list[Callable[[bool], None]] = []
+        # Lists that grow during a transaction and must shrink back with its savepoints.
+        self._staged: list[list[Any]] = [self._hub.pending]
 
     # -- opening and closing ----------------------------------------------------------
 
@@ -102,7 +119,7 @@ class ModelDB:
         *,
         version: int = 1,
         upgrade: Upgrade | None = None,
-        durability: Durability = "full",
+        durability: Durability = "normal",
         timeout: float = 5.0,
         setup: Callable[[sqlite3.Connection], None] | None = None,
     ) -> ModelDB:
@@ -125,6 +142,7 @@ class ModelDB:
             if path_str != ":memory:":
                 conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {durability.upper()}")
+            conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
             conn.execute("BEGIN IMMEDIATE")
             try:
                 prepare_schema(conn, schema, version, upgrade)
@@ -166,37 +184,82 @@ class ModelDB:
         """Whether the calling thread is inside ``transaction()``."""
         return self._depth > 0 and self._owner == threading.get_ident()
 
-    @contextmanager
-    def transaction(self) -> Iterator[ModelDB]:
-        """All writes inside commit together or not at all; nesting uses savepoints."""
-        changes: list[Change] = []
-        with self._lock:
+    def transaction(self) -> _Transaction:
+        """All writes inside commit together or not at all; nesting uses savepoints.
+
+        ``with db.transaction(): ...`` — the block's exception rolls back its writes.
+        """
+        return _Transaction(self)
+
+    def _begin(self) -> tuple[int, list[int]]:
+        self._lock.acquire()
+        try:
             self._check_open()
             depth = self._depth
-            mark = len(self._hub.pending)
+            marks = [len(staged) for staged in self._staged]
             self._conn.execute("BEGIN IMMEDIATE" if depth == 0 else f"SAVEPOINT atsync_{depth}")
-            self._depth = depth + 1
+        except BaseException:
+            self._lock.release()
+            raise
+        if depth == 0:
+            self.generation += 1
+            self._failure = None
             self._owner = threading.get_ident()
-            try:
-                yield self
-                if depth == 0:
-                    for hook in self.before_commit:
-                        hook()
-                    self._conn.execute("COMMIT")
-                    changes = self._hub.take_pending()
-                else:
-                    self._conn.execute(f"RELEASE atsync_{depth}")
-            except BaseException:
-                self._rollback(depth, mark)
-                raise
-            finally:
-                self._depth = depth
-                if depth == 0:
-                    self._owner = None
-        self._hub.notify(self, changes)
+        self._depth = depth + 1
+        return depth, marks
 
-    def _rollback(self, depth: int, mark: int) -> None:
-        del self._hub.pending[mark:]
+    def _end(self, depth: int, marks: list[int], ok: bool) -> None:
+        changes: list[Change] = []
+        try:
+            if not ok:
+                self._rollback(depth, marks)
+                return
+            try:
+                if depth:
+                    self._conn.execute(f"RELEASE atsync_{depth}")
+                    return
+                if self._failure is not None:
+                    raise TransactionError(
+                        f"the transaction was rolled back because {self._failure}"
+                    )
+                for hook in self.before_commit:
+                    hook()
+                self._conn.execute("COMMIT")
+                if self._hub.pending:
+                    changes = self._hub.take_pending()
+                for end in self.after_transaction:
+                    end(True)
+            except BaseException:
+                self._rollback(depth, marks)
+                raise
+        finally:
+            self._depth = depth
+            if depth == 0:
+                self._owner = None
+            self._lock.release()
+        if changes:
+            self._hub.notify(self, changes)
+
+    def fail_transaction(self, reason: str) -> None:
+        """Doom the open transaction: its end rolls it back and raises ``TransactionError``.
+
+        For a failure inside a transaction that left partial writes behind without a
+        savepoint to undo them (an action that raised inside a batch).
+        """
+        self.require_transaction()
+        if self._failure is None:
+            self._failure = reason
+
+    def stage(self, buffer: list[Any]) -> None:
+        """Register a list that the layer above appends to during transactions (e.g. log
+        entries written at commit): a rollback truncates it to its length at the start
+        of the savepoint or transaction being rolled back."""
+        self._staged.append(buffer)
+
+    def _rollback(self, depth: int, marks: list[int]) -> None:
+        self.generation += 1
+        for staged, mark in zip(self._staged, marks, strict=False):
+            del staged[mark:]
         if depth > 0:
             self._conn.execute(f"ROLLBACK TO atsync_{depth}")
             self._conn.execute(f"RELEASE atsync_{depth}")
@@ -204,8 +267,8 @@ class ModelDB:
         # SQLite may already have rolled back by itself (e.g. on SQLITE_FULL).
         if self._conn.in_transaction:
             self._conn.execute("ROLLBACK")
-        for hook in self.after_rollback:
-            hook()
+        for end in self.after_transaction:
+            end(False)
 
     @contextmanager
     def _writing(self) -> Iterator[None]:
@@ -233,9 +296,12 @@ class ModelDB:
         """Create or replace a record; properties left out are null (if nullable) or []."""
         plan = self._plan(model)
         params = self._encode(plan, value)
-        relations = self._encode_relations(plan.model, value)
-        with self._writing():
+        relations = self._encode_relations(plan.model, value) if plan.model.relations else []
+        if self.in_transaction:
             self._write(plan, params, relations)
+        else:
+            with self.transaction():
+                self._write(plan, params, relations)
 
     def update(self, model: str, value: Mapping[str, Any]) -> None:
         """Change some properties of an existing record (shallow); ``NotFoundError`` if none."""
@@ -260,6 +326,16 @@ class ModelDB:
             if old is not None:
                 self._hub.pending.append(Change(model, old, None))
 
+    def clear(self, model: str) -> None:
+        """Delete every record of a model (and its relation rows)."""
+        plan = self._plan(model)
+        with self._writing():
+            self._conn.execute(f"DELETE FROM {quote(model)}")
+            for rel in plan.model.relations:
+                self._conn.execute(f"DELETE FROM {quote(relation_table(model, rel.name))}")
+            if self._hub.watches(model):
+                self._hub.pending.append(Change(model, None, None))
+
     def _modify(self, model: str, value: Mapping[str, Any], *, deep: bool) -> None:
         plan = self._plan(model)
         if not isinstance(value, Mapping):
@@ -278,17 +354,21 @@ class ModelDB:
         model = plan.model
         if not isinstance(value, Mapping):
             raise ValidationError(f"{model.name}: expected a mapping, got {type(value).__name__}")
-        unknown = [k for k in value if k not in model.by_name]
-        if unknown:
+        if not value.keys() <= plan.name_set:
+            unknown = sorted(k for k in value if k not in plan.name_set)
             raise ValidationError(f"{model.name}: unknown properties {unknown!r}")
+        try:
+            return [encode(value[name]) for name, encode in plan.encoders]
+        except KeyError:
+            pass
         params: list[object] = []
-        for prop in plan.columns:
-            if prop.name in value:
-                params.append(encode_column(model, prop, value[prop.name]))
+        for prop, (name, encode) in zip(plan.columns, plan.encoders, strict=True):
+            if name in value:
+                params.append(encode(value[name]))
             elif prop.nullable:
                 params.append(None)
             else:
-                raise ValidationError(f"{model.name}.{prop.name}: missing (not nullable)")
+                raise ValidationError(f"{model.name}.{name}: missing (not nullable)") from None
         return params
 
     def _encode_relations(
@@ -307,6 +387,7 @@ class ModelDB:
                     raise ValidationError(
                         f"{model.name}.{prop.name}: {key!r} is not a {prop.target} key"
                     )
+                validate_key(self._plan(prop.target or "").model, key)
             out.append((prop, keys))
         return out
 
@@ -315,16 +396,21 @@ class ModelDB:
     ) -> None:
         model = plan.model.name
         watched = self._hub.watches(model)
-        key = params[plan.names.index(plan.model.primary_key)]
+        key = params[plan.key_index]
         old = self._stored(plan, key) if watched else None
-        self._conn.execute(plan.upsert, params)
-        for prop, keys in relations:
-            table = quote(relation_table(model, prop.name))
-            self._conn.execute(f'DELETE FROM {table} WHERE "_source" = ?', (key,))
-            self._conn.executemany(
-                f'INSERT INTO {table} ("_source", "_index", "_target") VALUES (?, ?, ?)',
-                [(key, i, target) for i, target in enumerate(keys)],
-            )
+        try:
+            self._conn.execute(plan.upsert, params)
+            for prop, keys in relations:
+                table = quote(relation_table(model, prop.name))
+                self._conn.execute(f'DELETE FROM {table} WHERE "_source" = ?', (key,))
+                self._conn.executemany(
+                    f'INSERT INTO {table} ("_source", "_index", "_target") VALUES (?, ?, ?)',
+                    [(key, i, target) for i, target in enumerate(keys)],
+                )
+        except UnicodeEncodeError as exc:
+            raise ValidationError(
+                f"{model}: a string is not valid Unicode ({exc.reason}): {exc.object!r}"
+            ) from None
         if watched:
             new = dict(zip(plan.names, params, strict=True))
             new.update({prop.name: tuple(keys) for prop, keys in relations})
@@ -523,6 +609,12 @@ class ModelDB:
             self._check_open()
             return self._conn.execute(sql, params)
 
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The SQLite connection, for atsync's own layers while they hold a transaction."""
+        self._check_open()
+        return self._conn
+
     def executemany(self, sql: str, rows: Iterable[Sequence[object]]) -> None:
         with self._lock:
             self._check_open()
@@ -531,6 +623,22 @@ class ModelDB:
     def require_transaction(self) -> None:
         if not self.in_transaction:
             raise TransactionError("this operation must run inside db.transaction()")
+
+
+class _Transaction:
+    """The context manager of ``ModelDB.transaction()`` (a class: it is on the hot path)."""
+
+    __slots__ = ("_db", "_depth", "_marks")
+
+    def __init__(self, db: ModelDB) -> None:
+        self._db = db
+
+    def __enter__(self) -> ModelDB:
+        self._depth, self._marks = self._db._begin()
+        return self._db
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._db._end(self._depth, self._marks, exc_type is None)
 
 
 def _deep_merge(current: Mapping[str, Any], patch: Mapping[str, Any], model: Model) -> Row:

@@ -28,11 +28,21 @@ Results = list[dict[str, Any]]
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """One row written: its model, and its stored row before and after (None if absent)."""
+    """One row written: its model, and its stored row before and after (None if absent).
+
+    A change with neither (``Change(model, None, None)``) means the whole table changed.
+    """
 
     model: str
     old: dict[str, Any] | None
     new: dict[str, Any] | None
+
+    def may_affect(self, query: Query) -> bool:
+        if self.model != query.model.name:
+            return False
+        if self.old is None and self.new is None:
+            return True
+        return query.matches(self.old) or query.matches(self.new)
 
 
 @dataclass(eq=False)
@@ -83,7 +93,8 @@ class SubscriptionHub:
                 subs.remove(subscription)
 
     def take_pending(self) -> list[Change]:
-        changes, self.pending = self.pending, []
+        changes = self.pending[:]
+        self.pending.clear()  # the same list object stays registered for savepoint rollback
         return changes
 
     def notify(self, db: ModelDB, changes: list[Change]) -> None:
@@ -94,10 +105,7 @@ class SubscriptionHub:
             candidates = [s for subs in self._by_model.values() for s in subs]
         for sub in candidates:
             model = sub.query.model.name
-            relevant = any(
-                c.model == model and (sub.query.matches(c.old) or sub.query.matches(c.new))
-                for c in changes
-            )
+            relevant = any(change.may_affect(sub.query) for change in changes)
             if not relevant or not sub.active:
                 continue
             fresh = db.run_query(sub.query)

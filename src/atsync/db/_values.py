@@ -17,7 +17,7 @@ from typing import Any
 from .._errors import ValidationError
 from ._schema import Model, Property
 
-__all__ = ["decode_column", "encode_column", "sql_type", "validate_key"]
+__all__ = ["column_encoder", "decode_column", "encode_column", "sql_type", "validate_key"]
 
 _INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
 _SQL_TYPES = {
@@ -53,6 +53,8 @@ def _check_text(value: object, what: str) -> str:
 
 def validate_key(model: Model, key: object) -> str:
     """A primary key: a non-empty string (any Unicode; atproto rkeys are stricter)."""
+    if type(key) is str and key and key.isascii():
+        return key
     what = f"{model.name}.{model.primary_key}"
     if not isinstance(key, str):
         raise ValidationError(
@@ -136,6 +138,46 @@ def encode_column(model: Model, prop: Property, value: object) -> object:
         normal = _check_json(value, _where(model, prop))
         return json.dumps(normal, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     raise ValidationError(f"{_where(model, prop)}: relations are not stored in a column")
+
+
+def column_encoder(model: Model, prop: Property) -> Callable[[object], object]:
+    """``encode_column`` for one property, with a fast path for the common exact types.
+
+    The fast paths skip the check for lone surrogates in strings: SQLite's binding raises
+    ``UnicodeEncodeError`` for those, which the database turns into ``ValidationError``.
+    """
+
+    def slow(value: object) -> object:
+        return encode_column(model, prop, value)
+
+    kind = prop.kind
+    if kind in ("string", "reference"):
+
+        def text(value: object) -> object:
+            return value if type(value) is str else slow(value)
+
+        return text
+    if kind == "primary":
+
+        def key(value: object) -> object:
+            return value if type(value) is str and value else slow(value)
+
+        return key
+    if kind == "integer":
+
+        def integer(value: object) -> object:
+            if type(value) is int and _INT_MIN <= value <= _INT_MAX:
+                return value
+            return slow(value)
+
+        return integer
+    if kind in ("float", "number"):
+
+        def number(value: object) -> object:
+            return value if type(value) is float and value == value else slow(value)
+
+        return number
+    return slow
 
 
 def _decode_bool(raw: object) -> object:

@@ -1,0 +1,290 @@
+"""App: a ModelDB whose data changes only through logged, signed actions.
+
+app = App.open("notes.db", contract)          # LocalSigner key kept in notes.db.key
+app.actions.create_note("hello")              # one transaction: writes + log entry
+with app.batch():                             # several actions, all or none
+    ...
+app.log.verify()                              # hash chain + signatures
+app.rebuild()                                 # replay the log into empty tables
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .._errors import ActionError
+from ..atproto._syntax import Tid, TidClock
+from ..db import ModelDB, Subscription
+from ..db._sqlite import Durability, Row
+from ._contract import ActionContext, ActionResult, Contract
+from ._log import ActionLog, create_log_table, encode_args
+from ._signers import LocalSigner, Signer
+
+__all__ = ["Actions", "App", "ReadOnlyDB"]
+
+
+class ReadOnlyDB:
+    """The app's database for reading; data changes only through actions (``ctx.db``)."""
+
+    def __init__(self, db: ModelDB) -> None:
+        self._db = db
+
+    @property
+    def schema(self) -> Any:
+        return self._db.schema
+
+    @property
+    def path(self) -> str:
+        return self._db.path
+
+    def get(self, model: str, key: str) -> Row | None:
+        return self._db.get(model, key)
+
+    def get_many(self, model: str, keys: Sequence[str]) -> list[Row | None]:
+        return self._db.get_many(model, keys)
+
+    def query(self, model: str, **options: Any) -> list[Row]:
+        return self._db.query(model, **options)
+
+    def count(self, model: str, *, where: Mapping[str, Any] | None = None) -> int:
+        return self._db.count(model, where=where)
+
+    def iterate(self, model: str, **options: Any) -> Iterator[Row]:
+        return self._db.iterate(model, **options)
+
+    def subscribe(
+        self, model: str, callback: Callable[[list[Row]], None], **options: Any
+    ) -> Subscription:
+        return self._db.subscribe(model, callback, **options)
+
+    def _read_only(self, *args: object, **kwargs: object) -> None:
+        raise ActionError(
+            "app.db is read-only: change data inside an action, through ctx.db, so the "
+            "change is logged, signed and synced"
+        )
+
+    set = update = merge = delete = _read_only
+
+
+class Actions:
+    """``app.actions.NAME(*args, **kwargs)`` runs the action NAME."""
+
+    def __init__(self, app: App) -> None:
+        self._app = app
+
+    def __getattr__(self, name: str) -> Callable[..., ActionResult]:
+        if name.startswith("__") or name not in self._app.contract.actions:
+            known = ", ".join(sorted(self._app.contract.actions)) or "none"
+            raise AttributeError(f"no action named {name!r} (actions: {known})")
+        app = self._app
+
+        def run(*args: Any, **kwargs: Any) -> ActionResult:
+            return app.run(name, *args, **kwargs)
+
+        run.__name__ = run.__qualname__ = name
+        setattr(self, name, run)  # later lookups skip __getattr__
+        return run
+
+    def __getitem__(self, name: str) -> Callable[..., ActionResult]:
+        try:
+            return getattr(self, name)  # type: ignore[no-any-return]
+        except AttributeError as exc:
+            raise ActionError(str(exc)) from None
+
+    def __dir__(self) -> list[str]:
+        return sorted(self._app.contract.actions)
+
+
+class App:
+    """An opened app: contract + database + signer + action log."""
+
+    def __init__(
+        self, db: ModelDB, contract: Contract, signer: Signer, *, seal_interval: float = 0.1
+    ) -> None:
+        self._db = db
+        self.contract = contract
+        self.signer = signer
+        self.log = ActionLog(db)
+        self.db = ReadOnlyDB(db)
+        self.actions = Actions(self)
+        # The clock id is fixed per signing key, so a device's TIDs do not change between
+        # runs; the clock starts after the newest logged action.
+        clock_id = int.from_bytes(hashlib.sha256(signer.key_did.encode()).digest()[:2]) & 1023
+        self._clock = TidClock(clock_id)
+        head = self.log.head_id()
+        if head is not None:
+            self._clock.observe(head)
+        self._in_action = False
+        self.seal_interval = seal_interval
+        self._last_seal = 0.0
+        db.before_commit.append(self._seal_before_commit)
+        self.seal()  # entries a crash left unsealed
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        contract: Contract,
+        *,
+        signer: Signer | None = None,
+        durability: Durability = "normal",
+        seal_interval: float = 0.1,
+    ) -> App:
+        """Open (or create) the app's database at ``path``.
+
+        Without a ``signer``, a ``LocalSigner`` key is created beside the database
+        (``<path>.key``, mode 0600) on first open and reused afterwards.
+        ``durability="normal"`` survives a killed process (power loss may drop the last
+        commits); ``"full"`` also survives power loss at the cost of an fsync per commit.
+        ``seal_interval`` (seconds) bounds how long the newest log entries stay unsigned;
+        0 signs every transaction.
+        """
+        signer = signer if signer is not None else LocalSigner()
+        signer.attach(path)
+        db = ModelDB.open(
+            path,
+            contract.schema,
+            version=contract.version,
+            upgrade=contract.upgrade,
+            durability=durability,
+            setup=create_log_table,
+        )
+        return cls(db, contract, signer, seal_interval=seal_interval)
+
+    @property
+    def did(self) -> str:
+        """The DID actions are attributed to now."""
+        return self.signer.did
+
+    @property
+    def path(self) -> str:
+        return self._db.path
+
+    @property
+    def model_db(self) -> ModelDB:
+        """The underlying ModelDB (writes here bypass the log: for atsync's own layers)."""
+        return self._db
+
+    def close(self) -> None:
+        """Seal the log and close the database. Safe to call twice."""
+        if not self._db.closed:
+            try:
+                self.seal()
+            finally:
+                self._db.close()
+
+    def __enter__(self) -> App:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<App {self.path!r} did={self.did!r} actions={sorted(self.contract.actions)}>"
+
+    # -- running actions ----------------------------------------------------------------
+
+    def run(self, name: str, *args: Any, **kwargs: Any) -> ActionResult:
+        """Run action ``name`` in one transaction and log it; its exception rolls back both.
+
+        Inside ``batch()`` an action that raises dooms the whole batch (all or none): the
+        batch rolls back when it ends, even if the exception was caught.
+        """
+        fn = self.contract.actions.get(name)
+        if fn is None:
+            known = ", ".join(sorted(self.contract.actions)) or "none"
+            raise ActionError(f"no action named {name!r} (actions: {known})")
+        args_json = encode_args(name, args, kwargs)
+        db = self._db
+        if not db.in_transaction:
+            with db.transaction():
+                return self._run_logged(fn, name, args_json, args, kwargs)
+        try:
+            return self._run_logged(fn, name, args_json, args, kwargs)
+        except BaseException as exc:
+            # No savepoint per action inside a batch (it would halve batch throughput):
+            # its partial writes are undone with the whole batch instead.
+            db.fail_transaction(f"action {name!r} raised {exc!r}")
+            raise
+
+    def _run_logged(
+        self,
+        fn: Callable[..., Any],
+        name: str,
+        args_json: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> ActionResult:
+        if self._in_action:
+            raise ActionError(
+                f"action {name!r} was called from inside another action; call its "
+                "function directly instead (nested actions would replay twice)"
+            )
+        clock = self._clock
+        ctx = ActionContext(self._db, self.signer.did, clock.next_timestamp(), clock.clock_id)
+        # Logged before it runs, so entries are appended in id order.
+        self.log.append(ctx.id, name, args_json, ctx.did)
+        self._in_action = True
+        try:
+            result = fn(ctx, *args, **kwargs)
+        finally:
+            self._in_action = False
+            if ctx.tids_used:
+                clock.observe(Tid(ctx.timestamp_us + ctx.tids_used, clock.clock_id))
+        return ActionResult(ctx.id, result)
+
+    @contextmanager
+    def batch(self) -> Iterator[App]:
+        """Run several actions in one transaction: all of them commit, or none."""
+        with self._db.transaction():
+            yield self
+
+    def seal(self) -> bool:
+        """Sign the newest log entry now if it is unsigned; returns whether it signed."""
+        with self._db.transaction():
+            sealed = self.log.seal(self.signer.key_did, self.signer.sign)
+        self._last_seal = time.monotonic()
+        return sealed
+
+    def _seal_before_commit(self) -> None:
+        # One signature covers every earlier entry through the hash chain, so sealing
+        # at most every seal_interval keeps signing off the per-action cost.
+        now = time.monotonic()
+        due = now - self._last_seal >= self.seal_interval
+        if self.log.flush(self.signer.key_did, self.signer.sign if due else None):
+            self._last_seal = now
+
+    # -- replay ---------------------------------------------------------------------------
+
+    def rebuild(self) -> int:
+        """Empty every model table and replay the whole log; returns the actions replayed.
+
+        Actions must be deterministic (use ``ctx.id``, ``ctx.timestamp``, ``ctx.tid()``
+        rather than the wall clock or random numbers) for the state to come out the same.
+        """
+        db = self._db
+        with db.transaction():
+            for model in db.schema.models:
+                db.clear(model)
+            replayed = 0
+            self._in_action = True
+            try:
+                for entry in self.log.entries():
+                    fn = self.contract.actions.get(entry.name)
+                    if fn is None:
+                        raise ActionError(
+                            f"the log holds action {entry.name!r} ({entry.id}) that this "
+                            "contract does not define"
+                        )
+                    tid = Tid.parse(entry.id)
+                    ctx = ActionContext(db, entry.author, tid.timestamp_us, tid.clock_id)
+                    fn(ctx, *entry.args, **entry.kwargs)
+                    replayed += 1
+            finally:
+                self._in_action = False
+        return replayed

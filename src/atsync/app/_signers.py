@@ -1,0 +1,203 @@
+"""Signers: who an action is attributed to, and the key that signs the action log.
+
+- ``LocalSigner``: a ``did:key`` (ed25519 by default, or secp256k1 / p256) created on first
+  open and kept beside the database in a file only its owner can read (mode 0600).
+  Signatures verify from the public key alone (``verify_signature(signer.key_did, …)``).
+- ``ATPSigner``: a local session key that acts for an atproto account. It works before any
+  login (``allow_unauthenticated=True``, actions are attributed to the session key); once the
+  user logs in, actions are attributed to their DID. The login half lives in the
+  connectivity layer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from .._errors import SignerError
+from ..atproto._crypto import Alg, Keypair, generate_keypair, load_keypair
+
+__all__ = ["ATPSigner", "KeyAlgorithm", "LocalSigner", "Signer", "key_path_for"]
+
+KeyAlgorithm = Alg
+_KEY_FILE_VERSION = 1
+
+
+def key_path_for(db_path: str | Path) -> Path:
+    """Where the signing key of the database at ``db_path`` lives: ``<db_path>.key``."""
+    return Path(f"{db_path}.key")
+
+
+class Signer(ABC):
+    """Signs the action log and names the author of each action."""
+
+    @property
+    @abstractmethod
+    def did(self) -> str:
+        """The DID actions are attributed to."""
+
+    @property
+    @abstractmethod
+    def key_did(self) -> str:
+        """The ``did:key`` of the key that signs."""
+
+    @abstractmethod
+    def sign(self, data: bytes) -> bytes:
+        """Sign ``data``; verifiable with ``verify_signature(self.key_did, data, sig)``."""
+
+    def attach(self, db_path: str | Path | None) -> None:  # noqa: B027 - optional hook
+        """Called by ``App.open`` so a signer without a key can keep one beside the db."""
+
+
+class LocalSigner(Signer):
+    """A ``did:key`` signer whose private key never leaves this machine."""
+
+    def __init__(self, keypair: Keypair | None = None, *, path: str | Path | None = None) -> None:
+        self._keypair = keypair
+        self._path = Path(path) if path is not None else None
+        if keypair is None and self._path is not None:
+            self._keypair = load_or_create_key(self._path, "ed25519")
+
+    @classmethod
+    def ephemeral(cls, alg: KeyAlgorithm = "ed25519") -> LocalSigner:
+        """A signer whose key lives in memory only (tests, ``:memory:`` databases)."""
+        return cls(generate_keypair(alg))
+
+    @classmethod
+    def load_or_create(cls, path: str | Path, alg: KeyAlgorithm = "ed25519") -> LocalSigner:
+        """Load the key at ``path``, or create one there (mode 0600) if none exists."""
+        return cls(load_or_create_key(Path(path), alg), path=path)
+
+    def attach(self, db_path: str | Path | None) -> None:
+        if self._keypair is None:
+            if db_path is None or str(db_path) == ":memory:":
+                self._keypair = generate_keypair("ed25519")
+            else:
+                self._path = key_path_for(db_path)
+                self._keypair = load_or_create_key(self._path, "ed25519")
+
+    @property
+    def keypair(self) -> Keypair:
+        if self._keypair is None:
+            raise SignerError("this signer has no key yet: pass it to App.open first")
+        return self._keypair
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    @property
+    def did(self) -> str:
+        return self.keypair.did
+
+    @property
+    def key_did(self) -> str:
+        return self.keypair.did
+
+    def sign(self, data: bytes) -> bytes:
+        return self.keypair.sign(data)
+
+    def __repr__(self) -> str:
+        did = self._keypair.did if self._keypair is not None else "(no key yet)"
+        return f"<LocalSigner {did}>"
+
+
+class ATPSigner(LocalSigner):
+    """Acts for an atproto account through a local session key; works before login.
+
+    Until the user logs in (connectivity layer), ``did`` is the session key's ``did:key`` —
+    or, with ``allow_unauthenticated=False``, signing is refused.
+    """
+
+    def __init__(
+        self,
+        keypair: Keypair | None = None,
+        *,
+        path: str | Path | None = None,
+        allow_unauthenticated: bool = True,
+    ) -> None:
+        super().__init__(keypair, path=path)
+        self.allow_unauthenticated = allow_unauthenticated
+        self._account_did: str | None = None
+
+    @property
+    def authenticated(self) -> bool:
+        return self._account_did is not None
+
+    @property
+    def did(self) -> str:
+        return self._account_did or self.key_did
+
+    def sign(self, data: bytes) -> bytes:
+        if not self.authenticated and not self.allow_unauthenticated:
+            raise SignerError(
+                "not logged in: log in first, or create the ATPSigner with "
+                "allow_unauthenticated=True to act before login"
+            )
+        return super().sign(data)
+
+    def __repr__(self) -> str:
+        return f"<ATPSigner did={self.did if self._keypair else None!r}>"
+
+
+def load_or_create_key(path: Path, alg: KeyAlgorithm) -> Keypair:
+    """Read a key file, or create it atomically with mode 0600 if it does not exist."""
+    try:
+        return _load_key(path)
+    except FileNotFoundError:
+        pass
+    keypair = generate_keypair(alg)
+    body = json.dumps(
+        {
+            "version": _KEY_FILE_VERSION,
+            "alg": alg,
+            "did": keypair.did,
+            "private_key": keypair.private_bytes().hex(),
+        }
+    ).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, body)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        # link() fails if another process created the key first; then use theirs.
+        os.link(tmp, path)
+    except FileExistsError:
+        return _load_key(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return keypair
+
+
+def _load_key(path: Path) -> Keypair:
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise SignerError(
+            f"the key file {path} is readable by others (mode {mode:o}); "
+            f"restrict it with: chmod 600 {path}"
+        )
+    try:
+        data = json.loads(path.read_text())
+        alg = data["alg"]
+        keypair = load_keypair(alg, bytes.fromhex(data["private_key"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SignerError(f"the key file {path} is unreadable or damaged: {exc}") from exc
+    if data.get("did") not in (None, keypair.did):
+        raise SignerError(f"the key file {path} names {data['did']} but holds {keypair.did}")
+    return keypair
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
