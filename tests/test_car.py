@@ -7,6 +7,7 @@ import socket
 import threading
 import tracemalloc
 
+import libipld
 import pytest
 
 from atsync._errors import VerificationError
@@ -239,3 +240,10 @@ def test_duplicate_blocks_are_tolerated() -> None:
 
 def test_car_dataclass_root_is_first_root() -> None:
     assert Car([BLOCKS[2][0], ROOT]).root == BLOCKS[2][0]
+
+
+def test_libipld_reads_our_cars() -> None:
+    # An independent reader agrees on roots and blocks (it decodes them, we keep bytes).
+    header, blocks = libipld.decode_car(CAR)
+    assert [CID(r) for r in header["roots"]] == [ROOT]
+    assert {CID(k) for k in blocks} == {cid for cid, _ in BLOCKS}

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from atproto_crypto.verify import verify_signature as sdk_verify
 
 from atsync._errors import SignerError, VerificationError
 from atsync.atproto import _crypto as cr
@@ -173,3 +174,13 @@ def test_multibase_round_trip_keeps_leading_zeros() -> None:
         assert cr.multibase_decode(cr.multibase_encode(raw)) == raw
     with pytest.raises(VerificationError):
         cr.multibase_decode("uAAA")
+
+
+@pytest.mark.parametrize("alg", ["p256", "k256"])
+def test_the_sdk_accepts_our_signatures_and_did_keys(alg: cr.Alg) -> None:
+    # An independent implementation (atproto SDK 0.0.73) must agree with ours.
+    kp = cr.generate_keypair(alg)
+    for i in range(10):
+        msg = f"message {i}".encode()
+        assert sdk_verify(kp.did, msg, kp.sign(msg))
+    assert not sdk_verify(kp.did, b"other", kp.sign(b"message"))

@@ -8,7 +8,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import libipld
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from atsync._errors import RecordError, VerificationError
 from atsync.atproto._cbor import (
@@ -198,3 +201,42 @@ def test_json_bytes_and_links() -> None:
         data_from_json({"$bytes": "A!=="})
     with pytest.raises(RecordError):
         data_from_json({"a": 0.5})
+
+
+# --- cross-checks against an independent implementation (libipld) -----------------------------
+
+
+_scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=20)
+_plain = st.recursive(
+    _scalars,
+    lambda inner: (
+        st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5)
+    ),
+    max_leaves=30,
+)
+_cids = st.binary(min_size=1, max_size=40).map(CID.for_data)
+_full = st.recursive(
+    _scalars | st.binary(max_size=40) | _cids,
+    lambda inner: (
+        st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5)
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_plain)
+def test_encoding_matches_libipld_for_link_free_values(value: Any) -> None:
+    # Only values without bytes and links: libipld cannot keep those two apart.
+    assert encode_dag_cbor(value) == libipld.encode_dag_cbor(value)
+    assert decode_dag_cbor(libipld.encode_dag_cbor(value)) == value
+
+
+@settings(max_examples=300, deadline=None)
+@given(_full)
+def test_round_trip_with_bytes_and_links(value: Any) -> None:
+    encoded = encode_dag_cbor(value)
+    assert decode_dag_cbor(encoded) == value
+    # JSON form round-trips too, wrapped as a record so the top level is a map.
+    record = {"v": value}
+    assert data_from_json(json.loads(json.dumps(data_to_json(record)))) == record
