@@ -109,7 +109,7 @@ class App:
         self._db = db
         self.contract = contract
         self.signer = signer
-        self.log = ActionLog(db)
+        self.log = ActionLog(db, sealer=self.seal)
         self.db = ReadOnlyDB(db)
         self.actions = Actions(self)
         # The clock id is fixed per signing key, so a device's TIDs do not change between

@@ -108,8 +108,9 @@ class ActionLog:
     savepoint inside it, drops them together with the writes they belong to.
     """
 
-    def __init__(self, db: ModelDB) -> None:
+    def __init__(self, db: ModelDB, sealer: Callable[[], object] | None = None) -> None:
         self._db = db
+        self._sealer = sealer  # the app's seal(): lets verify() seal a fresh tail first
         self._pending: list[Pending] = []
         db.stage(self._pending)
         # (db.generation, hash) of the newest link, valid while no rollback or new
@@ -218,8 +219,11 @@ class ActionLog:
         """Recompute the hash chain and check every seal; return the entries checked.
 
         Raises ``VerificationError`` naming the first entry that fails, and when the newest
-        entries are not covered by a link or by a seal.
+        entries are not covered by a link or by a seal. The log of an open app seals its
+        newest entries first (they may wait up to ``seal_interval`` for their seal).
         """
+        if self._sealer is not None and not self._db.in_transaction:
+            self._sealer()
         h = hashlib.sha256(GENESIS)
         unsealed_since: str | None = None
         open_since: str | None = None

@@ -367,6 +367,8 @@ class ModelDB:
                 params.append(encode(value[name]))
             elif prop.nullable:
                 params.append(None)
+            elif prop.kind == "primary":
+                raise ValidationError(f"{model.name}.{name}: the primary key is missing") from None
             else:
                 raise ValidationError(f"{model.name}.{name}: missing (not nullable)") from None
         return params

@@ -1,0 +1,109 @@
+"""Live queries fire with fresh results after a commit that changes them, and only then."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from atsync.db import ModelDB
+
+MODELS = {
+    "tasks": {"id": "primary", "title": "string", "done": "boolean", "tags": "@tags[]"},
+    "tags": {"id": "primary"},
+}
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> ModelDB:
+    database = ModelDB.open(tmp_path / "s.db", MODELS)
+    yield database
+    database.close()
+
+
+def task(key: str, done: bool = False, **extra: object) -> dict:
+    return {"id": key, "title": key.upper(), "done": done, **extra}
+
+
+def test_fires_initially_and_after_a_relevant_commit(db: ModelDB) -> None:
+    seen: list[list[str]] = []
+    db.subscribe("tasks", lambda rows: seen.append([r["id"] for r in rows]), where={"done": False})
+    db.set("tasks", task("a"))
+    db.set("tasks", task("b"))
+    db.set("tasks", task("a", done=True))  # leaves the result set
+    db.delete("tasks", "b")
+    assert seen == [[], ["a"], ["a", "b"], ["b"], []]
+
+
+def test_does_not_fire_for_writes_that_cannot_change_the_results(db: ModelDB) -> None:
+    seen: list[list[dict]] = []
+    db.subscribe("tasks", seen.append, where={"done": False}, initial=False)
+    db.set("tasks", task("x", done=True))  # outside the filter
+    db.set("tags", {"id": "t1"})  # another model
+    db.set("tasks", task("x", done=True))  # same again
+    assert seen == []
+    db.set("tasks", task("y"))
+    db.set("tasks", task("y"))  # identical rewrite: results unchanged
+    assert len(seen) == 1
+
+
+def test_fires_once_per_transaction_and_never_for_a_rollback(db: ModelDB) -> None:
+    seen: list[list[dict]] = []
+    db.subscribe("tasks", seen.append, initial=False)
+    with db.transaction():
+        for key in "abc":
+            db.set("tasks", task(key))
+    assert len(seen) == 1 and len(seen[0]) == 3
+    with pytest.raises(RuntimeError), db.transaction():
+        db.set("tasks", task("d"))
+        raise RuntimeError
+    with db.transaction():
+        with pytest.raises(RuntimeError), db.transaction():
+            db.set("tasks", task("e"))
+            raise RuntimeError
+    assert len(seen) == 1
+
+
+def test_limit_offset_order_and_relations_are_respected(db: ModelDB) -> None:
+    seen: list[list[str]] = []
+    db.subscribe(
+        "tasks",
+        lambda rows: seen.append([r["id"] for r in rows]),
+        order_by={"title": "desc"},
+        limit=2,
+        offset=1,
+        initial=False,
+    )
+    for key in "abcd":
+        db.set("tasks", task(key))
+    assert seen[-1] == ["c", "b"]
+    tag_seen: list[list] = []
+    db.subscribe(
+        "tasks", lambda r: tag_seen.append(r), where={"id": "a"}, select=["tags"], initial=False
+    )
+    db.update("tasks", {"id": "a", "tags": ["t1"]})
+    assert tag_seen == [[{"id": "a", "tags": ["t1"]}]]
+
+
+def test_cancel_stops_callbacks_and_a_failing_callback_does_not_break_writes(db: ModelDB) -> None:
+    calls: list[int] = []
+
+    def broken(rows: list[dict]) -> None:
+        calls.append(len(rows))
+        raise RuntimeError("subscriber bug")
+
+    sub = db.subscribe("tasks", broken, initial=False)
+    db.set("tasks", task("a"))
+    assert db.get("tasks", "a") is not None
+    sub.cancel()
+    db.set("tasks", task("b"))
+    assert calls == [1]
+    assert not sub.active
+
+
+def test_clear_notifies(db: ModelDB) -> None:
+    db.set("tasks", task("a"))
+    seen: list[list[dict]] = []
+    with db.subscribe("tasks", seen.append, initial=False):
+        db.clear("tasks")
+    assert seen == [[]]
