@@ -193,6 +193,13 @@ def test_cid_parse_rejects(bad: str) -> None:
         CID.parse(bad)
 
 
+def test_reserved_keys_have_no_json_form() -> None:
+    with pytest.raises(RecordError, match="no JSON form"):
+        data_to_json({"a": {"$link": "x"}})
+    with pytest.raises(RecordError, match="no JSON form"):
+        data_to_json({"$bytes": b"x"})
+
+
 def test_json_bytes_and_links() -> None:
     assert data_from_json({"$bytes": "AQI"}) == b"\x01\x02"
     assert data_to_json(b"\x01\x02") == {"$bytes": "AQI"}
@@ -215,11 +222,11 @@ _plain = st.recursive(
     max_leaves=30,
 )
 _cids = st.binary(min_size=1, max_size=40).map(CID.for_data)
+# "$link" and "$bytes" keys are reserved: such maps are not data-model values.
+_keys = st.text(max_size=8).filter(lambda k: k not in ("$link", "$bytes"))
 _full = st.recursive(
     _scalars | st.binary(max_size=40) | _cids,
-    lambda inner: (
-        st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5)
-    ),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(_keys, inner, max_size=5),
     max_leaves=30,
 )
 
@@ -239,4 +246,5 @@ def test_round_trip_with_bytes_and_links(value: Any) -> None:
     assert decode_dag_cbor(encoded) == value
     # JSON form round-trips too, wrapped as a record so the top level is a map.
     record = {"v": value}
+    check_data_model(record)
     assert data_from_json(json.loads(json.dumps(data_to_json(record)))) == record

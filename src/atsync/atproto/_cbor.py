@@ -497,6 +497,9 @@ def data_to_json(value: Any) -> Any:
     if isinstance(value, bytes | bytearray | memoryview):
         return {"$bytes": base64.b64encode(bytes(value)).decode().rstrip("=")}
     if isinstance(value, Mapping):
+        if "$link" in value or "$bytes" in value:
+            # The JSON form would read back as a link or bytes: refuse rather than corrupt.
+            raise RecordError("a map with a '$link' or '$bytes' key has no JSON form")
         return {k: data_to_json(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [data_to_json(v) for v in value]
