@@ -14,8 +14,10 @@ def main() -> None:
 def _register() -> None:
     # Sub-commands register themselves on import; importing them here keeps `main` the
     # single place that lists what the CLI offers.
-    from . import _db_commands  # noqa: F401
-    from . import _devpds  # noqa: F401
+    from . import (
+        _db_commands,  # noqa: F401
+        _devpds,  # noqa: F401
+    )
 
 
 _register()
