@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from notes_app import contract  # noqa: E402
+from notes_app import contract
 
-from atsync import App  # noqa: E402
+from atsync import App
 
 
 def step(text: str) -> None:

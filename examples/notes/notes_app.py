@@ -44,7 +44,9 @@ def create_note(ctx: ActionContext, title: str, body: str | None = None) -> str:
 
 
 @contract.action
-def edit_note(ctx: ActionContext, key: str, title: str | None = None, body: str | None = None) -> None:
+def edit_note(
+    ctx: ActionContext, key: str, title: str | None = None, body: str | None = None
+) -> None:
     changes: dict[str, object] = {"id": key}
     if title is not None:
         changes["title"] = title
