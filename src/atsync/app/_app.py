@@ -120,6 +120,14 @@ class App:
         if head is not None:
             self._clock.observe(head)
         self._in_action = False
+        # The action running now (None outside actions) and whether rebuild() is replaying:
+        # the sync layer reads both to attribute writes and to leave replays out of the outbox.
+        self.current_action: ActionContext | None = None
+        self.replaying = False
+        # Called inside the action's transaction after it ran: (ctx, name, args, kwargs).
+        self.after_action: list[
+            Callable[[ActionContext, str, tuple[Any, ...], dict[str, Any]], None]
+        ] = []
         self.seal_interval = seal_interval
         self._last_seal = 0.0
         db.before_commit.append(self._seal_before_commit)
@@ -230,10 +238,14 @@ class App:
         # Logged before it runs, so entries are appended in id order.
         self.log.append(ctx.id, name, args_json, ctx.did)
         self._in_action = True
+        self.current_action = ctx
         try:
             result = fn(ctx, *args, **kwargs)
+            for hook in self.after_action:
+                hook(ctx, name, args, kwargs)
         finally:
             self._in_action = False
+            self.current_action = None
             if ctx.tids_used:
                 clock.observe(Tid(ctx.timestamp_us + ctx.tids_used, clock.clock_id))
         return ActionResult(ctx.id, result)
@@ -273,6 +285,7 @@ class App:
                 db.clear(model)
             replayed = 0
             self._in_action = True
+            self.replaying = True
             try:
                 for entry in self.log.entries():
                     fn = self.contract.actions.get(entry.name)
@@ -287,4 +300,5 @@ class App:
                     replayed += 1
             finally:
                 self._in_action = False
+                self.replaying = False
         return replayed

@@ -106,6 +106,10 @@ class ModelDB:
         # that transaction ended either way.
         self.before_commit: list[Callable[[], None]] = []
         self.after_transaction: list[Callable[[bool], None]] = []
+        # Called inside the transaction for every record written: (model, key, row) where
+        # row is the record as ``get`` would return it, or None when it was deleted. The
+        # sync layer turns these into outbox entries in the same transaction.
+        self.write_listeners: list[Callable[[str, str, Row | None], None]] = []
         # Lists that grow during a transaction and must shrink back with its savepoints.
         self._staged: list[list[Any]] = [self._hub.pending]
 
@@ -325,11 +329,19 @@ class ModelDB:
                 )
             if old is not None:
                 self._hub.pending.append(Change(model, old, None))
+            for listener in self.write_listeners:
+                listener(model, key, None)
 
     def clear(self, model: str) -> None:
         """Delete every record of a model (and its relation rows)."""
         plan = self._plan(model)
         with self._writing():
+            if self.write_listeners:
+                pk = quote(plan.model.primary_key)
+                keys = [k for (k,) in self._conn.execute(f"SELECT {pk} FROM {quote(model)}")]
+                for listener in self.write_listeners:
+                    for key in keys:
+                        listener(model, key, None)
             self._conn.execute(f"DELETE FROM {quote(model)}")
             for rel in plan.model.relations:
                 self._conn.execute(f"DELETE FROM {quote(relation_table(model, rel.name))}")
@@ -417,6 +429,14 @@ class ModelDB:
             new = dict(zip(plan.names, params, strict=True))
             new.update({prop.name: tuple(keys) for prop, keys in relations})
             self._hub.pending.append(Change(model, old, new))
+        if self.write_listeners:
+            row = self._decode(plan, params, plan.names, ())
+            for prop, keys in relations:
+                row[prop.name] = list(keys)
+            for prop in plan.model.relations:
+                row.setdefault(prop.name, [])
+            for listener in self.write_listeners:
+                listener(model, key, row)
 
     def _stored(self, plan: _Plan, key: object) -> Row | None:
         row = self._conn.execute(plan.select_one, (key,)).fetchone()

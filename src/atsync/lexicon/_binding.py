@@ -1,0 +1,158 @@
+"""Bindings: a model <-> a collection of records, and how a row becomes a record and back.
+
+    Binding("com.example.note")                                  # every property, same names
+    Binding("com.example.note", fields={"body": "text"},         # rename
+            local=["done"],                                      # never leaves the device
+            transforms={"score": Transform(str, float)})         # floats cannot be records
+
+The record key is the model's primary key (``rkey="primary"``, checked as an atproto record
+key), or a TID chosen when the row is first synced (``rkey="tid"``). Records get ``$type``;
+null properties are left out of the record, and absent fields read back as null.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .._errors import RecordError, SchemaError
+from ..atproto._cbor import check_data_model, encode_dag_cbor
+from ..atproto._syntax import is_valid_nsid, is_valid_record_key
+from ..db import Model
+
+__all__ = ["MAX_RECORD_BYTES", "Binding", "BoundBinding", "Direction", "Transform"]
+
+Direction = Literal["push", "pull", "both"]
+MAX_RECORD_BYTES = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Transform:
+    """Convert one property both ways: ``to_record(value)`` and ``from_record(value)``."""
+
+    to_record: Callable[[Any], Any]
+    from_record: Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class Binding:
+    """How one model maps to one collection (an NSID) in the user's repository."""
+
+    collection: str
+    model: str | None = None  # defaults to the key under which the binding is given
+    rkey: Literal["primary", "tid"] = "primary"
+    fields: Mapping[str, str] = field(default_factory=dict)  # property -> record field
+    transforms: Mapping[str, Transform] = field(default_factory=dict)
+    local: Sequence[str] = ()
+    direction: Direction = "both"
+    strategy: Any = None  # a push strategy for this binding; None: the engine's
+
+    def bind(self, model: Model) -> BoundBinding:
+        """Check the binding against the model and compile its conversions."""
+        return BoundBinding(self, model)
+
+
+class BoundBinding:
+    """A binding checked against its model: converts rows to records and back."""
+
+    def __init__(self, binding: Binding, model: Model) -> None:
+        where = f"binding {model.name} -> {binding.collection}"
+        if not is_valid_nsid(binding.collection):
+            raise SchemaError(f"{where}: {binding.collection!r} is not a valid NSID")
+        if binding.direction not in ("push", "pull", "both"):
+            raise SchemaError(f"{where}: direction must be 'push', 'pull' or 'both'")
+        if binding.rkey not in ("primary", "tid"):
+            raise SchemaError(f"{where}: rkey must be 'primary' or 'tid'")
+        named = {*binding.fields, *binding.transforms, *binding.local}
+        unknown = sorted(n for n in named if n not in model.by_name)
+        if unknown:
+            raise SchemaError(f"{where}: {unknown} are not properties of {model.name}")
+        self.binding = binding
+        self.model = model
+        self.collection = binding.collection
+        self.direction = binding.direction
+        pairs: list[tuple[str, str, Callable[[Any], Any] | None, Callable[[Any], Any] | None]]
+        pairs = []
+        used: dict[str, str] = {}
+        for prop in model.properties:
+            if prop.kind == "primary" or prop.name in binding.local:
+                continue
+            name = binding.fields.get(prop.name, prop.name)
+            if name.startswith("$") or not name:
+                raise SchemaError(f"{where}: {prop.name} cannot become record field {name!r}")
+            if name in used:
+                raise SchemaError(f"{where}: {used[name]} and {prop.name} both map to {name!r}")
+            used[name] = prop.name
+            transform = binding.transforms.get(prop.name)
+            if transform is None and prop.kind in ("float", "number"):
+                raise SchemaError(
+                    f"{where}: {model.name}.{prop.name} is a {prop.kind}, and atproto records "
+                    "cannot hold floats: give transforms={"
+                    f"{prop.name!r}: Transform(str, float)}} (or scaled integers), or list it "
+                    "in local="
+                )
+            pairs.append(
+                (
+                    prop.name,
+                    name,
+                    transform.to_record if transform else None,
+                    transform.from_record if transform else None,
+                )
+            )
+        self._fields = tuple(pairs)
+        self._key = model.primary_key
+
+    def rkey_for(self, row: Mapping[str, Any]) -> str:
+        """The record key of a row, when keys come from the primary key."""
+        key = row[self._key]
+        if not is_valid_record_key(key):
+            raise RecordError(
+                f"{self.model.name}/{key}: the primary key is not a valid atproto record key "
+                "(1-512 of A-Z a-z 0-9 . - _ : ~, not '.' or '..'); use Binding(rkey='tid') "
+                "or keys such as ctx.tid()"
+            )
+        return str(key)
+
+    def to_record(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        """The record for a row: ``$type`` plus every mapped, non-null property."""
+        record: dict[str, Any] = {"$type": self.collection}
+        for prop, name, to_record, _ in self._fields:
+            value = row.get(prop)
+            if value is None:
+                continue
+            if to_record is not None:
+                try:
+                    value = to_record(value)
+                except Exception as exc:
+                    raise RecordError(
+                        f"{self.model.name}.{prop}: transform to the record failed: {exc!r}"
+                    ) from exc
+            record[name] = value
+        return record
+
+    def from_record(self, record: Mapping[str, Any], key: str) -> dict[str, Any]:
+        """The row for a record (local-only properties are left out)."""
+        row: dict[str, Any] = {self._key: key}
+        for prop, name, _, from_record in self._fields:
+            value = record.get(name)
+            if value is not None and from_record is not None:
+                try:
+                    value = from_record(value)
+                except Exception as exc:
+                    raise RecordError(
+                        f"{self.collection}/{key}.{name}: transform from the record failed: {exc!r}"
+                    ) from exc
+            row[prop] = value
+        return row
+
+    def encode(self, record: Mapping[str, Any]) -> bytes:
+        """Check the atproto data model and the size limit; return the DAG-CBOR bytes."""
+        check_data_model(record)
+        data = encode_dag_cbor(record)
+        if len(data) > MAX_RECORD_BYTES:
+            raise RecordError(
+                f"{self.collection}: record of {len(data):,} bytes is over the "
+                f"{MAX_RECORD_BYTES:,}-byte limit"
+            )
+        return data

@@ -1,0 +1,332 @@
+"""The transactional outbox: record writes waiting for the PDS, in the app's own database.
+
+    _atsync_outbox        one row per record with a pending write (coalesced), in push order
+    _atsync_records       every synced record: model/key <-> collection/rkey, CID on the PDS
+    _atsync_dead_letters  writes the PDS rejected for good, with its reason
+    _atsync_sync_state    key/value: the account, the last commit seen, has_synced, times
+
+A row enters the outbox in the same transaction as the local change it describes, so a crash
+at any instant loses nothing and duplicates nothing. Writes to one record coalesce:
+
+    create + update(s)  -> one create of the latest state
+    create + delete     -> nothing (if the create was never sent)
+    update + update     -> the last update
+    delete + put        -> an update (or a create if the record is not on the PDS)
+
+``version`` grows with every coalesced change, so a push that finishes while the record
+changed again leaves the newer state queued. ``first_action`` is the oldest action whose
+effect the row carries: an action is pushed once no row has ``first_action <= its id``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from ..db import ModelDB
+
+__all__ = ["DeadLetter", "Outbox", "PendingWrite", "create_sync_tables"]
+
+OUTBOX = "_atsync_outbox"
+RECORDS = "_atsync_records"
+DEAD = "_atsync_dead_letters"
+STATE = "_atsync_sync_state"
+
+Op = Literal["create", "update", "delete"]
+
+
+def create_sync_tables(conn: sqlite3.Connection) -> None:
+    conn.executescript(
+        f"""
+        CREATE TABLE IF NOT EXISTS {OUTBOX} (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            collection TEXT NOT NULL, rkey TEXT NOT NULL,
+            op TEXT NOT NULL CHECK (op IN ('create', 'update', 'delete')),
+            record BLOB, cid TEXT,
+            model TEXT NOT NULL, key TEXT NOT NULL,
+            version INTEGER NOT NULL DEFAULT 1,
+            attempted INTEGER NOT NULL DEFAULT 0,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            first_action TEXT, last_action TEXT,
+            last_error TEXT,
+            UNIQUE (collection, rkey)
+        );
+        CREATE INDEX IF NOT EXISTS {OUTBOX}__by__first_action ON {OUTBOX} (first_action);
+        CREATE TABLE IF NOT EXISTS {RECORDS} (
+            collection TEXT NOT NULL, rkey TEXT NOT NULL,
+            model TEXT NOT NULL, key TEXT NOT NULL,
+            cid TEXT,
+            PRIMARY KEY (collection, rkey)
+        ) WITHOUT ROWID;
+        CREATE UNIQUE INDEX IF NOT EXISTS {RECORDS}__by__model_key ON {RECORDS} (model, key);
+        CREATE TABLE IF NOT EXISTS {DEAD} (
+            seq INTEGER PRIMARY KEY,
+            collection TEXT NOT NULL, rkey TEXT NOT NULL, op TEXT NOT NULL,
+            record BLOB, cid TEXT, model TEXT NOT NULL, key TEXT NOT NULL,
+            first_action TEXT, last_action TEXT,
+            error TEXT, message TEXT, failed_at REAL NOT NULL
+        );
+        CREATE TABLE IF NOT EXISTS {STATE} (key TEXT PRIMARY KEY, value TEXT);
+        """
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PendingWrite:
+    """One coalesced write waiting in the outbox, as read for a push."""
+
+    seq: int
+    collection: str
+    rkey: str
+    op: Op
+    record: bytes | None  # DAG-CBOR; None for deletes
+    cid: str | None
+    version: int
+    attempted: bool
+    attempts: int
+    first_action: str | None
+
+    @property
+    def size(self) -> int:
+        return len(self.record or b"") + len(self.rkey) + len(self.collection) + 64
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    seq: int
+    collection: str
+    rkey: str
+    op: str
+    error: str | None
+    message: str | None
+    failed_at: float
+
+
+_COLUMNS = "seq, collection, rkey, op, record, cid, version, attempted, attempts, first_action"
+
+
+class Outbox:
+    """Reads and writes the outbox tables of one database."""
+
+    def __init__(self, db: ModelDB) -> None:
+        self._db = db
+
+    # -- inside the local transaction ---------------------------------------------------
+
+    def rkey_for(self, collection: str, model: str, key: str) -> str | None:
+        """The record key already assigned to a row, if it was ever queued or synced."""
+        row = self._db.connection.execute(
+            f"SELECT rkey FROM {RECORDS} WHERE model = ? AND key = ?", (model, key)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def enqueue(
+        self,
+        collection: str,
+        rkey: str,
+        model: str,
+        key: str,
+        record: bytes | None,
+        cid: str | None,
+        action_id: str | None,
+    ) -> None:
+        """Queue the record's new state (``record`` None: deleted), coalescing per record.
+
+        Runs inside the caller's transaction (the local change being made).
+        """
+        conn = self._db.connection
+        synced = conn.execute(
+            f"SELECT cid FROM {RECORDS} WHERE collection = ? AND rkey = ?", (collection, rkey)
+        ).fetchone()
+        if synced is None:
+            conn.execute(
+                f"INSERT INTO {RECORDS} (collection, rkey, model, key, cid) "
+                "VALUES (?, ?, ?, ?, NULL)",
+                (collection, rkey, model, key),
+            )
+        on_pds = synced is not None and synced[0] is not None
+        queued = conn.execute(
+            f"SELECT seq, op, attempted FROM {OUTBOX} WHERE collection = ? AND rkey = ?",
+            (collection, rkey),
+        ).fetchone()
+        if queued is None:
+            if record is None and not on_pds:
+                return  # deleting what never reached the PDS: nothing to do
+            op: Op = "delete" if record is None else ("update" if on_pds else "create")
+            conn.execute(
+                f"INSERT INTO {OUTBOX} (collection, rkey, op, record, cid, model, key, "
+                "first_action, last_action) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (collection, rkey, op, record, cid, model, key, action_id, action_id),
+            )
+            return
+        seq, queued_op, attempted = queued
+        if record is None:
+            if queued_op == "create" and not attempted and not on_pds:
+                conn.execute(f"DELETE FROM {OUTBOX} WHERE seq = ?", (seq,))
+                return
+            op = "delete"
+        elif queued_op == "create":
+            op = "create"  # still the first write of this record (or its outcome unknown)
+        else:
+            op = "update" if on_pds or queued_op == "update" else "create"
+        conn.execute(
+            f"UPDATE {OUTBOX} SET op = ?, record = ?, cid = ?, version = version + 1, "
+            "last_action = coalesce(?, last_action), first_action = coalesce(first_action, ?) "
+            "WHERE seq = ?",
+            (op, record, cid, action_id, action_id, seq),
+        )
+
+    # -- the push side ------------------------------------------------------------------
+
+    def next_batch(self, max_writes: int = 200, max_bytes: int = 900_000) -> list[PendingWrite]:
+        """The oldest pending writes, up to ``max_writes`` and about ``max_bytes``."""
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS} FROM {OUTBOX} ORDER BY seq LIMIT ?", (max_writes,)
+        ).fetchall()
+        batch: list[PendingWrite] = []
+        size = 0
+        for row in rows:
+            write = PendingWrite(*row[:7], bool(row[7]), row[8], row[9])
+            if batch and size + write.size > max_bytes:
+                break
+            batch.append(write)
+            size += write.size
+        return batch
+
+    def mark_attempted(self, writes: Sequence[PendingWrite]) -> None:
+        """Record, before sending, that these writes may reach the PDS."""
+        with self._db.transaction():
+            self._db.connection.executemany(
+                f"UPDATE {OUTBOX} SET attempted = 1, attempts = attempts + 1 WHERE seq = ?",
+                [(w.seq,) for w in writes],
+            )
+
+    def complete(
+        self, writes: Iterable[PendingWrite], *, commit: tuple[str, str] | None = None
+    ) -> int:
+        """These writes are on the PDS: drop them (unless changed meanwhile), note CIDs.
+
+        Returns how many rows left the outbox.
+        """
+        done = 0
+        with self._db.transaction():
+            conn = self._db.connection
+            for w in writes:
+                remote_cid = None if w.op == "delete" else w.cid
+                conn.execute(
+                    f"UPDATE {RECORDS} SET cid = ? WHERE collection = ? AND rkey = ?",
+                    (remote_cid, w.collection, w.rkey),
+                )
+                gone = conn.execute(
+                    f"DELETE FROM {OUTBOX} WHERE seq = ? AND version = ?", (w.seq, w.version)
+                ).rowcount
+                if gone:
+                    done += 1
+                elif w.op != "delete":
+                    # Changed while in flight: the newer state now updates what we wrote.
+                    conn.execute(
+                        f"UPDATE {OUTBOX} SET op = CASE op WHEN 'delete' THEN 'delete' "
+                        "ELSE 'update' END, attempted = 0 WHERE seq = ?",
+                        (w.seq,),
+                    )
+                else:
+                    conn.execute(
+                        f"UPDATE {OUTBOX} SET op = CASE op WHEN 'delete' THEN 'delete' "
+                        "ELSE 'create' END, attempted = 0 WHERE seq = ?",
+                        (w.seq,),
+                    )
+            if commit is not None:
+                self._set_state(conn, "commit_cid", commit[0])
+                self._set_state(conn, "commit_rev", commit[1])
+            self._set_state(conn, "last_pushed_at", repr(time.time()))
+            self._set_state(conn, "has_synced", "1")
+        return done
+
+    def note_error(self, writes: Iterable[PendingWrite], error: str) -> None:
+        with self._db.transaction():
+            self._db.connection.executemany(
+                f"UPDATE {OUTBOX} SET last_error = ? WHERE seq = ?",
+                [(error, w.seq) for w in writes],
+            )
+
+    def dead_letter(self, write: PendingWrite, error: str | None, message: str) -> None:
+        """Move a write the PDS rejected for good out of the queue, keeping its reason."""
+        with self._db.transaction():
+            conn = self._db.connection
+            conn.execute(
+                f"INSERT INTO {DEAD} (collection, rkey, op, record, cid, model, key, "
+                "first_action, last_action, error, message, failed_at) "
+                f"SELECT collection, rkey, op, record, cid, model, key, first_action, "
+                f"last_action, ?, ?, ? FROM {OUTBOX} WHERE seq = ?",
+                (error, message, time.time(), write.seq),
+            )
+            conn.execute(f"DELETE FROM {OUTBOX} WHERE seq = ?", (write.seq,))
+
+    def retry_dead_letters(self) -> int:
+        """Put every dead letter back at the end of the queue; returns how many."""
+        with self._db.transaction():
+            conn = self._db.connection
+            rows = conn.execute(
+                f"SELECT seq, collection, rkey, op, record, cid, model, key, first_action, "
+                f"last_action FROM {DEAD} ORDER BY seq"
+            ).fetchall()
+            for seq, collection, rkey, op, record, cid, model, key, first, last in rows:
+                conn.execute(f"DELETE FROM {DEAD} WHERE seq = ?", (seq,))
+                if conn.execute(
+                    f"SELECT 1 FROM {OUTBOX} WHERE collection = ? AND rkey = ?",
+                    (collection, rkey),
+                ).fetchone():
+                    continue  # a newer local change is queued already; it supersedes this
+                conn.execute(
+                    f"INSERT INTO {OUTBOX} (collection, rkey, op, record, cid, model, key, "
+                    "first_action, last_action) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (collection, rkey, op, record, cid, model, key, first, last),
+                )
+        return len(rows)
+
+    # -- reading ------------------------------------------------------------------------
+
+    def counts(self) -> tuple[int, int]:
+        """(pending writes, dead letters)."""
+        pending = self._db.execute(f"SELECT count(*) FROM {OUTBOX}").fetchone()[0]
+        failed = self._db.execute(f"SELECT count(*) FROM {DEAD}").fetchone()[0]
+        return int(pending), int(failed)
+
+    def dead_letters(self) -> list[DeadLetter]:
+        rows = self._db.execute(
+            f"SELECT seq, collection, rkey, op, error, message, failed_at FROM {DEAD} ORDER BY seq"
+        ).fetchall()
+        return [DeadLetter(*row) for row in rows]
+
+    def is_pushed(self, action_id: str) -> bool | None:
+        """True once the action's writes are on the PDS; None if one was dead-lettered."""
+        if self._db.execute(
+            f"SELECT 1 FROM {DEAD} WHERE first_action <= ? AND last_action >= ? LIMIT 1",
+            (action_id, action_id),
+        ).fetchone():
+            return None
+        pending = self._db.execute(
+            f"SELECT 1 FROM {OUTBOX} WHERE first_action <= ? LIMIT 1", (action_id,)
+        ).fetchone()
+        return pending is None
+
+    def remote_cid(self, collection: str, rkey: str) -> str | None:
+        row = self._db.execute(
+            f"SELECT cid FROM {RECORDS} WHERE collection = ? AND rkey = ?", (collection, rkey)
+        ).fetchone()
+        return None if row is None else row[0]
+
+    def get_state(self, key: str) -> str | None:
+        row = self._db.execute(f"SELECT value FROM {STATE} WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_state(self, key: str, value: str | None) -> None:
+        with self._db.transaction():
+            self._set_state(self._db.connection, key, value)
+
+    @staticmethod
+    def _set_state(conn: sqlite3.Connection, key: str, value: str | None) -> None:
+        conn.execute(f"INSERT OR REPLACE INTO {STATE} (key, value) VALUES (?, ?)", (key, value))
