@@ -436,7 +436,7 @@ class ModelDB:
             for prop in plan.model.relations:
                 row.setdefault(prop.name, [])
             for listener in self.write_listeners:
-                listener(model, key, row)
+                listener(model, str(key), row)
 
     def _stored(self, plan: _Plan, key: object) -> Row | None:
         row = self._conn.execute(plan.select_one, (key,)).fetchone()

@@ -189,7 +189,10 @@ class Outbox:
         batch: list[PendingWrite] = []
         size = 0
         for row in rows:
-            write = PendingWrite(*row[:7], bool(row[7]), row[8], row[9])
+            seq, collection, rkey, op, record, cid, version, attempted, attempts, first = row
+            write = PendingWrite(
+                seq, collection, rkey, op, record, cid, version, bool(attempted), attempts, first
+            )
             if batch and size + write.size > max_bytes:
                 break
             batch.append(write)
