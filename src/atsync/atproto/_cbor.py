@@ -28,6 +28,7 @@ __all__ = [
     "data_from_json",
     "data_to_json",
     "decode_dag_cbor",
+    "decode_dag_cbor_prefix",
     "decode_record",
     "encode_dag_cbor",
 ]
@@ -373,6 +374,18 @@ def decode_dag_cbor(data: bytes) -> Any:
     if dec.pos != len(dec.data):
         raise dec.fail(f"{len(dec.data) - dec.pos} trailing bytes after the value")
     return value
+
+
+def decode_dag_cbor_prefix(data: bytes, pos: int = 0) -> tuple[Any, int]:
+    """Decode one canonical DAG-CBOR value starting at ``pos``; return it and the offset just
+    after it. For concatenated values, e.g. a firehose frame (header, then body): decode the
+    first, then the next from the returned offset. Same strictness as ``decode_dag_cbor``."""
+    dec = _Decoder(bytes(data))
+    if not 0 <= pos <= len(dec.data):
+        raise VerificationError(f"offset {pos} is outside the data ({len(dec.data)} bytes)")
+    dec.pos = pos
+    value = dec.item(0)
+    return value, dec.pos
 
 
 def decode_record(data: bytes) -> dict[str, Any]:
