@@ -1,1 +1,5 @@
-"""(layer under construction; see DESIGN.md §2)"""
+"""Lexicons: load and check Lexicon documents, validate records, bind models to collections."""
+
+from ._binding import Binding, BoundBinding, Transform
+
+__all__ = ["Binding", "BoundBinding", "Transform"]

@@ -1,1 +1,36 @@
-"""(layer under construction; see DESIGN.md §2)"""
+"""The sync engine: the app's bound models <-> records in the user's repository.
+
+from atsync.sync import ATSync, Debounce
+from atsync.lexicon import Binding
+
+sync = ATSync(app, bindings={"notes": Binding("com.example.note")}, push=Debounce(0.5))
+async with sync:
+    ...
+"""
+
+from ._backoff import Backoff
+from ._budget import RateBudget
+from ._capture import ActionCall, RecordWrite
+from ._engine import ATSync
+from ._outbox import DeadLetter, Outbox, PendingWrite
+from ._status import State, SyncStatus
+from ._strategies import Batch, Debounce, Immediate, Interval, Manual, Strategy
+
+__all__ = [
+    "ATSync",
+    "ActionCall",
+    "Backoff",
+    "Batch",
+    "DeadLetter",
+    "Debounce",
+    "Immediate",
+    "Interval",
+    "Manual",
+    "Outbox",
+    "PendingWrite",
+    "RateBudget",
+    "RecordWrite",
+    "State",
+    "Strategy",
+    "SyncStatus",
+]

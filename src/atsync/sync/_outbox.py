@@ -5,8 +5,10 @@
     _atsync_dead_letters  writes the PDS rejected for good, with its reason
     _atsync_sync_state    key/value: the account, the last commit seen, has_synced, times
 
-A row enters the outbox in the same transaction as the local change it describes, so a crash
-at any instant loses nothing and duplicates nothing. Writes to one record coalesce:
+Records are stored in atproto's JSON form (``$link``/``$bytes``), readable with sqlite3,
+with the CID of their DAG-CBOR encoding. A row enters the outbox in the same transaction as
+the local change it describes, so a crash at any instant loses nothing and duplicates
+nothing. Writes to one record coalesce:
 
     create + update(s)  -> one create of the latest state
     create + delete     -> nothing (if the create was never sent)
@@ -34,18 +36,24 @@ OUTBOX = "_atsync_outbox"
 RECORDS = "_atsync_records"
 DEAD = "_atsync_dead_letters"
 STATE = "_atsync_sync_state"
+CONFLICTS = "_atsync_conflicts"
 
 Op = Literal["create", "update", "delete"]
 
 
 def create_sync_tables(conn: sqlite3.Connection) -> None:
-    conn.executescript(
-        f"""
+    # Statement by statement: executescript() would commit the caller's transaction.
+    for statement in _DDL.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+_DDL = f"""
         CREATE TABLE IF NOT EXISTS {OUTBOX} (
             seq INTEGER PRIMARY KEY AUTOINCREMENT,
             collection TEXT NOT NULL, rkey TEXT NOT NULL,
             op TEXT NOT NULL CHECK (op IN ('create', 'update', 'delete')),
-            record BLOB, cid TEXT,
+            record TEXT, cid TEXT,
             model TEXT NOT NULL, key TEXT NOT NULL,
             version INTEGER NOT NULL DEFAULT 1,
             attempted INTEGER NOT NULL DEFAULT 0,
@@ -65,13 +73,18 @@ def create_sync_tables(conn: sqlite3.Connection) -> None:
         CREATE TABLE IF NOT EXISTS {DEAD} (
             seq INTEGER PRIMARY KEY,
             collection TEXT NOT NULL, rkey TEXT NOT NULL, op TEXT NOT NULL,
-            record BLOB, cid TEXT, model TEXT NOT NULL, key TEXT NOT NULL,
+            record TEXT, cid TEXT, model TEXT NOT NULL, key TEXT NOT NULL,
             first_action TEXT, last_action TEXT,
             error TEXT, message TEXT, failed_at REAL NOT NULL
         );
         CREATE TABLE IF NOT EXISTS {STATE} (key TEXT PRIMARY KEY, value TEXT);
-        """
-    )
+        CREATE TABLE IF NOT EXISTS {CONFLICTS} (
+            id INTEGER PRIMARY KEY,
+            collection TEXT NOT NULL, rkey TEXT NOT NULL, model TEXT, key TEXT,
+            base_cid TEXT, local_cid TEXT, remote_cid TEXT,
+            resolution TEXT NOT NULL, detected_at REAL NOT NULL
+        );
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +95,7 @@ class PendingWrite:
     collection: str
     rkey: str
     op: Op
-    record: bytes | None  # DAG-CBOR; None for deletes
+    record: str | None  # the record in atproto JSON form; None for deletes
     cid: str | None
     version: int
     attempted: bool
@@ -129,7 +142,7 @@ class Outbox:
         rkey: str,
         model: str,
         key: str,
-        record: bytes | None,
+        record: str | None,
         cid: str | None,
         action_id: str | None,
     ) -> None:
@@ -248,6 +261,40 @@ class Outbox:
             self._set_state(conn, "has_synced", "1")
         return done
 
+    def rebase(self, write: PendingWrite, *, remote_cid: str | None) -> None:
+        """The PDS holds ``remote_cid`` for this record (None: absent): resend on top of it."""
+        with self._db.transaction():
+            conn = self._db.connection
+            conn.execute(
+                f"UPDATE {RECORDS} SET cid = ? WHERE collection = ? AND rkey = ?",
+                (remote_cid, write.collection, write.rkey),
+            )
+            if write.op == "delete" and remote_cid is None:
+                conn.execute(f"DELETE FROM {OUTBOX} WHERE seq = ?", (write.seq,))
+                return
+            conn.execute(
+                f"UPDATE {OUTBOX} SET op = CASE WHEN op = 'delete' THEN 'delete' "
+                "WHEN ? IS NULL THEN 'create' ELSE 'update' END, attempted = 0 WHERE seq = ?",
+                (remote_cid, write.seq),
+            )
+
+    def record_conflict(
+        self,
+        write: PendingWrite,
+        *,
+        base_cid: str | None,
+        remote_cid: str | None,
+        resolution: str = "local",
+    ) -> None:
+        """Note that another writer changed a record we were about to push."""
+        with self._db.transaction():
+            self._db.connection.execute(
+                f"INSERT INTO {CONFLICTS} (collection, rkey, model, key, base_cid, local_cid, "
+                f"remote_cid, resolution, detected_at) SELECT collection, rkey, model, key, "
+                f"?, cid, ?, ?, ? FROM {OUTBOX} WHERE seq = ?",
+                (base_cid, remote_cid, resolution, time.time(), write.seq),
+            )
+
     def note_error(self, writes: Iterable[PendingWrite], error: str) -> None:
         with self._db.transaction():
             self._db.connection.executemany(
@@ -292,11 +339,13 @@ class Outbox:
 
     # -- reading ------------------------------------------------------------------------
 
-    def counts(self) -> tuple[int, int]:
-        """(pending writes, dead letters)."""
-        pending = self._db.execute(f"SELECT count(*) FROM {OUTBOX}").fetchone()[0]
-        failed = self._db.execute(f"SELECT count(*) FROM {DEAD}").fetchone()[0]
-        return int(pending), int(failed)
+    def counts(self) -> tuple[int, int, int]:
+        """(pending writes, dead letters, recorded conflicts)."""
+        row = self._db.execute(
+            f"SELECT (SELECT count(*) FROM {OUTBOX}), (SELECT count(*) FROM {DEAD}), "
+            f"(SELECT count(*) FROM {CONFLICTS})"
+        ).fetchone()
+        return int(row[0]), int(row[1]), int(row[2])
 
     def dead_letters(self) -> list[DeadLetter]:
         rows = self._db.execute(

@@ -1,0 +1,188 @@
+"""Turning local writes into outbox entries, inside the transaction that makes them.
+
+Every write to a bound model (direction "push" or "both") becomes the record's new state in
+the outbox; the seed hook ``on_action(call) -> [RecordWrite, ...]`` adds writes for apps
+that map actions rather than models. A record that breaks the data model, the size limit,
+the record-key syntax or its Lexicon raises ``RecordError`` here, so the action fails and
+rolls back instead of dying later on the PDS. Writes made while applying remote records, and
+replays of the log, are not captured (no echo).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .._errors import RecordError
+from ..app import ActionContext, App
+from ..atproto._cbor import CID, check_data_model, data_to_json, encode_dag_cbor
+from ..atproto._syntax import TidClock, is_valid_nsid, is_valid_record_key
+from ..lexicon._binding import MAX_RECORD_BYTES, BoundBinding
+from ._outbox import Outbox
+
+__all__ = ["ActionCall", "Capture", "RecordWrite"]
+
+
+@dataclass(frozen=True, slots=True)
+class RecordWrite:
+    """A record write produced by an ``on_action`` hook (``record`` None: delete)."""
+
+    collection: str
+    rkey: str
+    record: Mapping[str, Any] | None
+    op: Literal["put", "delete"] = "put"
+
+
+@dataclass(frozen=True, slots=True)
+class ActionCall:
+    """What ``on_action`` receives: the action's name, arguments and context."""
+
+    name: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    ctx: ActionContext
+
+
+OnAction = Callable[[ActionCall], Sequence[RecordWrite] | None]
+Validator = Callable[[str, Mapping[str, Any]], None]
+
+
+def encode_record(
+    collection: str, record: Mapping[str, Any], validate: Validator | None
+) -> tuple[str, str]:
+    """Check a record and return (its JSON form, its CID)."""
+    if record.get("$type") != collection:
+        raise RecordError(f"{collection}: the record's $type must be {collection!r}")
+    check_data_model(record)
+    if validate is not None:
+        validate(collection, record)
+    data = encode_dag_cbor(record)
+    if len(data) > MAX_RECORD_BYTES:
+        raise RecordError(
+            f"{collection}: record of {len(data):,} bytes is over the "
+            f"{MAX_RECORD_BYTES:,}-byte limit"
+        )
+    as_json = json.dumps(data_to_json(record), ensure_ascii=False, separators=(",", ":"))
+    return as_json, str(CID.for_data(data))
+
+
+class Capture:
+    """The write listener and action hook that fill the outbox."""
+
+    def __init__(
+        self,
+        app: App,
+        outbox: Outbox,
+        bindings: Mapping[str, BoundBinding],
+        *,
+        on_action: OnAction | None = None,
+        validate: Validator | None = None,
+        on_queued: Callable[[], None] | None = None,
+    ) -> None:
+        self._app = app
+        self._outbox = outbox
+        self._bindings = {m: b for m, b in bindings.items() if b.direction != "pull"}
+        self._on_action = on_action
+        self._validate = validate
+        self._on_queued = on_queued
+        self._remote = threading.local()
+        self._queued_in_txn = False
+        self._fallback_clock = TidClock()
+
+    def attach(self) -> None:
+        db = self._app.model_db
+        db.write_listeners.append(self.on_write)
+        db.after_transaction.append(self._after_transaction)
+        if self._on_action is not None:
+            self._app.after_action.append(self.after_action)
+
+    def detach(self) -> None:
+        db = self._app.model_db
+        for hooks, hook in (
+            (db.write_listeners, self.on_write),
+            (db.after_transaction, self._after_transaction),
+            (self._app.after_action, self.after_action),
+        ):
+            if hook in hooks:
+                hooks.remove(hook)  # type: ignore[arg-type]
+
+    @contextmanager
+    def applying_remote(self) -> Iterator[None]:
+        """Writes inside come from the PDS: they must not be pushed back (no echo)."""
+        depth = getattr(self._remote, "depth", 0)
+        self._remote.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._remote.depth = depth
+
+    def _skipping(self) -> bool:
+        return self._app.replaying or getattr(self._remote, "depth", 0) > 0
+
+    def _action_id(self) -> str | None:
+        ctx = self._app.current_action
+        return None if ctx is None else ctx.id
+
+    def on_write(self, model: str, key: str, row: dict[str, Any] | None) -> None:
+        binding = self._bindings.get(model)
+        if binding is None or self._skipping():
+            return
+        collection = binding.collection
+        if binding.binding.rkey == "primary":
+            if row is None and not is_valid_record_key(key):
+                return  # never queued: its key could not be a record key
+            rkey = binding.rkey_for({binding.model.primary_key: key})
+        else:
+            known = self._outbox.rkey_for(collection, model, key)
+            if known is None and row is None:
+                return
+            rkey = known or self._new_tid()
+        if row is None:
+            self._queue(collection, rkey, model, key, None, None)
+            return
+        record_json, cid = encode_record(collection, binding.to_record(row), self._validate)
+        self._queue(collection, rkey, model, key, record_json, cid)
+
+    def after_action(
+        self, ctx: ActionContext, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        if self._on_action is None or self._skipping():
+            return
+        for write in self._on_action(ActionCall(name, args, kwargs, ctx)) or ():
+            if not is_valid_nsid(write.collection):
+                raise RecordError(f"on_action: {write.collection!r} is not a valid NSID")
+            if not is_valid_record_key(write.rkey):
+                raise RecordError(f"on_action: {write.rkey!r} is not a valid record key")
+            model = f"@{write.collection}"  # writes not tied to a model
+            if write.op == "delete" or write.record is None:
+                self._queue(write.collection, write.rkey, model, write.rkey, None, None)
+                continue
+            record = {"$type": write.collection, **write.record}
+            record_json, cid = encode_record(write.collection, record, self._validate)
+            self._queue(write.collection, write.rkey, model, write.rkey, record_json, cid)
+
+    def _queue(
+        self,
+        collection: str,
+        rkey: str,
+        model: str,
+        key: str,
+        record_json: str | None,
+        cid: str | None,
+    ) -> None:
+        self._outbox.enqueue(collection, rkey, model, key, record_json, cid, self._action_id())
+        self._queued_in_txn = True
+
+    def _new_tid(self) -> str:
+        # Not ctx.tid(): that would shift the TIDs the action itself gets after this write,
+        # and replays (which are not captured) would then hand out different ones.
+        return self._fallback_clock.next()
+
+    def _after_transaction(self, committed: bool) -> None:
+        queued, self._queued_in_txn = self._queued_in_txn, False
+        if committed and queued and self._on_queued is not None:
+            self._on_queued()

@@ -1,0 +1,380 @@
+"""ATSync: the engine that joins an App to the user's repository (push half).
+
+    sync = ATSync(app, bindings={"notes": Binding("com.example.note")}, push=Debounce(0.5))
+    async with sync:                       # runs until the block ends
+        app.actions.create_note("hello")   # queued in the same transaction, pushed soon
+        await sync.wait_for_idle()
+
+Capture starts when the ``ATSync`` is created, before any login: everything done offline is
+queued and pushed, in order, once a session exists (deferred auth). The engine's one task
+sleeps until the strategy says a push is due, a login or ``push_now()`` asks for one, or the
+backoff after a failure expires; whatever happens, a non-empty queue is retried without
+waiting for a new local write (the watchdog).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, Protocol
+
+import anyio
+
+from .._errors import (
+    AuthError,
+    PermanentError,
+    RateLimitedError,
+    SchemaError,
+    TransientError,
+)
+from ..app import App
+from ..atproto._xrpc import XrpcClient
+from ..atproto._xrpc_errors import outcome_unknown
+from ..lexicon._binding import Binding, BoundBinding
+from ._backoff import Backoff
+from ._budget import RateBudget
+from ._capture import Capture, OnAction, Validator
+from ._outbox import Outbox, create_sync_tables
+from ._pusher import Pusher, PushResult
+from ._status import SyncStatus
+from ._strategies import Debounce, Strategy
+from ._waker import Waker
+
+__all__ = ["ATSync", "SessionLike"]
+
+log = logging.getLogger("atsync.sync")
+WATCHDOG_SECONDS = 30.0
+
+
+class SessionLike(Protocol):
+    """What the engine needs from a logged-in session."""
+
+    @property
+    def did(self) -> str: ...
+
+    @property
+    def pds_url(self) -> str: ...
+
+    async def access_token(self, client: XrpcClient) -> str: ...
+
+    async def refresh(
+        self, client: XrpcClient | None = None, *, stale_access: str | None
+    ) -> str: ...
+
+
+SessionSource = Callable[[], SessionLike | None]
+
+
+class ATSync:
+    """Syncs an ``App``'s bound models with the user's repository."""
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        bindings: Mapping[str, Binding],
+        session: SessionLike | SessionSource | None = None,
+        push: Strategy | None = None,
+        on_action: OnAction | None = None,
+        validate: Validator | None = None,
+        budget: RateBudget | None = None,
+        client_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.app = app
+        db = app.model_db
+        with db.transaction():
+            create_sync_tables(db.connection)
+        self._bindings: dict[str, BoundBinding] = {}
+        for model, binding in bindings.items():
+            name = binding.model or model
+            if name not in db.schema.models:
+                raise SchemaError(f"binding for {name!r}: the app has no such model")
+            self._bindings[name] = binding.bind(db.schema.models[name])
+        collections = [b.collection for b in self._bindings.values()]
+        if len(set(collections)) != len(collections):
+            raise SchemaError("two bindings share a collection; each model needs its own")
+        self.strategy = push or Debounce(0.5)
+        self.outbox = Outbox(db)
+        self.budget = budget if budget is not None else RateBudget()
+        self.budget.loads(self.outbox.get_state("budget"))
+        self._pusher = Pusher(self.outbox, self.budget)
+        self._session_source = self._make_source(session)
+        self._client_options = dict(client_options or {})
+        self._capture = Capture(
+            app,
+            self.outbox,
+            self._bindings,
+            on_action=on_action,
+            validate=validate,
+            on_queued=self._on_local_change,
+        )
+        self._capture.attach()
+        self._backoff = Backoff()
+        self._waker: Waker | None = None
+        self._first_change: float | None = None
+        self._last_change: float | None = None
+        self._last_push = 0.0
+        self._retry_at: float | None = None
+        self._forced = False
+        self._listeners: list[Callable[[SyncStatus], None]] = []
+        self._status_changed = anyio.Event()
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._status = SyncStatus()
+        self._refresh_status(state="stopped")
+
+    # -- configuration ----------------------------------------------------------------------
+
+    def _make_source(self, session: SessionLike | SessionSource | None) -> SessionSource:
+        if session is None:
+            signer = self.app.signer
+            return lambda: getattr(signer, "session", None)
+        if callable(session) and not hasattr(session, "access_token"):
+            return session
+        fixed = session
+        return lambda: fixed  # type: ignore[return-value]
+
+    @property
+    def bindings(self) -> Mapping[str, BoundBinding]:
+        return dict(self._bindings)
+
+    # -- status -----------------------------------------------------------------------------
+
+    @property
+    def status(self) -> SyncStatus:
+        return self._status
+
+    def on_status(self, callback: Callable[[SyncStatus], None]) -> Callable[[], None]:
+        """Call ``callback(status)`` on every change; returns a function that unsubscribes."""
+        self._listeners.append(callback)
+        return lambda: self._listeners.remove(callback) if callback in self._listeners else None
+
+    async def status_changes(self) -> AsyncIterator[SyncStatus]:
+        """Every status from now on (the current one first)."""
+        while True:
+            changed = self._status_changed
+            yield self._status
+            await changed.wait()
+
+    def _refresh_status(self, **changes: Any) -> None:
+        pending, failed, conflicts = self.outbox.counts()
+        pushed_at = self.outbox.get_state("last_pushed_at")
+        fields = dict(
+            pending=pending,
+            failed=failed,
+            conflicts=conflicts,
+            last_pushed_at=float(pushed_at) if pushed_at else None,
+            has_synced=self.outbox.get_state("has_synced") == "1",
+        )
+        fields.update(changes)
+        current = self._status
+        new = SyncStatus(**{**_as_dict(current), **fields})
+        if new == current:
+            return
+        self._status = new
+        changed, self._status_changed = self._status_changed, anyio.Event()
+        changed.set()
+        for listener in list(self._listeners):
+            try:
+                listener(new)
+            except Exception:
+                log.exception("sync status listener raised")
+
+    # -- running ------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> ATSync:
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        await self._task_group.start(self.run)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        group, self._task_group = self._task_group, None
+        if group is not None:
+            group.cancel_scope.cancel()
+            await group.__aexit__(None, None, None)
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The engine's task: run it in your own task group (``tg.start(sync.run)``) or use
+        ``async with sync``. Cancel it to stop."""
+        self._waker = Waker()
+        pending, _, _ = self.outbox.counts()
+        if pending:
+            self._forced = True  # left over from an earlier run: push at once
+        try:
+            task_status.started()
+            await self._loop()
+        finally:
+            self._waker = None
+            self._refresh_status(state="stopped")
+
+    async def _loop(self) -> None:
+        client: XrpcClient | None = None
+        session: SessionLike | None = None
+        try:
+            while True:
+                current = self._session_source()
+                if current is not session:
+                    if client is not None:
+                        await client.aclose()
+                        client = None
+                    session = current
+                    if session is not None:
+                        client = XrpcClient(session=session, **self._client_options)
+                        self._forced = True  # a login starts a push
+                if session is None or client is None:
+                    self._refresh_status(state="needs_auth", did=None)
+                    await self._sleep(WATCHDOG_SECONDS)
+                    continue
+                due = self._due_at()
+                now = time.monotonic()
+                if due > now:
+                    if self._status.state not in ("idle", "offline", "error", "needs_auth"):
+                        self._refresh_status(state="idle")
+                    else:
+                        self._refresh_status(did=session.did)
+                    await self._sleep(min(due - now, WATCHDOG_SECONDS))
+                    continue
+                await self._push(session.did, client)
+        finally:
+            if client is not None:
+                with anyio.CancelScope(shield=True):
+                    await client.aclose()
+
+    def _due_at(self) -> float:
+        pending, _, _ = self.outbox.counts()
+        if pending == 0:
+            self._first_change = self._last_change = None
+            return math.inf
+        if self._retry_at is not None:
+            return self._retry_at
+        if self._forced:
+            return 0.0
+        first = self._first_change
+        if first is None:
+            # Queued by another process, or left after an error: the watchdog pushes it.
+            first = self._last_change = self._first_change = time.monotonic()
+        return self.strategy.due_at(
+            first_change=first,
+            last_change=self._last_change,
+            last_push=self._last_push,
+            pending=pending,
+        )
+
+    async def _sleep(self, seconds: float) -> None:
+        waker = self._waker
+        assert waker is not None
+        with anyio.move_on_after(max(0.0, seconds)):
+            await waker.wait()
+        waker.clear()
+
+    def _on_local_change(self) -> None:
+        now = time.monotonic()
+        if self._first_change is None:
+            self._first_change = now
+        self._last_change = now
+        self._refresh_pending_soon()
+
+    def _refresh_pending_soon(self) -> None:
+        waker = self._waker
+        if waker is not None:
+            waker.set()
+
+    async def _push(self, did: str, client: XrpcClient) -> None:
+        self._forced = False
+        self._refresh_status(state="pushing", did=did)
+        result = PushResult()
+        try:
+            while await self._pusher.push_batch(did, client, result):
+                self._refresh_status()
+        except RateLimitedError as exc:
+            wait = max(0.0, (exc.reset_at or time.time() + 60) - time.time())
+            self._retry_at = time.monotonic() + wait
+            self._refresh_status(
+                state="idle", rate_limited_until=time.time() + wait, upload_error=str(exc)
+            )
+            return
+        except AuthError as exc:
+            self._refresh_status(state="needs_auth", upload_error=str(exc))
+            self._retry_at = time.monotonic() + WATCHDOG_SECONDS
+            return
+        except (TransientError, PermanentError, OSError) as exc:
+            await self._after_failure(did, client, exc)
+            return
+        self._backoff.succeeded()
+        self._retry_at = None
+        self._last_push = time.monotonic()
+        if result.rate_wait > 0:
+            self._retry_at = time.monotonic() + result.rate_wait
+            self._refresh_status(
+                state="idle", rate_limited_until=time.time() + result.rate_wait, upload_error=None
+            )
+            return
+        self._first_change = self._last_change = None
+        self._refresh_status(state="idle", upload_error=None, rate_limited_until=None)
+
+    async def _after_failure(self, did: str, client: XrpcClient, exc: Exception) -> None:
+        delay = self._backoff.next_delay()
+        self._retry_at = time.monotonic() + delay
+        offline = isinstance(exc, TransientError) and exc.status is None
+        self._refresh_status(state="offline" if offline else "error", upload_error=str(exc))
+        log.info("push failed (%s); retrying in %.2f s", exc, delay)
+        if outcome_unknown(exc):
+            # The batch may have been applied: settle before anything is sent again.
+            batch = self.outbox.next_batch(self._pusher.batch_limit)
+            try:
+                await self._pusher.reconcile(did, client, batch, PushResult())
+            except (TransientError, PermanentError, OSError) as again:
+                log.info("reconcile after failure also failed: %s", again)
+
+    # -- requests from the app ------------------------------------------------------------
+
+    def push_now(self) -> None:
+        """Push everything queued as soon as possible (also after a failure's backoff)."""
+        self._forced = True
+        self._retry_at = None
+        self._refresh_pending_soon()
+
+    async def wait_for_idle(self) -> SyncStatus:
+        """Wait until the queue is empty and the engine idle; returns the status then.
+
+        Bound the wait with ``anyio.fail_after(seconds)`` around the call.
+        """
+        async for status in self.status_changes():
+            if status.pending == 0 and status.state in ("idle", "stopped"):
+                pending, _, _ = self.outbox.counts()
+                if pending == 0:
+                    return status
+        raise AssertionError("unreachable")
+
+    async def wait_pushed(self, action_id: str) -> None:
+        """Wait until the writes of action ``action_id`` are on the PDS.
+
+        Raises ``PermanentError`` if one of them was rejected (it is in the dead letters).
+        """
+        async for _ in self.status_changes():
+            pushed = self.outbox.is_pushed(action_id)
+            if pushed is None:
+                raise PermanentError(
+                    f"a write of action {action_id} was rejected by the PDS; see "
+                    "`atsync outbox` (dead letters)"
+                )
+            if pushed:
+                return
+
+    def retry_dead_letters(self) -> int:
+        count = self.outbox.retry_dead_letters()
+        self._refresh_status()
+        self.push_now()
+        return count
+
+    def close(self) -> None:
+        """Stop capturing local writes (the engine task must already be stopped)."""
+        self._capture.detach()
+
+
+def _as_dict(status: SyncStatus) -> dict[str, Any]:
+    return {name: getattr(status, name) for name in SyncStatus.__slots__}

@@ -1,0 +1,130 @@
+"""Push strategies: when queued writes go out.
+
+    Immediate()             as soon as a change is committed
+    Debounce(seconds)       once changes have paused for ``seconds`` (default: 0.5)
+    Batch(n, max_delay)     when ``n`` writes are queued, or ``max_delay`` after the first
+    Interval(seconds)       every ``seconds`` while anything is queued
+    Manual()                only on ``push_now()``
+
+Whatever the strategy, a push also starts on login and on reconnect, and a queue that is not
+empty is retried on the engine's backoff schedule without waiting for a new local change.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .._errors import ValidationError
+
+__all__ = ["Batch", "Debounce", "Immediate", "Interval", "Manual", "Strategy"]
+
+
+class Strategy:
+    """Decides when the next push is due; the engine asks after every change and wake-up."""
+
+    def due_at(
+        self,
+        *,
+        first_change: float | None,
+        last_change: float | None,
+        last_push: float,
+        pending: int,
+    ) -> float:
+        """Monotonic time at which to push (``math.inf``: not until something happens)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Immediate(Strategy):
+    def due_at(
+        self,
+        *,
+        first_change: float | None,
+        last_change: float | None,
+        last_push: float,
+        pending: int,
+    ) -> float:
+        return first_change if first_change is not None else math.inf
+
+
+@dataclass(frozen=True)
+class Debounce(Strategy):
+    seconds: float = 0.5
+
+    def __post_init__(self) -> None:
+        _positive("Debounce(seconds)", self.seconds, allow_zero=True)
+
+    def due_at(
+        self,
+        *,
+        first_change: float | None,
+        last_change: float | None,
+        last_push: float,
+        pending: int,
+    ) -> float:
+        return math.inf if last_change is None else last_change + self.seconds
+
+
+@dataclass(frozen=True)
+class Batch(Strategy):
+    n: int = 50
+    max_delay: float = 5.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ValidationError(f"Batch(n) must be a positive integer, got {self.n!r}")
+        _positive("Batch(max_delay)", self.max_delay, allow_zero=True)
+
+    def due_at(
+        self,
+        *,
+        first_change: float | None,
+        last_change: float | None,
+        last_push: float,
+        pending: int,
+    ) -> float:
+        if first_change is None:
+            return math.inf
+        if pending >= self.n:
+            return first_change
+        return first_change + self.max_delay
+
+
+@dataclass(frozen=True)
+class Interval(Strategy):
+    seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        _positive("Interval(seconds)", self.seconds)
+
+    def due_at(
+        self,
+        *,
+        first_change: float | None,
+        last_change: float | None,
+        last_push: float,
+        pending: int,
+    ) -> float:
+        if first_change is None:
+            return math.inf
+        return max(first_change, last_push + self.seconds)
+
+
+@dataclass(frozen=True)
+class Manual(Strategy):
+    def due_at(
+        self,
+        *,
+        first_change: float | None,
+        last_change: float | None,
+        last_push: float,
+        pending: int,
+    ) -> float:
+        return math.inf
+
+
+def _positive(what: str, value: float, *, allow_zero: bool = False) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        raise ValidationError(f"{what} must be a positive number of seconds, got {value!r}")

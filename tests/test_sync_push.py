@@ -1,0 +1,102 @@
+"""The push half against the real PDS: offline work, login, push; coalescing; dead letters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from atsync.app import ActionContext, App, Contract
+from atsync.atproto._session import Session, login
+from atsync.atproto._xrpc import XrpcClient
+from atsync.lexicon import Binding
+from atsync.sync import ATSync, Immediate, Manual, RateBudget
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+contract = Contract(
+    models={"notes": {"id": "primary", "title": "string", "body": "string?", "n": "integer"}}
+)
+
+
+@contract.action
+def put_note(ctx: ActionContext, key: str, title: str, n: int = 0) -> None:
+    ctx.db.set("notes", {"id": key, "title": title, "n": n})
+
+
+@contract.action
+def drop_note(ctx: ActionContext, key: str) -> None:
+    ctx.db.delete("notes", key)
+
+
+def collection_for(request: pytest.FixtureRequest) -> str:
+    # Tests share one PDS account: each gets a collection of its own.
+    name = "".join(c for c in request.node.name if c.isalnum())[:40]
+    return f"test.atsync.{name.lower()}"
+
+
+async def remote_records(session: Session, collection: str) -> dict[str, dict[str, Any]]:
+    async with XrpcClient(session=session) as client:
+        return {
+            view.rkey: view.value async for view in client.iter_records(session.did, collection)
+        }
+
+
+async def alice(dev_pds: Any) -> Session:
+    account = dev_pds.accounts["alice.test"]
+    return await login(account.did, account.password, dev_pds.pds_url)
+
+
+async def test_offline_work_is_pushed_after_login_in_order(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    collection = collection_for(request)
+    session_box: list[Session | None] = [None]
+    with App.open(tmp_path / "a.db", contract) as app:
+        sync = ATSync(
+            app,
+            bindings={"notes": Binding(collection)},
+            session=lambda: session_box[0],
+            push=Immediate(),
+            budget=RateBudget.off(),
+        )
+        async with sync:
+            for i in range(5):
+                app.actions.put_note(f"n{i}", f"title {i}", i)
+            app.actions.put_note("n1", "title 1 edited", 10)
+            app.actions.drop_note("n4")
+            app.actions.put_note("gone", "x")
+            app.actions.drop_note("gone")
+            # Coalesced: n0..n3 are queued; n4 and "gone" never reached the PDS, so nothing.
+            with anyio.fail_after(10):
+                async for status in sync.status_changes():
+                    if status.state == "needs_auth" and status.pending == 4:
+                        break
+            session_box[0] = await alice(dev_pds)
+            sync.push_now()
+            with anyio.fail_after(30):
+                status = await sync.wait_for_idle()
+            assert status.has_synced and status.pending == 0 and status.failed == 0
+        remote = await remote_records(session_box[0], collection)
+        assert sorted(remote) == ["n0", "n1", "n2", "n3"]
+        assert remote["n1"] == {"$type": collection, "title": "title 1 edited", "n": 10}
+        assert app.db.count("notes") == 4
+
+
+async def test_bad_record_fails_the_action_and_is_never_queued(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    with App.open(tmp_path / "b.db", contract) as app:
+        sync = ATSync(app, bindings={"notes": Binding(collection_for(request))}, push=Manual())
+        with pytest.raises(Exception, match="not a valid atproto record key"):
+            app.actions.put_note("bad key with spaces", "t")
+        assert app.db.count("notes") == 0
+        assert sync.outbox.counts() == (0, 0, 0)
