@@ -22,7 +22,7 @@ from ..atproto._syntax import Tid, TidClock
 from ..db import ModelDB, Subscription
 from ..db._sqlite import Durability, Row
 from ._contract import ActionContext, ActionResult, Contract
-from ._log import ActionLog, create_log_table, encode_args
+from ._log import AUTHORIZATIONS, ActionLog, LogEntry, create_log_table, encode_args
 from ._signers import LocalSigner, Signer
 
 __all__ = ["Actions", "App", "ReadOnlyDB"]
@@ -162,7 +162,9 @@ class App:
             durability=durability,
             setup=create_log_table,
         )
-        return cls(db, contract, signer, seal_interval=seal_interval)
+        app = cls(db, contract, signer, seal_interval=seal_interval)
+        signer.opened(app)
+        return app
 
     @property
     def did(self) -> str:
@@ -270,6 +272,36 @@ class App:
         due = now - self._last_seal >= self.seal_interval
         if self.log.flush(self.signer.key_did, self.signer.sign if due else None):
             self._last_seal = now
+
+    # -- authorship --------------------------------------------------------------------------
+
+    def record_authorization(
+        self, session_key: str, account: str, collection: str, proof: bytes
+    ) -> None:
+        """Remember that ``account`` authorized ``session_key`` (with the proof CAR)."""
+        with self._db.transaction():
+            self._db.connection.execute(
+                f"INSERT OR REPLACE INTO {AUTHORIZATIONS} (session_key, account, collection, "
+                "proof, authorized_at) VALUES (?, ?, ?, ?, ?)",
+                (session_key, account, collection, proof, time.time()),
+            )
+
+    def authorization(self, session_key: str) -> tuple[str, str, bytes] | None:
+        """(account, collection, proof) for a session key the account authorized."""
+        row = self._db.execute(
+            f"SELECT account, collection, proof FROM {AUTHORIZATIONS} WHERE session_key = ?",
+            (session_key,),
+        ).fetchone()
+        return None if row is None else (row[0], row[1], bytes(row[2]))
+
+    def author_of(self, entry: LogEntry) -> str:
+        """Who an action is attributed to: its author, or — for an action signed by a
+        session key before login — the account that later authorized that key."""
+        if entry.author.startswith("did:key:"):
+            found = self.authorization(entry.author)
+            if found is not None:
+                return found[0]
+        return entry.author
 
     # -- replay ---------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from .._errors import ActionError
-from ..atproto._syntax import Tid, format_tid
+from ..atproto._syntax import Tid, format_tid, is_valid_nsid
 from ..db import parse_schema
 from ..db._migrations import Upgrade
 
@@ -65,10 +65,13 @@ class ActionResult:
 class Contract:
     """Models (ModelDB schema language) and actions, registered with ``@contract.action``.
 
-    ``version`` and ``upgrade`` describe schema changes between releases of the app.
+    ``nsid`` names the app in atproto (e.g. ``"com.example.notes"``); its records, such as
+    the session-key authorization, live under it. ``version`` and ``upgrade`` describe
+    schema changes between releases of the app.
     """
 
     models: Mapping[str, Mapping[str, Any]]
+    nsid: str | None = None  # the app's own NSID: the home of its records (e.g. sessions)
     version: int = 1
     upgrade: Upgrade | None = None
     actions: dict[str, ActionFunction] = field(default_factory=dict)
@@ -76,6 +79,8 @@ class Contract:
 
     def __post_init__(self) -> None:
         self.schema = parse_schema(self.models)
+        if self.nsid is not None and not is_valid_nsid(self.nsid):
+            raise ActionError(f"Contract(nsid={self.nsid!r}) is not a valid NSID")
         for name, fn in list(self.actions.items()):
             self._check(name, fn)
 

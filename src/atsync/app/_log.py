@@ -32,7 +32,14 @@ from .._errors import ActionError, VerificationError
 from ..atproto._crypto import verify_signature
 from ..db import ModelDB
 
-__all__ = ["LOG_TABLE", "ActionLog", "LogEntry", "create_log_table", "encode_args"]
+__all__ = [
+    "AUTHORIZATIONS",
+    "LOG_TABLE",
+    "ActionLog",
+    "LogEntry",
+    "create_log_table",
+    "encode_args",
+]
 
 LOG_TABLE = "_atsync_log"
 GENESIS = bytes(32)
@@ -46,12 +53,21 @@ _json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=Fa
 Pending = tuple[str, str, str, str]  # id, name, args, author
 
 
+AUTHORIZATIONS = "_atsync_authorizations"
+
+
 def create_log_table(conn: sqlite3.Connection) -> None:
     conn.execute(
         f"CREATE TABLE IF NOT EXISTS {LOG_TABLE} ("
         "id TEXT PRIMARY KEY NOT NULL, name TEXT NOT NULL, args TEXT NOT NULL, "
         "author TEXT NOT NULL, hash BLOB, signer TEXT, sig BLOB"
         ") WITHOUT ROWID"
+    )
+    # Session keys an account authorized (ATPSigner.login): the proof is the getRecord CAR.
+    conn.execute(
+        f"CREATE TABLE IF NOT EXISTS {AUTHORIZATIONS} ("
+        "session_key TEXT PRIMARY KEY NOT NULL, account TEXT NOT NULL, "
+        "collection TEXT NOT NULL, proof BLOB NOT NULL, authorized_at REAL NOT NULL)"
     )
 
 

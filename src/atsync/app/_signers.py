@@ -16,9 +16,14 @@ import os
 import stat
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Any
 
+from .._blocking import Portal
 from .._errors import SignerError
+from ..atproto._authorization import authorize_session_key
 from ..atproto._crypto import Alg, Keypair, generate_keypair, load_keypair
+from ..atproto._session import FileSessionStore, Session, SessionStore, login
+from ..atproto._xrpc import XrpcClient
 
 __all__ = ["ATPSigner", "KeyAlgorithm", "LocalSigner", "Signer", "key_path_for"]
 
@@ -50,6 +55,9 @@ class Signer(ABC):
 
     def attach(self, db_path: str | Path | None) -> None:  # noqa: B027 - optional hook
         """Called by ``App.open`` so a signer without a key can keep one beside the db."""
+
+    def opened(self, app: Any) -> None:  # noqa: B027 - optional hook
+        """Called by ``App.open`` once the app is ready (a signer may resume a session)."""
 
 
 class LocalSigner(Signer):
@@ -108,8 +116,13 @@ class LocalSigner(Signer):
 class ATPSigner(LocalSigner):
     """Acts for an atproto account through a local session key; works before login.
 
-    Until the user logs in (connectivity layer), ``did`` is the session key's ``did:key`` —
-    or, with ``allow_unauthenticated=False``, signing is refused.
+    Before login (``allow_unauthenticated=True``), actions are attributed to the session
+    key's ``did:key``. ``login()`` (any time after the app started) creates a session,
+    saves it in ``store`` (a 0600 file under the user's data directory by default) so the
+    next start resumes it, and — when the app's contract has an NSID, or ``collection`` is
+    given — writes a record authorizing the session key (see ``docs/signers.md``); from
+    then on actions are attributed to the account's DID, and so are the earlier ones that
+    this key signed (``App.author_of``).
     """
 
     def __init__(
@@ -118,26 +131,95 @@ class ATPSigner(LocalSigner):
         *,
         path: str | Path | None = None,
         allow_unauthenticated: bool = True,
+        store: SessionStore | None = None,
+        collection: str | None = None,
+        authorize: bool = True,
     ) -> None:
         super().__init__(keypair, path=path)
         self.allow_unauthenticated = allow_unauthenticated
-        self._account_did: str | None = None
+        self.authorize = authorize
+        self._store = store
+        self._collection = collection
+        self._app: Any = None
+        self.session: Session | None = None
+
+    @property
+    def store(self) -> SessionStore:
+        if self._store is None:
+            self._store = FileSessionStore()
+        return self._store
+
+    @property
+    def _store_key(self) -> str:
+        return f"atsync-session-{self.key_did}"
 
     @property
     def authenticated(self) -> bool:
-        return self._account_did is not None
+        return self.session is not None
 
     @property
     def did(self) -> str:
-        return self._account_did or self.key_did
+        return self.session.did if self.session is not None else self.key_did
+
+    @property
+    def collection(self) -> str | None:
+        """Where the session key's authorization record goes (None: not written)."""
+        if self._collection is not None:
+            return self._collection
+        nsid = getattr(getattr(self._app, "contract", None), "nsid", None)
+        return f"{nsid}.session" if nsid else None
+
+    def opened(self, app: Any) -> None:
+        self._app = app
+        self.session = Session.resume(self.store, self._store_key)
 
     def sign(self, data: bytes) -> bytes:
         if not self.authenticated and not self.allow_unauthenticated:
             raise SignerError(
-                "not logged in: log in first, or create the ATPSigner with "
+                "not logged in: call login() first, or create the ATPSigner with "
                 "allow_unauthenticated=True to act before login"
             )
         return super().sign(data)
+
+    async def login_async(
+        self, identifier: str, password: str, service: str | None = None
+    ) -> Session:
+        """Log in (an app password is best); ``service`` defaults to the account's PDS."""
+        if service is None:
+            from ..atproto._identity import IdentityResolver
+
+            async with IdentityResolver() as resolver:
+                service = (await resolver.resolve(identifier)).pds
+        session = await login(identifier, password, service, store=self.store, key=self._store_key)
+        collection = self.collection
+        if self.authorize and collection is not None:
+            async with XrpcClient(session=session) as client:
+                proof = await authorize_session_key(
+                    client,
+                    session.did,
+                    collection,
+                    self.key_did,
+                    getattr(getattr(self._app, "contract", None), "nsid", None),
+                )
+            if self._app is not None:
+                self._app.record_authorization(self.key_did, session.did, collection, proof)
+        self.session = session
+        return session
+
+    def login(self, identifier: str, password: str, service: str | None = None) -> Session:
+        """Blocking ``login_async`` for scripts, notebooks and the CLI."""
+        with Portal() as portal:
+            return portal.call(self.login_async, identifier, password, service)
+
+    async def logout_async(self) -> None:
+        """End the session on the server and forget it here; actions are local again."""
+        session, self.session = self.session, None
+        if session is not None:
+            await session.logout()
+
+    def logout(self) -> None:
+        with Portal() as portal:
+            portal.call(self.logout_async)
 
     def __repr__(self) -> str:
         return f"<ATPSigner did={self.did if self._keypair else None!r}>"
