@@ -366,13 +366,14 @@ class IdentityResolver:
         if len(handle) > _MAX_DNS_HANDLE:
             return _Outcome("absent", "handle too long for a DNS name with _atproto.")
         qname = dns.name.from_text(f"_atproto.{handle}")  # absolute: no search domains
+        shown = qname.to_text(omit_final_dot=True)
         try:
             answer = await self._dns_resolver().resolve(qname, "TXT")
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-            return _Outcome("absent", f"no TXT record at {qname}")
+            return _Outcome("absent", f"no TXT record at {shown}")
         except dns.exception.DNSException as e:
             # Timeouts, SERVFAIL from every server, no resolver configuration...
-            return _Outcome("failed", f"lookup of {qname} failed: {e or type(e).__name__}")
+            return _Outcome("failed", f"lookup of {shown} failed: {e or type(e).__name__}")
         dids: list[str] = []
         malformed = 0
         for rdata in answer:
@@ -391,12 +392,13 @@ class IdentityResolver:
         if len(dids) == 1:
             return _Outcome("found", dids[0])
         if len(dids) > 1:
-            return _Outcome("conflict", f"conflicting did= records at {qname}: {dids}")
+            return _Outcome("conflict", f"conflicting did= records at {shown}: {dids}")
         note = f" ({malformed} with a malformed DID)" if malformed else ""
-        return _Outcome("absent", f"no valid did= record at {qname}{note}")
+        return _Outcome("absent", f"no valid did= record at {shown}{note}")
 
     async def _well_known_lookup(self, handle: str) -> _Outcome:
         url = f"{self._origin(handle)}/.well-known/atproto-did"
+        where = url if self._web_origin is None else f"{url} (Host: {handle})"
         try:
             status, body, _ = await self._get(url, host=handle, limit=_WELL_KNOWN_LIMIT)
         except TransientError as e:
@@ -404,13 +406,13 @@ class IdentityResolver:
         except VerificationError as e:
             return _Outcome("absent", str(e))
         if status == 429 or status >= 500:
-            return _Outcome("failed", f"{url} answered HTTP {status}")
+            return _Outcome("failed", f"{where} answered HTTP {status}")
         if not 200 <= status < 300:
-            return _Outcome("absent", f"{url} answered HTTP {status}")
+            return _Outcome("absent", f"{where} answered HTTP {status}")
         # The spec allows trimming whitespace; the content type need not be checked.
         text = body.decode("utf-8", errors="replace").strip()
         if not is_valid_did(text):
-            return _Outcome("absent", f"{url} did not answer with a DID ({text[:60]!r})")
+            return _Outcome("absent", f"{where} did not answer with a DID ({text[:60]!r})")
         return _Outcome("found", text)
 
     # -- DID → document -------------------------------------------------------------------
