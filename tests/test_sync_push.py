@@ -100,3 +100,31 @@ async def test_bad_record_fails_the_action_and_is_never_queued(
             app.actions.put_note("bad key with spaces", "t")
         assert app.db.count("notes") == 0
         assert sync.outbox.counts() == (0, 0, 0)
+
+
+def test_blocking_facade_pushes_from_plain_code(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    from atsync.app import ATPSigner
+    from atsync.atproto._session import MemorySessionStore
+    from atsync.sync import SyncThread
+
+    collection = collection_for(request)
+    bob = dev_pds.accounts["bob.test"]
+    signer = ATPSigner(store=MemorySessionStore())
+    with App.open(tmp_path / "c.db", contract, signer=signer) as app:
+        with SyncThread(app, bindings={"notes": Binding(collection)}, push=Immediate()) as sync:
+            first = app.actions.put_note("before-login", "offline", 1)
+            signer.login("bob.test", bob.password, dev_pds.pds_url)
+            sync.push_now()
+            sync.wait_pushed(first.id, timeout=30)
+            status = sync.wait_for_idle(timeout=30)
+            assert status.did == bob.did and status.pending == 0
+
+        async def remote() -> dict[str, dict[str, Any]]:
+            assert signer.session is not None
+            return await remote_records(signer.session, collection)
+
+        assert anyio.run(remote) == {
+            "before-login": {"$type": collection, "title": "offline", "n": 1}
+        }

@@ -9,6 +9,7 @@ async with sync:
 """
 
 from ._backoff import Backoff
+from ._blocking import SyncThread
 from ._budget import RateBudget
 from ._capture import ActionCall, RecordWrite
 from ._engine import ATSync
@@ -33,4 +34,5 @@ __all__ = [
     "State",
     "Strategy",
     "SyncStatus",
+    "SyncThread",
 ]

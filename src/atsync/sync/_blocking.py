@@ -1,0 +1,92 @@
+"""``SyncThread``: the sync engine for blocking code (scripts, notebooks, the CLI).
+
+    with SyncThread(app, bindings={"notes": Binding("com.example.note")}) as sync:
+        app.actions.create_note("hello")
+        sync.wait_for_idle(timeout=30)
+
+The engine runs on a private event loop in a background thread (``atsync._blocking.Portal``),
+started by ``start()`` / ``with`` and stopped by ``stop()``; each method forwards to the
+async ``ATSync``. Status callbacks run on that thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Future
+from typing import Any
+
+import anyio
+
+from .._blocking import Portal
+from ..app import App
+from ._engine import ATSync
+from ._status import SyncStatus
+
+__all__ = ["SyncThread"]
+
+
+class SyncThread:
+    """Runs an ``ATSync`` on a background thread; takes the same arguments."""
+
+    def __init__(self, app: App, **options: Any) -> None:
+        self.engine = ATSync(app, **options)
+        self._portal = Portal()
+        self._task: Future[None] | None = None
+
+    def start(self) -> SyncThread:
+        if self._task is None:
+            self._portal.start()
+            self._task, _ = self._portal.portal.start_task(self.engine.run)
+        return self
+
+    def stop(self) -> None:
+        """Stop the engine (queued writes stay queued for the next start)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(CancelledError):
+                task.result()
+        self._portal.close()
+
+    def close(self) -> None:
+        """Stop, and stop capturing local writes."""
+        self.stop()
+        self.engine.close()
+
+    def __enter__(self) -> SyncThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def status(self) -> SyncStatus:
+        return self.engine.status
+
+    def on_status(self, callback: Callable[[SyncStatus], None]) -> Callable[[], None]:
+        return self.engine.on_status(callback)
+
+    def push_now(self) -> None:
+        self.engine.push_now()
+
+    def wait_for_idle(self, timeout: float | None = None) -> SyncStatus:
+        """Block until the queue is empty (``TimeoutError`` after ``timeout`` seconds)."""
+
+        async def wait() -> SyncStatus:
+            with anyio.fail_after(timeout):
+                return await self.engine.wait_for_idle()
+
+        return self._portal.call(wait)
+
+    def wait_pushed(self, action_id: str, timeout: float | None = None) -> None:
+        """Block until the action's writes are on the PDS."""
+
+        async def wait() -> None:
+            with anyio.fail_after(timeout):
+                await self.engine.wait_pushed(action_id)
+
+        self._portal.call(wait)
+
+    def retry_dead_letters(self) -> int:
+        return self.engine.retry_dead_letters()
