@@ -9,6 +9,7 @@ killed process; a power loss may drop the last commits but never corrupts), or `
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -20,11 +21,12 @@ from typing import Any, Literal
 from .._errors import (
     ClosedError,
     NotFoundError,
+    SchemaError,
     TransactionError,
     UnknownModelError,
     ValidationError,
 )
-from ._migrations import Upgrade, prepare_schema
+from ._migrations import META_TABLE, Upgrade, prepare_schema
 from ._query import Query, compile_query, quote
 from ._schema import Model, Property, Schema, parse_schema, relation_table
 from ._subscriptions import Change, Subscription, SubscriptionHub
@@ -160,6 +162,24 @@ class ModelDB:
             conn.close()
             raise
         return cls(conn, schema, path_str, durability)
+
+    @classmethod
+    def open_existing(cls, path: str | Path, *, timeout: float = 5.0) -> ModelDB:
+        """Open an existing atsync database with the schema stored in it (tools, the CLI)."""
+        if not Path(path).is_file():
+            raise ClosedError(f"no database at {path}")
+        probe = sqlite3.connect(f"file:{Path(path).resolve().as_posix()}?mode=ro", uri=True)
+        try:
+            rows = dict(probe.execute(f"SELECT key, value FROM {META_TABLE}").fetchall())
+        except sqlite3.DatabaseError as exc:
+            raise SchemaError(f"{path} is not an atsync database ({exc})") from None
+        finally:
+            probe.close()
+        if "schema" not in rows:
+            raise SchemaError(f"{path} is not an atsync database (no stored schema)")
+        return cls.open(
+            path, json.loads(rows["schema"]), version=int(rows["version"]), timeout=timeout
+        )
 
     def close(self) -> None:
         """Close the database; later calls raise ``ClosedError``. Safe to call twice."""

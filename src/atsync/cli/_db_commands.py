@@ -1,3 +1,0 @@
-"""Commands that read a local atsync database."""
-
-from __future__ import annotations
