@@ -141,7 +141,9 @@ class FirehoseSubscription:
                 max_size=self._max_frame_size,
                 ping_interval=self._ping_interval,
                 ping_timeout=self._ping_timeout,
-                close_timeout=5.0,
+                # The reference PDS does not answer a close frame while it is replaying
+                # from a cursor; past this, websockets drops the connection itself.
+                close_timeout=1.0,
                 user_agent_header=self._user_agent,
                 # Frames are CBOR with embedded hashes: compression gains little, costs CPU.
                 compression=None,
@@ -177,7 +179,16 @@ class FirehoseSubscription:
     async def aclose(self) -> None:
         self._closed = True
         ws, self._ws = self._ws, None
-        if ws is not None:
+        if ws is None:
+            return
+        # With unread frames queued (a replay backlog), websockets has paused reading the
+        # socket, so the server's close frame, queued behind them, would never be read and
+        # the close handshake would wait out its timeout. Nothing we sent needs an
+        # acknowledgement: drop the connection instead.
+        if getattr(getattr(ws, "recv_messages", None), "paused", False):
+            ws.transport.abort()
+            await ws.wait_closed()
+        else:
             await ws.close()
 
     async def __aenter__(self) -> Self:
