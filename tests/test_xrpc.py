@@ -306,6 +306,21 @@ async def test_get_record_proof_and_latest_commit(client: XrpcClient, dev_pds: D
         assert verify_record_proof(absent, repo, key, COLL, missing) == (None, None)
 
 
+class OneShot(io.RawIOBase):
+    """A non-seekable source (like a pipe) that counts its reads."""
+
+    def __init__(self, data: bytes) -> None:
+        self._src = io.BytesIO(data)
+        self.reads = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        self.reads += 1
+        return self._src.read(n)
+
+
 async def test_blob_round_trip(client: XrpcClient, tmp_path: Path) -> None:
     payload = secrets.token_bytes(200_000)
     path = tmp_path / "blob.bin"
@@ -316,7 +331,10 @@ async def test_blob_round_trip(client: XrpcClient, tmp_path: Path) -> None:
         from_path = await client.upload_blob(path, "application/octet-stream")
         with path.open("rb") as fh:
             from_stream = await client.upload_blob(fh, "application/octet-stream")
-        assert from_bytes == from_path == from_stream
+        one_shot = OneShot(payload)  # not seekable: sent chunked, without a length
+        from_pipe = await client.upload_blob(one_shot, "application/octet-stream")  # type: ignore[arg-type]
+        assert from_bytes == from_path == from_stream == from_pipe
+        assert one_shot.reads > 1  # read piece by piece, not whole
         ref = from_bytes["ref"]
         assert ref == CID.for_data(payload, codec=0x55) and from_bytes["size"] == len(payload)
         with pytest.raises(PermanentError) as exc:  # kept only once a record references it

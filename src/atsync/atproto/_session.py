@@ -342,7 +342,9 @@ class Session:
             return await self.refresh(client, stale_access=data.access_jwt)
         return data.access_jwt
 
-    async def refresh(self, client: XrpcClient | None = None, *, stale_access: str | None) -> str:
+    async def refresh(
+        self, client: XrpcClient | None = None, *, stale_access: str | None = None
+    ) -> str:
         """Rotate the token pair with ``refreshSession``, persist it, then return the new
         access token. Single-flight: if ``stale_access`` is no longer the current token,
         another task refreshed meanwhile and its token is returned without a request.
