@@ -102,4 +102,6 @@ def test_status_login_push_outbox_retry(
     )
     assert (status["pending"], status["failed"]) == (1, 0)
     human = cli("status", "--db", str(db), "--session-dir", str(sessions))
+    assert human.returncode == 0, human.stderr
     assert "pending     1 writes (1 create)" in human.stdout
+    assert "last push   20" in human.stdout

@@ -50,4 +50,6 @@ def test_demo_script_runs(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     assert "state identical: True" in run.stdout
     assert "verified 7 entries" in run.stdout
+    assert "local notes == remote records: True" in run.stdout
+    assert "has_synced True" in run.stdout
     assert (tmp_path / "notes.db").exists()

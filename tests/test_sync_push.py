@@ -128,3 +128,19 @@ def test_blocking_facade_pushes_from_plain_code(
         assert anyio.run(remote) == {
             "before-login": {"$type": collection, "title": "offline", "n": 1}
         }
+
+
+async def test_rebuild_and_replays_do_not_touch_the_outbox(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    with App.open(tmp_path / "r.db", contract) as app:
+        sync = ATSync(app, bindings={"notes": Binding(collection_for(request))}, push=Manual())
+        for i in range(3):
+            app.actions.put_note(f"r{i}", "t", i)
+        app.actions.drop_note("r2")
+        before = app.model_db.execute("select * from _atsync_outbox order by seq").fetchall()
+        assert [row[3] for row in before] == ["create", "create"]
+        assert app.rebuild() == 4
+        after = app.model_db.execute("select * from _atsync_outbox order by seq").fetchall()
+        assert after == before
+        sync.close()

@@ -1,10 +1,14 @@
-"""`make demo`: a scripted session of the offline notes app.
+"""`make demo`: the notes app, offline first, then synced to a real PDS.
 
-Shows actions, queries, a live subscription, the action log (history), its verification,
-replaying the log, and reading the same data with plain SQL. Everything happens offline,
-before any login: the app signs with a did:key created beside its database.
+Part 1 (offline, before any login): actions, queries, a live subscription, the action log
+with its seals, a replay, and the same data read with plain SQL. Everything done here is
+queued for the PDS in the same transactions.
 
-    python examples/notes/demo.py [--data DIR]
+Part 2 (sync): starts the reference PDS on loopback (`atsync dev-pds`; installed on first
+use, ~90 s), logs in — deferred auth — and pushes every queued change exactly once. Shows
+the records on the PDS, the session-key authorization verified offline, and `atsync status`.
+
+    python examples/notes/demo.py [--data DIR] [--offline]
 """
 
 from __future__ import annotations
@@ -12,100 +16,203 @@ from __future__ import annotations
 import argparse
 import shutil
 import sqlite3
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import anyio
 from notes_app import contract
 
-from atsync import App
+from atsync import App, ATPSigner
+from atsync.atproto._authorization import verify_session
+from atsync.atproto._devpds import DevPDS, ensure_installed
+from atsync.atproto._identity import IdentityResolver
+from atsync.atproto._session import FileSessionStore
+from atsync.atproto._xrpc import XrpcClient
+from atsync.lexicon import Binding
+from atsync.sync import Debounce, SyncThread
+
+COLLECTION = "com.example.notes.note"
+HANDLE, PASSWORD = "alice.test", "demo-password-1"
 
 
 def step(text: str) -> None:
-    print(f"\n== {text}")
+    print(f"\n== {text}", flush=True)
 
 
-def show_open(rows: list[dict]) -> None:
+def show_open(rows: list[dict[str, Any]]) -> None:
     shown = [repr(r["title"]) + "".join(f" #{t}" for t in r["tags"]) for r in rows]
     print(f"   [live] open notes: {', '.join(shown) or '(none)'}")
 
 
-def run(data: Path) -> None:
-    db_path = data / "notes.db"
+def offline_part(app: App, sync: SyncThread, db_path: Path) -> None:
     step(f"Open the app at {db_path} (no account, no network)")
-    with App.open(db_path, contract) as app:
-        print(f"   acting as {app.did}")
-        print(f"   signing key stored in {db_path}.key (mode 0600)")
+    print(f"   acting as {app.did}")
+    print(f"   signing key stored in {db_path}.key (mode 0600)")
 
-        step("Subscribe to open notes, newest first")
-        sub = app.db.subscribe(
-            "notes",
-            show_open,
-            where={"done": False},
-            order_by="-id",  # keys are TIDs: they sort by creation time
-            select=["title", "tags"],
-        )
+    step("Subscribe to open notes, newest first")
+    sub = app.db.subscribe(
+        "notes",
+        show_open,
+        where={"done": False},
+        order_by="-id",  # keys are TIDs: they sort by creation time
+        select=["title", "tags"],
+    )
 
-        step("Create three notes")
-        groceries = app.actions.create_note("Groceries", "eggs, flour").result
-        talk = app.actions.create_note("Draft the atproto talk").result
-        trip = app.actions.create_note("Plan the trip").result
+    step("Create three notes")
+    groceries = app.actions.create_note("Groceries", "eggs, flour").result
+    talk = app.actions.create_note("Draft the atproto talk").result
+    trip = app.actions.create_note("Plan the trip").result
 
-        step("Tag one, edit another (the edit does not touch the live query's fields)")
-        app.actions.tag_note(talk, "work")
-        app.actions.edit_note(groceries, body="eggs, flour, coffee")
+    step("Tag one, edit another (the edit does not touch the live query's fields)")
+    app.actions.tag_note(talk, "work")
+    app.actions.edit_note(groceries, body="eggs, flour, coffee")
 
-        step("Complete two notes in one batch (all or none)")
-        with app.batch():
-            app.actions.complete_note(groceries)
-            app.actions.complete_note(trip)
+    step("Complete two notes in one batch (all or none)")
+    with app.batch():
+        app.actions.complete_note(groceries)
+        app.actions.complete_note(trip)
 
-        step("An action that fails changes nothing")
-        try:
-            app.actions.tag_note("no-such-note", "oops")
-        except ValueError as exc:
-            print(f"   refused: {exc}; notes still {app.db.count('notes')}")
+    step("An action that fails changes nothing")
+    try:
+        app.actions.tag_note("no-such-note", "oops")
+    except ValueError as exc:
+        print(f"   refused: {exc}; notes still {app.db.count('notes')}")
 
-        step("Queries")
-        done = app.db.query("notes", where={"done": True}, select=["title"], order_by="title")
-        print(f"   done: {[r['title'] for r in done]}")
-        print(f"   tagged 'work': {app.db.get('notes', talk)['tags']}")
-        sub.cancel()
+    step("Queries")
+    done = app.db.query("notes", where={"done": True}, select=["title"], order_by="title")
+    print(f"   done: {[r['title'] for r in done]}")
+    print(f"   tagged 'work': {app.db.get('notes', talk)['tags']}")  # type: ignore[index]
+    sub.cancel()
 
-        step("History: the action log (hash-chained; 'sealed' = signed by the app's key)")
-        verified = app.log.verify()
-        for entry in app.log:
-            args = [*entry.args, *(f"{k}={v!r}" for k, v in entry.kwargs.items())]
-            mark = "sealed" if entry.signature else ("end of txn" if entry.hash else "")
-            print(f"   {entry.id}  {entry.name:<14} {str(args)[:44]:<46} {mark}")
-        print(f"   verified {verified} entries: chain intact, seals verify from the did:key")
+    step("History: the action log (hash-chained; 'sealed' = signed by the app's key)")
+    verified = app.log.verify()
+    for entry in app.log:
+        args = [*entry.args, *(f"{k}={v!r}" for k, v in entry.kwargs.items())]
+        mark = "sealed" if entry.signature else ("end of txn" if entry.hash else "")
+        print(f"   {entry.id}  {entry.name:<14} {str(args)[:44]:<46} {mark}")
+    print(f"   verified {verified} entries: chain intact, seals verify from the did:key")
 
-        step("Rebuild: replay the log into empty tables")
-        before = app.db.query("notes")
-        replayed = app.rebuild()
-        print(f"   replayed {replayed} actions; state identical: {app.db.query('notes') == before}")
+    step("Rebuild: replay the log into empty tables")
+    before = app.db.query("notes")
+    replayed = app.rebuild()
+    print(f"   replayed {replayed} actions; state identical: {app.db.query('notes') == before}")
 
     step("Plain SQL works on the same file")
     with sqlite3.connect(db_path) as raw:
-        for title, done in raw.execute("select title, done from notes order by title"):
-            print(f"   sqlite3> {title!r:<28} done={done}")
+        for title, done_flag in raw.execute("select title, done from notes order by title"):
+            print(f"   sqlite3> {title!r:<28} done={done_flag}")
         (count,) = raw.execute("select count(*) from _atsync_log").fetchone()
         print(f"   sqlite3> {count} actions in _atsync_log")
+        queued = raw.execute("select op, rkey from _atsync_outbox order by seq").fetchall()
+        print(f"   sqlite3> queued for the PDS, coalesced per record: {queued}")
+    print(f"   sync status: {sync.status.state}, {sync.status.pending} pending")
+
+
+def sync_part(app: App, sync: SyncThread, signer: ATPSigner, data: Path, db_path: Path) -> None:
+    step("Start a real PDS on loopback (atsync dev-pds)")
+    ensure_installed(progress=lambda line: print(f"   {line}", flush=True))
+    with DevPDS(accounts=[(HANDLE, PASSWORD)]) as pds:
+        did = pds.accounts[HANDLE].did
+        print(f"   PDS {pds.pds_url}, PLC {pds.plc_url}, account {HANDLE} = {did}")
+
+        step("Log in now (deferred auth): everything done offline is pushed, in order")
+        signer.login(HANDLE, PASSWORD, pds.pds_url)
+        sync.push_now()
+        status = sync.wait_for_idle(timeout=60)
+        print(
+            f"   status: {status.state}, pending {status.pending}, failed {status.failed}, "
+            f"has_synced {status.has_synced}"
+        )
+
+        step("One more change while online: pushed within the debounce")
+        result = app.actions.create_note("Written online")
+        sync.wait_pushed(result.id, timeout=30)
+        print(f"   action {result.id} is on the PDS")
+
+        step(f"The records in {did}/{COLLECTION}")
+
+        async def remote() -> dict[str, dict[str, Any]]:
+            assert signer.session is not None
+            async with XrpcClient(session=signer.session) as client:
+                return {v.rkey: v.value async for v in client.iter_records(did, COLLECTION)}
+
+        records = anyio.run(remote)
+        for rkey, value in sorted(records.items()):
+            print(
+                f"   {rkey}  {value['title']!r:<26} done={value['done']} tags={value.get('tags')}"
+            )
+        local = {r["id"] for r in app.db.query("notes")}
+        print(f"   local notes == remote records: {local == set(records)}")
+
+        step("The session key's authorization, verified offline from its proof")
+        found = app.authorization(signer.key_did)
+        assert found is not None
+        account, collection, proof = found
+
+        async def signing_key() -> str:
+            async with IdentityResolver(plc_url=pds.plc_url, allow_insecure_localhost=True) as r:
+                return (await r.resolve_did(did)).signing_key
+
+        auth = verify_session(
+            proof,
+            account=account,
+            signing_key=anyio.run(signing_key),
+            session_key=signer.key_did,
+            collection=collection,
+        )
+        print(f"   {auth.account} authorized {auth.session_key}")
+        print(f"   at {collection}/{auth.rkey} ({len(proof)}-byte proof: commit + MST path)")
+        print(
+            f"   earlier offline actions are attributed to: "
+            f"{sorted({app.author_of(e) for e in app.log})}"
+        )
+
+        step("atsync status")
+        sync.stop()
+        cli = [
+            sys.executable,
+            "-m",
+            "atsync",
+            "status",
+            "--db",
+            str(db_path),
+            "--session-dir",
+            str(data / "sessions"),
+        ]
+        print("   $ atsync status --db notes.db", flush=True)
+        out = subprocess.run(cli, capture_output=True, text=True, check=True).stdout
+        print("\n".join("   " + line for line in out.splitlines()))
+
+
+def run(data: Path, offline: bool) -> None:
+    db_path = data / "notes.db"
+    signer = ATPSigner(store=FileSessionStore(data / "sessions"))
+    with App.open(db_path, contract, signer=signer) as app:
+        sync = SyncThread(app, bindings={"notes": Binding(COLLECTION)}, push=Debounce(0.2))
+        with sync:
+            offline_part(app, sync, db_path)
+            if not offline:
+                sync_part(app, sync, signer, data, db_path)
+        sync.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, help="keep the database here (default: temporary)")
+    parser.add_argument("--offline", action="store_true", help="skip the PDS part")
     args = parser.parse_args()
     if args.data:
         args.data.mkdir(parents=True, exist_ok=True)
-        run(args.data)
+        run(args.data, args.offline)
         return
     tmp = Path(tempfile.mkdtemp(prefix="atsync-demo-"))
     try:
-        run(tmp)
+        run(tmp, args.offline)
     finally:
         shutil.rmtree(tmp)
     print("\nDone. Run with --data DIR to keep the database and open it with sqlite3.")

@@ -22,7 +22,8 @@ contract = Contract(
             "$indexes": ["done/created_at"],
         },
         "tags": {"id": "primary", "label": "string"},
-    }
+    },
+    nsid="com.example.notes",
 )
 
 

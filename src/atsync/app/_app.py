@@ -313,12 +313,14 @@ class App:
         """
         db = self._db
         with db.transaction():
-            for model in db.schema.models:
-                db.clear(model)
             replayed = 0
             self._in_action = True
+            # Set before the tables are emptied: a replay changes nothing the sync layer
+            # has not seen, so neither the clearing nor the replayed writes are captured.
             self.replaying = True
             try:
+                for model in db.schema.models:
+                    db.clear(model)
                 for entry in self.log.entries():
                     fn = self.contract.actions.get(entry.name)
                     if fn is None:

@@ -95,6 +95,7 @@ def status(db_path: Path, session_dir: Path | None, as_json: bool) -> None:
             "has_synced": outbox.get_state("has_synced") == "1",
             "commit": outbox.get_state("commit_rev"),
         }
+        last_push = _when(outbox.get_state("last_pushed_at"))
     if as_json:
         click.echo(json.dumps(info))
         return
@@ -106,7 +107,7 @@ def status(db_path: Path, session_dir: Path | None, as_json: bool) -> None:
         f"failed      {failed} dead letters" + ("  -> atsync outbox / retry" if failed else "")
     )
     click.echo(f"conflicts   {conflicts}")
-    click.echo(f"last push   {_when(outbox.get_state('last_pushed_at'))}")
+    click.echo(f"last push   {last_push}")
     click.echo(f"has synced  {'yes' if info['has_synced'] else 'no'}")
 
 

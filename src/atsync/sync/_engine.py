@@ -232,10 +232,11 @@ class ATSync:
                 due = self._due_at()
                 now = time.monotonic()
                 if due > now:
-                    if self._status.state not in ("idle", "offline", "error", "needs_auth"):
-                        self._refresh_status(state="idle")
-                    else:
-                        self._refresh_status(did=session.did)
+                    # Offline or error while writes still wait for their retry; otherwise
+                    # (nothing pending, or just logged in) idle.
+                    failing = self._status.state in ("offline", "error") and self._retry_at
+                    state = self._status.state if failing else "idle"
+                    self._refresh_status(state=state, did=session.did)
                     await self._sleep(min(due - now, WATCHDOG_SECONDS))
                     continue
                 await self._push(session.did, client)
