@@ -144,3 +144,46 @@ async def test_rebuild_and_replays_do_not_touch_the_outbox(
         after = app.model_db.execute("select * from _atsync_outbox order by seq").fetchall()
         assert after == before
         sync.close()
+
+
+async def test_per_binding_strategies(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    two = Contract(
+        models={
+            "fast": {"id": "primary", "v": "integer"},
+            "slow": {"id": "primary", "v": "integer"},
+        }
+    )
+
+    @two.action
+    def both(ctx: ActionContext, key: str, v: int) -> None:
+        ctx.db.set("fast", {"id": key, "v": v})
+        ctx.db.set("slow", {"id": key, "v": v})
+
+    base = collection_for(request)
+    session = await alice(dev_pds)
+    with App.open(tmp_path / "s.db", two) as app:
+        sync = ATSync(
+            app,
+            bindings={
+                "fast": Binding(f"{base}.fast"),
+                "slow": Binding(f"{base}.slow", strategy=Manual()),
+            },
+            session=session,
+            push=Immediate(),
+            budget=RateBudget.off(),
+        )
+        async with sync:
+            app.actions.both("k1", 1)
+            with anyio.fail_after(30):
+                async for status in sync.status_changes():
+                    if status.pending == 1 and status.state == "idle":
+                        break
+            assert list(sync.outbox.pending_by_collection()) == [f"{base}.slow"]
+            assert list(await remote_records(session, f"{base}.fast")) == ["k1"]
+            assert await remote_records(session, f"{base}.slow") == {}
+            sync.push_now()
+            with anyio.fail_after(30):
+                await sync.wait_for_idle()
+            assert list(await remote_records(session, f"{base}.slow")) == ["k1"]

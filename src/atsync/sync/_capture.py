@@ -81,7 +81,7 @@ class Capture:
         *,
         on_action: OnAction | None = None,
         validate: Validator | None = None,
-        on_queued: Callable[[], None] | None = None,
+        on_queued: Callable[[set[str]], None] | None = None,
     ) -> None:
         self._app = app
         self._outbox = outbox
@@ -90,7 +90,7 @@ class Capture:
         self._validate = validate
         self._on_queued = on_queued
         self._remote = threading.local()
-        self._queued_in_txn = False
+        self._queued_in_txn: set[str] = set()
         self._fallback_clock = TidClock()
 
     def attach(self) -> None:
@@ -175,7 +175,7 @@ class Capture:
         cid: str | None,
     ) -> None:
         self._outbox.enqueue(collection, rkey, model, key, record_json, cid, self._action_id())
-        self._queued_in_txn = True
+        self._queued_in_txn.add(collection)
 
     def _new_tid(self) -> str:
         # Not ctx.tid(): that would shift the TIDs the action itself gets after this write,
@@ -183,6 +183,6 @@ class Capture:
         return self._fallback_clock.next()
 
     def _after_transaction(self, committed: bool) -> None:
-        queued, self._queued_in_txn = self._queued_in_txn, False
+        queued, self._queued_in_txn = self._queued_in_txn, set()
         if committed and queued and self._on_queued is not None:
-            self._on_queued()
+            self._on_queued(queued)

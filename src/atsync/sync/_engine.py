@@ -113,10 +113,11 @@ class ATSync:
         self._capture.attach()
         self._backoff = Backoff()
         self._waker: Waker | None = None
-        self._first_change: float | None = None
-        self._last_change: float | None = None
-        self._last_push = 0.0
+        # Per collection: (first, last) local change not yet pushed, and the last push.
+        self._changes: dict[str, tuple[float, float]] = {}
+        self._last_push: dict[str, float] = {}
         self._retry_at: float | None = None
+        self._retry_collections: set[str] | None = None
         self._forced = False
         self._listeners: list[Callable[[SyncStatus], None]] = []
         self._status_changed = anyio.Event()
@@ -229,7 +230,7 @@ class ATSync:
                     self._refresh_status(state="needs_auth", did=None)
                     await self._sleep(WATCHDOG_SECONDS)
                     continue
-                due = self._due_at()
+                due, collections = self._schedule()
                 now = time.monotonic()
                 if due > now:
                     # Offline or error while writes still wait for their retry; otherwise
@@ -239,31 +240,46 @@ class ATSync:
                     self._refresh_status(state=state, did=session.did)
                     await self._sleep(min(due - now, WATCHDOG_SECONDS))
                     continue
-                await self._push(session.did, client)
+                await self._push(session.did, client, collections)
         finally:
             if client is not None:
                 with anyio.CancelScope(shield=True):
                     await client.aclose()
 
-    def _due_at(self) -> float:
-        pending, _, _ = self.outbox.counts()
-        if pending == 0:
-            self._first_change = self._last_change = None
-            return math.inf
+    def _strategy_for(self, collection: str) -> Strategy:
+        for binding in self._bindings.values():
+            if binding.collection == collection and binding.binding.strategy is not None:
+                strategy: Strategy = binding.binding.strategy
+                return strategy
+        return self.strategy
+
+    def _schedule(self) -> tuple[float, set[str] | None]:
+        """When the next push is due, and which collections it carries (None: all)."""
+        pending = self.outbox.pending_by_collection()
+        for gone in set(self._changes) - set(pending):
+            del self._changes[gone]
+        if not pending:
+            self._forced = False  # a requested push of an empty queue is done
+            return math.inf, None
         if self._retry_at is not None:
-            return self._retry_at
+            return self._retry_at, self._retry_collections
         if self._forced:
-            return 0.0
-        first = self._first_change
-        if first is None:
+            return 0.0, None
+        now = time.monotonic()
+        earliest, due = math.inf, set()
+        for collection, count in pending.items():
             # Queued by another process, or left after an error: the watchdog pushes it.
-            first = self._last_change = self._first_change = time.monotonic()
-        return self.strategy.due_at(
-            first_change=first,
-            last_change=self._last_change,
-            last_push=self._last_push,
-            pending=pending,
-        )
+            first, last = self._changes.setdefault(collection, (now, now))
+            at = self._strategy_for(collection).due_at(
+                first_change=first,
+                last_change=last,
+                last_push=self._last_push.get(collection, 0.0),
+                pending=count,
+            )
+            earliest = min(earliest, at)
+            if at <= now:
+                due.add(collection)
+        return earliest, due
 
     async def _sleep(self, seconds: float) -> None:
         waker = self._waker
@@ -272,11 +288,11 @@ class ATSync:
             await waker.wait()
         waker.clear()
 
-    def _on_local_change(self) -> None:
+    def _on_local_change(self, collections: set[str]) -> None:
         now = time.monotonic()
-        if self._first_change is None:
-            self._first_change = now
-        self._last_change = now
+        for collection in collections:
+            first, _ = self._changes.get(collection, (now, now))
+            self._changes[collection] = (first, now)
         self._refresh_pending_soon()
 
     def _refresh_pending_soon(self) -> None:
@@ -284,12 +300,13 @@ class ATSync:
         if waker is not None:
             waker.set()
 
-    async def _push(self, did: str, client: XrpcClient) -> None:
+    async def _push(self, did: str, client: XrpcClient, collections: set[str] | None) -> None:
         self._forced = False
         self._refresh_status(state="pushing", did=did)
         result = PushResult()
+        self._retry_collections = collections
         try:
-            while await self._pusher.push_batch(did, client, result):
+            while await self._pusher.push_batch(did, client, result, collections):
                 self._refresh_status()
         except RateLimitedError as exc:
             wait = max(0.0, (exc.reset_at or time.time() + 60) - time.time())
@@ -307,14 +324,16 @@ class ATSync:
             return
         self._backoff.succeeded()
         self._retry_at = None
-        self._last_push = time.monotonic()
+        now = time.monotonic()
+        for collection in collections if collections is not None else list(self._changes):
+            self._last_push[collection] = now
+            self._changes.pop(collection, None)
         if result.rate_wait > 0:
             self._retry_at = time.monotonic() + result.rate_wait
             self._refresh_status(
                 state="idle", rate_limited_until=time.time() + result.rate_wait, upload_error=None
             )
             return
-        self._first_change = self._last_change = None
         self._refresh_status(state="idle", upload_error=None, rate_limited_until=None)
 
     async def _after_failure(self, did: str, client: XrpcClient, exc: Exception) -> None:
@@ -325,7 +344,9 @@ class ATSync:
         log.info("push failed (%s); retrying in %.2f s", exc, delay)
         if outcome_unknown(exc):
             # The batch may have been applied: settle before anything is sent again.
-            batch = self.outbox.next_batch(self._pusher.batch_limit)
+            batch = self.outbox.next_batch(
+                self._pusher.batch_limit, collections=self._retry_collections
+            )
             try:
                 await self._pusher.reconcile(did, client, batch, PushResult())
             except (TransientError, PermanentError, OSError) as again:

@@ -194,10 +194,21 @@ class Outbox:
 
     # -- the push side ------------------------------------------------------------------
 
-    def next_batch(self, max_writes: int = 200, max_bytes: int = 900_000) -> list[PendingWrite]:
-        """The oldest pending writes, up to ``max_writes`` and about ``max_bytes``."""
+    def next_batch(
+        self,
+        max_writes: int = 200,
+        max_bytes: int = 900_000,
+        collections: Iterable[str] | None = None,
+    ) -> list[PendingWrite]:
+        """The oldest pending writes (of ``collections``, or all), up to ``max_writes`` and
+        about ``max_bytes``."""
+        where, params = "", []
+        if collections is not None:
+            chosen = sorted(collections)
+            where = f" WHERE collection IN ({', '.join('?' * len(chosen))})"
+            params = chosen
         rows = self._db.execute(
-            f"SELECT {_COLUMNS} FROM {OUTBOX} ORDER BY seq LIMIT ?", (max_writes,)
+            f"SELECT {_COLUMNS} FROM {OUTBOX}{where} ORDER BY seq LIMIT ?", (*params, max_writes)
         ).fetchall()
         batch: list[PendingWrite] = []
         size = 0
@@ -346,6 +357,12 @@ class Outbox:
             f"(SELECT count(*) FROM {CONFLICTS})"
         ).fetchone()
         return int(row[0]), int(row[1]), int(row[2])
+
+    def pending_by_collection(self) -> dict[str, int]:
+        rows = self._db.execute(
+            f"SELECT collection, count(*) FROM {OUTBOX} GROUP BY collection"
+        ).fetchall()
+        return {str(c): int(n) for c, n in rows}
 
     def dead_letters(self) -> list[DeadLetter]:
         rows = self._db.execute(

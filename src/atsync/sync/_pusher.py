@@ -60,9 +60,17 @@ class Pusher:
                 writes.append(Update(w.collection, w.rkey, value))
         return writes
 
-    async def push_batch(self, did: str, client: XrpcClient, result: PushResult) -> bool:
-        """Send the next batch; True if the queue may hold more. Raises network errors."""
-        batch = self.outbox.next_batch(self.batch_limit, MAX_BYTES)
+    async def push_batch(
+        self,
+        did: str,
+        client: XrpcClient,
+        result: PushResult,
+        collections: set[str] | None = None,
+    ) -> bool:
+        """Send the next batch (of ``collections``, or all); True if more may wait.
+
+        Raises network errors."""
+        batch = self.outbox.next_batch(self.batch_limit, MAX_BYTES, collections)
         if not batch:
             return False
         points = RateBudget.cost(w.op for w in batch)
