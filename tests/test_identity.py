@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -410,9 +411,11 @@ async def test_did_document_errors(dns_server: LoopbackDNS, web: LoopbackHTTP) -
             await r.resolve_did("did:web:notjson.test")
         with pytest.raises(TransientError, match="HTTP 503"):
             await r.resolve_did("did:web:busy.test")
+        asked_at = time.time()
         with pytest.raises(RateLimitedError) as limited:
             await r.resolve_did("did:web:slowdown.test")
         assert limited.value.reset_at is not None
+        assert asked_at + 30 <= limited.value.reset_at <= time.time() + 30  # Retry-After: 30
         with pytest.raises(VerificationError, match="larger than"):
             await r.resolve_did("did:web:big.test")
         # A document without PDS or key still parses; an Identity cannot be made from it.

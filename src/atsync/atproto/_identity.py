@@ -53,6 +53,7 @@ from ._did_doc import (
 )
 from ._syntax import is_valid_did, validate_at_identifier, validate_did, validate_handle
 from ._ttl_cache import TtlCache
+from ._xrpc_errors import retry_at
 
 __all__ = [
     "DEFAULT_PLC_URL",
@@ -431,7 +432,7 @@ class IdentityResolver:
             return _DocFailure(f"DID document of {did}: {e}")
         if status == 429:
             raise RateLimitedError(
-                f"{url} is rate limiting DID resolution", reset_at=_reset_at(headers)
+                f"{url} is rate limiting DID resolution", reset_at=retry_at(headers, time.time())
             )
         if status >= 500:
             raise TransientError(f"{url} answered HTTP {status}", status=status)
@@ -501,17 +502,6 @@ class IdentityResolver:
         if did != doc.did:
             return None, f"handle {claimed} resolves to {did}, not {doc.did}"
         return claimed, None
-
-
-def _reset_at(headers: httpx.Headers) -> float | None:
-    """Unix time to retry at, from ``RateLimit-Reset`` (Unix seconds) or ``Retry-After``."""
-    reset = headers.get("ratelimit-reset")
-    if reset is not None and reset.isdigit():
-        return float(reset)
-    retry_after = headers.get("retry-after")
-    if retry_after is not None and retry_after.isdigit():
-        return time.time() + float(retry_after)
-    return None
 
 
 # --- blocking facade -------------------------------------------------------------------------
