@@ -30,7 +30,8 @@ def _column_ddl(prop: Property) -> str:
     if prop.kind == "primary":
         return f"{quote(prop.name)} TEXT PRIMARY KEY NOT NULL"
     null = "" if prop.nullable else " NOT NULL"
-    return f"{quote(prop.name)} {sql_type(prop)}{null}"
+    declared = f" {sql_type(prop)}" if sql_type(prop) else ""
+    return f"{quote(prop.name)}{declared}{null}"
 
 
 def _index_ddl(model: Model, columns: tuple[str, ...]) -> str:
@@ -107,8 +108,8 @@ class UpgradeAPI:
             literal = "NULL" if stored is None else _sql_literal(stored)
             null = "" if prop.nullable else " NOT NULL"
             self._conn.execute(
-                f"ALTER TABLE {quote(model_name)} ADD COLUMN {quote(name)} "
-                f"{sql_type(prop)}{null} DEFAULT {literal}"
+                f"ALTER TABLE {quote(model_name)} ADD COLUMN {quote(name)}"
+                f"{' ' + sql_type(prop) if sql_type(prop) else ''}{null} DEFAULT {literal}"
             )
         self._models[model_name] = _rebuild(model, (*model.properties, prop), model.indexes)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -168,7 +169,8 @@ class ModelDB:
         """Open an existing atsync database with the schema stored in it (tools, the CLI)."""
         if not Path(path).is_file():
             raise ClosedError(f"no database at {path}")
-        probe = sqlite3.connect(f"file:{Path(path).resolve().as_posix()}?mode=ro", uri=True)
+        uri = f"file:{urllib.parse.quote(Path(path).resolve().as_posix())}?mode=ro"
+        probe = sqlite3.connect(uri, uri=True)
         try:
             rows = dict(probe.execute(f"SELECT key, value FROM {META_TABLE}").fetchall())
         except sqlite3.DatabaseError as exc:
@@ -550,7 +552,7 @@ class ModelDB:
             yield from self.run_query(query)
         else:
             self._check_open()
-            uri = "file:" + Path(self.path).resolve().as_posix() + "?mode=ro"
+            uri = "file:" + urllib.parse.quote(Path(self.path).resolve().as_posix()) + "?mode=ro"
             reader = sqlite3.connect(uri, uri=True, check_same_thread=False)
             try:
                 reader.execute("BEGIN")  # one snapshot for the whole iteration

@@ -3,7 +3,7 @@
 Each kind maps to one plain SQLite column type so raw SQL reads naturally:
 
     primary, string, reference -> TEXT      integer, boolean -> INTEGER (boolean as 0/1)
-    float, number              -> REAL      json            -> TEXT (JSON, json_extract works)
+    float, number              -> (untyped) json            -> TEXT (JSON, json_extract works)
     bytes                      -> BLOB      relation        -> rows of "<model>__<prop>"
 """
 
@@ -26,14 +26,17 @@ _SQL_TYPES = {
     "reference": "TEXT",
     "integer": "INTEGER",
     "boolean": "INTEGER",
-    "float": "REAL",
-    "number": "REAL",
+    # No declared type: REAL affinity would store -0.0 as the integer 0. The values are
+    # always SQLite reals all the same (encode_column makes them floats).
+    "float": "",
+    "number": "",
     "json": "TEXT",
     "bytes": "BLOB",
 }
 
 
 def sql_type(prop: Property) -> str:
+    """The declared type of the column ('' for floats: see _SQL_TYPES)."""
     return _SQL_TYPES[prop.kind]
 
 
@@ -117,7 +120,12 @@ def encode_column(model: Model, prop: Property, value: object) -> object:
             raise ValidationError(
                 f"{_where(model, prop)}: expected a number, got {type(value).__name__} {value!r}"
             )
-        as_float = float(value)
+        try:
+            as_float = float(value)
+        except OverflowError:
+            raise ValidationError(
+                f"{_where(model, prop)}: {value} is too large for a float"
+            ) from None
         if math.isnan(as_float):
             # SQLite stores NaN as NULL, which would silently lose the value.
             raise ValidationError(f"{_where(model, prop)}: NaN cannot be stored")
