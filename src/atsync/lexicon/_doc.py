@@ -87,7 +87,9 @@ _KEYS: dict[str, frozenset[str]] = {
 _DOC_KEYS = frozenset(("lexicon", "id", "description", "defs", "revision", "$type"))
 _DEF_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 # MIME type patterns for blob ``accept``: type/subtype, type/*, or */*.
-_MIME = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/(?:\*|[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*)")
+_MIME = re.compile(
+    r"\*/\*|[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/(?:\*|[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*)"
+)
 _REPO_ACTIONS = frozenset(("create", "update", "delete"))
 
 
@@ -260,9 +262,13 @@ class _Checker:
             raise self.fail(f"{path}.{key}", "must be a list of strings")
         return v
 
-    def bounds(self, node: Mapping[str, Any], path: str, lo_key: str, hi_key: str) -> None:
-        lo = self.opt_int(node, lo_key, path)
-        hi = self.opt_int(node, hi_key, path)
+    def bounds(
+        self, node: Mapping[str, Any], path: str, lo_key: str, hi_key: str, *, signed: bool = False
+    ) -> None:
+        """Two optional integer bounds (lengths are >= 0; ``signed`` for integer values)."""
+        floor = None if signed else 0
+        lo = self.opt_int(node, lo_key, path, lo=floor)
+        hi = self.opt_int(node, hi_key, path, lo=floor)
         if lo is not None and hi is not None and lo > hi:
             raise self.fail(path, f"{lo_key} {lo} is greater than {hi_key} {hi}")
 
@@ -502,9 +508,7 @@ class _Checker:
         if t == "boolean":
             self.constants(d, path, bool, "a boolean")
         elif t == "integer":
-            self.bounds(d, path, "minimum", "maximum")
-            for key in ("minimum", "maximum"):
-                self.opt_int(d, key, path, lo=None)
+            self.bounds(d, path, "minimum", "maximum", signed=True)
             self.constants(d, path, int, "an integer")
         elif t == "string":
             self.string(d, path)
@@ -541,7 +545,7 @@ class _Checker:
 
     def properties(self, d: Mapping[str, Any], path: str) -> Mapping[str, Mapping[str, Any]]:
         if "properties" not in d:
-            raise self.fail(path, f"a {d.get('type')} needs 'properties'")
+            raise self.fail(path, f"{_a(str(d.get('type')))} needs 'properties'")
         props = self.obj(d["properties"], f"{path}.properties")
         for name, prop in props.items():
             self.obj(prop, f"{path}.properties.{name}")
@@ -606,7 +610,8 @@ class _Checker:
 
 
 def _a(word: str) -> str:
-    return ("an " if word[0] in "aeiou" else "a ") + word
+    # "a union": the only type name whose vowel sounds like a consonant.
+    return ("an " if word[0] in "aeiou" and word != "union" else "a ") + word
 
 
 def _is_int(v: Any) -> bool:
