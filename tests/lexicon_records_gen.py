@@ -8,7 +8,7 @@ vectors.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -89,11 +89,7 @@ def _field(lexicons: LexiconSet, d: Mapping[str, Any], base: str, depth: int) ->
             type_name = nsid if name == "main" else f"{nsid}#{name}"
             target = lexicons.get_def(f"{nsid}#{name}")
             inner = target["record"] if target["type"] == "record" else target
-            variants.append(
-                _object(lexicons, inner, nsid, depth + 1).map(
-                    lambda v, tn=type_name: {"$type": tn, **v}
-                )
-            )
+            variants.append(_object(lexicons, inner, nsid, depth + 1).map(_typed(type_name)))
         if not d.get("closed"):  # open unions also carry types this Lexicon does not know
             variants.append(st.just({"$type": "com.example.future#thing", "n": 1}))
         return st.one_of(variants)
@@ -104,6 +100,13 @@ def _field(lexicons: LexiconSet, d: Mapping[str, Any], base: str, depth: int) ->
             max_size=3,
         )
     raise AssertionError(f"no strategy for type {t!r}")
+
+
+def _typed(type_name: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    def add(v: dict[str, Any]) -> dict[str, Any]:
+        return {"$type": type_name, **v}
+
+    return add
 
 
 def _string(d: Mapping[str, Any]) -> st.SearchStrategy[str]:

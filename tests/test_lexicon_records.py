@@ -287,7 +287,7 @@ def test_union_variant_from_another_document_and_record_refs() -> None:
             },
         ]
     )
-    pin = {"$type": "com.example.notes.pin", "note": note()}
+    pin: dict[str, Any] = {"$type": "com.example.notes.pin", "note": note()}
     validate_record(lexicons, "com.example.notes.pin", pin, rkey="self")
     del pin["note"]["$type"]
     with pytest.raises(RecordError, match=re.escape("$.note.$type: missing; must be")):
