@@ -104,13 +104,18 @@ class UpgradeAPI:
                     "default= value"
                 )
             stored = encode_column(model, prop, default)
-            # ALTER TABLE needs a literal default for NOT NULL; set it, then fill rows.
-            literal = "NULL" if stored is None else _sql_literal(stored)
+            # ALTER TABLE needs a constant default for NOT NULL: add the column with a
+            # neutral one of its type, then set the real default with a bound parameter (a
+            # literal in SQL text would mangle inf, -0.0, NUL characters...).
             null = "" if prop.nullable else " NOT NULL"
+            declared = f" {sql_type(prop)}" if sql_type(prop) else ""
+            placeholder = "NULL" if prop.nullable else _PLACEHOLDERS[sql_type(prop)]
             self._conn.execute(
-                f"ALTER TABLE {quote(model_name)} ADD COLUMN {quote(name)}"
-                f"{' ' + sql_type(prop) if sql_type(prop) else ''}{null} DEFAULT {literal}"
+                f"ALTER TABLE {quote(model_name)} ADD COLUMN {quote(name)}{declared}{null} "
+                f"DEFAULT {placeholder}"
             )
+            if stored is not None:
+                self._conn.execute(f"UPDATE {quote(model_name)} SET {quote(name)} = ?", (stored,))
         self._models[model_name] = _rebuild(model, (*model.properties, prop), model.indexes)
 
     def add_index(self, model_name: str, index: str | tuple[str, ...]) -> None:
@@ -135,12 +140,7 @@ def _rebuild(
     return Model(model.name, props, indexes, {p.name: p for p in props})
 
 
-def _sql_literal(value: object) -> str:
-    if isinstance(value, bytes):
-        return f"X'{value.hex()}'"
-    if isinstance(value, str):
-        return "'" + value.replace("'", "''") + "'"
-    return repr(value)
+_PLACEHOLDERS = {"TEXT": "''", "INTEGER": "0", "BLOB": "X''", "": "0.0"}
 
 
 Upgrade = Callable[[UpgradeAPI, int, int], None]

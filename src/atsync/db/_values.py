@@ -106,6 +106,8 @@ def encode_column(model: Model, prop: Property, value: object) -> object:
     if kind in ("string", "reference", "primary"):
         if kind == "primary":
             return validate_key(model, value)
+        if kind == "reference" and value == "":
+            raise ValidationError(f"{_where(model, prop)}: a reference must not be empty")
         return _check_text(value, _where(model, prop))
     if kind == "integer":
         if isinstance(value, bool) or not isinstance(value, int):
@@ -159,12 +161,18 @@ def column_encoder(model: Model, prop: Property) -> Callable[[object], object]:
         return encode_column(model, prop, value)
 
     kind = prop.kind
-    if kind in ("string", "reference"):
+    if kind == "string":
 
         def text(value: object) -> object:
             return value if type(value) is str else slow(value)
 
         return text
+    if kind == "reference":
+
+        def reference(value: object) -> object:
+            return value if type(value) is str and value else slow(value)
+
+        return reference
     if kind == "primary":
 
         def key(value: object) -> object:
