@@ -96,7 +96,7 @@ def _field(lexicons: LexiconSet, d: Mapping[str, Any], base: str, depth: int) ->
     if t == "unknown":
         return st.dictionaries(
             st.text("abc$", max_size=3).filter(lambda k: k not in ("$link", "$bytes", "$type")),
-            st.integers() | st.text(max_size=3) | st.none(),
+            st.integers(-(2**63), 2**63 - 1) | st.text(max_size=3) | st.none(),
             max_size=3,
         )
     raise AssertionError(f"no strategy for type {t!r}")

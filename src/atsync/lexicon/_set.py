@@ -19,15 +19,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from atsync._errors import SchemaError
-from atsync.lexicon._doc import (
-    REF_TARGET_TYPES,
-    UNION_TARGET_TYPES,
-    LexiconDoc,
-    Ref,
-    load_lexicons,
-    parse_lexicon,
-    split_ref,
-)
+from atsync.lexicon._doc import LexiconDoc, load_lexicons, parse_lexicon
+from atsync.lexicon._rules import REF_TARGET_TYPES, UNION_TARGET_TYPES, Ref, split_ref
 
 __all__ = ["LexiconSet"]
 

@@ -31,7 +31,7 @@ from atsync._errors import RecordError, SchemaError, SyntaxError_
 from atsync.atproto._cbor import check_data_model, data_from_json
 from atsync.atproto._syntax import validate_nsid, validate_record_key, validate_tid
 from atsync.lexicon._checks import Check, Invalid, kind, primitive_check
-from atsync.lexicon._doc import split_ref
+from atsync.lexicon._rules import split_ref
 from atsync.lexicon._set import LexiconSet
 
 __all__ = ["check_record_key", "validate_record", "validate_record_json"]
