@@ -102,9 +102,12 @@ class Delay(Fault):
 @dataclass(eq=False)
 class Hold(Fault):
     """Like ``Delay`` but until the test calls ``release()``. ``reached`` is set once a
-    request is being held, so a test can act (e.g. edit locally) while it is in flight."""
+    request is being held, so a test can act (e.g. edit locally) while it is in flight.
+    ``drop``: once released, close the connection without answering (after forwarding, the
+    PDS has applied the request: the client never learns it)."""
 
     after_forward: bool = True
+    drop: bool = False  # after release, close the connection instead of answering
     gate: anyio.Event = field(default_factory=anyio.Event)
     reached: anyio.Event = field(default_factory=anyio.Event)
     name: ClassVar[str] = "hold"
@@ -443,6 +446,8 @@ class FaultProxy:
         if isinstance(fault, Hold) and fault.after_forward:
             fault.reached.set()
             await fault.gate.wait()
+        if isinstance(fault, Hold) and fault.drop:
+            return False
         if isinstance(fault, Truncate):
             cut = body[: int(len(body) * fault.keep)]
             if fault.fix_length:

@@ -1,0 +1,1124 @@
+"""Reliability of the push engine against the real PDS (issue #4, item 9).
+
+Every test ends by checking that the PDS holds exactly the local state (every record of the
+test's collection, listed straight from the PDS, equals the local rows mapped through the
+binding), that the outbox is empty and, where the firehose lets us count them, that no write
+reached the repository twice (no commit repeats a record's content).
+
+Faults come from the PDS itself (stopped and restarted, its own rate limiter), from the fault
+proxy in ``fault_proxy.py`` sitting between the engine and the PDS, and from SIGKILL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from atsync.app import ActionContext, App, Contract
+from atsync.atproto._devpds import DevPDS
+from atsync.atproto._session import Session, login
+from atsync.atproto._xrpc import XrpcClient
+from atsync.lexicon import Binding
+from atsync.sync import (
+    ATSync,
+    Batch,
+    Debounce,
+    Immediate,
+    Manual,
+    RateBudget,
+    Strategy,
+    SyncStatus,
+)
+from fault_proxy import (
+    Answer,
+    Delay,
+    DropAfterForward,
+    DropBeforeForward,
+    Error500,
+    FaultProxy,
+    Hold,
+    ProxyRequest,
+    RateLimited,
+    ResetMidResponse,
+    Truncate,
+    proxied_session,
+)
+from pds_fixtures import MakePDS
+
+pytestmark = pytest.mark.anyio
+
+APPLY = "com.atproto.repo.applyWrites"
+GET_RECORD = "com.atproto.repo.getRecord"
+MARKERS = "test.atsync.marker"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+contract = Contract(
+    models={
+        "notes": {"id": "primary", "title": "string", "body": "string?", "n": "integer"},
+        "posts": {"id": "primary", "text": "string", "createdAt": "string?"},
+    }
+)
+
+
+@contract.action
+def put_note(ctx: ActionContext, key: str, title: str, n: int = 0) -> None:
+    ctx.db.set("notes", {"id": key, "title": title, "n": n})
+
+
+@contract.action
+def drop_note(ctx: ActionContext, key: str) -> None:
+    ctx.db.delete("notes", key)
+
+
+@contract.action
+def put_post(ctx: ActionContext, key: str, text: str, created_at: str | None) -> None:
+    ctx.db.set("posts", {"id": key, "text": text, "createdAt": created_at})
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def collection_for(request: pytest.FixtureRequest) -> str:
+    # Tests share the dev PDS's accounts: each gets a collection of its own (the hash keeps
+    # parametrized variants, whose names differ only at the end, apart).
+    name = "".join(c for c in request.node.name if c.isalnum())[:40].lower()
+    digest = hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:8]
+    return f"test.atsync.rel.{name}{digest}"
+
+
+async def log_in(pds: DevPDS, handle: str = "alice.test") -> Session:
+    account = pds.accounts[handle]
+    return await login(account.did, account.password, pds.pds_url)
+
+
+async def pds_records(pds_url: str, did: str, collection: str) -> dict[str, dict[str, Any]]:
+    """Every record of ``collection``, straight from the PDS (no proxy, no engine)."""
+    async with XrpcClient(pds_url) as client:
+        records: dict[str, dict[str, Any]] = {}
+        async for view in client.iter_records(did, collection):
+            assert view.rkey not in records, f"listRecords returned {view.rkey} twice"
+            records[view.rkey] = view.value
+        return records
+
+
+def local_records(app: App, sync: ATSync, model: str = "notes") -> dict[str, dict[str, Any]]:
+    """The local rows of ``model`` as the records they should be on the PDS, by rkey."""
+    binding = sync.bindings[model]
+    out: dict[str, dict[str, Any]] = {}
+    for row in app.db.query(model):
+        if binding.binding.rkey == "primary":
+            rkey = binding.rkey_for(row)
+        else:
+            found = sync.outbox.rkey_for(binding.collection, model, row[binding.model.primary_key])
+            assert found is not None, f"{model}/{row['id']} has no record key"
+            rkey = found
+        out[rkey] = binding.to_record(row)
+    return out
+
+
+async def assert_pds_equals_local(
+    app: App, sync: ATSync, pds_url: str, did: str, model: str = "notes"
+) -> dict[str, dict[str, Any]]:
+    pending, _, _ = sync.outbox.counts()
+    assert pending == 0, "the outbox is not empty"
+    remote = await pds_records(pds_url, did, sync.bindings[model].collection)
+    local = local_records(app, sync, model)
+    assert sorted(remote) == sorted(local), (
+        f"only on the PDS: {sorted(set(remote) - set(local))[:10]}, "
+        f"only local: {sorted(set(local) - set(remote))[:10]}"
+    )
+    different = [k for k in local if remote[k] != local[k]]
+    assert not different, f"content differs for {different[:10]}: {remote[different[0]]}"
+    return remote
+
+
+async def commit_ops(session: Session, pds_url: str, collection: str) -> list[tuple[str, str, Any]]:
+    """Every record operation ever committed in ``collection`` of the session's repo, in
+    order, as (action, rkey, cid), read by replaying the PDS's firehose from the start up to
+    a marker record written now (so the replay is known to be complete)."""
+    marker = f"m{time.time_ns()}"
+    async with XrpcClient(pds_url, session=_direct(session, pds_url)) as client:
+        await client.put_record(session.did, MARKERS, marker, {"$type": MARKERS})
+        ops: list[tuple[str, str, Any]] = []
+        with anyio.fail_after(60):
+            async with client.subscribe_repos(0) as stream:
+                async for frame in stream:
+                    if frame.type != "#commit" or frame.body.get("repo") != session.did:
+                        continue
+                    for op in frame.body.get("ops", []):
+                        coll, _, rkey = str(op["path"]).partition("/")
+                        if coll == collection:
+                            ops.append((str(op["action"]), rkey, op.get("cid")))
+                        if coll == MARKERS and rkey == marker:
+                            return ops
+    raise AssertionError("unreachable")
+
+
+def _direct(session: Session, pds_url: str) -> Session:
+    return session if session.pds_url == pds_url else proxied_session(session, pds_url)
+
+
+def assert_no_duplicate_commits(ops: Iterable[tuple[str, str, Any]]) -> Counter[str]:
+    """No write reached the repository twice: per record, every create finds it absent,
+    every update and delete finds it present, and no update re-commits unchanged content."""
+    state: dict[str, Any] = {}
+    actions: Counter[str] = Counter()
+    for action, rkey, cid in ops:
+        actions[action] += 1
+        if action == "create":
+            assert rkey not in state, f"{rkey} created twice"
+            state[rkey] = cid
+        elif action == "update":
+            assert rkey in state, f"{rkey} updated while absent"
+            assert state[rkey] != cid, f"{rkey} re-committed with unchanged content {cid}"
+            state[rkey] = cid
+        else:
+            assert rkey in state, f"{rkey} deleted while absent"
+            del state[rkey]
+    return actions
+
+
+class StatusLog:
+    """Every status the engine published (callbacks run synchronously in the engine)."""
+
+    def __init__(self, sync: ATSync) -> None:
+        self.seen: list[SyncStatus] = []
+        sync.on_status(self.seen.append)
+
+    @property
+    def states(self) -> list[str]:
+        return [s.state for s in self.seen]
+
+
+async def wait_status(
+    sync: ATSync, predicate: Callable[[SyncStatus], bool], within: float
+) -> SyncStatus:
+    with anyio.fail_after(within):
+        async for status in sync.status_changes():
+            if predicate(status):
+                return status
+    raise AssertionError("unreachable")
+
+
+async def idle(sync: ATSync, within: float = 60) -> SyncStatus:
+    with anyio.fail_after(within):
+        return await sync.wait_for_idle()
+
+
+def seed_notes(app: App, keys: Iterable[str], title: str = "seed") -> None:
+    with app.batch():
+        for i, key in enumerate(keys):
+            app.actions.put_note(key, f"{title} {key}", i)
+
+
+def mixed_changes(app: App, rng: random.Random, existing: list[str], prefix: str, new: int) -> None:
+    """Creates of ``new`` records, updates and deletes of existing ones, in one transaction."""
+    with app.batch():
+        for i in range(new):
+            app.actions.put_note(f"{prefix}{i:04d}", f"new {prefix}{i}", i)
+        for key in rng.sample(existing, len(existing) // 2):
+            app.actions.put_note(key, f"updated {key}", rng.randrange(1000))
+        alive = [k for k in existing if app.db.get("notes", k) is not None]
+        for key in rng.sample(alive, len(alive) // 4):
+            app.actions.drop_note(key)
+
+
+def queued_ops(sync: ATSync) -> Counter[str]:
+    """How many writes of each kind wait in the outbox (all of it)."""
+    return Counter(w.op for w in sync.outbox.next_batch(1_000_000, 10**12))
+
+
+def apply_writes_events(proxy: FaultProxy) -> list[Any]:
+    return proxy.requests(APPLY)
+
+
+# --- the PDS stopped in the middle of a queue ----------------------------------------------------
+
+
+async def test_pds_stopped_mid_queue_drains_without_duplicates(
+    restartable_pds: DevPDS, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    pds = restartable_pds
+    collection = collection_for(request)
+    session = await log_in(pds)
+    applies = 0
+    armed = False
+    second_batch = anyio.Event()
+    pds_down = anyio.Event()
+
+    async def on_request(req: httpx.Request) -> None:
+        # Holds the second batch of the big queue until the PDS is down, so the stop hits
+        # the engine mid-queue whatever the machine's speed.
+        nonlocal applies
+        if armed and req.url.path.endswith(APPLY):
+            applies += 1
+            if applies == 2:
+                second_batch.set()
+                await pds_down.wait()
+
+    with App.open(tmp_path / "a.db", contract) as app:
+        sync = ATSync(
+            app,
+            bindings={"notes": Binding(collection)},
+            session=session,
+            push=Manual(),
+            budget=RateBudget.off(),
+            client_options={"event_hooks": {"request": [on_request]}},
+        )
+        log = StatusLog(sync)
+        async with sync:
+            seed = [f"s{i:03d}" for i in range(100)]
+            seed_notes(app, seed)
+            sync.push_now()
+            await idle(sync)
+
+            mixed_changes(app, random.Random(1), seed, "q", 600)
+            planned = queued_ops(sync)
+            queued = sum(planned.values())
+            assert queued > 600 and planned["delete"] > 0  # several batches of at most 200
+            armed = True
+            sync.push_now()
+            with anyio.fail_after(30):
+                await second_batch.wait()
+            assert 0 < sync.status.pending < queued  # the first batch is on the PDS
+            await anyio.to_thread.run_sync(pds.stop)
+            pds_down.set()
+            down = await wait_status(sync, lambda s: s.state in ("offline", "error"), 30)
+            assert down.pending > 0 and down.upload_error
+            await anyio.to_thread.run_sync(pds.start)
+            status = await idle(sync, 90)
+            assert status.failed == 0 and status.conflicts == 0 and status.upload_error is None
+
+        states = log.states
+        first_down = next(i for i, s in enumerate(states) if s in ("offline", "error"))
+        assert "idle" in states[first_down:] and states[-1] == "stopped"
+        await assert_pds_equals_local(app, sync, pds.pds_url, session.did)
+        ops = await commit_ops(session, pds.pds_url, collection)
+        actions = assert_no_duplicate_commits(ops)
+        # Each coalesced write reached the repository exactly once.
+        assert actions == planned + Counter(create=100)
+        sync.close()
+
+
+# --- the fault proxy -----------------------------------------------------------------------------
+
+
+async def proxied_engine_setup(dev_pds: DevPDS, proxy: FaultProxy) -> tuple[Session, Session]:
+    direct = await log_in(dev_pds)
+    return direct, proxied_session(direct, proxy.url)
+
+
+async def test_batch_applied_but_connection_dropped_is_not_sent_twice(
+    dev_pds: DevPDS, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    collection = collection_for(request)
+    async with FaultProxy(dev_pds.pds_url) as proxy:
+        direct, session = await proxied_engine_setup(dev_pds, proxy)
+        # 1st batch: the very first push (no known commit yet); 2nd: the mixed batch after it.
+        proxy.add(DropAfterForward(), nsid=APPLY, nth=[1, 2])
+        with App.open(tmp_path / "a.db", contract) as app:
+            sync = ATSync(
+                app,
+                bindings={"notes": Binding(collection)},
+                session=session,
+                push=Manual(),
+                budget=RateBudget.off(),
+            )
+            log = StatusLog(sync)
+            async with sync:
+                seed = [f"s{i:03d}" for i in range(50)]
+                seed_notes(app, seed)
+                sync.push_now()
+                await idle(sync)
+                mixed_changes(app, random.Random(2), seed, "q", 40)
+                planned = queued_ops(sync)
+                sync.push_now()
+                status = await idle(sync)
+                assert status.conflicts == 0 and status.failed == 0
+            assert proxy.counts["drop_after_forward"] == 2
+            dropped = [e for e in apply_writes_events(proxy) if e.fault == "drop_after_forward"]
+            assert all(e.upstream_status == 200 and e.status is None for e in dropped)
+            assert "offline" in log.states
+            await assert_pds_equals_local(app, sync, dev_pds.pds_url, direct.did)
+            actions = assert_no_duplicate_commits(
+                await commit_ops(direct, dev_pds.pds_url, collection)
+            )
+            assert actions == planned + Counter(create=50)
+            sync.close()
+
+
+@pytest.mark.parametrize("before_forward", [False, True], ids=["slow-answer", "late-request"])
+async def test_answers_slower_than_the_client_timeout(
+    dev_pds: DevPDS, tmp_path: Path, request: pytest.FixtureRequest, before_forward: bool
+) -> None:
+    collection = collection_for(request)
+    async with FaultProxy(dev_pds.pds_url) as proxy:
+        direct, session = await proxied_engine_setup(dev_pds, proxy)
+        with App.open(tmp_path / "a.db", contract) as app:
+            sync = ATSync(
+                app,
+                bindings={"notes": Binding(collection)},
+                session=session,
+                push=Manual(),
+                budget=RateBudget.off(),
+                client_options={"timeout": 0.5},
+            )
+            async with sync:
+                seed = [f"s{i:03d}" for i in range(30)]
+                seed_notes(app, seed)
+                sync.push_now()
+                await idle(sync)
+                # Once a commit is known, every batch carries swapCommit, so even a request
+                # that reaches the PDS after the engine gave up cannot apply over newer state.
+                proxy.add(Delay(1.5, after_forward=not before_forward), nsid=APPLY, nth=1)
+                mixed_changes(app, random.Random(3), seed, "q", 20)
+                sync.push_now()
+                status = await idle(sync)
+                assert status.failed == 0 and status.conflicts == 0
+                with anyio.fail_after(10):
+                    # The delayed request is answered by the PDS in the end: wait for that,
+                    # then for the engine to settle whatever it caused.
+                    await proxy.wait_until(lambda p: all(e.done for e in p.events))
+                sync.push_now()
+                await idle(sync)
+            (delayed,) = [e for e in apply_writes_events(proxy) if e.fault == "delay"]
+            assert delayed.forwarded
+            if before_forward:  # reached the PDS late: InvalidSwap, or applied before the retry
+                assert delayed.upstream_status in (200, 400)
+            else:  # applied, answered after the engine had given up
+                assert delayed.upstream_status == 200
+            await assert_pds_equals_local(app, sync, dev_pds.pds_url, direct.did)
+            assert_no_duplicate_commits(await commit_ops(direct, dev_pds.pds_url, collection))
+            sync.close()
+
+
+async def test_500s_and_broken_answers_are_retried_until_everything_is_on_the_pds(
+    dev_pds: DevPDS, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    collection = collection_for(request)
+    async with FaultProxy(dev_pds.pds_url) as proxy:
+        direct, session = await proxied_engine_setup(dev_pds, proxy)
+        proxy.add(Error500(), nsid=APPLY, nth=2)
+        proxy.add(Truncate(), nsid=APPLY, nth=3)
+        proxy.add(Truncate(keep=0.2, fix_length=True), nsid=APPLY, nth=4)
+        proxy.add(ResetMidResponse(), nsid=APPLY, nth=5)
+        proxy.add(DropBeforeForward(), nsid=APPLY, nth=6)
+        proxy.add(Error500(), nsid=GET_RECORD, nth=[3, 4])  # the reconcile fails too
+        with App.open(tmp_path / "a.db", contract) as app:
+            sync = ATSync(
+                app,
+                bindings={"notes": Binding(collection)},
+                session=session,
+                push=Immediate(),
+                budget=RateBudget.off(),
+            )
+            log = StatusLog(sync)
+            async with sync:
+                seed = [f"s{i:03d}" for i in range(40)]
+                seed_notes(app, seed)
+                await idle(sync)
+                rng = random.Random(4)
+                for round_ in range(3):
+                    mixed_changes(app, rng, seed, f"r{round_}-", 10)
+                    await idle(sync)
+                status = sync.status
+                assert status.failed == 0 and status.conflicts == 0
+            for fault in ("error_500", "truncate", "reset_mid_response", "drop_before_forward"):
+                assert proxy.counts[fault] >= 1, fault
+            assert proxy.counts["error_500"] == 3
+            assert {"offline", "error"} <= set(log.states)
+            await assert_pds_equals_local(app, sync, dev_pds.pds_url, direct.did)
+            assert_no_duplicate_commits(await commit_ops(direct, dev_pds.pds_url, collection))
+            sync.close()
+
+
+@pytest.mark.parametrize("header", ["retry-after", "ratelimit-reset"])
+async def test_429_makes_the_engine_wait_as_told(
+    dev_pds: DevPDS, tmp_path: Path, request: pytest.FixtureRequest, header: str
+) -> None:
+    collection = collection_for(request)
+    wait = 2.0
+    fault = RateLimited(retry_after=wait) if header == "retry-after" else RateLimited(None, wait)
+    async with FaultProxy(dev_pds.pds_url) as proxy:
+        direct, session = await proxied_engine_setup(dev_pds, proxy)
+        proxy.add(fault, nsid=APPLY, nth=1)
+        with App.open(tmp_path / "a.db", contract) as app:
+            sync = ATSync(
+                app,
+                bindings={"notes": Binding(collection)},
+                session=session,
+                push=Immediate(),
+                budget=RateBudget.off(),
+            )
+            log = StatusLog(sync)
+            async with sync:
+                before = time.time()
+                seed_notes(app, [f"s{i:03d}" for i in range(20)])
+                limited = await wait_status(sync, lambda s: s.rate_limited_until is not None, 10)
+                assert limited.pending == 20 and limited.state == "idle"
+                assert limited.rate_limited_until is not None
+                assert limited.rate_limited_until >= before + wait - 0.1
+                status = await idle(sync, 30)
+                assert status.rate_limited_until is None and status.failed == 0
+            first, second = apply_writes_events(proxy)[:2]
+            assert first.fault == "rate_limited" and not first.forwarded
+            assert first.answered_at is not None
+            # Measured at the proxy on the monotonic clock: the retry came no sooner than told.
+            assert second.received_at - first.answered_at >= wait - 0.05
+            assert len(apply_writes_events(proxy)) == 2  # no retry storm while waiting
+            assert any(s.rate_limited_until for s in log.seen)
+            await assert_pds_equals_local(app, sync, dev_pds.pds_url, direct.did)
+            sync.close()
+
+
+@pytest.mark.parametrize("answer", ["answered", "dropped"])
+async def test_local_edits_while_a_batch_is_in_flight(
+    dev_pds: DevPDS, tmp_path: Path, request: pytest.FixtureRequest, answer: str
+) -> None:
+    collection = collection_for(request)
+    async with FaultProxy(dev_pds.pds_url) as proxy:
+        direct, session = await proxied_engine_setup(dev_pds, proxy)
+        with App.open(tmp_path / "a.db", contract) as app:
+            sync = ATSync(
+                app,
+                bindings={"notes": Binding(collection)},
+                session=session,
+                push=Manual(),
+                budget=RateBudget.off(),
+            )
+            async with sync:
+                seed_notes(app, ["u1", "u2", "d1", "d2", "keep"])
+                sync.push_now()
+                await idle(sync)
+                # The batch in flight: creates c1..c4, updates u1, u2, deletes d1, d2.
+                hold = Hold(after_forward=True, drop=answer == "dropped")
+                proxy.add(hold, nsid=APPLY, nth=1)
+                with app.batch():
+                    for key in ("c1", "c2", "c3", "c4"):
+                        app.actions.put_note(key, f"created {key}", 1)
+                    app.actions.put_note("u1", "updated u1", 2)
+                    app.actions.put_note("u2", "updated u2", 2)
+                    app.actions.drop_note("d1")
+                    app.actions.drop_note("d2")
+                sync.push_now()
+                with anyio.fail_after(10):
+                    await hold.reached.wait()
+                # The PDS has applied the batch; the engine has not heard back yet.
+                app.actions.put_note("c1", "created c1, edited in flight", 3)
+                app.actions.drop_note("c2")
+                app.actions.put_note("c3", "created c3, edited in flight", 3)
+                app.actions.put_note("c3", "created c3", 1)  # back to what is in flight
+                app.actions.put_note("u1", "updated u1 again in flight", 4)
+                app.actions.drop_note("u2")
+                app.actions.put_note("d1", "d1 re-created in flight", 5)
+                hold.release()
+                status = await idle(sync)
+                assert status.failed == 0
+                # Nobody else writes to this collection: nothing here is a conflict.
+                assert status.conflicts == 0
+            assert proxy.counts["hold"] == 1
+            await assert_pds_equals_local(app, sync, dev_pds.pds_url, direct.did)
+            assert_no_duplicate_commits(await commit_ops(direct, dev_pds.pds_url, collection))
+            sync.close()
+
+
+async def test_random_faults_while_the_app_keeps_editing(
+    dev_pds: DevPDS, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    collection = collection_for(request)
+    async with FaultProxy(dev_pds.pds_url, seed=7) as proxy:
+        direct, session = await proxied_engine_setup(dev_pds, proxy)
+        # A few certain faults early on, then seeded random ones (capped, so that backoff
+        # never grows past a few seconds).
+        proxy.add(DropAfterForward(), nsid=APPLY, nth=2)
+        proxy.add(Error500(), nsid=APPLY, nth=4)
+        proxy.add(Delay(1.0, after_forward=True), nsid=APPLY, nth=6)
+        proxy.add(Truncate(), nsid=APPLY, nth=8)
+        proxy.add(RateLimited(retry_after=0.5), nsid=APPLY, nth=10)
+        proxy.add(ResetMidResponse(), nsid=APPLY, nth=12)
+        proxy.add(DropAfterForward(), nsid=APPLY, probability=0.08, times=3)
+        proxy.add(Error500(), nsid=APPLY, probability=0.05, times=2)
+        proxy.add(Delay(1.0, after_forward=False), nsid=APPLY, probability=0.05, times=2)
+        proxy.add(Error500(), nsid=GET_RECORD, probability=0.02, times=3)
+        with App.open(tmp_path / "a.db", contract) as app:
+            sync = ATSync(
+                app,
+                bindings={"notes": Binding(collection)},
+                session=session,
+                push=Immediate(),
+                budget=RateBudget.off(),
+                client_options={"timeout": 0.5},
+            )
+            async with sync:
+                rng = random.Random(8)
+                keys = [f"k{i:02d}" for i in range(40)]
+                for step in range(400):
+                    key = rng.choice(keys)
+                    if rng.random() < 0.2:
+                        app.actions.drop_note(key)
+                    else:
+                        app.actions.put_note(key, f"{key} at step {step}", step)
+                    if step % 4 == 0:
+                        # Let the engine push between edits: pushes overlap local writes.
+                        await anyio.sleep(0.01)
+                status = await idle(sync, 120)
+                assert status.failed == 0 and status.conflicts == 0
+            for fault in ("drop_after_forward", "error_500", "delay", "truncate"):
+                assert proxy.counts[fault] >= 1, fault
+            assert proxy.counts["rate_limited"] == 1 and proxy.counts["reset_mid_response"] == 1
+            await assert_pds_equals_local(app, sync, dev_pds.pds_url, direct.did)
+            assert_no_duplicate_commits(await commit_ops(direct, dev_pds.pds_url, collection))
+            sync.close()
+
+
+# --- the watchdog --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [Immediate(), Debounce(0.1), Batch(n=1000, max_delay=3600), Manual()],
+    ids=["immediate", "debounce", "batch", "manual"],
+)
+async def test_watchdog_retries_a_failed_queue_without_new_local_writes(
+    dev_pds: DevPDS, tmp_path: Path, request: pytest.FixtureRequest, strategy: Strategy
+) -> None:
+    collection = collection_for(request)
+    async with FaultProxy(dev_pds.pds_url) as proxy:
+        direct, session = await proxied_engine_setup(dev_pds, proxy)
+        proxy.add(Error500(), nsid=APPLY, nth=[1, 2])
+        proxy.add(DropBeforeForward(), nsid=APPLY, nth=3)
+        proxy.add(Error500(), nsid="com.atproto.sync.getLatestCommit", nth=1)
+        with App.open(tmp_path / "a.db", contract) as app:
+            sync = ATSync(
+                app,
+                bindings={"notes": Binding(collection)},
+                session=session,
+                push=strategy,
+                budget=RateBudget.off(),
+            )
+            log = StatusLog(sync)
+            async with sync:
+                seed_notes(app, [f"s{i:03d}" for i in range(10)])
+                # The one nudge a Batch/Manual app would give; after it, no more local writes
+                # and no more push_now(): only the engine's own retries can drain the queue.
+                sync.push_now()
+                status = await idle(sync, 45)
+                assert status.failed == 0
+            assert len(apply_writes_events(proxy)) == 4
+            assert proxy.counts["error_500"] == 3 and proxy.counts["drop_before_forward"] == 1
+            assert "error" in log.states
+            await assert_pds_equals_local(app, sync, dev_pds.pds_url, direct.did)
+            sync.close()
+
+
+# --- writes the PDS rejects for good -------------------------------------------------------------
+
+POST = "app.bsky.feed.post"  # a Lexicon the reference PDS knows, so it validates its records
+DATE = "2024-01-01T00:00:00.000Z"
+
+
+async def test_rejected_record_is_dead_lettered_and_the_rest_is_pushed(
+    dev_pds: DevPDS, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    collection = collection_for(request)
+    # bob's posts are written by this test only; their record keys must be TIDs.
+    session = await log_in(dev_pds, "bob.test")
+    bad = {"b1": ("no createdAt", None), "b2": ("x" * 400, DATE)}  # 300 graphemes at most
+    with App.open(tmp_path / "a.db", contract) as app:
+        sync = ATSync(
+            app,
+            bindings={"notes": Binding(collection), "posts": Binding(POST, rkey="tid")},
+            session=session,
+            push=Manual(),
+            budget=RateBudget.off(),
+        )
+
+        def post_rkeys(keys: Iterable[str]) -> set[str]:
+            return {str(sync.outbox.rkey_for(POST, "posts", key)) for key in keys}
+
+        async def assert_posts_on_pds() -> None:
+            # Only the valid posts of this database are on the PDS, as they are locally.
+            remote = await pds_records(dev_pds.pds_url, session.did, POST)
+            local = local_records(app, sync, "posts")
+            mine = {k: v for k, v in remote.items() if k in local}
+            assert mine == {k: v for k, v in local.items() if k not in post_rkeys(bad)}
+
+        async with sync:
+            with app.batch():
+                for i in range(30):
+                    app.actions.put_note(f"n{i:02d}", f"note {i}", i)
+                    if i % 3 == 0:
+                        app.actions.put_post(f"g{i:02d}", f"post {i}", DATE)
+                    if i == 10:
+                        app.actions.put_post("b1", *bad["b1"])
+                    if i == 20:
+                        app.actions.put_post("b2", *bad["b2"])
+            sync.push_now()
+            status = await idle(sync)
+            assert status.failed == 2
+            dead = sync.outbox.dead_letters()
+            assert {d.rkey for d in dead} == post_rkeys(bad)
+            assert all(d.error == "InvalidRequest" for d in dead)
+            assert all(d.message and "Invalid app.bsky.feed.post record" in d.message for d in dead)
+            await assert_pds_equals_local(app, sync, dev_pds.pds_url, session.did)
+            await assert_posts_on_pds()
+
+            assert sync.retry_dead_letters() == 2
+            # Back in the queue at once (no await since: the engine has not run yet).
+            assert sync.outbox.counts()[:2] == (2, 0)
+            status = await idle(sync)
+            # Still invalid: rejected again, with the server's reason, nothing else disturbed.
+            assert status.failed == 2
+            assert {d.rkey for d in sync.outbox.dead_letters()} == post_rkeys(bad)
+            await assert_pds_equals_local(app, sync, dev_pds.pds_url, session.did)
+            await assert_posts_on_pds()
+        sync.close()
+
+
+# --- rate limits ---------------------------------------------------------------------------------
+
+
+async def test_pds_rate_limit_slows_the_engine_and_loses_nothing(
+    make_pds: MakePDS, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The reference PDS limits repo writes per account to 5,000 points an hour (create 3,
+    update 2, delete 1; ``repo-write-hour`` in @atproto/pds's rate-limits.js, also 35,000 a
+    day). 1,800 creates are 5,400 points: over the hourly limit."""
+    pds = make_pds(rate_limits=True)
+    collection = collection_for(request)
+    session = await log_in(pds)
+    answers: list[httpx.Response] = []
+
+    async def on_response(response: httpx.Response) -> None:
+        if response.request.url.path.endswith(APPLY):
+            answers.append(response)
+
+    hooks = {"event_hooks": {"response": [on_response]}}
+    with App.open(tmp_path / "a.db", contract) as app:
+        keys = [f"k{i:04d}" for i in range(1800)]
+        # 1. The engine's own budget (the hosted PDS's figures) stops it before the PDS must.
+        paced = ATSync(
+            app,
+            bindings={"notes": Binding(collection)},
+            session=session,
+            push=Manual(),
+            client_options=hooks,
+        )
+        async with paced:
+            seed_notes(app, keys)
+            paced.push_now()
+            held = await wait_status(paced, lambda s: s.rate_limited_until is not None, 60)
+            assert held.pending == 200  # 8 batches of 200 creates = 4,800 points went out
+            assert held.rate_limited_until is not None
+            assert held.rate_limited_until > time.time() + 3000  # the window is an hour
+        assert [r.status_code for r in answers] == [200] * 8
+        paced.close()
+
+        # 2. Without a budget (as if another device had spent it), the PDS itself says 429.
+        answers.clear()
+        unpaced = ATSync(
+            app,
+            bindings={"notes": Binding(collection)},
+            session=session,
+            push=Manual(),
+            budget=RateBudget.off(),
+            client_options=hooks,
+        )
+        async with unpaced:
+            told = await wait_status(unpaced, lambda s: s.rate_limited_until is not None, 60)
+            assert [r.status_code for r in answers] == [429]
+            reset = float(answers[0].headers["ratelimit-reset"])
+            assert told.rate_limited_until is not None
+            assert told.rate_limited_until >= reset - 1  # waits as long as the PDS said
+            assert told.pending == 200 and told.failed == 0
+            # The PDS's limiter lives in its memory: a restart resets it. The user then asks
+            # to push now rather than wait out the hour.
+            await anyio.to_thread.run_sync(pds.stop)
+            await anyio.to_thread.run_sync(pds.start)
+            unpaced.push_now()
+            status = await idle(unpaced, 60)
+            assert status.rate_limited_until is None and status.failed == 0
+        assert [r.status_code for r in answers] == [429, 200]
+        await assert_pds_equals_local(app, unpaced, pds.pds_url, session.did)
+        actions = assert_no_duplicate_commits(await commit_ops(session, pds.pds_url, collection))
+        assert actions == {"create": 1800}
+        unpaced.close()
+
+
+async def test_rate_budget_holds_writes_until_the_window_frees_points(
+    dev_pds: DevPDS, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    collection = collection_for(request)
+    session = await log_in(dev_pds)
+    offset = 0.0
+    budget = RateBudget(per_hour=100, per_day=None, clock=lambda: time.time() + offset)
+    # 100 points spent almost an hour ago: they leave the window 2 s from now.
+    offset = -(3600.0 - 2.0)
+    budget.spend(100)
+    offset = 0.0
+    sent: list[float] = []
+
+    async def on_request(req: httpx.Request) -> None:
+        if req.url.path.endswith(APPLY):
+            sent.append(time.monotonic())
+
+    with App.open(tmp_path / "a.db", contract) as app:
+        sync = ATSync(
+            app,
+            bindings={"notes": Binding(collection)},
+            session=session,
+            push=Immediate(),
+            budget=budget,
+            client_options={"event_hooks": {"request": [on_request]}},
+        )
+        async with sync:
+            start = time.monotonic()
+            seed_notes(app, [f"s{i:02d}" for i in range(30)])  # 90 points
+            held = await wait_status(sync, lambda s: s.rate_limited_until is not None, 10)
+            assert held.pending == 30 and sent == []
+            assert held.rate_limited_until is not None
+            assert 1.0 < held.rate_limited_until - time.time() <= 2.1
+            status = await idle(sync, 30)
+            assert status.rate_limited_until is None
+        assert len(sent) == 1 and sent[0] - start >= 1.9
+        await assert_pds_equals_local(app, sync, dev_pds.pds_url, session.did)
+        sync.close()
+
+
+# --- kill -9 -------------------------------------------------------------------------------------
+
+
+def make_steps(seed: int, count: int, keys: int) -> list[tuple[str, str, str, int]]:
+    """The scripted sequence: (op, key, title, n) with op "put" or "drop"."""
+    rng = random.Random(seed)
+    alive: set[str] = set()
+    steps: list[tuple[str, str, str, int]] = []
+    names = [f"k{i:03d}" for i in range(keys)]
+    for i in range(count):
+        key = names[i] if i < keys else rng.choice(names)
+        if key in alive and rng.random() < 0.2:
+            steps.append(("drop", key, "", 0))
+            alive.discard(key)
+        else:
+            steps.append(("put", key, f"{key} v{i}", i))
+            alive.add(key)
+    return steps
+
+
+def expected_rows(steps: list[tuple[str, str, str, int]]) -> dict[str, tuple[str, int]]:
+    rows: dict[str, tuple[str, int]] = {}
+    for op, key, title, n in steps:
+        if op == "drop":
+            rows.pop(key, None)
+        else:
+            rows[key] = (title, n)
+    return rows
+
+
+CHILD = """
+import random
+import sys
+
+import anyio
+
+from atsync.app import ActionContext, App, Contract
+from atsync.atproto._session import FileSessionStore, Session, login
+from atsync.lexicon import Binding
+from atsync.sync import ATSync, Immediate, RateBudget
+
+contract = Contract(models={{
+    "notes": {{"id": "primary", "slug": "string", "title": "string", "n": "integer"}},
+    "progress": {{"id": "primary", "step": "integer"}},
+}})
+
+
+@contract.action
+def put_note(ctx: ActionContext, step: int, key: str, title: str, n: int) -> None:
+    ctx.db.set("notes", {{"id": key, "slug": key, "title": title, "n": n}})
+    ctx.db.set("progress", {{"id": "p", "step": step}})  # in the same transaction
+
+
+@contract.action
+def drop_note(ctx: ActionContext, step: int, key: str) -> None:
+    ctx.db.delete("notes", key)
+    ctx.db.set("progress", {{"id": "p", "step": step}})
+
+
+{make_steps}
+
+async def main() -> None:
+    db, store_dir, pds_url, did, password, collection = sys.argv[1:7]
+    steps = make_steps({seed}, {count}, {keys})
+    store = FileSessionStore(store_dir)
+    session = Session.resume(store, did) or await login(did, password, pds_url, store=store)
+    with App.open(db, contract) as app:
+        sync = ATSync(
+            app,
+            bindings={{"notes": Binding(collection, rkey="tid", local=["n"])}},
+            session=session,
+            push=Immediate(),
+            budget=RateBudget.off(),
+        )
+        async with sync:
+            print("ready", flush=True)
+            done = app.db.get("progress", "p")
+            start = done["step"] + 1 if done else 0
+            for i in range(start, len(steps)):
+                op, key, title, n = steps[i]
+                if op == "drop":
+                    app.actions.drop_note(i, key)
+                else:
+                    app.actions.put_note(i, key, title, n)
+                await anyio.sleep(0.01)  # the app's pace: pushes run between its actions
+            with anyio.fail_after(60):
+                await sync.wait_for_idle()
+            print("done", sync.outbox.counts(), flush=True)
+        sync.close()
+
+
+anyio.run(main)
+"""
+
+KILL_SEED, KILL_STEPS, KILL_KEYS, KILLS = 11, 1500, 100, 30
+
+kill_contract = Contract(
+    models={
+        "notes": {"id": "primary", "slug": "string", "title": "string", "n": "integer"},
+        "progress": {"id": "primary", "step": "integer"},
+    }
+)
+
+
+async def _run_child(
+    args: list[str], log: Path, kill_after: float | None
+) -> tuple[list[str], int | None]:
+    """Run the child; kill it ``kill_after`` seconds after its "ready" line (None: let it
+    finish). Returns its stdout lines and exit code."""
+    with log.open("ab") as err:
+        process = await anyio.open_process(args, stdout=subprocess.PIPE, stderr=err)
+        lines: list[str] = []
+        try:
+            assert process.stdout is not None
+            out = BufferedByteReceiveStream(process.stdout)
+            try:
+                with anyio.fail_after(60):
+                    lines.append((await out.receive_until(b"\n", 4096)).decode())
+            except (anyio.IncompleteRead, TimeoutError) as exc:
+                stderr = await anyio.Path(log).read_text()
+                raise AssertionError(f"no ready line; stderr: {stderr[-3000:]}") from exc
+            assert lines[0] == "ready", lines
+            if kill_after is None:
+                with anyio.fail_after(120):
+                    lines.append((await out.receive_until(b"\n", 4096)).decode())
+                    return lines, await process.wait()
+            # The one sleep here picks the kill moment; start-up was awaited above.
+            await anyio.sleep(kill_after)
+            if process.returncode is None:
+                process.send_signal(signal.SIGKILL)
+            return lines, await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            await process.aclose()
+
+
+def _progress(db: Path) -> int:
+    """The last scripted step the killed child committed (-1: none yet)."""
+    with closing(sqlite3.connect(db)) as conn:
+        row = conn.execute("SELECT step FROM progress WHERE id = 'p'").fetchone()
+    return -1 if row is None else int(row[0])
+
+
+@pytest.mark.slow
+async def test_kill_minus_9_thirty_times_loses_and_duplicates_nothing(
+    dev_pds: DevPDS, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    collection = collection_for(request)
+    account = dev_pds.accounts["alice.test"]
+    script = tmp_path / "child.py"
+    script.write_text(
+        CHILD.format(
+            make_steps=inspect.getsource(make_steps),
+            seed=KILL_SEED,
+            count=KILL_STEPS,
+            keys=KILL_KEYS,
+        )
+    )
+    db = tmp_path / "app.db"
+    args = [
+        sys.executable,
+        str(script),
+        str(db),
+        str(tmp_path / "sessions"),
+        dev_pds.pds_url,
+        account.did,
+        account.password,
+        collection,
+    ]
+    log = tmp_path / "child-stderr.log"
+    rng = random.Random(KILL_SEED)
+    killed, progress = 0, []
+    for _ in range(KILLS):
+        lines, code = await _run_child(args, log, kill_after=rng.uniform(0.0, 1.0))
+        killed += code == -signal.SIGKILL
+        progress.append(_progress(db))
+    lines, code = await _run_child(args, log, kill_after=None)
+    assert code == 0 and lines[-1].startswith("done (0, 0,"), (lines, log.read_text()[-3000:])
+    assert killed >= KILLS * 2 // 3, f"only {killed} of {KILLS} runs were killed"
+    # Most kills hit the script while it ran (and pushed), not an idle engine after it.
+    assert sum(1 for p in progress if p < KILL_STEPS - 1) >= KILLS // 2, progress
+
+    steps = make_steps(KILL_SEED, KILL_STEPS, KILL_KEYS)
+    expected = expected_rows(steps)
+    session = await log_in(dev_pds)
+    with App.open(db, kill_contract) as app:
+        sync = ATSync(
+            app,
+            bindings={"notes": Binding(collection, rkey="tid", local=["n"])},
+            push=Manual(),
+        )
+        # Every scripted step ran exactly once (progress is written with each action).
+        assert app.db.get("progress", "p") == {"id": "p", "step": KILL_STEPS - 1}
+        rows = {r["id"]: (r["title"], r["n"]) for r in app.db.query("notes")}
+        assert rows == expected
+        assert sync.outbox.counts()[:2] == (0, 0)
+        remote = await assert_pds_equals_local(app, sync, dev_pds.pds_url, session.did)
+        # Exactly once: one record per local row (a duplicate would have another TID).
+        slugs = Counter(str(v["slug"]) for v in remote.values())
+        assert slugs == Counter(list(expected))
+        assert_no_duplicate_commits(await commit_ops(session, dev_pds.pds_url, collection))
+        # Nobody else writes to this collection: a recorded conflict is a false alarm.
+        assert sync.outbox.counts()[2] == 0, "conflicts recorded against our own writes"
+        sync.close()
+
+
+# --- suspected engine bugs: each shows one precisely ---------------------------------------------
+
+
+async def test_first_push_delayed_past_the_timeout_cannot_resurrect_a_deleted_record(
+    dev_pds: DevPDS, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The very first batch of a database goes out without swapCommit (no commit is known
+    yet). If it reaches the PDS only after the engine gave up on it, re-sent it, and pushed
+    newer changes, it applies on top of them: here it re-creates a record deleted since."""
+    collection = collection_for(request)
+    async with FaultProxy(dev_pds.pds_url) as proxy:
+        direct, session = await proxied_engine_setup(dev_pds, proxy)
+        late = Hold(after_forward=False)  # held before the PDS sees it
+        proxy.add(late, nsid=APPLY, nth=1)
+        with App.open(tmp_path / "a.db", contract) as app:
+            sync = ATSync(
+                app,
+                bindings={"notes": Binding(collection)},
+                session=session,
+                push=Immediate(),
+                budget=RateBudget.off(),
+                client_options={"timeout": 0.5},
+            )
+            async with sync:
+                app.actions.put_note("a", "first", 1)
+                await idle(sync, 30)  # timed out, reconciled, re-sent: on the PDS
+                app.actions.drop_note("a")
+                await idle(sync, 30)
+                late.release()
+                with anyio.fail_after(10):
+                    await proxy.wait_until(lambda p: p.events[0].done)
+                assert apply_writes_events(proxy)[0].forwarded
+                sync.push_now()
+                await idle(sync, 30)
+            await assert_pds_equals_local(app, sync, dev_pds.pds_url, direct.did)
+            sync.close()
+
+
+async def test_retrying_a_dead_letter_never_overwrites_a_newer_pushed_version(
+    dev_pds: DevPDS, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A write the PDS rejected (here: v1 of note x, refused with a 400 that a later PDS
+    policy no longer gives) is superseded by a newer local version that reaches the PDS.
+    ``retry_dead_letters()`` must not send the stale v1 over it."""
+    collection = collection_for(request)
+
+    def rejects_v1(req: ProxyRequest) -> bool:
+        body = req.json() or {}
+        return any((w.get("value") or {}).get("title") == "x v1" for w in body.get("writes", []))
+
+    async with FaultProxy(dev_pds.pds_url) as proxy:
+        direct, session = await proxied_engine_setup(dev_pds, proxy)
+        proxy.add(Answer(400, "InvalidRecord", "refused by policy"), nsid=APPLY, when=rejects_v1)
+        with App.open(tmp_path / "a.db", contract) as app:
+            sync = ATSync(
+                app,
+                bindings={"notes": Binding(collection)},
+                session=session,
+                push=Manual(),
+                budget=RateBudget.off(),
+            )
+            async with sync:
+                app.actions.put_note("x", "x v1", 1)
+                app.actions.put_note("y", "y v1", 1)
+                sync.push_now()
+                status = await idle(sync)
+                assert status.failed == 1 and sync.outbox.dead_letters()[0].rkey == "x"
+                app.actions.put_note("x", "x v2", 2)  # the fix, pushed fine
+                sync.push_now()
+                await idle(sync)
+                await assert_pds_equals_local(app, sync, dev_pds.pds_url, direct.did)
+                proxy.clear()  # the PDS would now accept v1
+                sync.retry_dead_letters()
+                await idle(sync)
+            assert proxy.counts["answer"] >= 1
+            await assert_pds_equals_local(app, sync, dev_pds.pds_url, direct.did)
+            sync.close()
+
+
+async def test_saving_unchanged_content_makes_no_new_commit(
+    dev_pds: DevPDS, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """applyWrites#update with unchanged content still makes a commit (PDS.md). Saving a row
+    unchanged, or editing it and back before a push, must not send one."""
+    collection = collection_for(request)
+    session = await log_in(dev_pds)
+    with App.open(tmp_path / "a.db", contract) as app:
+        sync = ATSync(
+            app,
+            bindings={"notes": Binding(collection)},
+            session=session,
+            push=Manual(),
+            budget=RateBudget.off(),
+        )
+        async with sync:
+            app.actions.put_note("a", "same", 1)
+            app.actions.put_note("b", "same", 1)
+            sync.push_now()
+            await idle(sync)
+            app.actions.put_note("a", "same", 1)  # saved again, unchanged
+            app.actions.put_note("b", "changed", 2)
+            app.actions.put_note("b", "same", 1)  # and changed back before any push
+            sync.push_now()
+            await idle(sync)
+        await assert_pds_equals_local(app, sync, dev_pds.pds_url, session.did)
+        ops = await commit_ops(session, dev_pds.pds_url, collection)
+        assert_no_duplicate_commits(ops)
+        sync.close()
