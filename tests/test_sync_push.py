@@ -187,3 +187,55 @@ async def test_per_binding_strategies(
             with anyio.fail_after(30):
                 await sync.wait_for_idle()
             assert list(await remote_records(session, f"{base}.slow")) == ["k1"]
+
+
+def note_lexicon(nsid: str) -> dict[str, Any]:
+    return {
+        "lexicon": 1,
+        "id": nsid,
+        "defs": {
+            "main": {
+                "type": "record",
+                "key": "any",
+                "record": {
+                    "type": "object",
+                    "required": ["title", "n"],
+                    "properties": {
+                        "title": {"type": "string", "maxLength": 12},
+                        "body": {"type": "string"},
+                        "n": {"type": "integer", "minimum": 0},
+                    },
+                },
+            }
+        },
+    }
+
+
+async def test_records_are_checked_against_the_lexicon_before_the_outbox(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    from atsync._errors import RecordError, SchemaError
+
+    collection = collection_for(request)
+    with App.open(tmp_path / "l.db", contract) as app:
+        with pytest.raises(SchemaError, match="no Lexicon for it"):
+            ATSync(app, bindings={"notes": Binding(collection)}, lexicons=[note_lexicon("a.b.c")])
+        sync = ATSync(
+            app,
+            bindings={"notes": Binding(collection)},
+            lexicons=[note_lexicon(collection)],
+            session=await alice(dev_pds),
+            push=Immediate(),
+            budget=RateBudget.off(),
+        )
+        app.actions.put_note("ok", "short", 1)
+        with pytest.raises(RecordError, match="maxLength"):
+            app.actions.put_note("long", "a title far too long", 1)
+        with pytest.raises(RecordError, match="minimum"):
+            app.actions.put_note("neg", "t", -1)
+        assert app.db.get("notes", "long") is None and app.db.get("notes", "neg") is None
+        assert sync.outbox.counts() == (1, 0, 0)
+        async with sync:
+            with anyio.fail_after(30):
+                await sync.wait_for_idle()
+        assert list(await remote_records(await alice(dev_pds), collection)) == ["ok"]

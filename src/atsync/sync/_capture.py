@@ -48,18 +48,18 @@ class ActionCall:
 
 
 OnAction = Callable[[ActionCall], Sequence[RecordWrite] | None]
-Validator = Callable[[str, Mapping[str, Any]], None]
+Validator = Callable[[str, str, Mapping[str, Any]], None]  # (collection, rkey, record)
 
 
 def encode_record(
-    collection: str, record: Mapping[str, Any], validate: Validator | None
+    collection: str, rkey: str, record: Mapping[str, Any], validate: Validator | None
 ) -> tuple[str, str]:
     """Check a record and return (its JSON form, its CID)."""
     if record.get("$type") != collection:
         raise RecordError(f"{collection}: the record's $type must be {collection!r}")
     check_data_model(record)
     if validate is not None:
-        validate(collection, record)
+        validate(collection, rkey, record)
     data = encode_dag_cbor(record)
     if len(data) > MAX_RECORD_BYTES:
         raise RecordError(
@@ -144,7 +144,7 @@ class Capture:
         if row is None:
             self._queue(collection, rkey, model, key, None, None)
             return
-        record_json, cid = encode_record(collection, binding.to_record(row), self._validate)
+        record_json, cid = encode_record(collection, rkey, binding.to_record(row), self._validate)
         self._queue(collection, rkey, model, key, record_json, cid)
 
     def after_action(
@@ -162,7 +162,7 @@ class Capture:
                 self._queue(write.collection, write.rkey, model, write.rkey, None, None)
                 continue
             record = {"$type": write.collection, **write.record}
-            record_json, cid = encode_record(write.collection, record, self._validate)
+            record_json, cid = encode_record(write.collection, write.rkey, record, self._validate)
             self._queue(write.collection, write.rkey, model, write.rkey, record_json, cid)
 
     def _queue(

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import anyio
@@ -32,7 +33,7 @@ from .._errors import (
 from ..app import App
 from ..atproto._xrpc import XrpcClient
 from ..atproto._xrpc_errors import outcome_unknown
-from ..lexicon._binding import Binding, BoundBinding
+from ..lexicon import Binding, BoundBinding, LexiconSet, validate_record
 from ._backoff import Backoff
 from ._budget import RateBudget
 from ._capture import Capture, OnAction, Validator
@@ -75,6 +76,7 @@ class ATSync:
         app: App,
         *,
         bindings: Mapping[str, Binding],
+        lexicons: LexiconSet | Iterable[str | os.PathLike[str] | Mapping[str, Any]] | None = None,
         session: SessionLike | SessionSource | None = None,
         push: Strategy | None = None,
         on_action: OnAction | None = None,
@@ -95,6 +97,9 @@ class ATSync:
         collections = [b.collection for b in self._bindings.values()]
         if len(set(collections)) != len(collections):
             raise SchemaError("two bindings share a collection; each model needs its own")
+        self.lexicons = _lexicon_set(lexicons)
+        if self.lexicons is not None:
+            validate = _lexicon_validator(self.lexicons, self._bindings.values(), validate)
         self.strategy = push or Debounce(0.5)
         self.outbox = Outbox(db)
         self.budget = budget if budget is not None else RateBudget()
@@ -396,6 +401,46 @@ class ATSync:
     def close(self) -> None:
         """Stop capturing local writes (the engine task must already be stopped)."""
         self._capture.detach()
+
+
+def _lexicon_set(
+    lexicons: LexiconSet | Iterable[str | os.PathLike[str] | Mapping[str, Any]] | None,
+) -> LexiconSet | None:
+    if lexicons is None or isinstance(lexicons, LexiconSet):
+        return lexicons
+    docs = LexiconSet()
+    for item in lexicons:
+        if isinstance(item, Mapping):
+            docs.add(item)
+        else:
+            for doc in LexiconSet.load(item):
+                docs.add(doc)
+    return docs
+
+
+def _lexicon_validator(
+    lexicons: LexiconSet, bindings: Iterable[BoundBinding], extra: Validator | None
+) -> Validator:
+    """Every pushed binding needs its record Lexicon; records of other collections (from
+    ``on_action``) are checked when their Lexicon is in the set."""
+    pushed = [b.collection for b in bindings if b.direction != "pull"]
+    for collection in pushed:
+        if collection not in lexicons:
+            raise SchemaError(
+                f"binding {collection}: lexicons= has no Lexicon for it (loaded: "
+                f"{', '.join(doc.id for doc in lexicons) or 'none'})"
+            )
+        lexicons.record_def(collection)
+    if pushed:
+        lexicons.check_refs(*pushed)
+
+    def validate(collection: str, rkey: str, record: Mapping[str, Any]) -> None:
+        if collection in lexicons:
+            validate_record(lexicons, collection, record, rkey=rkey)
+        if extra is not None:
+            extra(collection, rkey, record)
+
+    return validate
 
 
 def _as_dict(status: SyncStatus) -> dict[str, Any]:
