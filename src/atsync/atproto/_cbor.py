@@ -17,6 +17,8 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any
 
+import libipld
+
 from atsync._errors import RecordError, VerificationError
 
 __all__ = [
@@ -125,7 +127,9 @@ class CID:
         return self._raw
 
     def __str__(self) -> str:
-        return "b" + base64.b32encode(self._raw).decode().lower().rstrip("=")
+        # libipld's base32 is ~20x faster than base64.b32encode (pure Python in 3.11), and a
+        # CID string is made for every record queued for push.
+        return str(libipld.encode_multibase("b", self._raw))
 
     def __repr__(self) -> str:
         return f"CID({str(self)!r})"
@@ -400,23 +404,37 @@ def decode_record(data: bytes) -> dict[str, Any]:
 # --- data model --------------------------------------------------------------------------------
 
 
-def check_data_model(value: Any) -> None:
+def check_data_model(value: Any) -> bool:
     """Raise ``RecordError`` (naming the path) unless ``value`` is an atproto data-model object.
 
     The top level must be a map. Rejected anywhere: floats, non-string map keys, integers
     outside 64 bits, invalid Unicode, unknown types, ``$link``/``$bytes`` keys (they cannot
     survive a JSON round trip), an empty or non-string ``$type``, malformed blobs.
+
+    Returns whether the value is *plain*: free of bytes and CID links. Plain values encode the
+    same with libipld (much faster) as with ``encode_dag_cbor``, and their JSON form is
+    themselves.
     """
     if not isinstance(value, Mapping):
         raise RecordError(f"$: top level must be an object, got {type(value).__name__}")
-    _check(value, 0, "$")
+    return not _check(value, 0, "$")
 
 
-def _check(value: Any, depth: int, path: str) -> None:
+def encode_checked(value: Any, plain: bool) -> bytes:
+    """DAG-CBOR of a value ``check_data_model`` accepted (``plain``: what it returned)."""
+    # libipld mistakes bytes that parse as a CID for a link; without bytes it is exact.
+    return bytes(libipld.encode_dag_cbor(value)) if plain else encode_dag_cbor(value)
+
+
+def _check(value: Any, depth: int, path: str) -> bool:
+    """Check ``value``; return whether it holds bytes or CID links anywhere."""
     if depth > MAX_DEPTH:
         raise RecordError(f"{path}: nested deeper than {MAX_DEPTH} levels")
-    if value is None or isinstance(value, bool | bytes | bytearray | memoryview | CID):
-        return
+    if value is None or isinstance(value, bool):
+        return False
+    if isinstance(value, bytes | bytearray | memoryview | CID):
+        return True
+    binary = False
     if isinstance(value, int):
         if not _INT_MIN <= value <= _INT_MAX:
             raise RecordError(f"{path}: integer {value} outside the signed 64-bit range")
@@ -427,7 +445,7 @@ def _check(value: Any, depth: int, path: str) -> None:
             raise RecordError(f"{path}: string is not valid Unicode ({e.reason})") from e
     elif isinstance(value, list | tuple):
         for i, item in enumerate(value):
-            _check(item, depth + 1, f"{path}[{i}]")
+            binary = _check(item, depth + 1, f"{path}[{i}]") or binary
     elif isinstance(value, Mapping):
         for k, v in value.items():
             if not isinstance(k, str):
@@ -435,7 +453,7 @@ def _check(value: Any, depth: int, path: str) -> None:
             if k in ("$link", "$bytes"):
                 raise RecordError(f"{path}: key {k!r} is reserved for the JSON encoding")
             _check(k, depth + 1, f"{path}.<key>")
-            _check(v, depth + 1, f"{path}.{k}")
+            binary = _check(v, depth + 1, f"{path}.{k}") or binary
         if "$type" in value:
             t = value["$type"]
             if not isinstance(t, str) or not t:
@@ -446,6 +464,7 @@ def _check(value: Any, depth: int, path: str) -> None:
         raise RecordError(f"{path}: float {value!r} is not allowed in the atproto data model")
     else:
         raise RecordError(f"{path}: {type(value).__name__} is not an atproto data-model type")
+    return binary
 
 
 def _check_blob(value: Mapping[str, Any], path: str) -> None:

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from .._errors import RecordError
 from ..app import ActionContext, App
-from ..atproto._cbor import CID, check_data_model, data_to_json, encode_dag_cbor
+from ..atproto._cbor import CID, check_data_model, data_to_json, encode_checked
 from ..atproto._syntax import TidClock, is_valid_nsid, is_valid_record_key
 from ..lexicon._binding import MAX_RECORD_BYTES, BoundBinding
 from ._outbox import Outbox
@@ -47,6 +47,7 @@ class ActionCall:
     ctx: ActionContext
 
 
+_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 OnAction = Callable[[ActionCall], Sequence[RecordWrite] | None]
 Validator = Callable[[str, str, Mapping[str, Any]], None]  # (collection, rkey, record)
 
@@ -57,16 +58,16 @@ def encode_record(
     """Check a record and return (its JSON form, its CID)."""
     if record.get("$type") != collection:
         raise RecordError(f"{collection}: the record's $type must be {collection!r}")
-    check_data_model(record)
+    plain = check_data_model(record)
     if validate is not None:
         validate(collection, rkey, record)
-    data = encode_dag_cbor(record)
+    data = encode_checked(record, plain)
     if len(data) > MAX_RECORD_BYTES:
         raise RecordError(
             f"{collection}: record of {len(data):,} bytes is over the "
             f"{MAX_RECORD_BYTES:,}-byte limit"
         )
-    as_json = json.dumps(data_to_json(record), ensure_ascii=False, separators=(",", ":"))
+    as_json = _json(record if plain else data_to_json(record))
     return as_json, str(CID.for_data(data))
 
 
