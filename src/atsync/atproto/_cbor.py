@@ -117,7 +117,13 @@ class CID:
     @classmethod
     def for_data(cls, data: bytes, codec: int = CODEC_DAG_CBOR) -> CID:
         digest = hashlib.sha256(data).digest()
-        return cls(bytes((1, codec, HASH_SHA256, 32)) + digest)
+        if codec >= 0x80:  # multi-byte varint: take the general, checked path
+            return cls(bytes((1,)) + encode_uvarint(codec) + bytes((HASH_SHA256, 32)) + digest)
+        # Built from known parts, so it needs no parsing back (this is on the push path).
+        cid = cls.__new__(cls)
+        cid._raw = bytes((1, codec, HASH_SHA256, 32)) + digest
+        cid.codec, cid.hash_code, cid.digest = codec, HASH_SHA256, digest
+        return cid
 
     @property
     def version(self) -> int:

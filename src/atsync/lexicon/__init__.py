@@ -1,8 +1,8 @@
 """Lexicons: load and check Lexicon documents, validate records, bind models to collections.
 
-    lexicons = LexiconSet.load("lexicons/")
-    validate_record(lexicons, "com.example.notes.note", record)
-    Binding("com.example.notes.note", fields={"body": "text"})
+lexicons = LexiconSet.load("lexicons/")
+validate_record(lexicons, "com.example.notes.note", record)
+Binding("com.example.notes.note", fields={"body": "text"})
 """
 
 from ._binding import Binding, BoundBinding, Transform

@@ -132,7 +132,9 @@ class Outbox:
     def rkey_for(self, collection: str, model: str, key: str) -> str | None:
         """The record key already assigned to a row, if it was ever queued or synced."""
         row = self._db.connection.execute(
-            f"SELECT rkey FROM {RECORDS} WHERE model = ? AND key = ?", (model, key)
+            f"SELECT rkey FROM {RECORDS} WHERE model = ? AND key = ? UNION ALL "
+            f"SELECT rkey FROM {OUTBOX} WHERE model = ? AND key = ? LIMIT 1",
+            (model, key, model, key),
         ).fetchone()
         return None if row is None else str(row[0])
 
@@ -151,21 +153,15 @@ class Outbox:
         Runs inside the caller's transaction (the local change being made).
         """
         conn = self._db.connection
-        synced = conn.execute(
-            f"SELECT cid FROM {RECORDS} WHERE collection = ? AND rkey = ?", (collection, rkey)
-        ).fetchone()
-        if synced is None:
-            conn.execute(
-                f"INSERT INTO {RECORDS} (collection, rkey, model, key, cid) "
-                "VALUES (?, ?, ?, ?, NULL)",
-                (collection, rkey, model, key),
-            )
-        on_pds = synced is not None and synced[0] is not None
-        queued = conn.execute(
-            f"SELECT seq, op, attempted FROM {OUTBOX} WHERE collection = ? AND rkey = ?",
+        # One read for both: is the record on the PDS, and is a write to it queued already?
+        on_pds_cid, seq, queued_op, attempted = conn.execute(
+            f"SELECT (SELECT cid FROM {RECORDS} WHERE collection = ?1 AND rkey = ?2), "
+            f"o.seq, o.op, o.attempted FROM (SELECT 1) "
+            f"LEFT JOIN {OUTBOX} o ON o.collection = ?1 AND o.rkey = ?2",
             (collection, rkey),
         ).fetchone()
-        if queued is None:
+        on_pds = on_pds_cid is not None
+        if seq is None:
             if record is None and not on_pds:
                 return  # deleting what never reached the PDS: nothing to do
             op: Op = "delete" if record is None else ("update" if on_pds else "create")
@@ -175,7 +171,6 @@ class Outbox:
                 (collection, rkey, op, record, cid, model, key, action_id, action_id),
             )
             return
-        seq, queued_op, attempted = queued
         if record is None:
             if queued_op == "create" and not attempted and not on_pds:
                 conn.execute(f"DELETE FROM {OUTBOX} WHERE seq = ?", (seq,))
@@ -190,6 +185,15 @@ class Outbox:
             "last_action = coalesce(?, last_action), first_action = coalesce(first_action, ?) "
             "WHERE seq = ?",
             (op, record, cid, action_id, action_id, seq),
+        )
+
+    def _note_remote(self, conn: sqlite3.Connection, seq: int, cid: str | None) -> None:
+        """Remember the CID the PDS now holds for the record of outbox row ``seq``."""
+        conn.execute(
+            f"INSERT INTO {RECORDS} (collection, rkey, model, key, cid) "
+            f"SELECT collection, rkey, model, key, ?1 FROM {OUTBOX} WHERE seq = ?2 "
+            "ON CONFLICT (collection, rkey) DO UPDATE SET cid = ?1",
+            (cid, seq),
         )
 
     # -- the push side ------------------------------------------------------------------
@@ -242,11 +246,7 @@ class Outbox:
         with self._db.transaction():
             conn = self._db.connection
             for w in writes:
-                remote_cid = None if w.op == "delete" else w.cid
-                conn.execute(
-                    f"UPDATE {RECORDS} SET cid = ? WHERE collection = ? AND rkey = ?",
-                    (remote_cid, w.collection, w.rkey),
-                )
+                self._note_remote(conn, w.seq, None if w.op == "delete" else w.cid)
                 gone = conn.execute(
                     f"DELETE FROM {OUTBOX} WHERE seq = ? AND version = ?", (w.seq, w.version)
                 ).rowcount
@@ -276,10 +276,7 @@ class Outbox:
         """The PDS holds ``remote_cid`` for this record (None: absent): resend on top of it."""
         with self._db.transaction():
             conn = self._db.connection
-            conn.execute(
-                f"UPDATE {RECORDS} SET cid = ? WHERE collection = ? AND rkey = ?",
-                (remote_cid, write.collection, write.rkey),
-            )
+            self._note_remote(conn, write.seq, remote_cid)
             if write.op == "delete" and remote_cid is None:
                 conn.execute(f"DELETE FROM {OUTBOX} WHERE seq = ?", (write.seq,))
                 return
