@@ -200,3 +200,17 @@ def test_state_and_log_survive_reopening(tmp_path: Path) -> None:
         assert app.did == did  # the same key, from the key file
         assert app.actions.bump("x").result == 2
         assert app.log.verify() == 2
+
+
+def test_one_app_at_a_time_appends_to_a_database(tmp_path: Path) -> None:
+    from atsync._errors import TransactionError
+    from atsync.db import ModelDB
+
+    first = App.open(tmp_path / "w.db", contract)
+    with pytest.raises(TransactionError, match=r"already open in an App \(pid \d+\)"):
+        App.open(tmp_path / "w.db", contract)
+    with ModelDB.open_existing(tmp_path / "w.db") as reader:  # readers need no lock
+        assert reader.count("notes") == 0
+    first.close()
+    with App.open(tmp_path / "w.db", contract) as second:
+        assert second.actions.bump("x").result == 1

@@ -10,14 +10,16 @@ app.rebuild()                                 # replay the log into empty tables
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .._errors import ActionError
+from .._errors import ActionError, TransactionError
 from ..atproto._syntax import Tid, TidClock
 from ..db import ModelDB, Subscription
 from ..db._sqlite import Durability, Row
@@ -110,6 +112,7 @@ class App:
         self.contract = contract
         self.signer = signer
         self.log = ActionLog(db, sealer=self.seal)
+        self._log_pending = self.log.pending  # appended to directly on the hot path
         self.db = ReadOnlyDB(db)
         self.actions = Actions(self)
         # The clock id is fixed per signing key, so a device's TIDs do not change between
@@ -120,6 +123,7 @@ class App:
         if head is not None:
             self._clock.observe(head)
         self._in_action = False
+        self._writer_lock: int | None = None
         # The action running now (None outside actions) and whether rebuild() is replaying:
         # the sync layer reads both to attribute writes and to leave replays out of the outbox.
         self.current_action: ActionContext | None = None
@@ -153,16 +157,22 @@ class App:
         0 signs every transaction.
         """
         signer = signer if signer is not None else LocalSigner()
-        signer.attach(path)
-        db = ModelDB.open(
-            path,
-            contract.schema,
-            version=contract.version,
-            upgrade=contract.upgrade,
-            durability=durability,
-            setup=create_log_table,
-        )
-        app = cls(db, contract, signer, seal_interval=seal_interval)
+        lock = _writer_lock(path)
+        try:
+            signer.attach(path)
+            db = ModelDB.open(
+                path,
+                contract.schema,
+                version=contract.version,
+                upgrade=contract.upgrade,
+                durability=durability,
+                setup=create_log_table,
+            )
+            app = cls(db, contract, signer, seal_interval=seal_interval)
+        except BaseException:
+            _release(lock)
+            raise
+        app._writer_lock = lock
         signer.opened(app)
         return app
 
@@ -187,6 +197,8 @@ class App:
                 self.seal()
             finally:
                 self._db.close()
+                _release(self._writer_lock)
+                self._writer_lock = None
 
     def __enter__(self) -> App:
         return self
@@ -238,7 +250,7 @@ class App:
         clock = self._clock
         ctx = ActionContext(self._db, self.signer.did, clock.next_timestamp(), clock.clock_id)
         # Logged before it runs, so entries are appended in id order.
-        self.log.append(ctx.id, name, args_json, ctx.did)
+        self._log_pending.append((ctx.id, name, args_json, ctx.did))
         self._in_action = True
         self.current_action = ctx
         try:
@@ -336,3 +348,33 @@ class App:
                 self._in_action = False
                 self.replaying = False
         return replayed
+
+
+def _writer_lock(path: str | Path) -> int | None:
+    """Hold ``<path>.lock`` exclusively while the app is open: one process appends actions.
+
+    The action log is hash-chained in append order; two processes appending at once would
+    interleave their entries. Readers (other connections, the CLI) need no lock. The kernel
+    drops the lock when the process dies, so a crash never leaves it behind.
+    """
+    if str(path) == ":memory:":
+        return None
+    lock_path = f"{path}.lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise TransactionError(
+            f"{path} is already open in an App (pid {holder}); one process at a time writes "
+            "actions. Read it with ModelDB.open_existing() or the atsync CLI meanwhile."
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+def _release(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)  # closing the descriptor drops the flock

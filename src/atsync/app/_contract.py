@@ -6,7 +6,7 @@ import inspect
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, overload
 
 from .._errors import ActionError
 from ..atproto._syntax import Tid, format_tid, is_valid_nsid
@@ -53,8 +53,7 @@ class ActionContext:
         return self._tids
 
 
-@dataclass(frozen=True, slots=True)
-class ActionResult:
+class ActionResult(NamedTuple):
     """What calling an action returns: its log ``id`` and the function's ``result``."""
 
     id: str

@@ -129,9 +129,15 @@ class ActionLog:
         self._sealer = sealer  # the app's seal(): lets verify() seal a fresh tail first
         self._pending: list[Pending] = []
         db.stage(self._pending)
-        # (db.generation, hash) of the newest link, valid while no rollback or new
-        # transaction can have changed it.
+        # (db.generation, hash) of the newest link, valid while no rollback undid it. Only
+        # this connection appends to the log (App.open holds the database's writer lock), so
+        # the cache outlives transactions and saves a read per action.
         self._head: tuple[int, bytes] | None = None
+
+    @property
+    def pending(self) -> list[Pending]:
+        """Entries of the open transaction, not yet written (``append`` adds to it)."""
+        return self._pending
 
     def append(self, entry_id: str, name: str, args: str, author: str) -> None:
         """Append inside the caller's transaction; written by ``flush`` before it commits."""

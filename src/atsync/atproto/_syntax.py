@@ -273,14 +273,16 @@ class TidClock:
         self.clock_id = secrets.randbelow(_MAX_CLOCK_ID + 1) if clock_id is None else clock_id
         if not 0 <= self.clock_id <= _MAX_CLOCK_ID:
             raise SyntaxError_(f"invalid TID clock id {self.clock_id}: must be in 0..1023")
-        self._now_us = now_us or (lambda: time.time_ns() // 1000)
+        self._now_us = now_us
         self._last = -1
         self._lock = threading.Lock()
 
     def next_timestamp(self) -> int:
         """The next timestamp in microseconds: now, or just after the last one if later."""
+        # Called for every action: the default clock is read inline rather than through a
+        # lambda (time.time_ns is looked up each call, so tests can still patch it).
         with self._lock:
-            ts = self._now_us()
+            ts = time.time_ns() // 1000 if self._now_us is None else self._now_us()
             if ts <= self._last:
                 ts = self._last + 1
             self._last = ts

@@ -74,18 +74,18 @@ class Model:
     properties: tuple[Property, ...]
     indexes: tuple[tuple[str, ...], ...] = ()
     by_name: Mapping[str, Property] = field(default_factory=dict, compare=False, repr=False)
+    # Derived once: the write path reads them for every record.
+    primary_key: str = field(init=False, compare=False, repr=False)
+    columns: tuple[Property, ...] = field(init=False, compare=False, repr=False)
+    relations: tuple[Property, ...] = field(init=False, compare=False, repr=False)
 
-    @property
-    def primary_key(self) -> str:
-        return next(p.name for p in self.properties if p.kind == "primary")
-
-    @property
-    def columns(self) -> tuple[Property, ...]:
-        return tuple(p for p in self.properties if p.is_column)
-
-    @property
-    def relations(self) -> tuple[Property, ...]:
-        return tuple(p for p in self.properties if p.kind == "relation")
+    def __post_init__(self) -> None:
+        keys = [p.name for p in self.properties if p.kind == "primary"]
+        object.__setattr__(self, "primary_key", keys[0] if keys else "")
+        object.__setattr__(self, "columns", tuple(p for p in self.properties if p.is_column))
+        object.__setattr__(
+            self, "relations", tuple(p for p in self.properties if p.kind == "relation")
+        )
 
     def to_spec(self) -> dict[str, Any]:
         """The model written back in the schema language (round-trips through parsing)."""

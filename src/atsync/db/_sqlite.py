@@ -100,8 +100,8 @@ class ModelDB:
         self._owner: int | None = None  # thread id holding the open transaction
         self._failure: str | None = None  # why the open transaction may not commit
         self._closed = False
-        # Bumped when a transaction begins and on every rollback: a cache of what the
-        # database holds (the action log's head) is valid while this stays the same.
+        # Bumped on every rollback: a cache of what this connection wrote (the action log's
+        # head) is valid while this stays the same.
         self.generation = 0
         self._hub = SubscriptionHub()
         # Hooks of the layer above (the app's action log): run inside the outermost
@@ -228,7 +228,6 @@ class ModelDB:
             self._lock.release()
             raise
         if depth == 0:
-            self.generation += 1
             self._failure = None
             self._owner = threading.get_ident()
         self._depth = depth + 1
@@ -386,7 +385,7 @@ class ModelDB:
 
     def _encode(self, plan: _Plan, value: Mapping[str, Any]) -> list[object]:
         model = plan.model
-        if not isinstance(value, Mapping):
+        if type(value) is not dict and not isinstance(value, Mapping):
             raise ValidationError(f"{model.name}: expected a mapping, got {type(value).__name__}")
         if not value.keys() <= plan.name_set:
             unknown = sorted(k for k in value if k not in plan.name_set)
