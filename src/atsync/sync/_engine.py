@@ -40,7 +40,7 @@ from ._capture import Capture, OnAction, Validator
 from ._outbox import Outbox, create_sync_tables
 from ._pusher import Pusher, PushResult
 from ._status import SyncStatus
-from ._strategies import Debounce, Strategy
+from ._strategies import Debounce, Queue, Strategy
 from ._waker import Waker
 
 __all__ = ["ATSync", "SessionLike"]
@@ -276,10 +276,7 @@ class ATSync:
             # Queued by another process, or left after an error: the watchdog pushes it.
             first, last = self._changes.setdefault(collection, (now, now))
             at = self._strategy_for(collection).due_at(
-                first_change=first,
-                last_change=last,
-                last_push=self._last_push.get(collection, 0.0),
-                pending=count,
+                Queue(first, last, self._last_push.get(collection, 0.0), count)
             )
             earliest = min(earliest, at)
             if at <= now:

@@ -62,7 +62,6 @@ _DDL = f"""
             last_error TEXT,
             UNIQUE (collection, rkey)
         );
-        CREATE INDEX IF NOT EXISTS {OUTBOX}__by__first_action ON {OUTBOX} (first_action);
         CREATE TABLE IF NOT EXISTS {RECORDS} (
             collection TEXT NOT NULL, rkey TEXT NOT NULL,
             model TEXT NOT NULL, key TEXT NOT NULL,

@@ -17,35 +17,31 @@ from dataclasses import dataclass
 
 from .._errors import ValidationError
 
-__all__ = ["Batch", "Debounce", "Immediate", "Interval", "Manual", "Strategy"]
+__all__ = ["Batch", "Debounce", "Immediate", "Interval", "Manual", "Queue", "Strategy"]
+
+
+@dataclass(frozen=True, slots=True)
+class Queue:
+    """What a strategy decides on, for one collection (times are ``time.monotonic()``)."""
+
+    first_change: float  # the oldest local change not pushed yet
+    last_change: float  # the newest one
+    last_push: float  # when this collection was last pushed (0: never)
+    pending: int  # writes waiting
 
 
 class Strategy:
     """Decides when the next push is due; the engine asks after every change and wake-up."""
 
-    def due_at(
-        self,
-        *,
-        first_change: float | None,
-        last_change: float | None,
-        last_push: float,
-        pending: int,
-    ) -> float:
+    def due_at(self, queue: Queue) -> float:
         """Monotonic time at which to push (``math.inf``: not until something happens)."""
         raise NotImplementedError
 
 
 @dataclass(frozen=True)
 class Immediate(Strategy):
-    def due_at(
-        self,
-        *,
-        first_change: float | None,
-        last_change: float | None,
-        last_push: float,
-        pending: int,
-    ) -> float:
-        return first_change if first_change is not None else math.inf
+    def due_at(self, queue: Queue) -> float:
+        return queue.first_change
 
 
 @dataclass(frozen=True)
@@ -55,15 +51,8 @@ class Debounce(Strategy):
     def __post_init__(self) -> None:
         _positive("Debounce(seconds)", self.seconds, allow_zero=True)
 
-    def due_at(
-        self,
-        *,
-        first_change: float | None,
-        last_change: float | None,
-        last_push: float,
-        pending: int,
-    ) -> float:
-        return math.inf if last_change is None else last_change + self.seconds
+    def due_at(self, queue: Queue) -> float:
+        return queue.last_change + self.seconds
 
 
 @dataclass(frozen=True)
@@ -76,19 +65,10 @@ class Batch(Strategy):
             raise ValidationError(f"Batch(n) must be a positive integer, got {self.n!r}")
         _positive("Batch(max_delay)", self.max_delay, allow_zero=True)
 
-    def due_at(
-        self,
-        *,
-        first_change: float | None,
-        last_change: float | None,
-        last_push: float,
-        pending: int,
-    ) -> float:
-        if first_change is None:
-            return math.inf
-        if pending >= self.n:
-            return first_change
-        return first_change + self.max_delay
+    def due_at(self, queue: Queue) -> float:
+        if queue.pending >= self.n:
+            return queue.first_change
+        return queue.first_change + self.max_delay
 
 
 @dataclass(frozen=True)
@@ -98,29 +78,13 @@ class Interval(Strategy):
     def __post_init__(self) -> None:
         _positive("Interval(seconds)", self.seconds)
 
-    def due_at(
-        self,
-        *,
-        first_change: float | None,
-        last_change: float | None,
-        last_push: float,
-        pending: int,
-    ) -> float:
-        if first_change is None:
-            return math.inf
-        return max(first_change, last_push + self.seconds)
+    def due_at(self, queue: Queue) -> float:
+        return max(queue.first_change, queue.last_push + self.seconds)
 
 
 @dataclass(frozen=True)
 class Manual(Strategy):
-    def due_at(
-        self,
-        *,
-        first_change: float | None,
-        last_change: float | None,
-        last_push: float,
-        pending: int,
-    ) -> float:
+    def due_at(self, queue: Queue) -> float:
         return math.inf
 
 
