@@ -103,8 +103,8 @@ class Delay(Fault):
 class Hold(Fault):
     """Like ``Delay`` but until the test calls ``release()``. ``reached`` is set once a
     request is being held, so a test can act (e.g. edit locally) while it is in flight.
-    ``drop``: once released, close the connection without answering (after forwarding, the
-    PDS has applied the request: the client never learns it)."""
+    ``drop``: once released, close the connection without answering — after forwarding (the
+    PDS applied the request; the client never learns it) or instead of forwarding it."""
 
     after_forward: bool = True
     drop: bool = False  # after release, close the connection instead of answering
@@ -429,6 +429,8 @@ class FaultProxy:
         if isinstance(fault, Hold) and not fault.after_forward:
             fault.reached.set()
             await fault.gate.wait()
+            if fault.drop:
+                return False  # dropped before the PDS saw it
 
         # The PDS sees the request from here on, whatever becomes of the answer.
         event.forwarded = True

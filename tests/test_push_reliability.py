@@ -549,18 +549,18 @@ async def test_random_faults_while_the_app_keeps_editing(
     collection = collection_for(request)
     async with FaultProxy(dev_pds.pds_url, seed=7) as proxy:
         direct, session = await proxied_engine_setup(dev_pds, proxy)
-        # A few certain faults early on, then seeded random ones (capped, so that backoff
-        # never grows past a few seconds).
-        proxy.add(DropAfterForward(), nsid=APPLY, nth=2)
-        proxy.add(Error500(), nsid=APPLY, nth=4)
-        proxy.add(Delay(1.0, after_forward=True), nsid=APPLY, nth=6)
-        proxy.add(Truncate(), nsid=APPLY, nth=8)
-        proxy.add(RateLimited(retry_after=0.5), nsid=APPLY, nth=10)
-        proxy.add(ResetMidResponse(), nsid=APPLY, nth=12)
-        proxy.add(DropAfterForward(), nsid=APPLY, probability=0.08, times=3)
-        proxy.add(Error500(), nsid=APPLY, probability=0.05, times=2)
-        proxy.add(Delay(1.0, after_forward=False), nsid=APPLY, probability=0.05, times=2)
-        proxy.add(Error500(), nsid=GET_RECORD, probability=0.02, times=3)
+        # A few certain faults early on, then seeded random ones. Capped, so that the
+        # shared backoff (full jitter, doubling per consecutive failure) stays short.
+        proxy.add(DropAfterForward(), nsid=APPLY, nth=1)
+        proxy.add(Error500(), nsid=APPLY, nth=2)
+        proxy.add(Delay(1.0, after_forward=True), nsid=APPLY, nth=3)
+        proxy.add(Truncate(), nsid=APPLY, nth=4)
+        proxy.add(RateLimited(retry_after=0.5), nsid=APPLY, nth=5)
+        proxy.add(ResetMidResponse(), nsid=APPLY, nth=6)
+        proxy.add(DropAfterForward(), nsid=APPLY, probability=0.1, times=2)
+        proxy.add(Error500(), nsid=APPLY, probability=0.1, times=1)
+        proxy.add(Delay(1.0, after_forward=False), nsid=APPLY, probability=0.1, times=1)
+        proxy.add(Error500(), nsid=GET_RECORD, probability=0.02, times=2)
         with App.open(tmp_path / "a.db", contract) as app:
             sync = ATSync(
                 app,
@@ -573,14 +573,14 @@ async def test_random_faults_while_the_app_keeps_editing(
             async with sync:
                 rng = random.Random(8)
                 keys = [f"k{i:02d}" for i in range(40)]
-                for step in range(400):
+                for step in range(600):
                     key = rng.choice(keys)
                     if rng.random() < 0.2:
                         app.actions.drop_note(key)
                     else:
                         app.actions.put_note(key, f"{key} at step {step}", step)
-                    if step % 4 == 0:
-                        # Let the engine push between edits: pushes overlap local writes.
+                    if step % 2 == 0:
+                        # The app's pace (~3 s of edits): pushes overlap local writes.
                         await anyio.sleep(0.01)
                 status = await idle(sync, 120)
                 assert status.failed == 0 and status.conflicts == 0
@@ -1044,7 +1044,7 @@ async def test_first_push_delayed_past_the_timeout_cannot_resurrect_a_deleted_re
                 await idle(sync, 30)
                 late.release()
                 with anyio.fail_after(10):
-                    await proxy.wait_until(lambda p: p.events[0].done)
+                    await proxy.wait_until(lambda p: apply_writes_events(p)[0].done)
                 assert apply_writes_events(proxy)[0].forwarded
                 sync.push_now()
                 await idle(sync, 30)
@@ -1122,3 +1122,153 @@ async def test_saving_unchanged_content_makes_no_new_commit(
         ops = await commit_ops(session, dev_pds.pds_url, collection)
         assert_no_duplicate_commits(ops)
         sync.close()
+
+
+async def test_status_returns_to_idle_when_the_reconcile_settles_the_whole_queue(
+    dev_pds: DevPDS, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The batch was applied but its answer lost; the reconcile right after the failure finds
+    every write on the PDS and empties the outbox. Nothing is left to push, so the engine
+    must report idle (and ``wait_for_idle`` return), not stay "offline" for good."""
+    collection = collection_for(request)
+    async with FaultProxy(dev_pds.pds_url) as proxy:
+        direct, session = await proxied_engine_setup(dev_pds, proxy)
+        proxy.add(DropAfterForward(), nsid=APPLY, nth=1)
+        with App.open(tmp_path / "a.db", contract) as app:
+            sync = ATSync(
+                app,
+                bindings={"notes": Binding(collection)},
+                session=session,
+                push=Immediate(),
+                budget=RateBudget.off(),
+            )
+            async with sync:
+                seed_notes(app, ["a", "b", "c"])
+                # Settled at once by the reconcile; well within the 30 s watchdog period.
+                status = await idle(sync, 15)
+                assert status.upload_error is None
+            assert proxy.counts["drop_after_forward"] == 1
+            assert len(apply_writes_events(proxy)) == 1  # never sent twice
+            await assert_pds_equals_local(app, sync, dev_pds.pds_url, direct.did)
+            sync.close()
+
+
+async def test_writes_of_an_unheard_batch_are_all_reconciled_after_the_batch_shrank(
+    dev_pds: DevPDS, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A batch of 40 creates is applied but unheard; the re-send meets a 4xx whose body is
+    cut (the PDS's InvalidSwap, unreadable), so the pusher halves its batch. The reconcile
+    after the next InvalidSwap checks only those 20 writes yet moves the known commit to
+    the PDS's latest; the other 20 (applied too) are then re-sent as creates: the PDS
+    answers 500, and every later reconcile concludes "nothing was written since" — the
+    500 loop PDS.md warns about."""
+    collection = collection_for(request)
+    async with FaultProxy(dev_pds.pds_url) as proxy:
+        direct, session = await proxied_engine_setup(dev_pds, proxy)
+        with App.open(tmp_path / "a.db", contract) as app:
+            sync = ATSync(
+                app,
+                bindings={"notes": Binding(collection)},
+                session=session,
+                push=Manual(),
+                budget=RateBudget.off(),
+            )
+            async with sync:
+                seed_notes(app, [f"s{i:02d}" for i in range(10)])
+                sync.push_now()
+                await idle(sync)
+                # (A rule counts the requests it sees from when it is added.)
+                proxy.add(DropAfterForward(), nsid=APPLY, nth=1)
+                proxy.add(Error500(), nsid="com.atproto.sync.getLatestCommit", nth=1)
+                proxy.add(Truncate(keep=0.1, fix_length=True), nsid=APPLY, nth=2)
+                seed_notes(app, [f"n{i:02d}" for i in range(40)], title="new")
+                sync.push_now()
+                status = await idle(sync, 30)
+                assert status.failed == 0
+            cut = apply_writes_events(proxy)[2]
+            assert cut.fault == "truncate" and cut.upstream_status == 400
+            await assert_pds_equals_local(app, sync, dev_pds.pds_url, direct.did)
+            actions = assert_no_duplicate_commits(
+                await commit_ops(direct, dev_pds.pds_url, collection)
+            )
+            assert actions == {"create": 50}
+            sync.close()
+
+
+async def test_retrying_a_dead_letter_superseded_by_a_pushed_fix_leaves_nothing_failed(
+    dev_pds: DevPDS, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A post the PDS rejected (no createdAt) is fixed by the app and the fix is pushed.
+    Then the user presses "retry failed": the dead letter is stale (its record is on the
+    PDS in a newer state), so retrying it must not send the old version again — nor leave
+    a failure behind that no action of the user can clear."""
+    collection = collection_for(request)
+    session = await log_in(dev_pds, "bob.test")
+    with App.open(tmp_path / "a.db", contract) as app:
+        sync = ATSync(
+            app,
+            bindings={"notes": Binding(collection), "posts": Binding(POST, rkey="tid")},
+            session=session,
+            push=Manual(),
+            budget=RateBudget.off(),
+        )
+        async with sync:
+            app.actions.put_post("p1", "hello", None)  # invalid: createdAt is required
+            app.actions.put_note("n1", "note 1", 1)
+            sync.push_now()
+            status = await idle(sync)
+            assert status.failed == 1
+            app.actions.put_post("p1", "hello", DATE)  # fixed
+            sync.push_now()
+            await idle(sync)
+            rkey = sync.outbox.rkey_for(POST, "posts", "p1")
+            assert rkey is not None
+            assert (await pds_records(dev_pds.pds_url, session.did, POST))[rkey]["createdAt"]
+
+            assert sync.retry_dead_letters() == 1
+            app.actions.put_note("n2", "note 2, queued behind the retried letter", 2)
+            sync.push_now()
+            status = await idle(sync, 30)
+            await assert_pds_equals_local(app, sync, dev_pds.pds_url, session.did)
+            remote = await pds_records(dev_pds.pds_url, session.did, POST)
+            assert remote[rkey] == local_records(app, sync, "posts")[rkey]
+            assert status.failed == 0, sync.outbox.dead_letters()
+        sync.close()
+
+
+async def test_deleting_a_record_whose_create_never_landed_sends_no_delete(
+    dev_pds: DevPDS, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A create is in flight and never reaches the PDS (the connection drops first); the app
+    deletes the record meanwhile. The reconcile sees that nothing was committed since and
+    leaves the rows as they are — but the create, marked attempted, has become a delete of a
+    record that does not exist. The PDS answers such a delete with 500, and every later
+    reconcile again concludes "nothing written since": the queue never drains."""
+    collection = collection_for(request)
+    async with FaultProxy(dev_pds.pds_url) as proxy:
+        direct, session = await proxied_engine_setup(dev_pds, proxy)
+        with App.open(tmp_path / "a.db", contract) as app:
+            sync = ATSync(
+                app,
+                bindings={"notes": Binding(collection)},
+                session=session,
+                push=Manual(),
+                budget=RateBudget.off(),
+            )
+            async with sync:
+                seed_notes(app, ["s1"])
+                sync.push_now()
+                await idle(sync)  # a commit is known from here on
+                lost = Hold(after_forward=False, drop=True)
+                proxy.add(lost, nsid=APPLY, nth=1)
+                app.actions.put_note("x", "never lands", 1)
+                app.actions.put_note("y", "lands on the retry", 1)
+                sync.push_now()
+                with anyio.fail_after(10):
+                    await lost.reached.wait()
+                app.actions.drop_note("x")
+                lost.release()
+                await idle(sync, 30)
+            assert proxy.counts["hold"] == 1
+            await assert_pds_equals_local(app, sync, dev_pds.pds_url, direct.did)
+            sync.close()
