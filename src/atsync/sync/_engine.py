@@ -25,6 +25,7 @@ import anyio
 
 from .._errors import (
     AuthError,
+    NetworkError,
     PermanentError,
     RateLimitedError,
     SchemaError,
@@ -241,8 +242,10 @@ class ATSync:
                     # Offline or error while writes still wait for their retry; otherwise
                     # (nothing pending, or just logged in) idle.
                     failing = self._status.state in ("offline", "error") and self._retry_at
-                    state = self._status.state if failing else "idle"
-                    self._refresh_status(state=state, did=session.did)
+                    if failing:
+                        self._refresh_status(did=session.did)
+                    else:
+                        self._refresh_status(state="idle", did=session.did, upload_error=None)
                     await self._sleep(min(due - now, WATCHDOG_SECONDS))
                     continue
                 await self._push(session.did, client, collections)
@@ -264,7 +267,10 @@ class ATSync:
         for gone in set(self._changes) - set(pending):
             del self._changes[gone]
         if not pending:
-            self._forced = False  # a requested push of an empty queue is done
+            # Nothing left (pushed, or settled by a reconcile): no push requested, no retry
+            # pending, so the status goes back to idle.
+            self._forced = False
+            self._retry_at = self._retry_collections = None
             return math.inf, None
         if self._retry_at is not None:
             return self._retry_at, self._retry_collections
@@ -345,12 +351,14 @@ class ATSync:
         self._refresh_status(state="offline" if offline else "error", upload_error=str(exc))
         log.info("push failed (%s); retrying in %.2f s", exc, delay)
         if outcome_unknown(exc):
-            # The batch may have been applied: settle before anything is sent again.
+            # The batch may have been applied: settle before anything is sent again. A 500
+            # also answers writes that do not fit the PDS's state (PDS.md): check them all.
             batch = self.outbox.next_batch(
                 self._pusher.batch_limit, collections=self._retry_collections
             )
+            check = isinstance(exc, NetworkError) and (exc.status or 0) >= 500
             try:
-                await self._pusher.reconcile(did, client, batch, PushResult())
+                await self._pusher.reconcile(did, client, batch, PushResult(), check=check)
             except (TransientError, PermanentError, OSError) as again:
                 log.info("reconcile after failure also failed: %s", again)
 

@@ -58,6 +58,7 @@ _DDL = f"""
             version INTEGER NOT NULL DEFAULT 1,
             attempted INTEGER NOT NULL DEFAULT 0,
             attempts INTEGER NOT NULL DEFAULT 0,
+            sent_op TEXT, sent_cid TEXT,
             first_action TEXT, last_action TEXT,
             last_error TEXT,
             UNIQUE (collection, rkey)
@@ -100,6 +101,8 @@ class PendingWrite:
     attempted: bool
     attempts: int
     first_action: str | None
+    sent_op: str | None = None  # what the last attempt sent: our own write, if it landed
+    sent_cid: str | None = None
 
     @property
     def size(self) -> int:
@@ -117,7 +120,28 @@ class DeadLetter:
     failed_at: float
 
 
-_COLUMNS = "seq, collection, rkey, op, record, cid, version, attempted, attempts, first_action"
+_COLUMNS = (
+    "seq, collection, rkey, op, record, cid, version, attempted, attempts, first_action, "
+    "sent_op, sent_cid"
+)
+
+
+def _pending(row: Sequence[object]) -> PendingWrite:
+    seq, collection, rkey, op, record, cid, version, attempted, attempts, first, sop, scid = row
+    return PendingWrite(
+        seq,  # type: ignore[arg-type]
+        collection,  # type: ignore[arg-type]
+        rkey,  # type: ignore[arg-type]
+        op,  # type: ignore[arg-type]
+        record,  # type: ignore[arg-type]
+        cid,  # type: ignore[arg-type]
+        version,  # type: ignore[arg-type]
+        bool(attempted),
+        attempts,  # type: ignore[arg-type]
+        first,  # type: ignore[arg-type]
+        sop,  # type: ignore[arg-type]
+        scid,  # type: ignore[arg-type]
+    )
 
 
 class Outbox:
@@ -131,9 +155,10 @@ class Outbox:
     def rkey_for(self, collection: str, model: str, key: str) -> str | None:
         """The record key already assigned to a row, if it was ever queued or synced."""
         row = self._db.connection.execute(
-            f"SELECT rkey FROM {RECORDS} WHERE model = ? AND key = ? UNION ALL "
-            f"SELECT rkey FROM {OUTBOX} WHERE model = ? AND key = ? LIMIT 1",
-            (model, key, model, key),
+            f"SELECT rkey FROM {RECORDS} WHERE model = ?1 AND key = ?2 UNION ALL "
+            f"SELECT rkey FROM {OUTBOX} WHERE model = ?1 AND key = ?2 UNION ALL "
+            f"SELECT rkey FROM {DEAD} WHERE model = ?1 AND key = ?2 LIMIT 1",
+            (model, key),
         ).fetchone()
         return None if row is None else str(row[0])
 
@@ -160,6 +185,14 @@ class Outbox:
             (collection, rkey),
         ).fetchone()
         on_pds = on_pds_cid is not None
+        # A newer state of the record supersedes a write of it that the PDS refused.
+        conn.execute(f"DELETE FROM {DEAD} WHERE collection = ? AND rkey = ?", (collection, rkey))
+        if record is not None and cid == on_pds_cid and not attempted:
+            # The PDS holds exactly this already (saved unchanged, or edited and back):
+            # an update would only make an empty commit.
+            if seq is not None:
+                conn.execute(f"DELETE FROM {OUTBOX} WHERE seq = ?", (seq,))
+            return
         if seq is None:
             if record is None and not on_pds:
                 return  # deleting what never reached the PDS: nothing to do
@@ -216,21 +249,27 @@ class Outbox:
         batch: list[PendingWrite] = []
         size = 0
         for row in rows:
-            seq, collection, rkey, op, record, cid, version, attempted, attempts, first = row
-            write = PendingWrite(
-                seq, collection, rkey, op, record, cid, version, bool(attempted), attempts, first
-            )
+            write = _pending(row)
             if batch and size + write.size > max_bytes:
                 break
             batch.append(write)
             size += write.size
         return batch
 
+    def attempted_writes(self, limit: int = 10_000) -> list[PendingWrite]:
+        """Queued writes that were sent at least once and may have landed unheard."""
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS} FROM {OUTBOX} WHERE attempted = 1 ORDER BY seq LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [_pending(row) for row in rows]
+
     def mark_attempted(self, writes: Sequence[PendingWrite]) -> None:
-        """Record, before sending, that these writes may reach the PDS."""
+        """Record, before sending, that these writes may reach the PDS (and what they are)."""
         with self._db.transaction():
             self._db.connection.executemany(
-                f"UPDATE {OUTBOX} SET attempted = 1, attempts = attempts + 1 WHERE seq = ?",
+                f"UPDATE {OUTBOX} SET attempted = 1, attempts = attempts + 1, sent_op = op, "
+                "sent_cid = cid WHERE seq = ?",
                 [(w.seq,) for w in writes],
             )
 
@@ -249,6 +288,12 @@ class Outbox:
                 gone = conn.execute(
                     f"DELETE FROM {OUTBOX} WHERE seq = ? AND version = ?", (w.seq, w.version)
                 ).rowcount
+                if not gone and w.op != "delete":
+                    # Changed while in flight, but back to what just landed: nothing to send.
+                    gone = conn.execute(
+                        f"DELETE FROM {OUTBOX} WHERE seq = ? AND cid IS ? AND op != 'delete'",
+                        (w.seq, w.cid),
+                    ).rowcount
                 if gone:
                     done += 1
                 elif w.op != "delete":
@@ -301,6 +346,12 @@ class Outbox:
                 f"?, cid, ?, ?, ? FROM {OUTBOX} WHERE seq = ?",
                 (base_cid, remote_cid, resolution, time.time(), write.seq),
             )
+
+    def set_commit(self, cid: str, rev: str) -> None:
+        """The repo's latest commit, as last read from the PDS (the next swapCommit)."""
+        with self._db.transaction():
+            self._set_state(self._db.connection, "commit_cid", cid)
+            self._set_state(self._db.connection, "commit_rev", rev)
 
     def note_error(self, writes: Iterable[PendingWrite], error: str) -> None:
         with self._db.transaction():

@@ -46,6 +46,7 @@ class Pusher:
         self.outbox = outbox
         self.budget = budget
         self.batch_limit = MAX_WRITES  # shrinks to isolate a rejected write
+        self.sent_swap: str | None = None  # the swapCommit the last batch was sent with
 
     def _writes(self, batch: Sequence[PendingWrite]) -> list[Write]:
         writes: list[Write] = []
@@ -79,12 +80,19 @@ class Pusher:
             result.rate_wait = wait
             return False
         swap = self.outbox.get_state("commit_cid")
+        if swap is None:
+            # Even the first batch carries swapCommit: sent without one, it could land late
+            # (after a timeout and a re-send) on top of newer writes and undo them.
+            latest = await client.sync_get_latest_commit(did)
+            self.outbox.set_commit(latest.cid, latest.rev)
+            swap = latest.cid
+        self.sent_swap = swap
         self.outbox.mark_attempted(batch)
         try:
             answer = await client.apply_writes(did, self._writes(batch), swap_commit=swap)
         except PermanentError as exc:
             if exc.error == "InvalidSwap":
-                await self.reconcile(did, client, batch, result)
+                await self.reconcile(did, client, batch, result, check=True)
                 return True
             if len(batch) > 1:
                 # applyWrites is atomic: one bad write fails the batch. Halve until alone.
@@ -103,20 +111,37 @@ class Pusher:
         return True
 
     async def reconcile(
-        self, did: str, client: XrpcClient, batch: Sequence[PendingWrite], result: PushResult
+        self,
+        did: str,
+        client: XrpcClient,
+        batch: Sequence[PendingWrite],
+        result: PushResult,
+        *,
+        check: bool = False,
     ) -> None:
-        """Read what the PDS holds for each write and settle the outbox accordingly."""
+        """Read what the PDS holds and settle the outbox before anything is sent again.
+
+        Unless ``check`` is set, a repo whose latest commit is still the one the batch was
+        sent against received nothing: the batch can go again as it is. Otherwise (the
+        commit moved, or the PDS answered 500 — e.g. for a delete of a record that is not
+        there), every write that was ever sent is compared with the PDS, record by record.
+        """
         latest = await client.sync_get_latest_commit(did)
-        if latest.cid == self.outbox.get_state("commit_cid"):
-            return  # nothing was written since: the batch did not apply; send it again
+        if not check and self.sent_swap is not None and latest.cid == self.sent_swap:
+            return
+        writes = {w.seq: w for w in self.outbox.attempted_writes()}
+        writes.update((w.seq, w) for w in batch)
         applied: list[PendingWrite] = []
-        for w in batch:
+        for w in writes.values():
             current = await self._current_cid(did, client, w)
             if (w.op == "delete" and current is None) or (w.op != "delete" and current == w.cid):
                 applied.append(w)
                 continue
+            ours = w.sent_op is not None and (
+                current is None if w.sent_op == "delete" else current == w.sent_cid
+            )
             base = self.outbox.remote_cid(w.collection, w.rkey)
-            if current != base:
+            if current != base and not ours:
                 result.conflicts += 1
                 self.outbox.record_conflict(w, base_cid=base, remote_cid=current)
             self.outbox.rebase(w, remote_cid=current)
