@@ -222,13 +222,14 @@ class ProxyRequest:
 @dataclass
 class Rule:
     """When ``fault`` applies. Counting (``nth``) is among the requests that match ``nsid``,
-    ``method`` and ``when``, whether or not an earlier rule fired for them; ``nth`` is
+    ``method``, ``path`` and ``when``, whether or not an earlier rule fired for them; ``nth`` is
     1-based (an int or a collection of ints); ``probability`` draws from the proxy's seeded
     RNG; ``times`` caps the firings."""
 
     fault: Fault
     nsid: str | None = None
     method: str | None = None
+    path: str | None = None  # a path prefix, for requests that are not XRPC calls
     when: Callable[[ProxyRequest], bool] | None = None
     nth: int | Collection[int] | None = None
     probability: float | None = None
@@ -240,6 +241,8 @@ class Rule:
         if self.nsid is not None and request.nsid != self.nsid:
             return False
         if self.method is not None and request.method.upper() != self.method.upper():
+            return False
+        if self.path is not None and not request.path.startswith(self.path):
             return False
         return self.when is None or bool(self.when(request))
 
@@ -317,13 +320,15 @@ class FaultProxy:
         *,
         nsid: str | None = None,
         method: str | None = None,
+        path: str | None = None,
         when: Callable[[ProxyRequest], bool] | None = None,
         nth: int | Collection[int] | None = None,
         probability: float | None = None,
         times: int | None = None,
     ) -> Rule:
-        """Add a rule (checked after the earlier ones); returns it (``fired``, ``matched``)."""
-        rule = Rule(fault, nsid, method, when, nth, probability, times)
+        """Add a rule (checked after the earlier ones); returns it (``fired``, ``matched``).
+        A rule counts (``nth``) the requests it sees from when it is added."""
+        rule = Rule(fault, nsid, method, path, when, nth, probability, times)
         self.rules.append(rule)
         return rule
 

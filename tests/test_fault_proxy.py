@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 
 from atsync._errors import RateLimitedError, TransientError
@@ -75,6 +76,18 @@ async def test_answers_500_and_429_without_forwarding(dev_pds: Any) -> None:
             await via.query(DESCRIBE)  # the 4th passes again
         assert proxy.counts == {"pass": 2, "error_500": 1, "rate_limited": 1}
         assert [e.forwarded for e in proxy.events] == [True, False, False, True]
+
+
+async def test_rules_match_by_path_prefix_and_predicate(dev_pds: Any) -> None:
+    async with FaultProxy(dev_pds.pds_url) as proxy:
+        by_path = proxy.add(Error500(), path="/xrpc/_health")
+        by_body = proxy.add(Error500(), when=lambda r: r.method == "GET" and "x=1" in r.target)
+        async with httpx.AsyncClient(base_url=proxy.url) as http:
+            assert (await http.get("/xrpc/_health")).status_code == 500
+            assert (await http.get(f"/xrpc/{DESCRIBE}", params={"x": 1})).status_code == 500
+            assert (await http.get(f"/xrpc/{DESCRIBE}")).status_code == 200
+        assert by_path.fired == 1 and by_body.fired == 1
+        assert proxy.counts == {"error_500": 2, "pass": 1}
 
 
 async def test_rate_limit_reset_header_is_epoch_seconds(dev_pds: Any) -> None:

@@ -1275,3 +1275,113 @@ async def test_deleting_a_record_whose_create_never_landed_sends_no_delete(
             assert proxy.counts["hold"] == 1
             await assert_pds_equals_local(app, sync, dev_pds.pds_url, direct.did)
             sync.close()
+
+
+async def test_a_429_during_the_reconcile_is_waited_out_too(
+    dev_pds: DevPDS, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """After an unheard batch the engine reads the PDS before sending again; if the PDS
+    answers one of those reads with 429 + Retry-After, nothing may be sent before then."""
+    collection = collection_for(request)
+    wait = 2.0
+    async with FaultProxy(dev_pds.pds_url) as proxy:
+        direct, session = await proxied_engine_setup(dev_pds, proxy)
+        with App.open(tmp_path / "a.db", contract) as app:
+            sync = ATSync(
+                app,
+                bindings={"notes": Binding(collection)},
+                session=session,
+                push=Manual(),
+                budget=RateBudget.off(),
+            )
+            log = StatusLog(sync)
+            async with sync:
+                seed_notes(app, ["s1"])
+                sync.push_now()
+                await idle(sync)
+                proxy.add(DropAfterForward(), nsid=APPLY, nth=1)
+                told = proxy.add(RateLimited(retry_after=wait), nsid=GET_RECORD, nth=1)
+                seed_notes(app, ["a", "b"], title="new")
+                sync.push_now()
+                await idle(sync, 30)
+            assert told.fired == 1
+            limited = next(e for e in proxy.events if e.fault == "rate_limited")
+            assert limited.answered_at is not None
+            after = [e for e in proxy.events if e.received_at > limited.answered_at]
+            assert after, "nothing was sent after the 429"
+            assert after[0].received_at - limited.answered_at >= wait - 0.05, after[0]
+            assert any(s.rate_limited_until for s in log.seen)
+            await assert_pds_equals_local(app, sync, dev_pds.pds_url, direct.did)
+            sync.close()
+
+
+async def test_a_401_during_the_reconcile_does_not_kill_the_engine(
+    dev_pds: DevPDS, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """An auth failure on one of the reconcile's reads (here a 401 from something between
+    the app and the PDS) must end up in the status like any push failure; the engine task
+    keeps running and the queue drains once calls succeed again."""
+    collection = collection_for(request)
+    async with FaultProxy(dev_pds.pds_url) as proxy:
+        direct, session = await proxied_engine_setup(dev_pds, proxy)
+        with App.open(tmp_path / "a.db", contract) as app:
+            sync = ATSync(
+                app,
+                bindings={"notes": Binding(collection)},
+                session=session,
+                push=Manual(),
+                budget=RateBudget.off(),
+            )
+            async with sync:
+                seed_notes(app, ["s1"])
+                sync.push_now()
+                await idle(sync)
+                proxy.add(DropAfterForward(), nsid=APPLY, nth=1)
+                proxy.add(
+                    Answer(401, "AuthenticationRequired", "Authentication Required"),
+                    nsid="com.atproto.sync.getLatestCommit",
+                    nth=1,
+                )
+                seed_notes(app, ["a", "b"], title="new")
+                sync.push_now()
+                await wait_status(sync, lambda s: s.state in ("needs_auth", "error"), 15)
+                sync.push_now()  # e.g. the user logs in again / presses "sync now"
+                await idle(sync, 30)
+            assert proxy.counts["answer"] == 1
+            await assert_pds_equals_local(app, sync, dev_pds.pds_url, direct.did)
+            sync.close()
+
+
+async def test_an_unreadable_4xx_never_dead_letters_a_write_that_landed(
+    dev_pds: DevPDS, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A create is applied but unheard, the reconcile fails, and the re-send is refused
+    with the PDS's 400 InvalidSwap — whose body arrives cut off, so the engine cannot read
+    the error's name. A rejection it cannot read is no proof the write is invalid: the
+    write (which is on the PDS) must not end in the dead letters."""
+    collection = collection_for(request)
+    async with FaultProxy(dev_pds.pds_url) as proxy:
+        direct, session = await proxied_engine_setup(dev_pds, proxy)
+        with App.open(tmp_path / "a.db", contract) as app:
+            sync = ATSync(
+                app,
+                bindings={"notes": Binding(collection)},
+                session=session,
+                push=Manual(),
+                budget=RateBudget.off(),
+            )
+            async with sync:
+                seed_notes(app, ["s1"])
+                sync.push_now()
+                await idle(sync)
+                proxy.add(DropAfterForward(), nsid=APPLY, nth=1)
+                proxy.add(Error500(), nsid="com.atproto.sync.getLatestCommit", nth=1)
+                proxy.add(Truncate(keep=0.1, fix_length=True), nsid=APPLY, nth=2)
+                app.actions.put_note("x", "landed on the first try", 1)
+                sync.push_now()
+                status = await idle(sync, 30)
+                cut = apply_writes_events(proxy)[2]
+                assert cut.fault == "truncate" and cut.upstream_status == 400
+                assert status.failed == 0, sync.outbox.dead_letters()
+            await assert_pds_equals_local(app, sync, dev_pds.pds_url, direct.did)
+            sync.close()
