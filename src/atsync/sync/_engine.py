@@ -241,7 +241,9 @@ class ATSync:
                 if due > now:
                     # Offline or error while writes still wait for their retry; otherwise
                     # (nothing pending, or just logged in) idle.
-                    failing = self._status.state in ("offline", "error") and self._retry_at
+                    failing = (
+                        self._status.state in ("offline", "error", "needs_auth") and self._retry_at
+                    )
                     if failing:
                         self._refresh_status(did=session.did)
                     else:
@@ -350,17 +352,27 @@ class ATSync:
         offline = isinstance(exc, TransientError) and exc.status is None
         self._refresh_status(state="offline" if offline else "error", upload_error=str(exc))
         log.info("push failed (%s); retrying in %.2f s", exc, delay)
-        if outcome_unknown(exc):
-            # The batch may have been applied: settle before anything is sent again. A 500
-            # also answers writes that do not fit the PDS's state (PDS.md): check them all.
-            batch = self.outbox.next_batch(
-                self._pusher.batch_limit, collections=self._retry_collections
-            )
-            check = isinstance(exc, NetworkError) and (exc.status or 0) >= 500
-            try:
-                await self._pusher.reconcile(did, client, batch, PushResult(), check=check)
-            except (TransientError, PermanentError, OSError) as again:
-                log.info("reconcile after failure also failed: %s", again)
+        if not outcome_unknown(exc):
+            return
+        # The batch may have been applied: settle before anything is sent again. A 500
+        # also answers writes that do not fit the PDS's state (PDS.md): check them all.
+        batch = self.outbox.next_batch(
+            self._pusher.batch_limit, collections=self._retry_collections
+        )
+        check = isinstance(exc, NetworkError) and (exc.status or 0) >= 500
+        try:
+            await self._pusher.reconcile(did, client, batch, PushResult(), check=check)
+        except RateLimitedError as again:
+            self._pusher.needs_reconcile = True
+            wait = max(0.0, (again.reset_at or time.time() + 60) - time.time())
+            self._retry_at = max(self._retry_at, time.monotonic() + wait)
+            self._refresh_status(rate_limited_until=time.time() + wait)
+        except AuthError as again:
+            self._pusher.needs_reconcile = True
+            self._refresh_status(state="needs_auth", upload_error=str(again))
+        except (NetworkError, OSError) as again:
+            self._pusher.needs_reconcile = True
+            log.info("reconcile after failure also failed: %s", again)
 
     # -- requests from the app ------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .._errors import PermanentError
+from .._errors import PermanentError, TransientError
 from ..atproto._cbor import data_from_json
 from ..atproto._xrpc import Create, Delete, Update, Write, XrpcClient
 from ._budget import RateBudget
@@ -28,6 +28,7 @@ __all__ = ["PushResult", "Pusher"]
 
 MAX_WRITES = 200
 MAX_BYTES = 900_000  # under the PDS's 1 MB body limit, leaving room for the JSON envelope
+UNREADABLE_TRIES = 5  # refusals without a readable error name before a write is dead-lettered
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Pusher:
         self.budget = budget
         self.batch_limit = MAX_WRITES  # shrinks to isolate a rejected write
         self.sent_swap: str | None = None  # the swapCommit the last batch was sent with
+        self.needs_reconcile = False  # an unknown outcome is still unsettled
 
     def _writes(self, batch: Sequence[PendingWrite]) -> list[Write]:
         writes: list[Write] = []
@@ -71,6 +73,10 @@ class Pusher:
         """Send the next batch (of ``collections``, or all); True if more may wait.
 
         Raises network errors."""
+        if self.needs_reconcile:
+            # The last failure's outcome is unknown and settling it failed too: settle first.
+            await self.reconcile(did, client, [], result, check=True)
+            self.needs_reconcile = False
         batch = self.outbox.next_batch(self.batch_limit, MAX_BYTES, collections)
         if not batch:
             return False
@@ -94,6 +100,13 @@ class Pusher:
             if exc.error == "InvalidSwap":
                 await self.reconcile(did, client, batch, result, check=True)
                 return True
+            if exc.error is None and max(w.attempts for w in batch) + 1 < UNREADABLE_TRIES:
+                # A refusal whose body we could not read is no proof the writes are bad (the
+                # answer may have been cut): settle against the PDS, then retry later.
+                await self.reconcile(did, client, batch, result, check=True)
+                raise TransientError(
+                    f"unreadable refusal ({exc}); will check and retry", status=exc.status
+                ) from exc
             if len(batch) > 1:
                 # applyWrites is atomic: one bad write fails the batch. Halve until alone.
                 self.batch_limit = max(1, len(batch) // 2)
