@@ -552,18 +552,19 @@ async def test_random_faults_while_the_app_keeps_editing(
         direct, session = await proxied_engine_setup(dev_pds, proxy)
         # A few certain faults early on, then seeded random ones. Capped, so that the
         # shared backoff (full jitter, doubling per consecutive failure) stays short.
+        # Every other batch: a success between two faults resets the backoff.
         certain = [
             proxy.add(DropAfterForward(), nsid=APPLY, nth=1),
-            proxy.add(Error500(), nsid=APPLY, nth=2),
-            proxy.add(Delay(2.0, after_forward=True), nsid=APPLY, nth=3),
-            proxy.add(Truncate(), nsid=APPLY, nth=4),
-            proxy.add(RateLimited(retry_after=0.5), nsid=APPLY, nth=5),
-            proxy.add(ResetMidResponse(), nsid=APPLY, nth=6),
+            proxy.add(Error500(), nsid=APPLY, nth=3),
+            proxy.add(Delay(2.0, after_forward=True), nsid=APPLY, nth=5),
+            proxy.add(Truncate(), nsid=APPLY, nth=7),
+            proxy.add(RateLimited(retry_after=0.5), nsid=APPLY, nth=9),
+            proxy.add(ResetMidResponse(), nsid=APPLY, nth=11),
         ]
         proxy.add(DropAfterForward(), nsid=APPLY, probability=0.1, times=2)
         proxy.add(Error500(), nsid=APPLY, probability=0.1, times=1)
         proxy.add(Delay(2.0, after_forward=False), nsid=APPLY, probability=0.1, times=1)
-        proxy.add(Error500(), nsid=GET_RECORD, probability=0.02, times=2)
+        proxy.add(Error500(), nsid=GET_RECORD, probability=0.02, times=1)
         with App.open(tmp_path / "a.db", contract) as app:
             sync = ATSync(
                 app,
@@ -1411,4 +1412,94 @@ async def test_an_unreadable_4xx_never_dead_letters_a_write_that_landed(
                     assert cut.fault == "truncate" and cut.upstream_status == 400
                 assert status.failed == 0, sync.outbox.dead_letters()
             await assert_pds_equals_local(app, sync, dev_pds.pds_url, direct.did)
+            sync.close()
+
+
+async def test_a_reconcile_cut_short_does_not_turn_our_own_landed_write_into_a_conflict(
+    dev_pds: DevPDS, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """An update of x (v1) lands unheard. The reconcile finds x applied, but a later read
+    of the same reconcile fails, so nothing is settled. x is edited again (v2) and the
+    re-send (refused: InvalidSwap) now names v2 as what was sent. The next reconcile finds
+    v1 on the PDS — our own write from the first attempt — and must not call it a conflict
+    with another writer (nobody else writes here)."""
+    collection = collection_for(request)
+    async with FaultProxy(dev_pds.pds_url) as proxy:
+        direct, session = await proxied_engine_setup(dev_pds, proxy)
+        with App.open(tmp_path / "a.db", contract) as app:
+            sync = ATSync(
+                app,
+                bindings={"notes": Binding(collection)},
+                session=session,
+                push=Manual(),
+                budget=RateBudget.off(),
+            )
+            async with sync:
+                seed_notes(app, ["x"])
+                sync.push_now()
+                await idle(sync)
+                proxy.add(DropAfterForward(), nsid=APPLY, nth=1)
+                cut_short = Hold(after_forward=False, drop=True)
+                proxy.add(cut_short, nsid=GET_RECORD, when=lambda r: "rkey=y" in r.target, nth=1)
+                app.actions.put_note("x", "x v1", 1)
+                app.actions.put_note("y", "y", 1)
+                sync.push_now()
+                with anyio.fail_after(10):
+                    await cut_short.reached.wait()  # x was read (applied); y's read hangs
+                app.actions.put_note("x", "x v2", 2)
+                cut_short.release()
+                status = await idle(sync, 30)
+                assert status.failed == 0
+                assert status.conflicts == 0
+            await assert_pds_equals_local(app, sync, dev_pds.pds_url, direct.did)
+            assert_no_duplicate_commits(await commit_ops(direct, dev_pds.pds_url, collection))
+            sync.close()
+
+
+async def test_an_earlier_attempt_landing_late_is_recognised_as_our_own_write(
+    dev_pds: DevPDS, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Attempt 1 (x = v1) is slow to reach the PDS; the engine times out, sees nothing
+    landed, and re-sends x, now edited to v2 (attempt 2, refused with a 500). Attempt 1
+    then lands after all — nothing committed in between, so its swapCommit still holds.
+    The next reconcile finds v1 on the PDS: a write of ours (attempt 1), not a conflict
+    with another writer; and v2 must still end up on the PDS."""
+    collection = collection_for(request)
+    async with FaultProxy(dev_pds.pds_url) as proxy:
+        direct, session = await proxied_engine_setup(dev_pds, proxy)
+        with App.open(tmp_path / "a.db", contract) as app:
+            sync = ATSync(
+                app,
+                bindings={"notes": Binding(collection)},
+                session=session,
+                push=Manual(),
+                budget=RateBudget.off(),
+                client_options={"timeout": 1.0},
+            )
+            async with sync:
+                seed_notes(app, ["x"])
+                sync.push_now()
+                await idle(sync)
+                slow = Hold(after_forward=False)  # reaches the PDS when released
+                proxy.add(slow, nsid=APPLY, nth=1)
+                proxy.add(Error500(), nsid=APPLY, nth=2)
+                third = Hold(after_forward=False)
+                proxy.add(third, nsid=APPLY, nth=3)
+                app.actions.put_note("x", "x v1", 1)
+                sync.push_now()
+                with anyio.fail_after(10):
+                    await slow.reached.wait()
+                app.actions.put_note("x", "x v2", 2)  # what every later attempt carries
+                with anyio.fail_after(30):
+                    await third.reached.wait()  # timed out, re-sent (500), about to re-send
+                slow.release()
+                with anyio.fail_after(10):
+                    await proxy.wait_until(lambda p: apply_writes_events(p)[0].done)
+                assert apply_writes_events(proxy)[0].upstream_status == 200  # v1 landed late
+                third.release()
+                status = await idle(sync, 30)
+                assert status.failed == 0
+                assert status.conflicts == 0
+            await assert_pds_equals_local(app, sync, dev_pds.pds_url, direct.did)
+            assert_no_duplicate_commits(await commit_ops(direct, dev_pds.pds_url, collection))
             sync.close()
