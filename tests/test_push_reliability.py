@@ -1503,3 +1503,82 @@ async def test_an_earlier_attempt_landing_late_is_recognised_as_our_own_write(
             await assert_pds_equals_local(app, sync, dev_pds.pds_url, direct.did)
             assert_no_duplicate_commits(await commit_ops(direct, dev_pds.pds_url, collection))
             sync.close()
+
+
+async def test_an_unreadable_invalid_swap_after_another_devices_commit_is_not_a_dead_letter(
+    dev_pds: DevPDS, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Another device commits to the repo, so the engine's next batch carries a stale
+    swapCommit; the PDS refuses it (400 InvalidSwap) but the answer's body arrives cut off.
+    A refusal the engine cannot read must be settled by reading the PDS, not taken for a
+    rejected record."""
+    collection = collection_for(request)
+    async with FaultProxy(dev_pds.pds_url) as proxy:
+        direct, session = await proxied_engine_setup(dev_pds, proxy)
+        with App.open(tmp_path / "a.db", contract) as app:
+            sync = ATSync(
+                app,
+                bindings={"notes": Binding(collection)},
+                session=session,
+                push=Manual(),
+                budget=RateBudget.off(),
+            )
+            async with sync:
+                seed_notes(app, ["s1"])
+                sync.push_now()
+                await idle(sync)
+                async with XrpcClient(session=direct) as other_device:
+                    await other_device.put_record(
+                        direct.did, MARKERS, f"d{time.time_ns()}", {"$type": MARKERS}
+                    )
+                cut = proxy.add(Truncate(keep=0.1, fix_length=True), nsid=APPLY, nth=1)
+                app.actions.put_note("x", "x", 1)
+                app.actions.put_note("y", "y", 1)
+                sync.push_now()
+                status = await idle(sync, 30)
+                assert cut.fired == 1
+                assert apply_writes_events(proxy)[1].upstream_status == 400  # InvalidSwap
+                assert status.failed == 0, sync.outbox.dead_letters()
+                assert status.conflicts == 0
+            await assert_pds_equals_local(app, sync, dev_pds.pds_url, direct.did)
+            sync.close()
+
+
+async def test_an_expired_token_mid_push_is_refreshed_once_and_the_push_goes_on(
+    dev_pds: DevPDS, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The PDS says the access token expired in the middle of a queue (injected: the real
+    one lives 2 h). The session refreshes once — a real, rotating refreshSession — and the
+    push carries on with the new token; nothing is lost or sent twice."""
+    collection = collection_for(request)
+    async with FaultProxy(dev_pds.pds_url) as proxy:
+        direct, session = await proxied_engine_setup(dev_pds, proxy)
+        # (The access JWT may come back identical within the same second: same claims.)
+        old_refresh = session.data.refresh_jwt
+        with App.open(tmp_path / "a.db", contract) as app:
+            sync = ATSync(
+                app,
+                bindings={"notes": Binding(collection)},
+                session=session,
+                push=Manual(),
+                budget=RateBudget.off(),
+            )
+            async with sync:
+                seed_notes(app, [f"s{i:03d}" for i in range(250)])  # two batches
+                expired = proxy.add(
+                    Answer(400, "ExpiredToken", "Token has expired"), nsid=APPLY, nth=2
+                )
+                sync.push_now()
+                status = await idle(sync, 30)
+                assert status.failed == 0 and status.state == "idle"
+            assert expired.fired == 1
+            assert len(proxy.requests("com.atproto.server.refreshSession")) == 1
+            assert session.data.refresh_jwt != old_refresh  # rotated, and in use
+            sent = [e for e in apply_writes_events(proxy) if e.forwarded]
+            assert [e.upstream_status for e in sent] == [200, 200]
+            await assert_pds_equals_local(app, sync, dev_pds.pds_url, direct.did)
+            actions = assert_no_duplicate_commits(
+                await commit_ops(direct, dev_pds.pds_url, collection)
+            )
+            assert actions == {"create": 250}
+            sync.close()
