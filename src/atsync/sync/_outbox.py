@@ -101,8 +101,15 @@ class PendingWrite:
     attempted: bool
     attempts: int
     first_action: str | None
-    sent_op: str | None = None  # what the last attempt sent: our own write, if it landed
+    sent_op: str | None = None  # what the last attempt sent
+    # Every CID sent for this record while queued ("-" for a delete), space-separated: any
+    # of them may land late, and finding one on the PDS is our own write, not a conflict.
     sent_cid: str | None = None
+
+    def sent(self, current: str | None) -> bool:
+        """Whether ``current`` (a CID on the PDS, None: absent) is something we sent."""
+        sent = (self.sent_cid or "").split()
+        return ("-" in sent) if current is None else (current in sent)
 
     @property
     def size(self) -> int:
@@ -269,7 +276,8 @@ class Outbox:
         with self._db.transaction():
             self._db.connection.executemany(
                 f"UPDATE {OUTBOX} SET attempted = 1, attempts = attempts + 1, sent_op = op, "
-                "sent_cid = cid WHERE seq = ?",
+                "sent_cid = trim(coalesce(sent_cid, '') || ' ' || coalesce(cid, '-')) "
+                "WHERE seq = ?",
                 [(w.seq,) for w in writes],
             )
 

@@ -150,9 +150,7 @@ class Pusher:
             if (w.op == "delete" and current is None) or (w.op != "delete" and current == w.cid):
                 applied.append(w)
                 continue
-            ours = w.sent_op is not None and (
-                current is None if w.sent_op == "delete" else current == w.sent_cid
-            )
+            ours = w.sent(current)
             base = self.outbox.remote_cid(w.collection, w.rkey)
             if current != base and not ours:
                 result.conflicts += 1
