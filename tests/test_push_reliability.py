@@ -12,6 +12,7 @@ proxy in ``fault_proxy.py`` sitting between the engine and the PDS, and from SIG
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 import signal
 import sqlite3
@@ -1581,4 +1582,43 @@ async def test_an_expired_token_mid_push_is_refreshed_once_and_the_push_goes_on(
                 await commit_ops(direct, dev_pds.pds_url, collection)
             )
             assert actions == {"create": 250}
+            sync.close()
+
+
+async def test_each_successful_batch_resets_the_backoff(
+    dev_pds: DevPDS, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Isolated faults in a long queue: every other batch is dropped before it reaches the
+    PDS, and the one after it goes through. A batch that went through proves the PDS is
+    back, so the next fault must start the backoff afresh (≤ 0.5 s) — not compound, with
+    full jitter doubling per failure, into waits of tens of seconds."""
+    collection = collection_for(request)
+    faults = 8
+    async with FaultProxy(dev_pds.pds_url) as proxy:
+        direct, session = await proxied_engine_setup(dev_pds, proxy)
+        with App.open(tmp_path / "a.db", contract) as app:
+            sync = ATSync(
+                app,
+                bindings={"notes": Binding(collection)},
+                session=session,
+                push=Manual(),
+                budget=RateBudget.off(),
+            )
+            async with sync:
+                seed_notes(app, [f"n{i:04d}" for i in range(200 * (faults + 1))])
+                proxy.add(DropBeforeForward(), nsid=APPLY, nth=range(2, 2 * faults + 1, 2))
+                sync.push_now()
+                status = await idle(sync, 90)
+                assert status.failed == 0
+            events = apply_writes_events(proxy)
+            assert proxy.counts["drop_before_forward"] == faults
+            gaps = [
+                round(after.received_at - dropped.received_at, 2)
+                for dropped, after in itertools.pairwise(events)
+                if dropped.fault == "drop_before_forward"
+            ]
+            assert len(gaps) == faults
+            # Backoff base 0.5 s (full jitter), plus the reconcile's one cheap read.
+            assert max(gaps) <= 0.75, gaps
+            await assert_pds_equals_local(app, sync, dev_pds.pds_url, direct.did)
             sync.close()
