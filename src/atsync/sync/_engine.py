@@ -316,7 +316,15 @@ class ATSync:
         result = PushResult()
         self._retry_collections = collections
         try:
-            while await self._pusher.push_batch(did, client, result, collections):
+            while True:
+                landed = result.pushed + result.already_applied
+                more = await self._pusher.push_batch(did, client, result, collections)
+                if result.pushed + result.already_applied > landed:
+                    # A batch went through: the PDS is fine, so the next failure starts the
+                    # shared backoff afresh instead of compounding it.
+                    self._backoff.succeeded()
+                if not more:
+                    break
                 self._refresh_status()
         except RateLimitedError as exc:
             wait = max(0.0, (exc.reset_at or time.time() + 60) - time.time())

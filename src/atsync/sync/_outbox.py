@@ -133,6 +133,25 @@ _COLUMNS = (
 )
 
 
+_NOTE_REMOTE = (
+    f"INSERT INTO {RECORDS} (collection, rkey, model, key, cid) "
+    f"SELECT collection, rkey, model, key, ?1 FROM {OUTBOX} WHERE seq = ?2 "
+    "ON CONFLICT (collection, rkey) DO UPDATE SET cid = ?1"
+)
+
+
+def _present(conn: sqlite3.Connection, seqs: Sequence[int]) -> set[int]:
+    """Which of these outbox rows still exist."""
+    found: set[int] = set()
+    for start in range(0, len(seqs), 500):
+        chunk = seqs[start : start + 500]
+        rows = conn.execute(
+            f"SELECT seq FROM {OUTBOX} WHERE seq IN ({', '.join('?' * len(chunk))})", chunk
+        )
+        found.update(seq for (seq,) in rows)
+    return found
+
+
 def _pending(row: Sequence[object]) -> PendingWrite:
     seq, collection, rkey, op, record, cid, version, attempted, attempts, first, sop, scid = row
     return PendingWrite(
@@ -228,12 +247,7 @@ class Outbox:
 
     def _note_remote(self, conn: sqlite3.Connection, seq: int, cid: str | None) -> None:
         """Remember the CID the PDS now holds for the record of outbox row ``seq``."""
-        conn.execute(
-            f"INSERT INTO {RECORDS} (collection, rkey, model, key, cid) "
-            f"SELECT collection, rkey, model, key, ?1 FROM {OUTBOX} WHERE seq = ?2 "
-            "ON CONFLICT (collection, rkey) DO UPDATE SET cid = ?1",
-            (cid, seq),
-        )
+        conn.execute(_NOTE_REMOTE, (cid, seq))
 
     # -- the push side ------------------------------------------------------------------
 
@@ -289,14 +303,25 @@ class Outbox:
         Returns how many rows left the outbox.
         """
         done = 0
+        writes = list(writes)
         with self._db.transaction():
             conn = self._db.connection
+            # The common case in two statements for the whole batch: note every CID, drop
+            # every row that did not change while in flight; the rest is handled one by one.
+            conn.executemany(
+                _NOTE_REMOTE, [(None if w.op == "delete" else w.cid, w.seq) for w in writes]
+            )
+            conn.executemany(
+                f"DELETE FROM {OUTBOX} WHERE seq = ? AND version = ?",
+                [(w.seq, w.version) for w in writes],
+            )
+            left = _present(conn, [w.seq for w in writes])
+            done = len(writes) - len(left)
             for w in writes:
-                self._note_remote(conn, w.seq, None if w.op == "delete" else w.cid)
-                gone = conn.execute(
-                    f"DELETE FROM {OUTBOX} WHERE seq = ? AND version = ?", (w.seq, w.version)
-                ).rowcount
-                if not gone and w.op != "delete":
+                if w.seq not in left:
+                    continue
+                gone = 0
+                if w.op != "delete":
                     # Changed while in flight, but back to what just landed: nothing to send.
                     gone = conn.execute(
                         f"DELETE FROM {OUTBOX} WHERE seq = ? AND cid IS ? AND op != 'delete'",
