@@ -24,6 +24,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/local_writes.py
+	$(PY) benchmarks/push.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples
