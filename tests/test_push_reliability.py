@@ -249,6 +249,11 @@ def queued_ops(sync: ATSync) -> Counter[str]:
     return Counter(w.op for w in sync.outbox.next_batch(1_000_000, 10**12))
 
 
+def held_event(proxy: FaultProxy) -> Any:
+    """The proxy's record of the first request a ``Hold`` fault kept."""
+    return next(e for e in proxy.events if e.fault == "hold")
+
+
 def apply_writes_events(proxy: FaultProxy) -> list[Any]:
     return proxy.requests(APPLY)
 
@@ -1067,8 +1072,8 @@ async def test_first_push_delayed_past_the_timeout_cannot_resurrect_a_deleted_re
                 await idle(sync, 30)
                 late.release()
                 with anyio.fail_after(10):
-                    await proxy.wait_until(lambda p: apply_writes_events(p)[0].done)
-                assert apply_writes_events(proxy)[0].forwarded
+                    await proxy.wait_until(lambda p: held_event(p).done)
+                assert held_event(proxy).forwarded
                 sync.push_now()
                 await idle(sync, 30)
             await assert_pds_equals_local(app, sync, dev_pds.pds_url, direct.did)
@@ -1495,8 +1500,8 @@ async def test_an_earlier_attempt_landing_late_is_recognised_as_our_own_write(
                     await third.reached.wait()  # timed out, re-sent (500), about to re-send
                 slow.release()
                 with anyio.fail_after(10):
-                    await proxy.wait_until(lambda p: apply_writes_events(p)[0].done)
-                assert apply_writes_events(proxy)[0].upstream_status == 200  # v1 landed late
+                    await proxy.wait_until(lambda p: held_event(p).done)
+                assert held_event(proxy).upstream_status == 200  # v1 landed late
                 third.release()
                 status = await idle(sync, 30)
                 assert status.failed == 0
@@ -1620,5 +1625,58 @@ async def test_each_successful_batch_resets_the_backoff(
             assert len(gaps) == faults
             # Backoff base 0.5 s (full jitter), plus the reconcile's one cheap read.
             assert max(gaps) <= 0.75, gaps
+            await assert_pds_equals_local(app, sync, dev_pds.pds_url, direct.did)
+            sync.close()
+
+
+async def test_a_late_attempt_cannot_resurrect_a_record_deleted_in_the_meantime(
+    dev_pds: DevPDS, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Attempt 1 (create x) is slow to reach the PDS; the engine times out, re-sends
+    (refused: 500) and reads the PDS: x is not there. The app deletes x; the engine sends
+    the delete, the PDS answers 500 (no such record), the engine reads again (absent) and
+    settles: nothing left to do, idle. But attempt 1 is still on its way, and its
+    swapCommit still holds (nothing was committed since): it lands, and x is on the PDS
+    although the app deleted it."""
+    collection = collection_for(request)
+    async with FaultProxy(dev_pds.pds_url) as proxy:
+        direct, session = await proxied_engine_setup(dev_pds, proxy)
+        with App.open(tmp_path / "a.db", contract) as app:
+            sync = ATSync(
+                app,
+                bindings={"notes": Binding(collection)},
+                session=session,
+                push=Manual(),
+                budget=RateBudget.off(),
+                client_options={"timeout": 1.0},
+            )
+            async with sync:
+                seed_notes(app, ["s1"])
+                sync.push_now()
+                await idle(sync)
+                slow = Hold(after_forward=False)  # reaches the PDS when released
+                proxy.add(slow, nsid=APPLY, nth=1)
+                refused = proxy.add(Error500(), nsid=APPLY, nth=2)
+                app.actions.put_note("x", "x", 1)
+                sync.push_now()
+                with anyio.fail_after(10):
+                    await slow.reached.wait()
+                with anyio.fail_after(30):
+                    # Timed out, re-sent (500), and the PDS read: x is not there.
+                    await proxy.wait_until(
+                        lambda p: (
+                            refused.fired == 1
+                            and any(e.nsid == GET_RECORD and e.done for e in p.events)
+                        )
+                    )
+                app.actions.drop_note("x")
+                sync.push_now()
+                await idle(sync, 30)  # whatever the engine does about x, it is done
+                slow.release()
+                with anyio.fail_after(10):
+                    await proxy.wait_until(lambda p: held_event(p).done)
+                assert held_event(proxy).upstream_status == 200  # x created, after all
+                sync.push_now()
+                await idle(sync, 30)
             await assert_pds_equals_local(app, sync, dev_pds.pds_url, direct.did)
             sync.close()
