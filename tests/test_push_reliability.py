@@ -1675,7 +1675,9 @@ async def test_a_late_attempt_cannot_resurrect_a_record_deleted_in_the_meantime(
                 slow.release()
                 with anyio.fail_after(10):
                     await proxy.wait_until(lambda p: held_event(p).done)
-                assert held_event(proxy).upstream_status == 200  # x created, after all
+                # The engine fenced it: an empty applyWrites moved the repo once the queue was
+                # settled, so the late attempt's swapCommit no longer holds.
+                assert held_event(proxy).upstream_status == 400
                 sync.push_now()
                 await idle(sync, 30)
             await assert_pds_equals_local(app, sync, dev_pds.pds_url, direct.did)

@@ -238,6 +238,8 @@ class ATSync:
                     continue
                 due, collections = self._schedule()
                 now = time.monotonic()
+                if due == math.inf and self._pusher.fence_needed:
+                    await self._fence(session.did, client)
                 if due > now:
                     # Offline or error while writes still wait for their retry; otherwise
                     # (nothing pending, or just logged in) idle.
@@ -326,6 +328,7 @@ class ATSync:
                 if not more:
                     break
                 self._refresh_status()
+            await self._pusher.fence(did, client, result)
         except RateLimitedError as exc:
             wait = max(0.0, (exc.reset_at or time.time() + 60) - time.time())
             self._retry_at = time.monotonic() + wait
@@ -353,6 +356,13 @@ class ATSync:
             )
             return
         self._refresh_status(state="idle", upload_error=None, rate_limited_until=None)
+
+    async def _fence(self, did: str, client: XrpcClient) -> None:
+        try:
+            await self._pusher.fence(did, client, PushResult())
+        except (NetworkError, OSError) as exc:
+            # Tried again on the next wake-up; meanwhile the status says why.
+            self._refresh_status(upload_error=f"fencing an unheard request: {exc}")
 
     async def _after_failure(self, did: str, client: XrpcClient, exc: Exception) -> None:
         delay = self._backoff.next_delay()

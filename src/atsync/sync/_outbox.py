@@ -37,6 +37,7 @@ RECORDS = "_atsync_records"
 DEAD = "_atsync_dead_letters"
 STATE = "_atsync_sync_state"
 CONFLICTS = "_atsync_conflicts"
+SENT = "_atsync_sent"
 
 Op = Literal["create", "update", "delete"]
 
@@ -78,6 +79,10 @@ _DDL = f"""
             error TEXT, message TEXT, failed_at REAL NOT NULL
         );
         CREATE TABLE IF NOT EXISTS {STATE} (key TEXT PRIMARY KEY, value TEXT);
+        CREATE TABLE IF NOT EXISTS {SENT} (
+            collection TEXT NOT NULL, rkey TEXT NOT NULL, cid TEXT NOT NULL,
+            PRIMARY KEY (collection, rkey, cid)
+        ) WITHOUT ROWID;
         CREATE TABLE IF NOT EXISTS {CONFLICTS} (
             id INTEGER PRIMARY KEY,
             collection TEXT NOT NULL, rkey TEXT NOT NULL, model TEXT, key TEXT,
@@ -294,6 +299,12 @@ class Outbox:
                 "WHERE seq = ?",
                 [(w.seq,) for w in writes],
             )
+            # Every version ever sent: one may land long after its row left the queue, and
+            # finding it on the PDS later is our own write, not another writer's.
+            self._db.connection.executemany(
+                f"INSERT OR IGNORE INTO {SENT} (collection, rkey, cid) VALUES (?, ?, ?)",
+                [(w.collection, w.rkey, w.cid) for w in writes if w.cid is not None],
+            )
 
     def complete(
         self, writes: Iterable[PendingWrite], *, commit: tuple[str, str] | None = None
@@ -461,6 +472,13 @@ class Outbox:
             f"SELECT 1 FROM {OUTBOX} WHERE first_action <= ? LIMIT 1", (action_id,)
         ).fetchone()
         return pending is None
+
+    def ever_sent(self, collection: str, rkey: str, cid: str) -> bool:
+        row = self._db.execute(
+            f"SELECT 1 FROM {SENT} WHERE collection = ? AND rkey = ? AND cid = ?",
+            (collection, rkey, cid),
+        ).fetchone()
+        return row is not None
 
     def remote_cid(self, collection: str, rkey: str) -> str | None:
         row = self._db.execute(

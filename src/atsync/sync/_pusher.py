@@ -49,6 +49,7 @@ class Pusher:
         self.batch_limit = MAX_WRITES  # shrinks to isolate a rejected write
         self.sent_swap: str | None = None  # the swapCommit the last batch was sent with
         self.needs_reconcile = False  # an unknown outcome is still unsettled
+        self.fence_needed = False  # an unheard request might still land: see fence()
 
     def _writes(self, batch: Sequence[PendingWrite]) -> list[Write]:
         writes: list[Write] = []
@@ -115,6 +116,7 @@ class Pusher:
             result.dead_letters += 1
             self.batch_limit = MAX_WRITES
             return True
+        self.fence_needed = False  # the repo moved past any request still on its way
         self.budget.spend(points)
         self.outbox.set_state("budget", self.budget.dumps())
         commit = (answer.commit.cid, answer.commit.rev) if answer.commit else None
@@ -141,6 +143,9 @@ class Pusher:
         """
         latest = await client.sync_get_latest_commit(did)
         if not check and self.sent_swap is not None and latest.cid == self.sent_swap:
+            # Nothing landed *yet*: the unheard request may still arrive, and its swapCommit
+            # would hold until the repo moves. The next commit of ours fences it off.
+            self.fence_needed = True
             return
         writes = {w.seq: w for w in self.outbox.attempted_writes()}
         writes.update((w.seq, w) for w in batch)
@@ -150,13 +155,34 @@ class Pusher:
             if (w.op == "delete" and current is None) or (w.op != "delete" and current == w.cid):
                 applied.append(w)
                 continue
-            ours = w.sent(current)
+            ours = w.sent(current) or (
+                current is not None and self.outbox.ever_sent(w.collection, w.rkey, current)
+            )
             base = self.outbox.remote_cid(w.collection, w.rkey)
             if current != base and not ours:
                 result.conflicts += 1
                 self.outbox.record_conflict(w, base_cid=base, remote_cid=current)
             self.outbox.rebase(w, remote_cid=current)
         result.already_applied += self.outbox.complete(applied, commit=(latest.cid, latest.rev))
+
+    async def fence(self, did: str, client: XrpcClient, result: PushResult) -> None:
+        """After an unheard request that had not landed when we looked, and with nothing else
+        to send: move the repo with an empty ``applyWrites`` (a commit, no records, no rate
+        points), so that request's ``swapCommit`` can no longer apply if it arrives late."""
+        if not self.fence_needed:
+            return
+        swap = self.outbox.get_state("commit_cid")
+        try:
+            answer = await client.apply_writes(did, [], swap_commit=swap)
+        except PermanentError as exc:
+            if exc.error != "InvalidSwap":
+                raise
+            # Something landed after all: settle every write still queued, fence next time.
+            await self.reconcile(did, client, [], result, check=True)
+            return
+        if answer.commit is not None:
+            self.outbox.set_commit(answer.commit.cid, answer.commit.rev)
+        self.fence_needed = False
 
     async def _current_cid(self, did: str, client: XrpcClient, w: PendingWrite) -> str | None:
         try:
