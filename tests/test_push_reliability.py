@@ -68,6 +68,17 @@ GET_RECORD = "com.atproto.repo.getRecord"
 MARKERS = "test.atsync.marker"
 
 
+def notes_engine(app: App, collection: str, session: Any, **options: Any) -> ATSync:
+    """The engine most tests here use: notes bound to the test's collection, budget off."""
+    return ATSync(
+        app,
+        bindings={"notes": Binding(collection)},
+        session=session,
+        budget=RateBudget.off(),
+        **options,
+    )
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
@@ -283,12 +294,11 @@ async def test_pds_stopped_mid_queue_drains_without_duplicates(
                 await pds_down.wait()
 
     with App.open(tmp_path / "a.db", contract) as app:
-        sync = ATSync(
+        sync = notes_engine(
             app,
-            bindings={"notes": Binding(collection)},
-            session=session,
+            collection,
+            session,
             push=Manual(),
-            budget=RateBudget.off(),
             client_options={"event_hooks": {"request": [on_request]}},
         )
         log = StatusLog(sync)
@@ -343,13 +353,7 @@ async def test_batch_applied_but_connection_dropped_is_not_sent_twice(
         # 1st batch: the very first push (no known commit yet); 2nd: the mixed batch after it.
         proxy.add(DropAfterForward(), nsid=APPLY, nth=[1, 2])
         with App.open(tmp_path / "a.db", contract) as app:
-            sync = ATSync(
-                app,
-                bindings={"notes": Binding(collection)},
-                session=session,
-                push=Manual(),
-                budget=RateBudget.off(),
-            )
+            sync = notes_engine(app, collection, session, push=Manual())
             log = StatusLog(sync)
             async with sync:
                 seed = [f"s{i:03d}" for i in range(50)]
@@ -381,13 +385,8 @@ async def test_answers_slower_than_the_client_timeout(
     async with FaultProxy(dev_pds.pds_url) as proxy:
         direct, session = await proxied_engine_setup(dev_pds, proxy)
         with App.open(tmp_path / "a.db", contract) as app:
-            sync = ATSync(
-                app,
-                bindings={"notes": Binding(collection)},
-                session=session,
-                push=Manual(),
-                budget=RateBudget.off(),
-                client_options={"timeout": 1.0},
+            sync = notes_engine(
+                app, collection, session, push=Manual(), client_options={"timeout": 1.0}
             )
             async with sync:
                 seed = [f"s{i:03d}" for i in range(30)]
@@ -431,13 +430,7 @@ async def test_500s_and_broken_answers_are_retried_until_everything_is_on_the_pd
         proxy.add(DropBeforeForward(), nsid=APPLY, nth=6)
         proxy.add(Error500(), nsid=GET_RECORD, nth=[3, 4])  # the reconcile fails too
         with App.open(tmp_path / "a.db", contract) as app:
-            sync = ATSync(
-                app,
-                bindings={"notes": Binding(collection)},
-                session=session,
-                push=Immediate(),
-                budget=RateBudget.off(),
-            )
+            sync = notes_engine(app, collection, session, push=Immediate())
             log = StatusLog(sync)
             async with sync:
                 seed = [f"s{i:03d}" for i in range(40)]
@@ -471,13 +464,7 @@ async def test_429_makes_the_engine_wait_as_told(
         direct, session = await proxied_engine_setup(dev_pds, proxy)
         proxy.add(fault, nsid=APPLY, nth=1)
         with App.open(tmp_path / "a.db", contract) as app:
-            sync = ATSync(
-                app,
-                bindings={"notes": Binding(collection)},
-                session=session,
-                push=Immediate(),
-                budget=RateBudget.off(),
-            )
+            sync = notes_engine(app, collection, session, push=Immediate())
             log = StatusLog(sync)
             async with sync:
                 before = time.time()
@@ -507,13 +494,7 @@ async def test_local_edits_while_a_batch_is_in_flight(
     async with FaultProxy(dev_pds.pds_url) as proxy:
         direct, session = await proxied_engine_setup(dev_pds, proxy)
         with App.open(tmp_path / "a.db", contract) as app:
-            sync = ATSync(
-                app,
-                bindings={"notes": Binding(collection)},
-                session=session,
-                push=Manual(),
-                budget=RateBudget.off(),
-            )
+            sync = notes_engine(app, collection, session, push=Manual())
             async with sync:
                 seed_notes(app, ["u1", "u2", "d1", "d2", "keep"])
                 sync.push_now()
@@ -572,13 +553,8 @@ async def test_random_faults_while_the_app_keeps_editing(
         proxy.add(Delay(2.0, after_forward=False), nsid=APPLY, probability=0.1, times=1)
         proxy.add(Error500(), nsid=GET_RECORD, probability=0.02, times=1)
         with App.open(tmp_path / "a.db", contract) as app:
-            sync = ATSync(
-                app,
-                bindings={"notes": Binding(collection)},
-                session=session,
-                push=Immediate(),
-                budget=RateBudget.off(),
-                client_options={"timeout": 1.0},
+            sync = notes_engine(
+                app, collection, session, push=Immediate(), client_options={"timeout": 1.0}
             )
             async with sync:
                 rng = random.Random(8)
@@ -1057,13 +1033,8 @@ async def test_first_push_delayed_past_the_timeout_cannot_resurrect_a_deleted_re
         late = Hold(after_forward=False)  # held before the PDS sees it
         proxy.add(late, nsid=APPLY, nth=1)
         with App.open(tmp_path / "a.db", contract) as app:
-            sync = ATSync(
-                app,
-                bindings={"notes": Binding(collection)},
-                session=session,
-                push=Immediate(),
-                budget=RateBudget.off(),
-                client_options={"timeout": 1.0},
+            sync = notes_engine(
+                app, collection, session, push=Immediate(), client_options={"timeout": 1.0}
             )
             async with sync:
                 app.actions.put_note("a", "first", 1)
@@ -1096,13 +1067,7 @@ async def test_retrying_a_dead_letter_never_overwrites_a_newer_pushed_version(
         direct, session = await proxied_engine_setup(dev_pds, proxy)
         proxy.add(Answer(400, "InvalidRecord", "refused by policy"), nsid=APPLY, when=rejects_v1)
         with App.open(tmp_path / "a.db", contract) as app:
-            sync = ATSync(
-                app,
-                bindings={"notes": Binding(collection)},
-                session=session,
-                push=Manual(),
-                budget=RateBudget.off(),
-            )
+            sync = notes_engine(app, collection, session, push=Manual())
             async with sync:
                 app.actions.put_note("x", "x v1", 1)
                 app.actions.put_note("y", "y v1", 1)
@@ -1129,13 +1094,7 @@ async def test_saving_unchanged_content_makes_no_new_commit(
     collection = collection_for(request)
     session = await log_in(dev_pds)
     with App.open(tmp_path / "a.db", contract) as app:
-        sync = ATSync(
-            app,
-            bindings={"notes": Binding(collection)},
-            session=session,
-            push=Manual(),
-            budget=RateBudget.off(),
-        )
+        sync = notes_engine(app, collection, session, push=Manual())
         async with sync:
             app.actions.put_note("a", "same", 1)
             app.actions.put_note("b", "same", 1)
@@ -1163,13 +1122,7 @@ async def test_status_returns_to_idle_when_the_reconcile_settles_the_whole_queue
         direct, session = await proxied_engine_setup(dev_pds, proxy)
         proxy.add(DropAfterForward(), nsid=APPLY, nth=1)
         with App.open(tmp_path / "a.db", contract) as app:
-            sync = ATSync(
-                app,
-                bindings={"notes": Binding(collection)},
-                session=session,
-                push=Immediate(),
-                budget=RateBudget.off(),
-            )
+            sync = notes_engine(app, collection, session, push=Immediate())
             async with sync:
                 seed_notes(app, ["a", "b", "c"])
                 # Settled at once by the reconcile; well within the 30 s watchdog period.
@@ -1194,13 +1147,7 @@ async def test_writes_of_an_unheard_batch_are_all_reconciled_after_the_batch_shr
     async with FaultProxy(dev_pds.pds_url) as proxy:
         direct, session = await proxied_engine_setup(dev_pds, proxy)
         with App.open(tmp_path / "a.db", contract) as app:
-            sync = ATSync(
-                app,
-                bindings={"notes": Binding(collection)},
-                session=session,
-                push=Manual(),
-                budget=RateBudget.off(),
-            )
+            sync = notes_engine(app, collection, session, push=Manual())
             async with sync:
                 seed_notes(app, [f"s{i:02d}" for i in range(10)])
                 sync.push_now()
@@ -1281,13 +1228,7 @@ async def test_deleting_a_record_whose_create_never_landed_sends_no_delete(
     async with FaultProxy(dev_pds.pds_url) as proxy:
         direct, session = await proxied_engine_setup(dev_pds, proxy)
         with App.open(tmp_path / "a.db", contract) as app:
-            sync = ATSync(
-                app,
-                bindings={"notes": Binding(collection)},
-                session=session,
-                push=Manual(),
-                budget=RateBudget.off(),
-            )
+            sync = notes_engine(app, collection, session, push=Manual())
             async with sync:
                 seed_notes(app, ["s1"])
                 sync.push_now()
@@ -1317,13 +1258,7 @@ async def test_a_429_during_the_reconcile_is_waited_out_too(
     async with FaultProxy(dev_pds.pds_url) as proxy:
         direct, session = await proxied_engine_setup(dev_pds, proxy)
         with App.open(tmp_path / "a.db", contract) as app:
-            sync = ATSync(
-                app,
-                bindings={"notes": Binding(collection)},
-                session=session,
-                push=Manual(),
-                budget=RateBudget.off(),
-            )
+            sync = notes_engine(app, collection, session, push=Manual())
             log = StatusLog(sync)
             async with sync:
                 seed_notes(app, ["s1"])
@@ -1355,13 +1290,7 @@ async def test_a_401_during_the_reconcile_does_not_kill_the_engine(
     async with FaultProxy(dev_pds.pds_url) as proxy:
         direct, session = await proxied_engine_setup(dev_pds, proxy)
         with App.open(tmp_path / "a.db", contract) as app:
-            sync = ATSync(
-                app,
-                bindings={"notes": Binding(collection)},
-                session=session,
-                push=Manual(),
-                budget=RateBudget.off(),
-            )
+            sync = notes_engine(app, collection, session, push=Manual())
             async with sync:
                 seed_notes(app, ["s1"])
                 sync.push_now()
@@ -1393,13 +1322,7 @@ async def test_an_unreadable_4xx_never_dead_letters_a_write_that_landed(
     async with FaultProxy(dev_pds.pds_url) as proxy:
         direct, session = await proxied_engine_setup(dev_pds, proxy)
         with App.open(tmp_path / "a.db", contract) as app:
-            sync = ATSync(
-                app,
-                bindings={"notes": Binding(collection)},
-                session=session,
-                push=Manual(),
-                budget=RateBudget.off(),
-            )
+            sync = notes_engine(app, collection, session, push=Manual())
             async with sync:
                 seed_notes(app, ["s1"])
                 sync.push_now()
@@ -1433,13 +1356,7 @@ async def test_a_reconcile_cut_short_does_not_turn_our_own_landed_write_into_a_c
     async with FaultProxy(dev_pds.pds_url) as proxy:
         direct, session = await proxied_engine_setup(dev_pds, proxy)
         with App.open(tmp_path / "a.db", contract) as app:
-            sync = ATSync(
-                app,
-                bindings={"notes": Binding(collection)},
-                session=session,
-                push=Manual(),
-                budget=RateBudget.off(),
-            )
+            sync = notes_engine(app, collection, session, push=Manual())
             async with sync:
                 seed_notes(app, ["x"])
                 sync.push_now()
@@ -1474,13 +1391,8 @@ async def test_an_earlier_attempt_landing_late_is_recognised_as_our_own_write(
     async with FaultProxy(dev_pds.pds_url) as proxy:
         direct, session = await proxied_engine_setup(dev_pds, proxy)
         with App.open(tmp_path / "a.db", contract) as app:
-            sync = ATSync(
-                app,
-                bindings={"notes": Binding(collection)},
-                session=session,
-                push=Manual(),
-                budget=RateBudget.off(),
-                client_options={"timeout": 1.0},
+            sync = notes_engine(
+                app, collection, session, push=Manual(), client_options={"timeout": 1.0}
             )
             async with sync:
                 seed_notes(app, ["x"])
@@ -1522,13 +1434,7 @@ async def test_an_unreadable_invalid_swap_after_another_devices_commit_is_not_a_
     async with FaultProxy(dev_pds.pds_url) as proxy:
         direct, session = await proxied_engine_setup(dev_pds, proxy)
         with App.open(tmp_path / "a.db", contract) as app:
-            sync = ATSync(
-                app,
-                bindings={"notes": Binding(collection)},
-                session=session,
-                push=Manual(),
-                budget=RateBudget.off(),
-            )
+            sync = notes_engine(app, collection, session, push=Manual())
             async with sync:
                 seed_notes(app, ["s1"])
                 sync.push_now()
@@ -1562,13 +1468,7 @@ async def test_an_expired_token_mid_push_is_refreshed_once_and_the_push_goes_on(
         # (The access JWT may come back identical within the same second: same claims.)
         old_refresh = session.data.refresh_jwt
         with App.open(tmp_path / "a.db", contract) as app:
-            sync = ATSync(
-                app,
-                bindings={"notes": Binding(collection)},
-                session=session,
-                push=Manual(),
-                budget=RateBudget.off(),
-            )
+            sync = notes_engine(app, collection, session, push=Manual())
             async with sync:
                 seed_notes(app, [f"s{i:03d}" for i in range(250)])  # two batches
                 expired = proxy.add(
@@ -1602,13 +1502,7 @@ async def test_each_successful_batch_resets_the_backoff(
     async with FaultProxy(dev_pds.pds_url) as proxy:
         direct, session = await proxied_engine_setup(dev_pds, proxy)
         with App.open(tmp_path / "a.db", contract) as app:
-            sync = ATSync(
-                app,
-                bindings={"notes": Binding(collection)},
-                session=session,
-                push=Manual(),
-                budget=RateBudget.off(),
-            )
+            sync = notes_engine(app, collection, session, push=Manual())
             async with sync:
                 seed_notes(app, [f"n{i:04d}" for i in range(200 * (faults + 1))])
                 proxy.add(DropBeforeForward(), nsid=APPLY, nth=range(2, 2 * faults + 1, 2))
@@ -1642,13 +1536,8 @@ async def test_a_late_attempt_cannot_resurrect_a_record_deleted_in_the_meantime(
     async with FaultProxy(dev_pds.pds_url) as proxy:
         direct, session = await proxied_engine_setup(dev_pds, proxy)
         with App.open(tmp_path / "a.db", contract) as app:
-            sync = ATSync(
-                app,
-                bindings={"notes": Binding(collection)},
-                session=session,
-                push=Manual(),
-                budget=RateBudget.off(),
-                client_options={"timeout": 1.0},
+            sync = notes_engine(
+                app, collection, session, push=Manual(), client_options={"timeout": 1.0}
             )
             async with sync:
                 seed_notes(app, ["s1"])
