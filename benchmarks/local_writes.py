@@ -112,8 +112,7 @@ def atsync_one_transaction(path: Path, n: int, durability: str) -> float:
 def atsync_with_sync_capture(path: Path, n: int, durability: str) -> tuple[float, float]:
     """Informational: the same actions with an ATSync attached, so each one also checks and
     encodes its record (data model, DAG-CBOR, CID) and queues it in the outbox."""
-    from atsync.lexicon import Binding
-    from atsync.sync import ATSync, Manual
+    from atsync.sync import ATSync, Binding, Manual
 
     with App.open(path, contract, durability=durability) as app:  # type: ignore[arg-type]
         sync = ATSync(app, bindings={"items": Binding("bench.local.items")}, push=Manual())

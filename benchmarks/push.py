@@ -29,8 +29,7 @@ import httpx
 from atsync.app import App, ATPSigner, Contract
 from atsync.atproto._devpds import DevPDS
 from atsync.atproto._session import MemorySessionStore
-from atsync.lexicon import Binding
-from atsync.sync import ATSync, Manual, RateBudget
+from atsync.sync import ATSync, Binding, Manual, RateBudget
 
 TARGET_SDK, TARGET_RAW = 8.0, 0.8
 PASSWORD = "bench-pw-1"

@@ -14,8 +14,7 @@ import pytest
 
 from atsync.app import ActionContext, App, ATPSigner, Contract
 from atsync.atproto._session import FileSessionStore
-from atsync.lexicon import Binding
-from atsync.sync import ATSync, Manual
+from atsync.sync import ATSync, Binding, Manual
 
 contract = Contract(models={"items": {"id": "primary", "label": "string"}})
 

@@ -34,10 +34,10 @@ from atsync.app import ActionContext, App, Contract
 from atsync.atproto._devpds import DevPDS
 from atsync.atproto._session import Session, login
 from atsync.atproto._xrpc import XrpcClient
-from atsync.lexicon import Binding
 from atsync.sync import (
     ATSync,
     Batch,
+    Binding,
     Debounce,
     Immediate,
     Manual,
@@ -848,7 +848,7 @@ import anyio
 
 from atsync.app import ActionContext, App, Contract
 from atsync.atproto._session import FileSessionStore, Session, login
-from atsync.lexicon import Binding
+from atsync.sync import Binding
 from atsync.sync import ATSync, Immediate, RateBudget
 
 contract = Contract(models={{

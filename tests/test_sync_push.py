@@ -11,8 +11,7 @@ import pytest
 from atsync.app import ActionContext, App, Contract
 from atsync.atproto._session import Session, login
 from atsync.atproto._xrpc import XrpcClient
-from atsync.lexicon import Binding
-from atsync.sync import ATSync, Immediate, Manual, RateBudget
+from atsync.sync import ATSync, Binding, Immediate, Manual, RateBudget
 
 pytestmark = pytest.mark.anyio
 

@@ -33,8 +33,7 @@ from atsync.atproto._devpds import DevPDS, ensure_installed
 from atsync.atproto._identity import IdentityResolver
 from atsync.atproto._session import FileSessionStore
 from atsync.atproto._xrpc import XrpcClient
-from atsync.lexicon import Binding
-from atsync.sync import Debounce, SyncThread
+from atsync.sync import Binding, Debounce, SyncThread
 
 COLLECTION = "com.example.notes.note"
 HANDLE, PASSWORD = "alice.test", "demo-password-1"

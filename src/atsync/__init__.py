@@ -5,6 +5,8 @@ The layers (each usable on its own, dependencies pointing down):
     atsync.app      Contract (models + actions), App, action log, signers
     atsync.atproto  identity, sessions, XRPC, CAR/MST/commit verification, dev PDS
     atsync.db       ModelDB: schema language, SQLite backend, live queries
+    atsync.lexicon  Lexicon documents and record validation
+    atsync.sync     ATSync / SyncThread: bindings, outbox, push, strategies, status
 
 The names most apps need are re-exported here.
 """
@@ -29,20 +31,40 @@ from ._errors import (
 )
 from .app import ActionContext, ActionResult, App, ATPSigner, Contract, LocalSigner, Signer
 from .db import ModelDB, Subscription, UpgradeAPI
+from .sync import (
+    ATSync,
+    Batch,
+    Binding,
+    Debounce,
+    Immediate,
+    Interval,
+    Manual,
+    Strategy,
+    SyncStatus,
+    SyncThread,
+    Transform,
+)
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "ATPSigner",
+    "ATSync",
     "ActionContext",
     "ActionError",
     "ActionResult",
     "App",
     "AtsyncError",
     "AuthError",
+    "Batch",
+    "Binding",
     "ClosedError",
     "Contract",
+    "Debounce",
+    "Immediate",
+    "Interval",
     "LocalSigner",
+    "Manual",
     "ModelDB",
     "NetworkError",
     "NotFoundError",
@@ -52,8 +74,12 @@ __all__ = [
     "SchemaError",
     "Signer",
     "SignerError",
+    "Strategy",
     "Subscription",
+    "SyncStatus",
+    "SyncThread",
     "TransactionError",
+    "Transform",
     "TransientError",
     "UnknownModelError",
     "UpgradeAPI",

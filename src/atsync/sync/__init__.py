@@ -1,7 +1,6 @@
 """The sync engine: the app's bound models <-> records in the user's repository.
 
 from atsync.sync import ATSync, Debounce
-from atsync.lexicon import Binding
 
 sync = ATSync(app, bindings={"notes": Binding("com.example.note")}, push=Debounce(0.5))
 async with sync:
@@ -9,6 +8,7 @@ async with sync:
 """
 
 from ._backoff import Backoff
+from ._binding import Binding, Transform
 from ._blocking import SyncThread
 from ._budget import RateBudget
 from ._capture import ActionCall, RecordWrite
@@ -22,6 +22,7 @@ __all__ = [
     "ActionCall",
     "Backoff",
     "Batch",
+    "Binding",
     "DeadLetter",
     "Debounce",
     "Immediate",
@@ -35,4 +36,5 @@ __all__ = [
     "Strategy",
     "SyncStatus",
     "SyncThread",
+    "Transform",
 ]

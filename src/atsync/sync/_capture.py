@@ -21,7 +21,7 @@ from .._errors import RecordError
 from ..app import ActionContext, App
 from ..atproto._cbor import CID, check_data_model, data_to_json, encode_checked
 from ..atproto._syntax import TidClock, is_valid_nsid, is_valid_record_key
-from ..lexicon._binding import MAX_RECORD_BYTES, BoundBinding
+from ._binding import MAX_RECORD_BYTES, BoundBinding
 from ._outbox import Outbox
 
 __all__ = ["ActionCall", "Capture", "RecordWrite"]

@@ -34,8 +34,9 @@ from .._errors import (
 from ..app import App
 from ..atproto._xrpc import XrpcClient
 from ..atproto._xrpc_errors import outcome_unknown
-from ..lexicon import Binding, BoundBinding, LexiconSet, validate_record
+from ..lexicon import LexiconSet, validate_record
 from ._backoff import Backoff
+from ._binding import Binding, BoundBinding
 from ._budget import RateBudget
 from ._capture import Capture, OnAction, Validator
 from ._outbox import Outbox, create_sync_tables

@@ -20,6 +20,7 @@ from .._errors import RecordError, SchemaError
 from ..atproto._cbor import check_data_model, encode_dag_cbor
 from ..atproto._syntax import is_valid_nsid, is_valid_record_key
 from ..db import Model
+from ._strategies import Strategy
 
 __all__ = ["MAX_RECORD_BYTES", "Binding", "BoundBinding", "Direction", "Transform"]
 
@@ -46,7 +47,7 @@ class Binding:
     transforms: Mapping[str, Transform] = field(default_factory=dict)
     local: Sequence[str] = ()
     direction: Direction = "both"
-    strategy: Any = None  # a push strategy for this binding; None: the engine's
+    strategy: Strategy | None = None  # a push strategy for this binding; None: the engine's
 
     def bind(self, model: Model) -> BoundBinding:
         """Check the binding against the model and compile its conversions."""
