@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from atsync._errors import (
+    InvalidSyntaxError,
     RateLimitedError,
-    SyntaxError_,
     TransientError,
     VerificationError,
 )
@@ -444,12 +444,12 @@ async def test_unreachable_plc_is_a_transient_error(
 @pytest.mark.parametrize(
     ("identifier", "error", "match"),
     [
-        ("john..test", SyntaxError_, "invalid AT identifier"),
-        ("did:PLC:abc", SyntaxError_, "invalid AT identifier"),
-        ("alice.test ", SyntaxError_, "invalid AT identifier"),
-        ("did:plc:tooshort", SyntaxError_, "invalid did:plc"),
-        ("did:web:bad%20host.test", SyntaxError_, "only %3A"),
-        ("did:web:localhost%3Aabc", SyntaxError_, "is not a number"),
+        ("john..test", InvalidSyntaxError, "invalid AT identifier"),
+        ("did:PLC:abc", InvalidSyntaxError, "invalid AT identifier"),
+        ("alice.test ", InvalidSyntaxError, "invalid AT identifier"),
+        ("did:plc:tooshort", InvalidSyntaxError, "invalid did:plc"),
+        ("did:web:bad%20host.test", InvalidSyntaxError, "only %3A"),
+        ("did:web:localhost%3Aabc", InvalidSyntaxError, "is not a number"),
         ("did:web:host.test%3A8080", VerificationError, "ports are allowed only on localhost"),
         ("did:web:localhost%3A8080", VerificationError, "allow_insecure_localhost"),
         ("did:web:example.com:user:alice", VerificationError, "path-based did:web"),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from atsync._errors import SyntaxError_
+from atsync._errors import InvalidSyntaxError
 from atsync.atproto import _syntax as sx
 
 VECTORS = Path(__file__).parent / "interop" / "syntax"
@@ -78,23 +78,23 @@ def test_valid(kind: str, value: str) -> None:
 
 @pytest.mark.parametrize(("kind", "value"), INVALID, ids=lambda v: v[:40])
 def test_invalid(kind: str, value: str) -> None:
-    with pytest.raises(SyntaxError_):
+    with pytest.raises(InvalidSyntaxError):
         VALIDATORS[kind](value)
     assert not CHECKERS[kind](value)
 
 
 def test_error_names_the_kind_and_reason() -> None:
-    with pytest.raises(SyntaxError_, match=r"invalid handle 'jo_hn\.test': segment 'jo_hn'"):
+    with pytest.raises(InvalidSyntaxError, match=r"invalid handle 'jo_hn\.test': segment 'jo_hn'"):
         sx.validate_handle("jo_hn.test")
-    with pytest.raises(SyntaxError_, match=r"invalid record key '\.\.'"):
+    with pytest.raises(InvalidSyntaxError, match=r"invalid record key '\.\.'"):
         sx.validate_record_key("..")
-    with pytest.raises(SyntaxError_, match="at most 2048"):
+    with pytest.raises(InvalidSyntaxError, match="at most 2048"):
         sx.validate_did("did:web:" + "a" * 2100)
 
 
 def test_non_strings_are_rejected_not_crashed() -> None:
     for validator in VALIDATORS.values():
-        with pytest.raises(SyntaxError_):
+        with pytest.raises(InvalidSyntaxError):
             validator(123)  # type: ignore[arg-type]
 
 
@@ -127,9 +127,9 @@ def test_tid_sorts_like_its_timestamp() -> None:
 
 
 def test_tid_rejects_out_of_range_parts() -> None:
-    with pytest.raises(SyntaxError_):
+    with pytest.raises(InvalidSyntaxError):
         sx.Tid(-1, 0)
-    with pytest.raises(SyntaxError_):
+    with pytest.raises(InvalidSyntaxError):
         sx.Tid(0, 1024)
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from atsync._errors import SyntaxError_, VerificationError
+from atsync._errors import InvalidSyntaxError, VerificationError
 from atsync.atproto._car import CarWriter, read_car, write_car
 from atsync.atproto._cbor import CID, decode_dag_cbor, encode_dag_cbor
 from atsync.atproto._crypto import Keypair, generate_keypair, load_keypair
@@ -271,9 +271,9 @@ def test_proof_with_a_truncated_car() -> None:
 
 
 def test_proof_rejects_bad_collection_or_rkey_from_the_caller() -> None:
-    with pytest.raises(SyntaxError_):
+    with pytest.raises(InvalidSyntaxError):
         verify_record_proof(REPO.car(), DID, KEY.did, "not-an-nsid", "abc")
-    with pytest.raises(SyntaxError_):
+    with pytest.raises(InvalidSyntaxError):
         verify_record_proof(REPO.car(), DID, KEY.did, COLL, "..")
 
 

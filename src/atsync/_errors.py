@@ -10,10 +10,10 @@ An operation that raises has written nothing (its transaction is rolled back).
     ├── ValidationError           a value does not fit the schema (type, null, primary key)
     │   └── RecordError           a record breaks the atproto data model or its Lexicon
     ├── ClosedError               the database or app was used after close()
-    ├── TransactionError          transactions misused (e.g. nesting across threads)
+    ├── TransactionError          a doomed or misused transaction; the writer lock is taken
     ├── ActionError               an action is unknown or was called wrongly
     ├── SignerError               a key cannot be created, loaded, or used
-    ├── SyntaxError_              a handle, DID, NSID, AT URI, TID or record key is malformed
+    ├── InvalidSyntaxError        a handle, DID, NSID, AT URI, TID or record key is malformed
     ├── VerificationError         a signature, CID, CAR, or MST proof does not check out
     ├── DevPDSError               the local reference PDS could not be installed or started
     └── NetworkError              a call to a PDS or another service failed
@@ -33,6 +33,7 @@ __all__ = [
     "AuthError",
     "ClosedError",
     "DevPDSError",
+    "InvalidSyntaxError",
     "NetworkError",
     "NotFoundError",
     "PermanentError",
@@ -40,7 +41,6 @@ __all__ = [
     "RecordError",
     "SchemaError",
     "SignerError",
-    "SyntaxError_",
     "TransactionError",
     "TransientError",
     "UnknownModelError",
@@ -84,7 +84,7 @@ class ClosedError(AtsyncError):
 
 
 class TransactionError(AtsyncError):
-    """Transactions were used in a way SQLite cannot honour."""
+    """A transaction was doomed or misused, or another App holds the writer lock."""
 
 
 class ActionError(AtsyncError):
@@ -95,7 +95,7 @@ class SignerError(AtsyncError):
     """A signing key could not be created, loaded or used."""
 
 
-class SyntaxError_(AtsyncError, ValueError):
+class InvalidSyntaxError(AtsyncError, ValueError):
     """An atproto identifier (handle, DID, NSID, AT URI, TID, record key...) is malformed."""
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from atsync._errors import SyntaxError_, VerificationError
+from atsync._errors import InvalidSyntaxError, VerificationError
 
 from ._crypto import did_key_from_verification_method
 from ._syntax import is_valid_handle, validate_did, validate_handle
@@ -48,9 +48,9 @@ _PORT = re.compile(r"[0-9]{1,5}")
 
 
 def validate_did_plc(did: str) -> str:
-    """``did:plc:`` followed by 24 lowercase base32 characters, else ``SyntaxError_``."""
+    """``did:plc:`` followed by 24 lowercase base32 characters, else ``InvalidSyntaxError``."""
     if not _DID_PLC.fullmatch(did):
-        raise SyntaxError_(f"invalid did:plc {did!r:.80}: must be did:plc: + 24 of a-z 2-7")
+        raise InvalidSyntaxError(f"invalid did:plc {did!r:.80}: must be did:plc: + 24 of a-z 2-7")
     return did
 
 
@@ -67,21 +67,21 @@ def handle_tld_problem(hostname: str, *, allow_test: bool) -> str | None:
 def did_web_host(did: str, *, allow_localhost: bool, allow_test: bool) -> str:
     """The ``host`` or ``localhost:port`` a ``did:web`` names.
 
-    ``SyntaxError_`` for a malformed DID or host; ``VerificationError`` for what atproto does
+    ``InvalidSyntaxError`` for a malformed DID or host; ``VerificationError`` for what atproto does
     not support: path-based did:web, ports or ``localhost`` outside development, reserved TLDs.
     """
     validate_did(did)
     if not did.startswith("did:web:"):
-        raise SyntaxError_(f"{did!r:.80} is not a did:web")
+        raise InvalidSyntaxError(f"{did!r:.80} is not a did:web")
     ident = did[len("did:web:") :]
     if ":" in ident:
         raise VerificationError(f"{did}: path-based did:web is not supported in atproto")
     # A port is the only percent-encoding a hostname-level did:web can carry.
     host, sep, port = re.sub("%3[aA]", ":", ident, count=1).partition(":")
     if "%" in host or "%" in port:
-        raise SyntaxError_(f"invalid did:web {did!r:.80}: only %3A (a port colon) is allowed")
+        raise InvalidSyntaxError(f"invalid did:web {did!r:.80}: only %3A (a port colon) is allowed")
     if sep and not _PORT.fullmatch(port):
-        raise SyntaxError_(f"invalid did:web {did!r:.80}: port {port!r} is not a number")
+        raise InvalidSyntaxError(f"invalid did:web {did!r:.80}: port {port!r} is not a number")
     if host.lower() == "localhost":
         if not allow_localhost:
             raise VerificationError(
@@ -93,8 +93,8 @@ def did_web_host(did: str, *, allow_localhost: bool, allow_test: bool) -> str:
         raise VerificationError(f"{did}: did:web ports are allowed only on localhost")
     try:
         hostname = validate_handle(host)  # handle syntax is exactly hostname syntax
-    except SyntaxError_ as e:
-        raise SyntaxError_(f"invalid did:web {did!r:.80}: {e}") from None
+    except InvalidSyntaxError as e:
+        raise InvalidSyntaxError(f"invalid did:web {did!r:.80}: {e}") from None
     problem = handle_tld_problem(hostname, allow_test=allow_test)
     if problem:
         raise VerificationError(f"{did}: {problem}")

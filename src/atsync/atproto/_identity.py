@@ -17,7 +17,7 @@ Results are cached (success and failure TTLs, bounded LRU); transient failures a
 resolve once more**: the account may have rotated its key since it was cached. If the
 fresh key fails too, the data is bad.
 
-Errors: ``SyntaxError_`` for malformed input (raised before any network call);
+Errors: ``InvalidSyntaxError`` for malformed input (raised before any network call);
 ``VerificationError`` when the identity does not resolve or is unusable (not found, document
 id mismatch, no PDS, no signing key, unsupported DID method, reserved TLD); ``TransientError``
 (``RateLimitedError`` for 429) when the network or a server failed and a retry may help.

@@ -1,7 +1,7 @@
 """Syntax of atproto identifiers and string formats, and TID generation.
 
-Each kind has ``validate_<kind>(s) -> str`` (the normalized value, or ``SyntaxError_`` naming
-the kind and the reason) and ``is_valid_<kind>(s) -> bool``. The rules follow the atproto
+Each kind has ``validate_<kind>(s) -> str`` (the normalized value, or ``InvalidSyntaxError``
+naming the kind and the reason) and ``is_valid_<kind>(s) -> bool``. The rules follow the atproto
 specs (atproto.com/specs: handle, did, nsid, at-uri-scheme, record-key, tid, lexicon string
 formats) and are checked against the official interop vectors in ``tests/interop/syntax``.
 
@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from atsync._errors import SyntaxError_
+from atsync._errors import InvalidSyntaxError
 
 __all__ = [
     "AtUri",
@@ -49,9 +49,9 @@ __all__ = [
 ]
 
 
-def _fail(kind: str, value: str, why: str) -> SyntaxError_:
+def _fail(kind: str, value: str, why: str) -> InvalidSyntaxError:
     shown = value if len(value) <= 80 else value[:77] + "..."
-    return SyntaxError_(f"invalid {kind} {shown!r}: {why}")
+    return InvalidSyntaxError(f"invalid {kind} {shown!r}: {why}")
 
 
 def _ascii_only(kind: str, s: str) -> None:
@@ -66,10 +66,10 @@ _HANDLE_TLD = re.compile(r"[a-zA-Z](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?")
 
 
 def validate_handle(s: str) -> str:
-    """Return the handle lowercased (handles are case-insensitive), or raise ``SyntaxError_``."""
+    """Return the handle lowercased (case-insensitive), or raise ``InvalidSyntaxError``."""
     kind = "handle"
     if not isinstance(s, str):
-        raise SyntaxError_(f"invalid {kind}: expected a string, got {type(s).__name__}")
+        raise InvalidSyntaxError(f"invalid {kind}: expected a string, got {type(s).__name__}")
     _ascii_only(kind, s)
     if len(s) > 253:
         raise _fail(kind, s, f"{len(s)} characters, at most 253 allowed")
@@ -103,10 +103,10 @@ _DID = re.compile(r"did:[a-z]+:[a-zA-Z0-9._:%-]*[a-zA-Z0-9._-]")
 
 
 def validate_did(s: str) -> str:
-    """Return the DID unchanged (DIDs are case-sensitive), or raise ``SyntaxError_``."""
+    """Return the DID unchanged (DIDs are case-sensitive), or raise ``InvalidSyntaxError``."""
     kind = "DID"
     if not isinstance(s, str):
-        raise SyntaxError_(f"invalid {kind}: expected a string, got {type(s).__name__}")
+        raise InvalidSyntaxError(f"invalid {kind}: expected a string, got {type(s).__name__}")
     _ascii_only(kind, s)
     if len(s) > 2048:
         raise _fail(kind, s, f"{len(s)} characters, at most 2048 allowed")
@@ -137,7 +137,7 @@ def validate_nsid(s: str) -> str:
     """Return the NSID with its domain authority lowercased (the name keeps its case)."""
     kind = "NSID"
     if not isinstance(s, str):
-        raise SyntaxError_(f"invalid {kind}: expected a string, got {type(s).__name__}")
+        raise InvalidSyntaxError(f"invalid {kind}: expected a string, got {type(s).__name__}")
     _ascii_only(kind, s)
     if len(s) > 317:
         raise _fail(kind, s, f"{len(s)} characters, at most 317 allowed")
@@ -177,7 +177,7 @@ _RKEY = re.compile(r"[a-zA-Z0-9_~.:-]{1,512}")
 def validate_record_key(s: str) -> str:
     kind = "record key"
     if not isinstance(s, str):
-        raise SyntaxError_(f"invalid {kind}: expected a string, got {type(s).__name__}")
+        raise InvalidSyntaxError(f"invalid {kind}: expected a string, got {type(s).__name__}")
     if s in (".", ".."):
         raise _fail(kind, s, "'.' and '..' are not allowed")
     if not _RKEY.fullmatch(s):
@@ -200,7 +200,7 @@ _TID = re.compile(r"[234567abcdefghij][234567abcdefghijklmnopqrstuvwxyz]{12}")
 def validate_tid(s: str) -> str:
     kind = "TID"
     if not isinstance(s, str):
-        raise SyntaxError_(f"invalid {kind}: expected a string, got {type(s).__name__}")
+        raise InvalidSyntaxError(f"invalid {kind}: expected a string, got {type(s).__name__}")
     if len(s) != 13:
         raise _fail(kind, s, f"{len(s)} characters, exactly 13 required")
     if not _TID.fullmatch(s):
@@ -226,9 +226,9 @@ class Tid:
 
     def __post_init__(self) -> None:
         if not 0 <= self.timestamp_us <= _MAX_TIMESTAMP_US:
-            raise SyntaxError_(f"invalid TID: timestamp {self.timestamp_us} out of range")
+            raise InvalidSyntaxError(f"invalid TID: timestamp {self.timestamp_us} out of range")
         if not 0 <= self.clock_id <= _MAX_CLOCK_ID:
-            raise SyntaxError_(f"invalid TID: clock id {self.clock_id} out of 0..1023")
+            raise InvalidSyntaxError(f"invalid TID: clock id {self.clock_id} out of 0..1023")
 
     def __str__(self) -> str:
         return format_tid(self.timestamp_us, self.clock_id)
@@ -272,7 +272,7 @@ class TidClock:
     ) -> None:
         self.clock_id = secrets.randbelow(_MAX_CLOCK_ID + 1) if clock_id is None else clock_id
         if not 0 <= self.clock_id <= _MAX_CLOCK_ID:
-            raise SyntaxError_(f"invalid TID clock id {self.clock_id}: must be in 0..1023")
+            raise InvalidSyntaxError(f"invalid TID clock id {self.clock_id}: must be in 0..1023")
         self._now_us = now_us
         self._last = -1
         self._lock = threading.Lock()
@@ -309,12 +309,12 @@ def validate_at_identifier(s: str) -> str:
     if isinstance(s, str) and s.startswith("did:"):
         try:
             return validate_did(s)
-        except SyntaxError_ as e:
-            raise SyntaxError_(f"invalid AT identifier: {e}") from None
+        except InvalidSyntaxError as e:
+            raise InvalidSyntaxError(f"invalid AT identifier: {e}") from None
     try:
         return validate_handle(s)
-    except SyntaxError_ as e:
-        raise SyntaxError_(f"invalid AT identifier (neither DID nor handle): {e}") from None
+    except InvalidSyntaxError as e:
+        raise InvalidSyntaxError(f"invalid AT identifier (neither DID nor handle): {e}") from None
 
 
 def is_valid_at_identifier(s: str) -> bool:
@@ -342,7 +342,7 @@ def parse_at_uri(s: str) -> AtUri:
     """Parse the restricted AT URI form used by Lexicon ``at-uri`` fields (no query/fragment)."""
     kind = "AT URI"
     if not isinstance(s, str):
-        raise SyntaxError_(f"invalid {kind}: expected a string, got {type(s).__name__}")
+        raise InvalidSyntaxError(f"invalid {kind}: expected a string, got {type(s).__name__}")
     _ascii_only(kind, s)
     if len(s) > 8192:
         raise _fail(kind, s, f"{len(s)} characters, at most 8192 allowed")
@@ -357,7 +357,7 @@ def parse_at_uri(s: str) -> AtUri:
         authority = validate_at_identifier(parts[0])
         collection = validate_nsid(parts[1]) if len(parts) > 1 else None
         rkey = validate_record_key(parts[2]) if len(parts) > 2 else None
-    except SyntaxError_ as e:
+    except InvalidSyntaxError as e:
         raise _fail(kind, s, str(e)) from None
     return AtUri(authority, collection, rkey)
 
@@ -379,7 +379,7 @@ def validate_cid(s: str) -> str:
     """Check the loose Lexicon ``cid`` string syntax; ``_cbor.CID.parse`` decodes strictly."""
     kind = "CID"
     if not isinstance(s, str):
-        raise SyntaxError_(f"invalid {kind}: expected a string, got {type(s).__name__}")
+        raise InvalidSyntaxError(f"invalid {kind}: expected a string, got {type(s).__name__}")
     if not _CID_STRING.fullmatch(s):
         raise _fail(kind, s, "must be 8-256 of A-Z a-z 0-9 + =")
     # A base58 sha256 CIDv0 is exactly 46 characters starting "Qm"; atproto does not allow it.
@@ -398,7 +398,7 @@ _URI = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*:(?://)?[^\s/][^\s]*")
 def validate_uri(s: str) -> str:
     kind = "URI"
     if not isinstance(s, str):
-        raise SyntaxError_(f"invalid {kind}: expected a string, got {type(s).__name__}")
+        raise InvalidSyntaxError(f"invalid {kind}: expected a string, got {type(s).__name__}")
     if len(s) > 8192:
         raise _fail(kind, s, f"{len(s)} characters, at most 8192 allowed")
     if not _URI.fullmatch(s):
@@ -432,7 +432,7 @@ def validate_datetime(s: str) -> str:
     """
     kind = "datetime"
     if not isinstance(s, str):
-        raise SyntaxError_(f"invalid {kind}: expected a string, got {type(s).__name__}")
+        raise InvalidSyntaxError(f"invalid {kind}: expected a string, got {type(s).__name__}")
     if len(s) > 64:
         raise _fail(kind, s, f"{len(s)} characters, at most 64 allowed")
     m = _DATETIME.fullmatch(s)
@@ -490,7 +490,7 @@ def validate_language(s: str) -> str:
     """A well-formed and valid BCP 47 tag (RFC 5646): no repeated variants or singletons."""
     kind = "language"
     if not isinstance(s, str):
-        raise SyntaxError_(f"invalid {kind}: expected a string, got {type(s).__name__}")
+        raise InvalidSyntaxError(f"invalid {kind}: expected a string, got {type(s).__name__}")
     if len(s) > 128 or not s.isascii():
         raise _fail(kind, s, "must be a short ASCII BCP 47 tag")
     if s.lower() in _GRANDFATHERED or _PRIVATE_USE.fullmatch(s):
@@ -514,6 +514,6 @@ def is_valid_language(s: str) -> bool:
 def _is_valid(validator: Callable[[str], str], s: str) -> bool:
     try:
         validator(s)
-    except SyntaxError_:
+    except InvalidSyntaxError:
         return False
     return True

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from atsync._errors import RecordError, SyntaxError_, VerificationError
+from atsync._errors import InvalidSyntaxError, RecordError, VerificationError
 
 from ._car import Car, read_car
 from ._cbor import CID, CODEC_DAG_CBOR, check_data_model, decode_dag_cbor, encode_dag_cbor
@@ -71,7 +71,7 @@ def _decode_commit(cid: CID, data: bytes) -> tuple[Commit, dict[str, Any]]:
     try:
         validate_did(did)
         validate_tid(rev)
-    except SyntaxError_ as e:
+    except InvalidSyntaxError as e:
         raise VerificationError(f"malformed commit {cid}: {e}") from e
     if not isinstance(data_cid, CID) or data_cid.codec != CODEC_DAG_CBOR:
         raise VerificationError(f"malformed commit {cid}: 'data' is not a dag-cbor CID")
@@ -141,10 +141,10 @@ def _split_path(key: str) -> tuple[str, str]:
     collection, sep, rkey = key.partition("/")
     try:
         if not sep:
-            raise SyntaxError_("no '/'")
+            raise InvalidSyntaxError("no '/'")
         validate_nsid(collection)
         validate_record_key(rkey)
-    except SyntaxError_ as e:
+    except InvalidSyntaxError as e:
         raise VerificationError(f"malformed repo path {key!r} in the MST: {e}") from e
     return collection, rkey
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from atsync._errors import SyntaxError_
+from atsync._errors import InvalidSyntaxError
 from atsync.atproto._cbor import CID
 from atsync.atproto._syntax import is_valid_cid
 from atsync.lexicon._formats import FORMATS
@@ -149,7 +149,7 @@ def string_check(d: Mapping[str, Any]) -> Check:
         if fmt is not None:
             try:
                 fmt(v)
-            except SyntaxError_ as e:
+            except InvalidSyntaxError as e:
                 raise Invalid(str(e)) from None
 
     return check

@@ -3,7 +3,7 @@
 The Lexicon spec asks for "the most expansive identifier syntax" in validation: any DID
 method passes ``did``, a handle's TLD is not checked against a registry, and ``cid`` is the
 loose string syntax rather than a decodable CID. Problems beyond syntax are the app's to
-report. Validators raise ``SyntaxError_``; ``_validate`` turns that into a ``RecordError``
+report. Validators raise ``InvalidSyntaxError``; ``_validate`` turns that into a ``RecordError``
 carrying the field's path.
 """
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from atsync._errors import SchemaError, SyntaxError_
+from atsync._errors import InvalidSyntaxError, SchemaError
 from atsync.atproto._syntax import is_valid_language, is_valid_nsid, validate_record_key
 from atsync.lexicon._checks import Invalid, primitive_check
 from atsync.lexicon._formats import FORMATS
@@ -274,7 +274,7 @@ class Checker:
             if key.startswith("literal:"):
                 try:
                     validate_record_key(key[len("literal:") :])
-                except SyntaxError_ as e:
+                except InvalidSyntaxError as e:
                     raise self.fail(f"{path}.key", str(e)) from None
             elif key not in ("tid", "nsid", "any"):
                 raise self.fail(

@@ -27,7 +27,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from atsync._errors import RecordError, SchemaError, SyntaxError_
+from atsync._errors import InvalidSyntaxError, RecordError, SchemaError
 from atsync.atproto._cbor import check_data_model, data_from_json
 from atsync.atproto._syntax import validate_nsid, validate_record_key, validate_tid
 from atsync.lexicon._checks import Check, Invalid, kind, primitive_check
@@ -95,8 +95,8 @@ def check_record_key(lexicons: LexiconSet, nsid: str, rkey: str) -> str:
         elif key == "nsid":
             validate_nsid(rkey)
         elif key.startswith("literal:") and rkey != key[len("literal:") :]:
-            raise SyntaxError_(f"must be {key[len('literal:') :]!r}")
-    except SyntaxError_ as e:
+            raise InvalidSyntaxError(f"must be {key[len('literal:') :]!r}")
+    except InvalidSyntaxError as e:
         raise RecordError(f"record key {rkey!r} of {nsid} (key type {key!r}): {e}") from None
     return rkey
 
