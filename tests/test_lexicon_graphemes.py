@@ -3,7 +3,12 @@
 The reference implementation counts graphemes with ``Intl.Segmenter`` (ICU), so Node, which
 the machine has for the reference PDS anyway, is the oracle here. Its ICU follows Unicode 17,
 as ``_graphemes``' tables do; if a newer Node moves to a later Unicode and this comparison
-fails, the tables need that version's property data (see the module's docstring).
+fails, the tables need that version's property data (see the module's docstring). Without Node
+(``pytest -m "not pds"`` on a machine without it) the comparison is skipped; the hand-checked
+cases, which ICU 78 gives the same counts for, still run.
+
+The ``regex`` package's ``\\X`` fails this comparison (docs/dependencies.md): the virama and
+ZWNJ cases below are ones it gets wrong.
 """
 
 from __future__ import annotations
@@ -48,6 +53,10 @@ CASES = [
     ("क्ष", 1),
     ("\u0915\u094d\u200d\u0937", 1),  # ZWJ inside a conjunct
     ("\u0915\u200c\u094d\u0937", 2),  # ZWNJ breaks it
+    ("\u094d\u0915", 2),  # a virama with no consonant before it joins nothing
+    ("a\u094d\u0915", 2),
+    ("\u1039\u1000", 2),  # the same in Myanmar
+    ("\u17d2\u1780", 2),  # and Khmer
     ("ক্ষ", 1),  # Bengali
     ("ಕ್ಷ", 2),  # Kannada has no conjunct rule
     ("กำ", 1),  # Thai SARA AM
@@ -81,7 +90,8 @@ process.stdout.write(JSON.stringify(data.map(s => [...seg.segment(s)].length)));
 
 def _icu_counts(texts: list[str]) -> list[int]:
     node = shutil.which("node")
-    assert node, "Node.js is needed as the ICU oracle (it is on the machine image)"
+    if node is None:
+        pytest.skip("Node.js (the ICU oracle) is not on PATH")
     out = subprocess.run(
         [node, "-e", _SEGMENT_JS],
         input=json.dumps(texts),

@@ -1,8 +1,10 @@
 """Count extended grapheme clusters (UAX #29) for Lexicon ``minGraphemes``/``maxGraphemes``.
 
-Python's standard library has no grapheme segmentation and no installed dependency offers one
-(``regex``'s ``\\X`` or the ``grapheme`` package would), so this module implements the UAX #29
-boundary rules GB3-GB13, GB9c (Indic conjuncts) included, on top of ``unicodedata``.
+Python's standard library has no grapheme segmentation. The ``regex`` package's ``\\X`` was
+tried against the same ICU comparison and fails it (a virama joins the letter after it even
+when no consonant comes before it, and ZWNJ does not break a conjunct: docs/dependencies.md
+lists the cases), so this module implements the UAX #29 boundary rules GB3-GB13, GB9c (Indic
+conjuncts) included, on top of ``unicodedata``.
 
 The reference implementation counts with ``Intl.Segmenter`` (ICU). ``unicodedata`` lacks the
 grapheme properties, so small tables below supply them as of Unicode 17 (Extended_Pictographic,
