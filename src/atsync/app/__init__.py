@@ -10,12 +10,14 @@ def create_note(ctx, title):
 
 with App.open("notes.db", contract) as app:
     app.actions.create_note("hello")
+
+``key_path_for(db_path)`` is where an app's signing key lives: ``<db_path>.key``.
 """
 
 from ._app import Actions, App, ReadOnlyDB
 from ._contract import ActionContext, ActionResult, Contract
 from ._log import ActionLog, LogEntry
-from ._signers import ATPSigner, LocalSigner, Signer
+from ._signers import ATPSigner, LocalSigner, Signer, key_path_for
 
 __all__ = [
     "ATPSigner",
@@ -29,4 +31,5 @@ __all__ = [
     "LogEntry",
     "ReadOnlyDB",
     "Signer",
+    "key_path_for",
 ]

@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import ActionError, TransactionError
-from ..atproto._syntax import Tid, TidClock
-from ..db import ModelDB, Subscription
-from ..db._sqlite import Durability, Row
+from ..atproto import Tid, TidClock
+from ..db import Durability, ModelDB, Row, Subscription
 from ._contract import ActionContext, ActionResult, Contract
 from ._log import AUTHORIZATIONS, ActionLog, LogEntry, create_log_table, encode_args
 from ._signers import LocalSigner, Signer

@@ -9,9 +9,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, overload
 
 from .._errors import ActionError
-from ..atproto._syntax import Tid, format_tid, is_valid_nsid
-from ..db import parse_schema
-from ..db._migrations import Upgrade
+from ..atproto import Tid, format_tid, is_valid_nsid
+from ..db import Upgrade, parse_schema
 
 if TYPE_CHECKING:
     from ..db import ModelDB, Schema

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._errors import ActionError, VerificationError
-from ..atproto._crypto import verify_signature
+from ..atproto import verify_signature
 from ..db import ModelDB
 
 __all__ = [

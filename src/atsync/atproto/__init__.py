@@ -3,90 +3,200 @@
     async with XrpcClient(session=await login("alice.example.com", pw, pds_url)) as client:
         await client.create_record(client.session.did, "com.example.note", {...})
 
-- identifiers: ``validate_*``/``is_valid_*``, ``Tid``/``TidClock``, ``parse_at_uri``
-- keys and signatures: ``generate_keypair``, ``load_keypair``, ``verify_signature``,
-  ``parse_did_key`` (ed25519, p256, k256; low-S only)
-- data: ``encode_dag_cbor``/``decode_dag_cbor``, ``CID``, ``cid_for_record``,
-  ``check_data_model``, ``read_car``/``CarReader``/``write_car``
-- proofs: ``verify_commit``, ``verify_record_proof``, ``iter_repo_records``, ``verify_session``
-- network: ``IdentityResolver``, ``login``/``Session`` with stores, ``XrpcClient`` and the
-  firehose, blocking facades (``BlockingXrpcClient``, ``BlockingIdentityResolver``)
-- development: ``DevPDS`` (the reference PDS on loopback)
+The layer is async first: async objects and functions have the plain names (``XrpcClient``,
+``IdentityResolver``, ``login``); their blocking facades carry a ``Blocking``/``blocking_``
+prefix (``BlockingXrpcClient``, ``BlockingIdentityResolver``, ``blocking_login``). See
+docs/api.md.
+
+- identifiers: ``validate_<kind>`` (the normalized value, or ``InvalidSyntaxError``) and
+  ``is_valid_<kind>`` for handle, did, nsid, record_key, tid, at_identifier, at_uri, cid,
+  datetime, language, uri; ``parse_at_uri``/``AtUri``; ``Tid``, ``TidClock``, ``format_tid``
+- keys and signatures: ``generate_keypair``, ``load_keypair``, ``Keypair``, ``KeyAlgorithm``,
+  ``verify_signature``, ``parse_did_key`` (ed25519, p256, k256; low-S only)
+- data: ``check_data_model`` (whose answer ``encode_dag_cbor(value, plain=...)`` may reuse),
+  ``encode_dag_cbor``/``decode_dag_cbor``, ``data_from_json``/``data_to_json`` (the JSON form
+  with ``$link``/``$bytes``), ``CID``, ``cid_for_record``, ``read_car``/``CarReader``/``write_car``
+- proofs: ``verify_commit``, ``verify_record_proof``, ``iter_repo_records``; a session key's
+  authorization record: ``authorize_session_key``, ``revoke_session_key``, ``verify_session``
+- identity: ``IdentityResolver`` → ``Identity``; ``parse_did_document`` → ``DidDocument``
+- sessions: ``login``, ``Session`` (``SessionData``), stores (``SessionStore``,
+  ``FileSessionStore``, ``MemorySessionStore``)
+- XRPC: ``XrpcClient``, writes for ``apply_writes`` (``Create``/``Update``/``Delete``, any of
+  them a ``Write``), results (``WriteResult``, ``CommitMeta``, ``ApplyWritesResult``,
+  ``RecordView``, ``RecordPage``, ``LatestCommit``, ``RepoDescription``, ``Download``,
+  ``RateLimitInfo``), ``outcome_unknown``; the firehose (``FirehoseSubscription``,
+  ``FirehoseFrame``)
+- blocking facades: ``BlockingXrpcClient``, ``BlockingFirehoseSubscription``,
+  ``BlockingIdentityResolver``, ``blocking_login``, ``blocking_logout``
+- development: ``DevPDS`` (the reference PDS on loopback; ``DevAccount``), ``ensure_installed``
 """
 
-from ._authorization import SessionAuthorization, verify_session
-from ._blocking_client import BlockingXrpcClient, blocking_login, blocking_logout
+from ._authorization import (
+    SessionAuthorization,
+    authorize_session_key,
+    revoke_session_key,
+    verify_session,
+)
+from ._blocking_client import (
+    BlockingFirehoseSubscription,
+    BlockingXrpcClient,
+    blocking_login,
+    blocking_logout,
+)
 from ._car import Car, CarReader, read_car, write_car
-from ._cbor import CID, check_data_model, cid_for_record, decode_dag_cbor, encode_dag_cbor
+from ._cbor import (
+    CID,
+    check_data_model,
+    cid_for_record,
+    data_from_json,
+    data_to_json,
+    decode_dag_cbor,
+    encode_dag_cbor,
+)
+from ._crypto import Alg as KeyAlgorithm
 from ._crypto import Keypair, generate_keypair, load_keypair, parse_did_key, verify_signature
-from ._devpds import DevPDS
+from ._devpds import DevAccount, DevPDS, ensure_installed
+from ._did_doc import DidDocument, parse_did_document
 from ._firehose import FirehoseFrame, FirehoseSubscription
 from ._identity import BlockingIdentityResolver, Identity, IdentityResolver
-from ._session import FileSessionStore, MemorySessionStore, Session, SessionStore, login
+from ._session import (
+    FileSessionStore,
+    MemorySessionStore,
+    Session,
+    SessionData,
+    SessionStore,
+    login,
+)
 from ._syntax import (
     AtUri,
     Tid,
     TidClock,
+    format_tid,
+    is_valid_at_identifier,
+    is_valid_at_uri,
+    is_valid_cid,
+    is_valid_datetime,
     is_valid_did,
     is_valid_handle,
+    is_valid_language,
     is_valid_nsid,
     is_valid_record_key,
+    is_valid_tid,
+    is_valid_uri,
     parse_at_uri,
+    validate_at_identifier,
+    validate_at_uri,
+    validate_cid,
+    validate_datetime,
     validate_did,
     validate_handle,
+    validate_language,
     validate_nsid,
     validate_record_key,
+    validate_tid,
+    validate_uri,
 )
 from ._verify import iter_repo_records, verify_commit, verify_record_proof
-from ._xrpc import Create, Delete, RecordView, Update, XrpcClient, outcome_unknown
+from ._xrpc import (
+    ApplyWritesResult,
+    CommitMeta,
+    Create,
+    Delete,
+    Download,
+    LatestCommit,
+    RateLimitInfo,
+    RecordPage,
+    RecordView,
+    RepoDescription,
+    Update,
+    Write,
+    WriteResult,
+    XrpcClient,
+    outcome_unknown,
+)
 
 __all__ = [
     "CID",
+    "ApplyWritesResult",
     "AtUri",
+    "BlockingFirehoseSubscription",
     "BlockingIdentityResolver",
     "BlockingXrpcClient",
     "Car",
     "CarReader",
+    "CommitMeta",
     "Create",
     "Delete",
+    "DevAccount",
     "DevPDS",
+    "DidDocument",
+    "Download",
     "FileSessionStore",
     "FirehoseFrame",
     "FirehoseSubscription",
     "Identity",
     "IdentityResolver",
+    "KeyAlgorithm",
     "Keypair",
+    "LatestCommit",
     "MemorySessionStore",
+    "RateLimitInfo",
+    "RecordPage",
     "RecordView",
+    "RepoDescription",
     "Session",
     "SessionAuthorization",
+    "SessionData",
     "SessionStore",
     "Tid",
     "TidClock",
     "Update",
+    "Write",
+    "WriteResult",
     "XrpcClient",
+    "authorize_session_key",
     "blocking_login",
     "blocking_logout",
     "check_data_model",
     "cid_for_record",
+    "data_from_json",
+    "data_to_json",
     "decode_dag_cbor",
     "encode_dag_cbor",
+    "ensure_installed",
+    "format_tid",
     "generate_keypair",
+    "is_valid_at_identifier",
+    "is_valid_at_uri",
+    "is_valid_cid",
+    "is_valid_datetime",
     "is_valid_did",
     "is_valid_handle",
+    "is_valid_language",
     "is_valid_nsid",
     "is_valid_record_key",
+    "is_valid_tid",
+    "is_valid_uri",
     "iter_repo_records",
     "load_keypair",
     "login",
     "outcome_unknown",
     "parse_at_uri",
+    "parse_did_document",
     "parse_did_key",
     "read_car",
+    "revoke_session_key",
+    "validate_at_identifier",
+    "validate_at_uri",
+    "validate_cid",
+    "validate_datetime",
     "validate_did",
     "validate_handle",
+    "validate_language",
     "validate_nsid",
     "validate_record_key",
+    "validate_tid",
+    "validate_uri",
     "verify_commit",
     "verify_record_proof",
     "verify_session",

@@ -43,10 +43,15 @@ from ._xrpc import (
 )
 from ._xrpc_types import _Unset
 
-__all__ = ["BlockingFirehose", "BlockingXrpcClient", "blocking_login", "blocking_logout"]
+__all__ = [
+    "BlockingFirehoseSubscription",
+    "BlockingXrpcClient",
+    "blocking_login",
+    "blocking_logout",
+]
 
 
-class BlockingFirehose:
+class BlockingFirehoseSubscription:
     """Blocking view of a ``FirehoseSubscription``: ``with`` it, then iterate or call
     ``next_frame(timeout)``."""
 
@@ -311,9 +316,9 @@ class BlockingXrpcClient:
 
     def subscribe_repos(
         self, cursor: int | None = None, *, open_timeout: float = 10.0
-    ) -> BlockingFirehose:
+    ) -> BlockingFirehoseSubscription:
         sub = self._client.subscribe_repos(cursor, open_timeout=open_timeout)
-        return BlockingFirehose(self.portal, sub)
+        return BlockingFirehoseSubscription(self.portal, sub)
 
 
 def _with_portal(portal: Portal | None) -> tuple[Portal, bool]:

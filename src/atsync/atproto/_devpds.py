@@ -126,7 +126,8 @@ def _finalize(proc: subprocess.Popen[str] | None, temp_dir: Path | None) -> None
 class DevPDS:
     """The reference PDS and a PLC directory on loopback, with ``.test`` accounts.
 
-    Use ``start()``/``stop()``, ``with DevPDS() as pds:``, or ``async with DevPDS() as pds:``.
+    Use ``start()``/``stop()`` (``start_async()``/``stop_async()`` in async code),
+    ``with DevPDS() as pds:``, or ``async with DevPDS() as pds:``.
     Without ``data_dir`` everything lives in a temporary directory removed by ``stop()``; with
     it, accounts, records, keys and the PLC's operations survive ``stop()``/``start()`` and a new
     ``DevPDS`` on the same directory (which then keeps the port it was first given).
@@ -241,10 +242,12 @@ class DevPDS:
     def stop(self) -> None:
         self._shutdown()
 
-    async def astart(self) -> Self:
+    async def start_async(self) -> Self:
+        """``start()`` for async code: runs it on a worker thread."""
         return await anyio.to_thread.run_sync(self.start)
 
-    async def astop(self) -> None:
+    async def stop_async(self) -> None:
+        """``stop()`` for async code: runs it on a worker thread."""
         await anyio.to_thread.run_sync(self.stop)
 
     def __enter__(self) -> Self:
@@ -256,12 +259,12 @@ class DevPDS:
         self.stop()
 
     async def __aenter__(self) -> Self:
-        return await self.astart()
+        return await self.start_async()
 
     async def __aexit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self.astop()
+        await self.stop_async()
 
     def stderr_tail(self) -> str:
         return "\n".join(self._stderr)

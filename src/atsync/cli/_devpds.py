@@ -13,7 +13,7 @@ from types import FrameType
 import click
 
 from atsync._errors import DevPDSError
-from atsync.atproto._devpds import DevPDS
+from atsync.atproto import DevPDS
 
 from ._main import main
 

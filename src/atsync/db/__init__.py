@@ -5,12 +5,17 @@ Knows nothing of atproto or of apps; usable on its own as an offline database::
     from atsync.db import ModelDB
     db = ModelDB.open("app.db", {"notes": {"id": "primary", "title": "string"}})
     db.set("notes", {"id": "n1", "title": "hello"})
+
+- ``ModelDB`` (``Durability``): open, read, write, query, subscribe; rows are ``Row`` dicts
+- ``Schema``/``Model``/``Property`` and ``parse_schema``: the schema language, parsed
+- ``Query``: a compiled query over one model; ``Subscription``: a live query
+- ``Upgrade``: an upgrade step, ``(UpgradeAPI, old_version, new_version) -> None``
 """
 
-from ._migrations import UpgradeAPI
+from ._migrations import Upgrade, UpgradeAPI
 from ._query import Query
 from ._schema import Model, Property, Schema, parse_schema
-from ._sqlite import Durability, ModelDB
+from ._sqlite import Durability, ModelDB, Row
 from ._subscriptions import Subscription
 
 __all__ = [
@@ -19,8 +24,10 @@ __all__ = [
     "ModelDB",
     "Property",
     "Query",
+    "Row",
     "Schema",
     "Subscription",
+    "Upgrade",
     "UpgradeAPI",
     "parse_schema",
 ]

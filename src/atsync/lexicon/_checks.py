@@ -15,8 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from atsync._errors import InvalidSyntaxError
-from atsync.atproto._cbor import CID
-from atsync.atproto._syntax import is_valid_cid
+from atsync.atproto import CID, is_valid_cid
 from atsync.lexicon._formats import FORMATS
 from atsync.lexicon._graphemes import count_graphemes
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from atsync.atproto._syntax import (
+from atsync.atproto import (
     parse_at_uri,
     validate_at_identifier,
     validate_cid,

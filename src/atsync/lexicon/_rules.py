@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from atsync._errors import InvalidSyntaxError, SchemaError
-from atsync.atproto._syntax import is_valid_language, is_valid_nsid, validate_record_key
+from atsync.atproto import is_valid_language, is_valid_nsid, validate_record_key
 from atsync.lexicon._checks import Invalid, primitive_check
 from atsync.lexicon._formats import FORMATS
 

@@ -28,8 +28,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from atsync._errors import InvalidSyntaxError, RecordError, SchemaError
-from atsync.atproto._cbor import check_data_model, data_from_json
-from atsync.atproto._syntax import validate_nsid, validate_record_key, validate_tid
+from atsync.atproto import (
+    check_data_model,
+    data_from_json,
+    validate_nsid,
+    validate_record_key,
+    validate_tid,
+)
 from atsync.lexicon._checks import Check, Invalid, kind, primitive_check
 from atsync.lexicon._rules import split_ref
 from atsync.lexicon._set import LexiconSet
