@@ -27,8 +27,7 @@ import anyio
 import httpx
 
 from atsync.app import App, ATPSigner, Contract
-from atsync.atproto._devpds import DevPDS
-from atsync.atproto._session import MemorySessionStore
+from atsync.atproto import DevPDS, MemorySessionStore
 from atsync.sync import ATSync, Binding, Manual, RateBudget
 
 TARGET_SDK, TARGET_RAW = 8.0, 0.8

@@ -19,11 +19,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from atsync._errors import RecordError
-from atsync.atproto._cbor import check_data_model, cid_for_record
-from atsync.atproto._syntax import parse_at_uri, validate_cid, validate_datetime, validate_did
-from atsync.lexicon._set import LexiconSet
-from atsync.lexicon._validate import validate_record
+from atsync import RecordError
+from atsync.atproto import (
+    check_data_model,
+    cid_for_record,
+    parse_at_uri,
+    validate_cid,
+    validate_datetime,
+    validate_did,
+)
+from atsync.lexicon import LexiconSet, validate_record
 
 TARGET_US = 100.0
 TARGET_RATIO = 3.0

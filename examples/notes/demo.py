@@ -27,13 +27,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 import anyio
 from notes_app import contract
 
-from atsync import App, ATPSigner
-from atsync.atproto._authorization import verify_session
-from atsync.atproto._devpds import DevPDS, ensure_installed
-from atsync.atproto._identity import IdentityResolver
-from atsync.atproto._session import FileSessionStore
-from atsync.atproto._xrpc import XrpcClient
-from atsync.sync import Binding, Debounce, SyncThread
+from atsync import App, ATPSigner, Binding, Debounce, SyncThread
+from atsync.atproto import (
+    DevPDS,
+    FileSessionStore,
+    IdentityResolver,
+    XrpcClient,
+    ensure_installed,
+    verify_session,
+)
 
 COLLECTION = "com.example.notes.note"
 HANDLE, PASSWORD = "alice.test", "demo-password-1"

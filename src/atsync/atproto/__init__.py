@@ -27,10 +27,12 @@ docs/api.md.
   ``RateLimitInfo``), ``outcome_unknown``; the firehose (``FirehoseSubscription``,
   ``FirehoseFrame``)
 - blocking facades: ``BlockingXrpcClient``, ``BlockingFirehoseSubscription``,
-  ``BlockingIdentityResolver``, ``blocking_login``, ``blocking_logout``
+  ``BlockingIdentityResolver``, ``blocking_login``, ``blocking_logout``; they run the async
+  code on a ``Portal`` (an event loop on a background thread), their own or one they share
 - development: ``DevPDS`` (the reference PDS on loopback; ``DevAccount``), ``ensure_installed``
 """
 
+from .._blocking import Portal
 from ._authorization import (
     SessionAuthorization,
     authorize_session_key,
@@ -140,6 +142,7 @@ __all__ = [
     "Keypair",
     "LatestCommit",
     "MemorySessionStore",
+    "Portal",
     "RateLimitInfo",
     "RecordPage",
     "RecordView",
