@@ -1,6 +1,6 @@
 """The sync engine: the app's bound models <-> records in the user's repository.
 
-from atsync.sync import ATSync, Debounce
+from atsync.sync import ATSync, Binding, Debounce
 
 sync = ATSync(app, bindings={"notes": Binding("com.example.note")}, push=Debounce(0.5))
 async with sync:
