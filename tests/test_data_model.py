@@ -17,6 +17,7 @@ from atsync._errors import RecordError, VerificationError
 from atsync.atproto._cbor import (
     CID,
     check_data_model,
+    cid_for_dag_cbor,
     cid_for_record,
     data_from_json,
     data_to_json,
@@ -256,7 +257,15 @@ def test_plain_values_encode_identically_with_the_fast_path() -> None:
 
     plain = {"$type": "a.b.c", "s": "é", "n": -(2**63), "l": [1, None, True, {"k": "v"}]}
     assert check_data_model(plain) is True
+    assert encode_dag_cbor(plain, plain=True) == encode_dag_cbor(plain)
     assert encode_checked(plain, True) == encode_dag_cbor(plain)
     looks_like_cid = {"$type": "a.b.c", "raw": b"\x01\x71\x12\x20" + bytes(32)}
     assert check_data_model(looks_like_cid) is False  # must take the exact encoder
+    assert encode_dag_cbor(looks_like_cid, plain=False) == encode_dag_cbor(looks_like_cid)
     assert encode_checked(looks_like_cid, False) == encode_dag_cbor(looks_like_cid)
+
+
+@pytest.mark.parametrize("fx", FIXTURES, ids=lambda fx: fx["cid"])
+def test_cid_for_dag_cbor_names_the_block(fx: dict[str, Any]) -> None:
+    cbor = _b64(fx["cbor_base64"])
+    assert cid_for_dag_cbor(cbor) == fx["cid"] == str(CID.for_data(cbor))

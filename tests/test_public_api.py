@@ -142,6 +142,7 @@ EXPECTED: dict[str, list[str]] = {
         "blocking_login",
         "blocking_logout",
         "check_data_model",
+        "cid_for_dag_cbor",
         "cid_for_record",
         "data_from_json",
         "data_to_json",

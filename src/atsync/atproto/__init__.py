@@ -15,7 +15,8 @@ docs/api.md.
   ``verify_signature``, ``parse_did_key`` (ed25519, p256, k256; low-S only)
 - data: ``check_data_model`` (whose answer ``encode_dag_cbor(value, plain=...)`` may reuse),
   ``encode_dag_cbor``/``decode_dag_cbor``, ``data_from_json``/``data_to_json`` (the JSON form
-  with ``$link``/``$bytes``), ``CID``, ``cid_for_record``, ``read_car``/``CarReader``/``write_car``
+  with ``$link``/``$bytes``), ``CID``, ``cid_for_record``, ``cid_for_dag_cbor`` (of encoded
+  bytes), ``read_car``/``CarReader``/``write_car``
 - proofs: ``verify_commit``, ``verify_record_proof``, ``iter_repo_records``; a session key's
   authorization record: ``authorize_session_key``, ``revoke_session_key``, ``verify_session``
 - identity: ``IdentityResolver`` → ``Identity``; ``parse_did_document`` → ``DidDocument``
@@ -49,6 +50,7 @@ from ._car import Car, CarReader, read_car, write_car
 from ._cbor import (
     CID,
     check_data_model,
+    cid_for_dag_cbor,
     cid_for_record,
     data_from_json,
     data_to_json,
@@ -161,6 +163,7 @@ __all__ = [
     "blocking_login",
     "blocking_logout",
     "check_data_model",
+    "cid_for_dag_cbor",
     "cid_for_record",
     "data_from_json",
     "data_to_json",

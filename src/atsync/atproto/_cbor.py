@@ -26,6 +26,7 @@ __all__ = [
     "CODEC_DAG_CBOR",
     "CODEC_RAW",
     "check_data_model",
+    "cid_for_dag_cbor",
     "cid_for_record",
     "data_from_json",
     "data_to_json",
@@ -495,6 +496,17 @@ def cid_for_record(record: Mapping[str, Any]) -> str:
     """The CID string a PDS computes for ``record`` (CIDv1, dag-cbor, sha256, base32)."""
     check_data_model(record)
     return str(CID.for_data(encode_dag_cbor(record)))
+
+
+_DAG_CBOR_SHA256 = bytes((1, CODEC_DAG_CBOR, HASH_SHA256, 32))
+
+
+def cid_for_dag_cbor(data: bytes) -> str:
+    """The CID string of an encoded DAG-CBOR block: ``str(CID.for_data(data))``, faster.
+
+    For the push path, which names every queued record by its CID: no ``CID`` object is built.
+    """
+    return str(libipld.encode_multibase("b", _DAG_CBOR_SHA256 + hashlib.sha256(data).digest()))
 
 
 # --- JSON representation -----------------------------------------------------------------------
