@@ -31,7 +31,7 @@ from ._migrations import META_TABLE, Upgrade, prepare_schema
 from ._query import Query, compile_query, quote
 from ._schema import Model, Property, Schema, parse_schema, relation_table
 from ._subscriptions import Change, Subscription, SubscriptionHub
-from ._values import column_encoder, decode_column, validate_key
+from ._values import column_encoder, decode_column, reads_as_stored, validate_key
 
 __all__ = ["Durability", "ModelDB"]
 
@@ -56,6 +56,7 @@ class _Plan:
     select_one: str
     delete: str
     decoders: tuple[Callable[[object], Any], ...]
+    stored_as_is: bool  # every column reads back as stored: a row is dict(zip(names, values))
 
 
 def _plan(model: Model) -> _Plan:
@@ -81,6 +82,7 @@ def _plan(model: Model) -> _Plan:
         select_one=f"SELECT {cols} FROM {table} WHERE {pk} = ?",
         delete=f"DELETE FROM {table} WHERE {pk} = ?",
         decoders=tuple(decode_column(p) for p in columns),
+        stored_as_is=all(reads_as_stored(p) for p in columns),
     )
 
 
@@ -451,11 +453,15 @@ class ModelDB:
             new.update({prop.name: tuple(keys) for prop, keys in relations})
             self._hub.pending.append(Change(model, old, new))
         if self.write_listeners:
-            row = self._decode(plan, params, plan.names, ())
-            for prop, keys in relations:
-                row[prop.name] = list(keys)
-            for prop in plan.model.relations:
-                row.setdefault(prop.name, [])
+            if plan.stored_as_is:
+                row = dict(zip(plan.names, params, strict=True))
+            else:
+                row = self._decode(plan, params, plan.names, ())
+            if plan.model.relations:
+                for prop, keys in relations:
+                    row[prop.name] = list(keys)
+                for prop in plan.model.relations:
+                    row.setdefault(prop.name, [])
             for listener in self.write_listeners:
                 listener(model, str(key), row)
 

@@ -17,7 +17,14 @@ from typing import Any
 from .._errors import ValidationError
 from ._schema import Model, Property
 
-__all__ = ["column_encoder", "decode_column", "encode_column", "sql_type", "validate_key"]
+__all__ = [
+    "column_encoder",
+    "decode_column",
+    "encode_column",
+    "reads_as_stored",
+    "sql_type",
+    "validate_key",
+]
 
 _INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
 _SQL_TYPES = {
@@ -223,3 +230,8 @@ _DECODERS: dict[str, Callable[[object], object]] = {
 def decode_column(prop: Property) -> Callable[[object], Any]:
     """The function that turns a stored column value back into its Python value."""
     return _DECODERS.get(prop.kind, _identity)
+
+
+def reads_as_stored(prop: Property) -> bool:
+    """Whether the column's stored value is its Python value (no decoding on read)."""
+    return prop.kind not in _DECODERS

@@ -26,6 +26,11 @@ __all__ = ["MAX_RECORD_BYTES", "Binding", "BoundBinding", "Direction", "Transfor
 
 Direction = Literal["push", "pull", "both"]
 MAX_RECORD_BYTES = 1_000_000
+# Kinds whose values ModelDB has already checked to be atproto data-model values that
+# libipld encodes exactly: strings (SQLite refused lone surrogates before any listener
+# ran), 64-bit integers, booleans, keys and lists of keys. Not json (it may hold floats or a
+# "$bytes" key), bytes (libipld may mistake them for a link), nor floats.
+_TRUSTED_KINDS = frozenset({"string", "integer", "boolean", "reference", "relation"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +78,7 @@ class BoundBinding:
         self.model = model
         self.collection = binding.collection
         self.direction = binding.direction
+        self.by_primary_key = binding.rkey == "primary"
         pairs: list[tuple[str, str, Callable[[Any], Any] | None, Callable[[Any], Any] | None]]
         pairs = []
         used: dict[str, str] = {}
@@ -103,10 +109,20 @@ class BoundBinding:
             )
         self._fields = tuple(pairs)
         self._key = model.primary_key
+        by_name = model.by_name
+        # True when every record of this binding is valid by construction and free of bytes
+        # and links: capture then skips the data-model walk and encodes with libipld.
+        self.trusted = all(
+            to is None and by_name[prop].kind in _TRUSTED_KINDS for prop, _, to, _ in pairs
+        )
+        self._plain = tuple((prop, name) for prop, name, _, _ in pairs) if self.trusted else None
 
     def rkey_for(self, row: Mapping[str, Any]) -> str:
         """The record key of a row, when keys come from the primary key."""
-        key = row[self._key]
+        return self.rkey_of(row[self._key])
+
+    def rkey_of(self, key: str) -> str:
+        """The record key for primary key ``key`` (``RecordError`` if it cannot be one)."""
         if not is_valid_record_key(key):
             raise RecordError(
                 f"{self.model.name}/{key}: the primary key is not a valid atproto record key "
@@ -118,6 +134,12 @@ class BoundBinding:
     def to_record(self, row: Mapping[str, Any]) -> dict[str, Any]:
         """The record for a row: ``$type`` plus every mapped, non-null property."""
         record: dict[str, Any] = {"$type": self.collection}
+        if self._plain is not None:  # no transforms: the hot path of every local write
+            for prop, name in self._plain:
+                value = row.get(prop)
+                if value is not None:
+                    record[name] = value
+            return record
         for prop, name, to_record, _ in self._fields:
             value = row.get(prop)
             if value is None:

@@ -10,16 +10,20 @@ replays of the log, are not captured (no echo).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import json.encoder
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import libipld
+
 from .._errors import RecordError
 from ..app import ActionContext, App
-from ..atproto._cbor import CID, check_data_model, data_to_json, encode_checked
+from ..atproto._cbor import CODEC_DAG_CBOR, check_data_model, data_to_json, encode_checked
 from ..atproto._syntax import TidClock, is_valid_nsid, is_valid_record_key
 from ._binding import MAX_RECORD_BYTES, BoundBinding
 from ._outbox import Outbox
@@ -48,6 +52,38 @@ class ActionCall:
 
 
 _json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _refuse(value: object) -> object:
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _plain_json_encoder() -> Callable[[Mapping[str, Any]], str]:
+    """The same text as ``_json`` for a record built from a row, at half the cost.
+
+    ``JSONEncoder.encode`` builds a new C encoder on every call; this one is built once. It
+    skips the cycle check: a record made of a row's values cannot contain itself.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # not CPython's C accelerator
+        return _json
+    encode = make(None, _refuse, json.encoder.encode_basestring, None, ":", ",", False, False, True)
+
+    def plain_json(record: Mapping[str, Any]) -> str:
+        return "".join(encode(record, 0))
+
+    return plain_json
+
+
+_plain_json = _plain_json_encoder()
+_CID_PREFIX = bytes((1, CODEC_DAG_CBOR, 0x12, 32))  # CIDv1, dag-cbor, sha2-256, 32 bytes
+
+
+def cid_string(data: bytes) -> str:
+    """``str(CID.for_data(data))`` without building the object (one per captured write)."""
+    return str(libipld.encode_multibase("b", _CID_PREFIX + hashlib.sha256(data).digest()))
+
+
 OnAction = Callable[[ActionCall], Sequence[RecordWrite] | None]
 Validator = Callable[[str, str, Mapping[str, Any]], None]  # (collection, rkey, record)
 
@@ -63,12 +99,32 @@ def encode_record(
         validate(collection, rkey, record)
     data = encode_checked(record, plain)
     if len(data) > MAX_RECORD_BYTES:
-        raise RecordError(
-            f"{collection}: record of {len(data):,} bytes is over the "
-            f"{MAX_RECORD_BYTES:,}-byte limit"
-        )
-    as_json = _json(record if plain else data_to_json(record))
-    return as_json, str(CID.for_data(data))
+        raise _too_big(collection, data)
+    as_json = _plain_json(record) if plain else _json(data_to_json(record))
+    return as_json, cid_string(data)
+
+
+def encode_trusted(
+    collection: str, rkey: str, record: Mapping[str, Any], validate: Validator | None
+) -> tuple[str, str]:
+    """``encode_record`` for a record of a trusted binding (``BoundBinding.trusted``).
+
+    Its values were checked by ModelDB as they were written (see ``_TRUSTED_KINDS``) and
+    hold no bytes or links, so the data-model walk is skipped and libipld's encoder — exact
+    for such values — replaces ours. The Lexicon, if any, is still checked.
+    """
+    if validate is not None:
+        validate(collection, rkey, record)
+    data: bytes = libipld.encode_dag_cbor(record)
+    if len(data) > MAX_RECORD_BYTES:
+        raise _too_big(collection, data)
+    return _plain_json(record), cid_string(data)
+
+
+def _too_big(collection: str, data: bytes) -> RecordError:
+    return RecordError(
+        f"{collection}: record of {len(data):,} bytes is over the {MAX_RECORD_BYTES:,}-byte limit"
+    )
 
 
 class Capture:
@@ -129,24 +185,36 @@ class Capture:
         return None if ctx is None else ctx.id
 
     def on_write(self, model: str, key: str, row: dict[str, Any] | None) -> None:
+        # Runs for every local write to every model: kept to plain attribute reads and one
+        # statement (Outbox.enqueue) on the common path.
         binding = self._bindings.get(model)
-        if binding is None or self._skipping():
+        if binding is None or self._app.replaying or getattr(self._remote, "depth", 0) > 0:
             return
         collection = binding.collection
-        if binding.binding.rkey == "primary":
+        if binding.by_primary_key:
             if row is None and not is_valid_record_key(key):
                 return  # never queued: its key could not be a record key
-            rkey = binding.rkey_for({binding.model.primary_key: key})
+            rkey = binding.rkey_of(key)
         else:
             known = self._outbox.rkey_for(collection, model, key)
             if known is None and row is None:
                 return
             rkey = known or self._new_tid()
         if row is None:
-            self._queue(collection, rkey, model, key, None, None)
-            return
-        record_json, cid = encode_record(collection, rkey, binding.to_record(row), self._validate)
-        self._queue(collection, rkey, model, key, record_json, cid)
+            record_json = cid = None
+        elif binding.trusted:
+            record_json, cid = encode_trusted(
+                collection, rkey, binding.to_record(row), self._validate
+            )
+        else:
+            record_json, cid = encode_record(
+                collection, rkey, binding.to_record(row), self._validate
+            )
+        ctx = self._app.current_action
+        self._outbox.enqueue(
+            collection, rkey, model, key, record_json, cid, None if ctx is None else ctx.id
+        )
+        self._queued_in_txn.add(collection)
 
     def after_action(
         self, ctx: ActionContext, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
