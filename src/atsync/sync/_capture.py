@@ -10,7 +10,6 @@ replays of the log, are not captured (no echo).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import json.encoder
 import threading
@@ -19,11 +18,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import libipld
-
 from .._errors import RecordError
 from ..app import ActionContext, App
-from ..atproto._cbor import CODEC_DAG_CBOR, check_data_model, data_to_json, encode_checked
+from ..atproto._cbor import check_data_model, cid_for_dag_cbor, data_to_json, encode_dag_cbor
 from ..atproto._syntax import TidClock, is_valid_nsid, is_valid_record_key
 from ._binding import MAX_RECORD_BYTES, BoundBinding
 from ._outbox import Outbox
@@ -76,12 +73,6 @@ def _plain_json_encoder() -> Callable[[Mapping[str, Any]], str]:
 
 
 _plain_json = _plain_json_encoder()
-_CID_PREFIX = bytes((1, CODEC_DAG_CBOR, 0x12, 32))  # CIDv1, dag-cbor, sha2-256, 32 bytes
-
-
-def cid_string(data: bytes) -> str:
-    """``str(CID.for_data(data))`` without building the object (one per captured write)."""
-    return str(libipld.encode_multibase("b", _CID_PREFIX + hashlib.sha256(data).digest()))
 
 
 OnAction = Callable[[ActionCall], Sequence[RecordWrite] | None]
@@ -97,11 +88,11 @@ def encode_record(
     plain = check_data_model(record)
     if validate is not None:
         validate(collection, rkey, record)
-    data = encode_checked(record, plain)
+    data = encode_dag_cbor(record, plain=plain)
     if len(data) > MAX_RECORD_BYTES:
         raise _too_big(collection, data)
     as_json = _plain_json(record) if plain else _json(data_to_json(record))
-    return as_json, cid_string(data)
+    return as_json, cid_for_dag_cbor(data)
 
 
 def encode_trusted(
@@ -115,10 +106,10 @@ def encode_trusted(
     """
     if validate is not None:
         validate(collection, rkey, record)
-    data: bytes = libipld.encode_dag_cbor(record)
+    data = encode_dag_cbor(record, plain=True)
     if len(data) > MAX_RECORD_BYTES:
         raise _too_big(collection, data)
-    return _plain_json(record), cid_string(data)
+    return _plain_json(record), cid_for_dag_cbor(data)
 
 
 def _too_big(collection: str, data: bytes) -> RecordError:
