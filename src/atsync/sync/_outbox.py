@@ -144,6 +144,23 @@ _NOTE_REMOTE = (
     "ON CONFLICT (collection, rkey) DO UPDATE SET cid = ?1"
 )
 
+# Outbox.enqueue of a record's new state, in one statement for the common cases: a first
+# write (create, or update of a record on the PDS) or a change to a queued write (same op
+# rules as the general path). Nothing happens — and the general path decides — when the PDS
+# holds this very CID or the record has a dead letter.
+_ENQUEUE_PUT = (
+    f"INSERT INTO {OUTBOX} (collection, rkey, op, record, cid, model, key, first_action, "
+    "last_action) SELECT ?1, ?2, CASE WHEN r.cid IS NULL THEN 'create' ELSE 'update' END, "
+    f"?3, ?4, ?5, ?6, ?7, ?7 FROM (SELECT 1) LEFT JOIN {RECORDS} r "
+    "ON r.collection = ?1 AND r.rkey = ?2 WHERE r.cid IS NOT ?4 AND NOT EXISTS "
+    f"(SELECT 1 FROM {DEAD} WHERE collection = ?1 AND rkey = ?2) "
+    "ON CONFLICT (collection, rkey) DO UPDATE SET op = CASE WHEN op = 'create' THEN 'create' "
+    "WHEN op = 'update' OR excluded.op = 'update' THEN 'update' ELSE 'create' END, "
+    "record = excluded.record, cid = excluded.cid, version = version + 1, "
+    "last_action = coalesce(excluded.last_action, last_action), "
+    "first_action = coalesce(first_action, excluded.first_action)"
+)
+
 
 def _present(conn: sqlite3.Connection, seqs: Sequence[int]) -> set[int]:
     """Which of these outbox rows still exist."""
@@ -208,6 +225,13 @@ class Outbox:
         Runs inside the caller's transaction (the local change being made).
         """
         conn = self._db.connection
+        if (
+            record is not None
+            and conn.execute(
+                _ENQUEUE_PUT, (collection, rkey, record, cid, model, key, action_id)
+            ).rowcount
+        ):
+            return
         # One read for both: is the record on the PDS, and is a write to it queued already?
         on_pds_cid, seq, queued_op, attempted = conn.execute(
             f"SELECT (SELECT cid FROM {RECORDS} WHERE collection = ?1 AND rkey = ?2), "
