@@ -435,11 +435,6 @@ def check_data_model(value: Any) -> bool:
     return not _check(value, 0, "$")
 
 
-def encode_checked(value: Any, plain: bool) -> bytes:
-    """``encode_dag_cbor(value, plain=plain)``; kept until its last caller moves over."""
-    return encode_dag_cbor(value, plain=plain)
-
-
 def _check(value: Any, depth: int, path: str) -> bool:
     """Check ``value``; return whether it holds bytes or CID links anywhere."""
     if depth > MAX_DEPTH:
