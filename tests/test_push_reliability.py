@@ -470,7 +470,11 @@ async def test_429_makes_the_engine_wait_as_told(
                 before = time.time()
                 seed_notes(app, [f"s{i:03d}" for i in range(20)])
                 limited = await wait_status(sync, lambda s: s.rate_limited_until is not None, 10)
-                assert limited.pending == 20 and limited.state == "idle"
+                # Held back, and saying so: never idle while writes wait.
+                held = await wait_status(sync, lambda s: s.state == "waiting", 10)
+                assert limited.pending == 20 and held.pending == 20
+                assert held.waiting_reason == "rate_limited"
+                assert held.resumes_at is not None and held.resumes_at >= before + wait - 0.1
                 assert limited.rate_limited_until is not None
                 assert limited.rate_limited_until >= before + wait - 0.1
                 status = await idle(sync, 30)
@@ -708,7 +712,9 @@ async def test_pds_rate_limit_slows_the_engine_and_loses_nothing(
     hooks = {"event_hooks": {"response": [on_response]}}
     with App.open(tmp_path / "a.db", contract) as app:
         keys = [f"k{i:04d}" for i in range(1800)]
-        # 1. The engine's own budget (the hosted PDS's figures) stops it before the PDS must.
+        # 1. No budget of our own on a local PDS: the engine obeys the PDS's RateLimit-*
+        # headers — it sends what still fits (1,666 creates = 4,998 points: 8 batches of 200
+        # and one of 66) and holds the rest until the window resets, without a single 429.
         paced = ATSync(
             app,
             bindings={"notes": Binding(collection)},
@@ -716,17 +722,22 @@ async def test_pds_rate_limit_slows_the_engine_and_loses_nothing(
             push=Manual(),
             client_options=hooks,
         )
+        assert paced.budget is None
         async with paced:
             seed_notes(app, keys)
             paced.push_now()
-            held = await wait_status(paced, lambda s: s.rate_limited_until is not None, 60)
-            assert held.pending == 200  # 8 batches of 200 creates = 4,800 points went out
+            held = await wait_status(paced, lambda s: s.state == "waiting" and s.pending < 1800, 60)
+            assert held.pending == 134
+            assert held.waiting_reason == "rate_limited"
             assert held.rate_limited_until is not None
             assert held.rate_limited_until > time.time() + 3000  # the window is an hour
-        assert [r.status_code for r in answers] == [200] * 8
+            assert held.resumes_at is not None and held.resumes_at > time.time() + 3000
+        assert [r.status_code for r in answers] == [200] * 9
+        assert answers[-1].headers["ratelimit-remaining"] == "2"
         paced.close()
 
-        # 2. Without a budget (as if another device had spent it), the PDS itself says 429.
+        # 2. A new engine knows nothing of the spent points (as if another device had spent
+        # them): the PDS itself says 429, and the engine waits as told.
         answers.clear()
         unpaced = ATSync(
             app,
@@ -742,7 +753,7 @@ async def test_pds_rate_limit_slows_the_engine_and_loses_nothing(
             reset = float(answers[0].headers["ratelimit-reset"])
             assert told.rate_limited_until is not None
             assert told.rate_limited_until >= reset - 1  # waits as long as the PDS said
-            assert told.pending == 200 and told.failed == 0
+            assert told.pending == 134 and told.failed == 0
             # The PDS's limiter lives in its memory: a restart resets it. The user then asks
             # to push now rather than wait out the hour.
             await anyio.to_thread.run_sync(pds.stop)

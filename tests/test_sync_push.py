@@ -177,7 +177,9 @@ async def test_per_binding_strategies(
             app.actions.both("k1", 1)
             with anyio.fail_after(30):
                 async for status in sync.status_changes():
-                    if status.pending == 1 and status.state == "idle":
+                    # Held for push_now(): waiting, never shown as idle.
+                    if status.pending == 1 and status.state == "waiting":
+                        assert status.waiting_reason == "manual"
                         break
             assert list(sync.outbox.pending_by_collection()) == [f"{base}.slow"]
             assert list(await remote_records(session, f"{base}.fast")) == ["k1"]

@@ -11,23 +11,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .._blocking import Portal
 from .._errors import SignerError
-from ..atproto._authorization import authorize_session_key
-from ..atproto._crypto import Alg, Keypair, generate_keypair, load_keypair
-from ..atproto._session import FileSessionStore, Session, SessionStore, login
-from ..atproto._xrpc import XrpcClient
+from ..atproto import (
+    FileSessionStore,
+    KeyAlgorithm,
+    Keypair,
+    Session,
+    SessionStore,
+    XrpcClient,
+    authorize_session_key,
+    generate_keypair,
+    load_keypair,
+    login,
+)
 
 __all__ = ["ATPSigner", "KeyAlgorithm", "LocalSigner", "Signer", "key_path_for"]
 
-KeyAlgorithm = Alg
 _KEY_FILE_VERSION = 1
 
 
@@ -141,7 +150,25 @@ class ATPSigner(LocalSigner):
         self._store = store
         self._collection = collection
         self._app: Any = None
-        self.session: Session | None = None
+        self._session: Session | None = None
+        # Called with the new session (None: logged out) from the thread that changed it;
+        # the sync engine wakes on it.
+        self.session_listeners: list[Callable[[Session | None], None]] = []
+        # Called with the DID of a fresh login before it is adopted; one that raises refuses
+        # the login (the sync engine refuses an account other than the database's).
+        self.login_checks: list[Callable[[str], None]] = []
+
+    @property
+    def session(self) -> Session | None:
+        return self._session
+
+    @session.setter
+    def session(self, session: Session | None) -> None:
+        changed = session is not self._session
+        self._session = session
+        if changed:
+            for listener in list(self.session_listeners):
+                listener(session)
 
     @property
     def store(self) -> SessionStore:
@@ -186,11 +213,22 @@ class ATPSigner(LocalSigner):
     ) -> Session:
         """Log in (an app password is best); ``service`` defaults to the account's PDS."""
         if service is None:
-            from ..atproto._identity import IdentityResolver
+            from ..atproto import IdentityResolver
 
             async with IdentityResolver() as resolver:
                 service = (await resolver.resolve(identifier)).pds
+        previous = self._session
         session = await login(identifier, password, service, store=self.store, key=self._store_key)
+        try:
+            for check in list(self.login_checks):
+                check(session.did)
+        except Exception:
+            # Refused: end the new session and put the previous one back in the store.
+            with contextlib.suppress(Exception):
+                await session.logout()
+            if previous is not None:
+                await previous.save()
+            raise
         collection = self.collection
         if self.authorize and collection is not None:
             async with XrpcClient(session=session) as client:

@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .._errors import RecordError, SchemaError
-from ..atproto._cbor import check_data_model, encode_dag_cbor
-from ..atproto._syntax import is_valid_nsid, is_valid_record_key
+from ..atproto import check_data_model, encode_dag_cbor, is_valid_nsid, is_valid_record_key
 from ..db import Model
 from ._strategies import Strategy
 

@@ -1,9 +1,15 @@
 """The rate budget: pace writes below the hosted PDS's limits.
 
-The hosted PDS allows 5,000 points an hour and 35,000 a day per account; a create costs 3,
-an update 2, a delete 1, and applyWrites costs the sum of its writes. The engine spends from
-this budget before each push and holds writes back (status ``rate_limited_until``) when a
-push would overrun it. Spending is persisted, so a restart does not reset it.
+Bluesky's hosted PDSes allow 5,000 points an hour and 35,000 a day per account; a create
+costs 3, an update 2, a delete 1, and applyWrites costs the sum of its writes. With this
+budget the engine spends before each push and holds writes back (state ``waiting``, reason
+``rate_limited``) when a push would overrun it. Spending is persisted, so a restart does not
+reset it.
+
+By default (``ATSync(budget=None)``) the engine paces itself with ``RateBudget.hosted()``
+only when the session's PDS is one of Bluesky's hosts (``is_hosted``); any other PDS is not
+paced by us. Whatever the budget, the PDS's own answers are obeyed: its ``RateLimit-*``
+headers and a 429's ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -13,11 +19,20 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
-__all__ = ["COSTS", "RateBudget"]
+__all__ = ["COSTS", "HOSTED_SUFFIXES", "RateBudget", "is_hosted"]
 
 COSTS = {"create": 3, "update": 2, "delete": 1}
 HOUR, DAY = 3600.0, 86400.0
+# Bluesky's PDS hosts (the entryway and its *.host.bsky.network PDSes).
+HOSTED_SUFFIXES = ("bsky.social", "bsky.network")
+
+
+def is_hosted(pds_url: str) -> bool:
+    """Whether ``pds_url`` is one of Bluesky's hosted PDSes (whose limits are published)."""
+    host = (urlsplit(pds_url).hostname or "").lower().rstrip(".")
+    return any(host == s or host.endswith("." + s) for s in HOSTED_SUFFIXES)
 
 
 @dataclass
@@ -32,6 +47,11 @@ class RateBudget:
     @classmethod
     def off(cls) -> RateBudget:
         return cls(per_hour=None, per_day=None)
+
+    @classmethod
+    def hosted(cls) -> RateBudget:
+        """The published limits of Bluesky's hosted PDSes: 5,000 points/hour, 35,000/day."""
+        return cls(per_hour=5000, per_day=35000)
 
     @staticmethod
     def cost(ops: Iterable[str]) -> int:
@@ -69,6 +89,12 @@ class RateBudget:
         return json.dumps(list(self._spent))
 
     def loads(self, data: str | None) -> None:
-        if data:
+        """Restore what ``dumps`` saved; damaged data is dropped (counted as nothing spent:
+        the PDS's own headers still hold the engine back if that was too optimistic)."""
+        if not data:
+            return
+        try:
             self._spent = deque((float(t), int(p)) for t, p in json.loads(data))
-            self._prune(self.clock())
+        except (ValueError, TypeError):
+            self._spent = deque()
+        self._prune(self.clock())

@@ -6,14 +6,17 @@
         await sync.wait_for_idle()
 
 Capture starts when the ``ATSync`` is created, before any login: everything done offline is
-queued and pushed, in order, once a session exists (deferred auth). The engine's one task
-sleeps until the strategy says a push is due, a login or ``push_now()`` asks for one, or the
-backoff after a failure expires; whatever happens, a non-empty queue is retried without
-waiting for a new local write (the watchdog).
+queued and pushed, in order, once a session exists (deferred auth). The engine is one task
+that sleeps until something wakes it — a local commit, a login or logout, ``push_now()``, a
+write by another process to the database (seen through SQLite's ``data_version`` within a
+second), or the time its last decision named — and then asks ``decide(now, facts)`` what to
+do (see ``_decide``). Whatever a step raises becomes an outcome: the engine shows it in the
+status and carries on with backoff; it never ends on its own.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -23,32 +26,37 @@ from typing import Any, Protocol
 
 import anyio
 
-from .._errors import (
-    AuthError,
-    NetworkError,
-    PermanentError,
-    RateLimitedError,
-    SchemaError,
-    TransientError,
-)
+from .._errors import PermanentError, SchemaError, SignerError
 from ..app import App
-from ..atproto._xrpc import XrpcClient
-from ..atproto._xrpc_errors import outcome_unknown
-from ..lexicon import LexiconSet, validate_record
+from ..atproto import XrpcClient
+from ..db import ModelDB
+from ..lexicon import LexiconSet
 from ._backoff import Backoff
 from ._binding import Binding, BoundBinding
-from ._budget import RateBudget
+from ._budget import RateBudget, is_hosted
 from ._capture import Capture, OnAction, Validator
+from ._decide import Facts, Fence, Push, Reconcile, Resync, Wait, decide
 from ._outbox import Outbox, create_sync_tables
-from ._pusher import Pusher, PushResult
-from ._status import SyncStatus
+from ._pusher import Pusher
+from ._status import State, SyncStatus, WaitReason
+from ._steps import StepRunner, lexicon_set, lexicon_validator
 from ._strategies import Debounce, Queue, Strategy
 from ._waker import Waker
 
 __all__ = ["ATSync", "SessionLike"]
 
 log = logging.getLogger("atsync.sync")
-WATCHDOG_SECONDS = 30.0
+POLL_SECONDS = 1.0  # how often an idle engine looks for writes by other processes
+_STATE_FOR_WAIT = {
+    None: State.IDLE,
+    WaitReason.NEEDS_AUTH: State.NEEDS_AUTH,
+    WaitReason.WRONG_ACCOUNT: State.ERROR,
+    WaitReason.OFFLINE: State.OFFLINE,
+    WaitReason.BACKOFF: State.ERROR,
+    WaitReason.RATE_LIMITED: State.WAITING,
+    WaitReason.DEBOUNCE: State.WAITING,
+    WaitReason.MANUAL: State.WAITING,
+}
 
 
 class SessionLike(Protocol):
@@ -71,7 +79,13 @@ SessionSource = Callable[[], SessionLike | None]
 
 
 class ATSync:
-    """Syncs an ``App``'s bound models with the user's repository."""
+    """Syncs an ``App``'s bound models with the user's repository.
+
+    ``budget``: ``None`` (default) paces by Bluesky's published limits only when the PDS is
+    one of Bluesky's hosts; a ``RateBudget`` paces always; ``RateBudget.off()`` never. The
+    PDS's own rate-limit answers are obeyed in every case. ``clock`` (monotonic seconds) is
+    what the schedule is computed with.
+    """
 
     def __init__(
         self,
@@ -85,58 +99,106 @@ class ATSync:
         validate: Validator | None = None,
         budget: RateBudget | None = None,
         client_options: Mapping[str, Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.app = app
         db = app.model_db
-        with db.transaction():
-            create_sync_tables(db.connection)
-        self._bindings: dict[str, BoundBinding] = {}
+        self.app: App | None = app
+        bound: dict[str, BoundBinding] = {}
         for model, binding in bindings.items():
             name = binding.model or model
             if name not in db.schema.models:
                 raise SchemaError(f"binding for {name!r}: the app has no such model")
-            self._bindings[name] = binding.bind(db.schema.models[name])
-        collections = [b.collection for b in self._bindings.values()]
+            bound[name] = binding.bind(db.schema.models[name])
+        collections = [b.collection for b in bound.values()]
         if len(set(collections)) != len(collections):
             raise SchemaError("two bindings share a collection; each model needs its own")
-        self.lexicons = _lexicon_set(lexicons)
+        self.lexicons = lexicon_set(lexicons)
         if self.lexicons is not None:
-            validate = _lexicon_validator(self.lexicons, self._bindings.values(), validate)
+            validate = lexicon_validator(self.lexicons, bound.values(), validate)
+        self._validate = validate
+        self._setup(db, bound, session, push, budget, client_options, clock)
+        self._capture: Capture | None = Capture(
+            app, self.outbox, bound, on_action=on_action, validate=validate,
+            on_queued=self._on_local_change,
+        )  # fmt: skip
+        self._capture.attach()
+        signer = app.signer
+        self._signer_hooks = (
+            getattr(signer, "session_listeners", None),
+            getattr(signer, "login_checks", None),
+        )
+        if session is None and self._signer_hooks[0] is not None:
+            self._signer_hooks[0].append(self._on_session_change)
+        if self._signer_hooks[1] is not None:
+            self._signer_hooks[1].append(self.check_account)
+
+    @classmethod
+    def from_database(
+        cls,
+        db: ModelDB,
+        *,
+        session: SessionLike | SessionSource,
+        push: Strategy | None = None,
+        budget: RateBudget | None = None,
+        client_options: Mapping[str, Any] | None = None,
+    ) -> ATSync:
+        """An engine for what a database's outbox holds, without the app's code: the queued
+        records are complete, so they can be pushed by any process that holds the database
+        (``atsync push``). Nothing new is captured."""
+        self = cls.__new__(cls)
+        self.app = None
+        self.lexicons = None
+        self._validate = None
+        self._setup(db, {}, session, push, budget, client_options, time.monotonic)
+        self._capture = None
+        self._signer_hooks = (None, None)
+        return self
+
+    def _setup(
+        self,
+        db: ModelDB,
+        bound: dict[str, BoundBinding],
+        session: SessionLike | SessionSource | None,
+        push: Strategy | None,
+        budget: RateBudget | None,
+        client_options: Mapping[str, Any] | None,
+        clock: Callable[[], float],
+    ) -> None:
+        self._db = db
+        with db.transaction():
+            create_sync_tables(db.connection)
+        self._bindings = bound
         self.strategy = push or Debounce(0.5)
+        self._strategies = {
+            b.collection: b.binding.strategy
+            for b in bound.values()
+            if b.binding.strategy is not None
+        }
         self.outbox = Outbox(db)
-        self.budget = budget if budget is not None else RateBudget()
-        self.budget.loads(self.outbox.get_state("budget"))
-        self._pusher = Pusher(self.outbox, self.budget)
+        self._budget_choice = budget
+        self.budget: RateBudget | None = budget
+        self._pusher = Pusher(self.outbox, budget)
         self._session_source = self._make_source(session)
         self._client_options = dict(client_options or {})
-        self._capture = Capture(
-            app,
-            self.outbox,
-            self._bindings,
-            on_action=on_action,
-            validate=validate,
-            on_queued=self._on_local_change,
-        )
-        self._capture.attach()
+        self._clock = clock
         self._backoff = Backoff()
         self._waker: Waker | None = None
+        self._runner: StepRunner | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._listeners: list[Callable[[SyncStatus], None]] = []
+        self._status_changed = anyio.Event()
+        self._status = SyncStatus()
+        self._persisted: tuple[Any, ...] | None = None
         # Per collection: (first, last) local change not yet pushed, and the last push.
         self._changes: dict[str, tuple[float, float]] = {}
         self._last_push: dict[str, float] = {}
-        self._retry_at: float | None = None
-        self._retry_collections: set[str] | None = None
         self._forced = False
-        self._listeners: list[Callable[[SyncStatus], None]] = []
-        self._status_changed = anyio.Event()
-        self._task_group: anyio.abc.TaskGroup | None = None
-        self._status = SyncStatus()
-        self._refresh_status(state="stopped")
-
-    # -- configuration ----------------------------------------------------------------------
+        self._resync_due = True
+        self._refresh_status(state=State.STOPPED)
 
     def _make_source(self, session: SessionLike | SessionSource | None) -> SessionSource:
         if session is None:
-            signer = self.app.signer
+            signer = self.app.signer if self.app is not None else None
             return lambda: getattr(signer, "session", None)
         if callable(session) and not hasattr(session, "access_token"):
             return session
@@ -147,10 +209,16 @@ class ATSync:
     def bindings(self) -> Mapping[str, BoundBinding]:
         return dict(self._bindings)
 
+    @property
+    def db(self) -> ModelDB:
+        return self._db
+
     # -- status -----------------------------------------------------------------------------
 
     @property
     def status(self) -> SyncStatus:
+        if self._waker is None:
+            self._refresh_status()  # stopped: the app may have queued more since
         return self._status
 
     def on_status(self, callback: Callable[[SyncStatus], None]) -> Callable[[], None]:
@@ -168,11 +236,11 @@ class ATSync:
     def _refresh_status(self, **changes: Any) -> None:
         pending, failed, conflicts = self.outbox.counts()
         pushed_at = self.outbox.get_state("last_pushed_at")
-        fields = dict(
+        fields: dict[str, Any] = dict(
             pending=pending,
             failed=failed,
             conflicts=conflicts,
-            last_pushed_at=float(pushed_at) if pushed_at else None,
+            last_pushed_at=_float_or_none(pushed_at),
             has_synced=self.outbox.get_state("has_synced") == "1",
         )
         fields.update(changes)
@@ -181,6 +249,7 @@ class ATSync:
         if new == current:
             return
         self._status = new
+        self._persist(new)
         changed, self._status_changed = self._status_changed, anyio.Event()
         changed.set()
         for listener in list(self._listeners):
@@ -188,6 +257,27 @@ class ATSync:
                 listener(new)
             except Exception:
                 log.exception("sync status listener raised")
+
+    def _persist(self, status: SyncStatus) -> None:
+        """Keep what another process (``atsync status``) needs to say why the queue waits."""
+        shown = (status.state, status.waiting_reason, status.resumes_at, status.upload_error)
+        if shown == self._persisted:
+            return
+        self._persisted = shown
+        value = json.dumps(
+            {
+                "state": str(status.state),
+                "waiting_reason": status.waiting_reason and str(status.waiting_reason),
+                "resumes_at": status.resumes_at,
+                "upload_error": status.upload_error,
+                "pid": os.getpid(),
+                "at": time.time(),
+            }
+        )
+        try:
+            self.outbox.set_state("engine", value)
+        except Exception:  # the status must never take the engine down
+            log.exception("could not record the engine's status")
 
     # -- running ------------------------------------------------------------------------------
 
@@ -207,199 +297,178 @@ class ATSync:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """The engine's task: run it in your own task group (``tg.start(sync.run)``) or use
-        ``async with sync``. Cancel it to stop."""
+        ``async with sync``. Cancel it to stop; it can be started again later."""
+        if self._waker is not None:
+            raise RuntimeError("this engine is already running")
         self._waker = Waker()
-        pending, _, _ = self.outbox.counts()
-        if pending:
-            self._forced = True  # left over from an earlier run: push at once
+        self._runner = StepRunner(self)
+        self._resync_due = True
+        self._forced = self.outbox.counts()[0] > 0  # left from earlier: push at once
         try:
             task_status.started()
             await self._loop()
         finally:
+            runner, self._runner = self._runner, None
             self._waker = None
-            self._refresh_status(state="stopped")
+            with anyio.CancelScope(shield=True):
+                await runner.aclose()
+            self._refresh_status(
+                state=State.STOPPED, waiting_reason=None, resumes_at=None, did=None
+            )
 
     async def _loop(self) -> None:
-        client: XrpcClient | None = None
-        session: SessionLike | None = None
+        runner = self._runner
+        assert runner is not None
+        while True:
+            try:
+                await self._tick(runner)
+            except Exception as exc:
+                # A bug, a damaged table, a full disk: show it, back off, go on. The engine
+                # is the only thing that pushes; it must not end on its own.
+                log.exception("sync engine step failed")
+                delay = self._backoff.next_delay()
+                runner.retry_at = self._clock() + delay
+                runner.retry_reason = WaitReason.BACKOFF
+                await runner.drop_client()
+                self._refresh_status(
+                    state=State.ERROR,
+                    upload_error=f"internal error: {type(exc).__name__}: {exc}",
+                    waiting_reason=WaitReason.BACKOFF,
+                    resumes_at=time.time() + delay,
+                )
+                await self._sleep(delay)
+
+    async def _tick(self, runner: StepRunner) -> None:
+        now = self._clock()
+        if runner.observe_external_writes() and self.outbox.counts()[0] > 0:
+            self._forced = True  # queued by another process (`atsync retry`, a tool)
+        session = await runner.observe_session(self._current_session())
+        step = decide(now, self._facts(now, runner, session))
+        if isinstance(step, Wait):
+            await self._wait(step, now, runner, session)
+        elif isinstance(step, Resync):
+            await runner.resync()
+            self._resync_due = False
+        elif isinstance(step, Push):
+            self._forced = False
+            await runner.push(step.collections)
+        elif isinstance(step, Reconcile):
+            await runner.reconcile()
+        elif isinstance(step, Fence):
+            await runner.fence()
+
+    def _current_session(self) -> SessionLike | None:
         try:
-            while True:
-                current = self._session_source()
-                if current is not session:
-                    if client is not None:
-                        await client.aclose()
-                        client = None
-                    session = current
-                    if session is not None:
-                        client = XrpcClient(session=session, **self._client_options)
-                        self._forced = True  # a login starts a push
-                if session is None or client is None:
-                    self._refresh_status(state="needs_auth", did=None)
-                    await self._sleep(WATCHDOG_SECONDS)
-                    continue
-                due, collections = self._schedule()
-                now = time.monotonic()
-                if due == math.inf and self._pusher.fence_needed:
-                    await self._fence(session.did, client)
-                if due > now:
-                    # Offline or error while writes still wait for their retry; otherwise
-                    # (nothing pending, or just logged in) idle.
-                    failing = (
-                        self._status.state in ("offline", "error", "needs_auth") and self._retry_at
-                    )
-                    if failing:
-                        self._refresh_status(did=session.did)
-                    else:
-                        self._refresh_status(state="idle", did=session.did, upload_error=None)
-                    await self._sleep(min(due - now, WATCHDOG_SECONDS))
-                    continue
-                await self._push(session.did, client, collections)
-        finally:
-            if client is not None:
-                with anyio.CancelScope(shield=True):
-                    await client.aclose()
+            return self._session_source()
+        except Exception:
+            log.exception("the session source raised; treated as logged out")
+            return None
 
-    def _strategy_for(self, collection: str) -> Strategy:
-        for binding in self._bindings.values():
-            if binding.collection == collection and binding.binding.strategy is not None:
-                strategy: Strategy = binding.binding.strategy
-                return strategy
-        return self.strategy
-
-    def _schedule(self) -> tuple[float, set[str] | None]:
-        """When the next push is due, and which collections it carries (None: all)."""
+    def _facts(self, now: float, runner: StepRunner, session: SessionLike | None) -> Facts:
         pending = self.outbox.pending_by_collection()
         for gone in set(self._changes) - set(pending):
             del self._changes[gone]
-        if not pending:
-            # Nothing left (pushed, or settled by a reconcile): no push requested, no retry
-            # pending, so the status goes back to idle.
-            self._forced = False
-            self._retry_at = self._retry_collections = None
-            return math.inf, None
-        if self._retry_at is not None:
-            return self._retry_at, self._retry_collections
-        if self._forced:
-            return 0.0, None
-        now = time.monotonic()
-        earliest, due = math.inf, set()
+        queues = {}
         for collection, count in pending.items():
-            # Queued by another process, or left after an error: the watchdog pushes it.
+            # Queued by another process, or left after an error: due by its strategy from now.
             first, last = self._changes.setdefault(collection, (now, now))
-            at = self._strategy_for(collection).due_at(
-                Queue(first, last, self._last_push.get(collection, 0.0), count)
-            )
-            earliest = min(earliest, at)
-            if at <= now:
-                due.add(collection)
-        return earliest, due
+            queues[collection] = Queue(first, last, self._last_push.get(collection, 0.0), count)
+        return Facts(
+            logged_in=session is not None,
+            wrong_account=runner.wrong_account is not None,
+            auth_failed=runner.auth_failed,
+            resync_due=self._resync_due,
+            queues=queues,
+            strategies=self._strategies,
+            default_strategy=self.strategy,
+            forced=self._forced,
+            retry_at=runner.retry_at,
+            retry_reason=runner.retry_reason,
+            retry_collections=runner.retry_collections,
+            needs_reconcile=self._pusher.needs_reconcile,
+            fence_needed=self._pusher.fence_needed,
+        )
+
+    async def _wait(
+        self, step: Wait, now: float, runner: StepRunner, session: SessionLike | None
+    ) -> None:
+        state = _STATE_FOR_WAIT[step.reason]
+        changes: dict[str, Any] = dict(
+            state=state,
+            did=session.did if session is not None else None,
+            waiting_reason=step.reason,
+            resumes_at=None if step.until == math.inf else time.time() + (step.until - now),
+        )
+        if step.reason is None:
+            # Idle: nothing queued. Whatever failed before is over.
+            self._forced = False
+            runner.settled()
+            changes.update(upload_error=None, rate_limited_until=None)
+        elif step.reason is WaitReason.WRONG_ACCOUNT:
+            changes.update(upload_error=runner.wrong_account)
+        elif step.reason in (WaitReason.DEBOUNCE, WaitReason.MANUAL):
+            changes.update(upload_error=None, rate_limited_until=None)
+        self._refresh_status(**changes)
+        await self._sleep(step.until - now)
 
     async def _sleep(self, seconds: float) -> None:
         waker = self._waker
         assert waker is not None
-        with anyio.move_on_after(max(0.0, seconds)):
+        with anyio.move_on_after(max(0.0, min(seconds, POLL_SECONDS))):
             await waker.wait()
         waker.clear()
 
-    def _on_local_change(self, collections: set[str]) -> None:
-        now = time.monotonic()
-        for collection in collections:
-            first, _ = self._changes.get(collection, (now, now))
-            self._changes[collection] = (first, now)
-        self._refresh_pending_soon()
-
-    def _refresh_pending_soon(self) -> None:
+    def _wake(self) -> None:
         waker = self._waker
         if waker is not None:
             waker.set()
 
-    async def _push(self, did: str, client: XrpcClient, collections: set[str] | None) -> None:
-        self._forced = False
-        self._refresh_status(state="pushing", did=did)
-        result = PushResult()
-        self._retry_collections = collections
-        try:
-            while True:
-                landed = result.pushed + result.already_applied
-                more = await self._pusher.push_batch(did, client, result, collections)
-                if result.pushed + result.already_applied > landed:
-                    # A batch went through: the PDS is fine, so the next failure starts the
-                    # shared backoff afresh instead of compounding it.
-                    self._backoff.succeeded()
-                if not more:
-                    break
-                self._refresh_status()
-            await self._pusher.fence(did, client, result)
-        except RateLimitedError as exc:
-            wait = max(0.0, (exc.reset_at or time.time() + 60) - time.time())
-            self._retry_at = time.monotonic() + wait
-            self._refresh_status(
-                state="idle", rate_limited_until=time.time() + wait, upload_error=str(exc)
-            )
-            return
-        except AuthError as exc:
-            self._refresh_status(state="needs_auth", upload_error=str(exc))
-            self._retry_at = time.monotonic() + WATCHDOG_SECONDS
-            return
-        except (TransientError, PermanentError, OSError) as exc:
-            await self._after_failure(did, client, exc)
-            return
-        self._backoff.succeeded()
-        self._retry_at = None
-        now = time.monotonic()
-        for collection in collections if collections is not None else list(self._changes):
-            self._last_push[collection] = now
-            self._changes.pop(collection, None)
-        if result.rate_wait > 0:
-            self._retry_at = time.monotonic() + result.rate_wait
-            self._refresh_status(
-                state="idle", rate_limited_until=time.time() + result.rate_wait, upload_error=None
-            )
-            return
-        self._refresh_status(state="idle", upload_error=None, rate_limited_until=None)
+    # -- events ---------------------------------------------------------------------------
 
-    async def _fence(self, did: str, client: XrpcClient) -> None:
-        try:
-            await self._pusher.fence(did, client, PushResult())
-        except (NetworkError, OSError) as exc:
-            # Tried again on the next wake-up; meanwhile the status says why.
-            self._refresh_status(upload_error=f"fencing an unheard request: {exc}")
+    def _on_local_change(self, collections: set[str]) -> None:
+        now = self._clock()
+        for collection in collections:
+            first, _ = self._changes.get(collection, (now, now))
+            self._changes[collection] = (first, now)
+        self._wake()
 
-    async def _after_failure(self, did: str, client: XrpcClient, exc: Exception) -> None:
-        delay = self._backoff.next_delay()
-        self._retry_at = time.monotonic() + delay
-        offline = isinstance(exc, TransientError) and exc.status is None
-        self._refresh_status(state="offline" if offline else "error", upload_error=str(exc))
-        log.info("push failed (%s); retrying in %.2f s", exc, delay)
-        if not outcome_unknown(exc):
-            return
-        # The batch may have been applied: settle before anything is sent again. A 500
-        # also answers writes that do not fit the PDS's state (PDS.md): check them all.
-        batch = self.outbox.next_batch(
-            self._pusher.batch_limit, collections=self._retry_collections
-        )
-        check = isinstance(exc, NetworkError) and (exc.status or 0) >= 500
-        try:
-            await self._pusher.reconcile(did, client, batch, PushResult(), check=check)
-        except RateLimitedError as again:
-            self._pusher.needs_reconcile = True
-            wait = max(0.0, (again.reset_at or time.time() + 60) - time.time())
-            self._retry_at = max(self._retry_at, time.monotonic() + wait)
-            self._refresh_status(rate_limited_until=time.time() + wait)
-        except AuthError as again:
-            self._pusher.needs_reconcile = True
-            self._refresh_status(state="needs_auth", upload_error=str(again))
-        except (NetworkError, OSError) as again:
-            self._pusher.needs_reconcile = True
-            log.info("reconcile after failure also failed: %s", again)
+    def _on_session_change(self, session: object) -> None:
+        self._wake()  # a login pushes at once; a logout stops pushing at once
+
+    def check_account(self, did: str) -> None:
+        """Refuse ``did`` if this database already syncs with another account (raises
+        ``SignerError``; ``ATPSigner.login`` calls it before adopting a session)."""
+        account = self.outbox.get_state("account")
+        if account is not None and account != did:
+            raise SignerError(
+                f"this database syncs with {account}; it cannot sync with {did} too (one "
+                f"database, one repository). Log in as {account}, or call "
+                "start_fresh() on the engine to forget the old account's sync state first."
+            )
 
     # -- requests from the app ------------------------------------------------------------
 
     def push_now(self) -> None:
         """Push everything queued as soon as possible (also after a failure's backoff)."""
         self._forced = True
-        self._retry_at = None
-        self._refresh_pending_soon()
+        runner = self._runner
+        if runner is not None:
+            runner.retry_at = None
+            runner.auth_failed = False  # "sync now" tries the session again
+        self._wake()
+
+    def start_fresh(self) -> None:
+        """Forget this database's sync state — the account, what was synced, conflicts, dead
+        letters, the queue — so that it can sync with another account: on the next start
+        (or at once, if running) every row of the bound models is queued again as new. The
+        local data and the action log are untouched."""
+        self.outbox.forget_everything()
+        self._resync_due = True
+        runner = self._runner
+        if runner is not None:
+            runner.forget_account()
+        self._refresh_status()
+        self._wake()
 
     async def wait_for_idle(self) -> SyncStatus:
         """Wait until the queue is empty and the engine idle; returns the status then.
@@ -407,7 +476,7 @@ class ATSync:
         Bound the wait with ``anyio.fail_after(seconds)`` around the call.
         """
         async for status in self.status_changes():
-            if status.pending == 0 and status.state in ("idle", "stopped"):
+            if status.pending == 0 and status.state in (State.IDLE, State.STOPPED):
                 pending, _, _ = self.outbox.counts()
                 if pending == 0:
                     return status
@@ -435,48 +504,41 @@ class ATSync:
         return count
 
     def close(self) -> None:
-        """Stop capturing local writes (the engine task must already be stopped)."""
-        self._capture.detach()
+        """Stop capturing local writes (the engine task must already be stopped). Rows
+        changed after this are found by the comparison at the next engine's start."""
+        if self._capture is not None:
+            self._capture.detach()
+        listeners, checks = self._signer_hooks
+        for hooks, hook in ((listeners, self._on_session_change), (checks, self.check_account)):
+            if hooks is not None and hook in hooks:
+                hooks.remove(hook)
 
+    # -- for the step runner --------------------------------------------------------------
 
-def _lexicon_set(
-    lexicons: LexiconSet | Iterable[str | os.PathLike[str] | Mapping[str, Any]] | None,
-) -> LexiconSet | None:
-    if lexicons is None or isinstance(lexicons, LexiconSet):
-        return lexicons
-    docs = LexiconSet()
-    for item in lexicons:
-        if isinstance(item, Mapping):
-            docs.add(item)
+    def _budget_for(self, pds_url: str) -> RateBudget | None:
+        if self._budget_choice is not None:
+            budget: RateBudget | None = self._budget_choice
+        elif is_hosted(pds_url):
+            budget = RateBudget.hosted()
         else:
-            for doc in LexiconSet.load(item):
-                docs.add(doc)
-    return docs
+            budget = None
+        if budget is not None:
+            budget.loads(self.outbox.get_state("budget"))
+        self.budget = self._pusher.budget = budget
+        return budget
+
+    def _pushed(self, collections: frozenset[str] | None) -> None:
+        now = self._clock()
+        for collection in collections if collections is not None else list(self._changes):
+            self._last_push[collection] = now
+            self._changes.pop(collection, None)
 
 
-def _lexicon_validator(
-    lexicons: LexiconSet, bindings: Iterable[BoundBinding], extra: Validator | None
-) -> Validator:
-    """Every pushed binding needs its record Lexicon; records of other collections (from
-    ``on_action``) are checked when their Lexicon is in the set."""
-    pushed = [b.collection for b in bindings if b.direction != "pull"]
-    for collection in pushed:
-        if collection not in lexicons:
-            raise SchemaError(
-                f"binding {collection}: lexicons= has no Lexicon for it (loaded: "
-                f"{', '.join(doc.id for doc in lexicons) or 'none'})"
-            )
-        lexicons.record_def(collection)
-    if pushed:
-        lexicons.check_refs(*pushed)
-
-    def validate(collection: str, rkey: str, record: Mapping[str, Any]) -> None:
-        if collection in lexicons:
-            validate_record(lexicons, collection, record, rkey=rkey)
-        if extra is not None:
-            extra(collection, rkey, record)
-
-    return validate
+def _float_or_none(value: str | None) -> float | None:
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
 
 
 def _as_dict(status: SyncStatus) -> dict[str, Any]:

@@ -428,6 +428,12 @@ class Outbox:
                 [(error, w.seq) for w in writes],
             )
 
+    def forget_everything(self) -> None:
+        """Drop every sync table's content (see ``ATSync.start_fresh``)."""
+        with self._db.transaction():
+            for table in (OUTBOX, RECORDS, DEAD, STATE, CONFLICTS, SENT):
+                self._db.connection.execute(f"DELETE FROM {table}")
+
     def dead_letter(self, write: PendingWrite, error: str | None, message: str) -> None:
         """Move a write the PDS rejected for good out of the queue, keeping its reason."""
         with self._db.transaction():

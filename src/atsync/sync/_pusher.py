@@ -15,12 +15,20 @@ writer changed since our last push is a conflict: it is recorded, and the local 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .._errors import PermanentError, TransientError
-from ..atproto._cbor import data_from_json
-from ..atproto._xrpc import Create, Delete, Update, Write, XrpcClient
+from ..atproto import (
+    Create,
+    Delete,
+    RateLimitInfo,
+    Update,
+    Write,
+    XrpcClient,
+    data_from_json,
+)
 from ._budget import RateBudget
 from ._outbox import Outbox, PendingWrite
 
@@ -43,26 +51,45 @@ class PushResult:
 class Pusher:
     """Pushes the outbox of one database to one account's repository."""
 
-    def __init__(self, outbox: Outbox, budget: RateBudget) -> None:
+    def __init__(self, outbox: Outbox, budget: RateBudget | None) -> None:
         self.outbox = outbox
-        self.budget = budget
+        self.budget = budget  # None: no pacing of our own (the PDS's answers still are)
+        self.server_limit: RateLimitInfo | None = None  # applyWrites' RateLimit-* headers
+        self.last_batch: Sequence[PendingWrite] = ()  # what the last attempt sent
+        self.damaged = 0  # rows dead-lettered because they could not be read
         self.batch_limit = MAX_WRITES  # shrinks to isolate a rejected write
         self.sent_swap: str | None = None  # the swapCommit the last batch was sent with
         self.needs_reconcile = False  # an unknown outcome is still unsettled
         self.fence_needed = False  # an unheard request might still land: see fence()
 
-    def _writes(self, batch: Sequence[PendingWrite]) -> list[Write]:
+    def _writes(self, batch: Sequence[PendingWrite]) -> tuple[list[Write], list[PendingWrite]]:
+        """The batch as XRPC writes. A row that cannot be read back (a damaged file, a manual
+        edit) is dead-lettered with the reason, so the rest of the queue goes on."""
         writes: list[Write] = []
+        kept: list[PendingWrite] = []
         for w in batch:
-            if w.op == "delete":
-                writes.append(Delete(w.collection, w.rkey))
+            try:
+                write = _as_write(w)
+            except Exception as exc:  # whatever the damage is, it is this row's alone
+                self.outbox.dead_letter(w, "UnreadableRow", f"the queued write is damaged: {exc}")
+                self.damaged += 1
                 continue
-            value = data_from_json(json.loads(w.record or "{}"))
-            if w.op == "create":
-                writes.append(Create(w.collection, value, w.rkey))
-            else:
-                writes.append(Update(w.collection, w.rkey, value))
-        return writes
+            writes.append(write)
+            kept.append(w)
+        return writes, kept
+
+    def server_hold(self, points: int, now: float) -> tuple[int | None, float | None]:
+        """What the PDS said about ``applyWrites`` in its last answer: how many points it
+        still allows (None: no limit announced) and, when the next write does not fit, the
+        Unix time its window resets."""
+        info = self.server_limit
+        if info is None or info.remaining is None:
+            return None, None
+        if info.reset_at is not None and info.reset_at <= now:
+            return None, None  # that window is over
+        if info.remaining >= points:
+            return info.remaining, None
+        return info.remaining, (info.reset_at if info.reset_at is not None else now + 60.0)
 
     async def push_batch(
         self,
@@ -81,8 +108,20 @@ class Pusher:
         batch = self.outbox.next_batch(self.batch_limit, MAX_BYTES, collections)
         if not batch:
             return False
+        writes, batch = self._writes(batch)
+        if not batch:
+            return True  # every row of it was damaged (now dead letters): look again
         points = RateBudget.cost(w.op for w in batch)
-        wait = self.budget.wait_for(points)
+        allowed, reset_at = self.server_hold(points, time.time())
+        if allowed is not None and reset_at is not None:
+            # Send what the PDS still allows now; hold the rest until its window resets.
+            fits = _prefix_within(batch, allowed)
+            if fits == 0:
+                result.rate_wait = max(0.0, reset_at - time.time())
+                return False
+            batch, writes = batch[:fits], writes[:fits]
+            points = RateBudget.cost(w.op for w in batch)
+        wait = self.budget.wait_for(points) if self.budget is not None else 0.0
         if wait > 0:
             result.rate_wait = wait
             return False
@@ -94,9 +133,11 @@ class Pusher:
             self.outbox.set_commit(latest.cid, latest.rev)
             swap = latest.cid
         self.sent_swap = swap
+        self.last_batch = batch
         self.outbox.mark_attempted(batch)
+        sent_at = time.time()
         try:
-            answer = await client.apply_writes(did, self._writes(batch), swap_commit=swap)
+            answer = await client.apply_writes(did, writes, swap_commit=swap)
         except PermanentError as exc:
             if exc.error == "InvalidSwap":
                 await self.reconcile(did, client, batch, result, check=True)
@@ -108,6 +149,7 @@ class Pusher:
                 raise TransientError(
                     f"unreadable refusal ({exc}); will check and retry", status=exc.status
                 ) from exc
+            self.outbox.note_error(batch, str(exc))
             if len(batch) > 1:
                 # applyWrites is atomic: one bad write fails the batch. Halve until alone.
                 self.batch_limit = max(1, len(batch) // 2)
@@ -117,8 +159,12 @@ class Pusher:
             self.batch_limit = MAX_WRITES
             return True
         self.fence_needed = False  # the repo moved past any request still on its way
-        self.budget.spend(points)
-        self.outbox.set_state("budget", self.budget.dumps())
+        info = client.rate_limit
+        if info is not None and info.observed_at >= sent_at:
+            self.server_limit = info  # applyWrites' own bucket, as its answer told
+        if self.budget is not None:
+            self.budget.spend(points)
+            self.outbox.set_state("budget", self.budget.dumps())
         commit = (answer.commit.cid, answer.commit.rev) if answer.commit else None
         result.pushed += self.outbox.complete(batch, commit=commit)
         if self.batch_limit < MAX_WRITES:
@@ -161,6 +207,20 @@ class Pusher:
             base = self.outbox.remote_cid(w.collection, w.rkey)
             if current != base and not ours:
                 result.conflicts += 1
+                if base is None and current is not None:
+                    # The repo already holds a record under this key that we never synced
+                    # (another device, or an app that added sync later): never overwrite it
+                    # silently. Kept locally and recorded; the pull side merges the two.
+                    self.outbox.record_conflict(
+                        w, base_cid=None, remote_cid=current, resolution="held"
+                    )
+                    self.outbox.dead_letter(
+                        w,
+                        "Conflict",
+                        f"the repository already holds a different record at {w.collection}/"
+                        f"{w.rkey} ({current}); the local version is kept and not pushed",
+                    )
+                    continue
                 self.outbox.record_conflict(w, base_cid=base, remote_cid=current)
             self.outbox.rebase(w, remote_cid=current)
         result.already_applied += self.outbox.complete(applied, commit=(latest.cid, latest.rev))
@@ -192,3 +252,26 @@ class Pusher:
                 return None
             raise
         return view.cid
+
+
+def _as_write(w: PendingWrite) -> Write:
+    if w.op == "delete":
+        return Delete(w.collection, w.rkey)
+    if w.record is None or w.cid is None:
+        raise ValueError(f"a {w.op} without a record or CID")
+    value = data_from_json(json.loads(w.record))
+    if not isinstance(value, dict):
+        raise ValueError("the record is not a JSON object")
+    if w.op == "create":
+        return Create(w.collection, value, w.rkey)
+    return Update(w.collection, w.rkey, value)
+
+
+def _prefix_within(batch: Sequence[PendingWrite], points: int) -> int:
+    """How many writes from the start of ``batch`` cost at most ``points``."""
+    spent = 0
+    for n, w in enumerate(batch):
+        spent += RateBudget.cost((w.op,))
+        if spent > points:
+            return n
+    return len(batch)

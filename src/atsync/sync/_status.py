@@ -3,13 +3,39 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from enum import StrEnum
 
-__all__ = ["State", "SyncStatus"]
+__all__ = ["State", "SyncStatus", "WaitReason"]
 
-State = Literal[
-    "offline", "connecting", "needs_auth", "idle", "pushing", "pulling", "error", "stopped"
-]
+
+class State(StrEnum):
+    """What the engine is doing. A string enum: ``status.state == "idle"`` works too.
+
+    ``waiting`` means writes are queued but held back on purpose — ``status.waiting_reason``
+    says why (a ``WaitReason``) and ``status.resumes_at`` until when; it is never shown as
+    ``idle``.
+    """
+
+    STOPPED = "stopped"  # no engine task runs (writes are still queued by the app)
+    NEEDS_AUTH = "needs_auth"  # no session, or the session was revoked: log in
+    IDLE = "idle"  # nothing queued, nothing to do
+    WAITING = "waiting"  # queued writes held back: see waiting_reason and resumes_at
+    PUSHING = "pushing"
+    PULLING = "pulling"
+    OFFLINE = "offline"  # the PDS did not answer; probed again every few seconds
+    ERROR = "error"  # the last attempt failed (upload_error says how); retried with backoff
+
+
+class WaitReason(StrEnum):
+    """Why queued writes are held back (``SyncStatus.waiting_reason``)."""
+
+    DEBOUNCE = "debounce"  # the push strategy waits for changes to pause or a batch to fill
+    MANUAL = "manual"  # a Manual() strategy: pushed on push_now()
+    RATE_LIMITED = "rate_limited"  # the PDS's RateLimit-*/429, or the rate budget
+    BACKOFF = "backoff"  # retrying after a failure
+    OFFLINE = "offline"  # the PDS did not answer
+    NEEDS_AUTH = "needs_auth"  # log in (again)
+    WRONG_ACCOUNT = "wrong_account"  # the session's account is not the database's
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,11 +44,12 @@ class SyncStatus:
 
     ``pending``: writes queued for the PDS; ``failed``: dead letters; ``conflicts``: recorded
     conflicts; times are Unix seconds; ``has_synced``: a push or pull has completed at least
-    once for this database (persisted); ``rate_limited_until``: writes are held back until
-    then by the rate budget or by the server.
+    once for this database (persisted); ``waiting_reason`` / ``resumes_at``: why and until when
+    queued writes are held back (``resumes_at`` None: until something happens, e.g. a login);
+    ``rate_limited_until``: writes are held back until then by the server or the rate budget.
     """
 
-    state: State = "stopped"
+    state: State = State.STOPPED
     pending: int = 0
     failed: int = 0
     conflicts: int = 0
@@ -33,3 +60,5 @@ class SyncStatus:
     download_error: str | None = None
     rate_limited_until: float | None = None
     did: str | None = None
+    waiting_reason: WaitReason | None = None
+    resumes_at: float | None = None

@@ -1,0 +1,293 @@
+"""The engine's steps and their outcomes: push, reconcile, fence, resync.
+
+``StepRunner`` owns what one run of the engine holds — the XRPC client of the current
+session, the retry time and its reason, whether the PDS refused the session or the session
+belongs to another account — and turns every failure of a step into an outcome (a retry
+time, a status) instead of an exception. ``decide`` reads these facts on the next tick.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from .._errors import (
+    AuthError,
+    NetworkError,
+    PermanentError,
+    RateLimitedError,
+    SchemaError,
+    TransientError,
+)
+from ..atproto import XrpcClient, outcome_unknown
+from ..lexicon import LexiconSet, validate_record
+from ._binding import BoundBinding
+from ._capture import Validator
+from ._pusher import PushResult
+from ._status import State, WaitReason
+
+if TYPE_CHECKING:
+    from ._engine import ATSync, SessionLike
+
+__all__ = ["StepRunner", "lexicon_set", "lexicon_validator"]
+
+log = logging.getLogger("atsync.sync")
+OFFLINE_PROBE_SECONDS = 5.0  # while the PDS does not answer, try at least this often
+AUTH_RETRY_SECONDS = 60.0  # a refused session is tried again this long after
+
+
+class StepRunner:
+    """One run of the engine: its client, its retry state, and the steps."""
+
+    def __init__(self, engine: ATSync) -> None:
+        self.engine = engine
+        self.session: SessionLike | None = None
+        self.client: XrpcClient | None = None
+        self.retry_at: float | None = None
+        self.retry_reason = WaitReason.BACKOFF
+        self.retry_collections: frozenset[str] | None = None
+        self.auth_failed = False
+        self.wrong_account: str | None = None  # why this session's account is refused
+        self._data_version: int | None = None
+
+    # -- what the engine observes on every tick ------------------------------------------
+
+    def observe_external_writes(self) -> bool:
+        """True when another connection committed to the database since the last look."""
+        row = self.engine.db.execute("PRAGMA data_version").fetchone()
+        version = int(row[0])
+        changed = self._data_version is not None and version != self._data_version
+        self._data_version = version
+        return changed
+
+    async def observe_session(self, current: SessionLike | None) -> SessionLike | None:
+        if current is self.session:
+            return current
+        await self.drop_client()
+        self.session = current
+        if current is None:
+            return None
+        engine = self.engine
+        self.client = XrpcClient(session=current, **engine._client_options)
+        self.auth_failed = False
+        self.retry_at = None
+        engine._pusher.server_limit = None
+        engine._budget_for(current.pds_url)
+        account = engine.outbox.get_state("account")
+        if account is None:
+            engine.outbox.set_state("account", current.did)
+            account = current.did
+        self.wrong_account = None
+        if account != current.did:
+            self.wrong_account = (
+                f"this database syncs with {account}, but the session is {current.did}: "
+                f"nothing is pushed. Log in as {account}, or call start_fresh() to sync "
+                "with the new account from scratch."
+            )
+        engine._forced = True  # a login pushes at once
+        return current
+
+    async def drop_client(self) -> None:
+        client, self.client, self.session = self.client, None, None
+        if client is not None:
+            await client.aclose()
+
+    def forget_account(self) -> None:
+        self.session = None  # observed afresh on the next tick: the account is set again
+        self.wrong_account = None
+
+    def settled(self) -> None:
+        """Nothing queued, nothing unsettled: forget the last failure, prune bookkeeping."""
+        self.retry_at = None
+        self.retry_collections = None
+        engine = self.engine
+        prune = getattr(engine.outbox, "prune_settled", None)
+        if prune is not None and not engine._pusher.fence_needed:
+            prune()
+
+    async def aclose(self) -> None:
+        await self.drop_client()
+
+    # -- steps ----------------------------------------------------------------------------
+
+    async def resync(self) -> None:
+        """Queue the rows whose state the sync tables do not know (see ``_resync``)."""
+        engine = self.engine
+        if engine.app is None or not engine._bindings:
+            return
+
+    async def push(self, collections: frozenset[str] | None) -> None:
+        engine = self.engine
+        pusher = engine._pusher
+        did, client = self._did_client()
+        engine._refresh_status(state=State.PUSHING, did=did, waiting_reason=None, resumes_at=None)
+        result = PushResult()
+        self.retry_collections = collections
+        chosen = set(collections) if collections is not None else None
+
+        async def work() -> None:
+            while True:
+                landed = result.pushed + result.already_applied
+                more = await pusher.push_batch(did, client, result, chosen)
+                if result.pushed + result.already_applied > landed:
+                    # A batch went through: the PDS is fine, so the next failure starts the
+                    # shared backoff afresh instead of compounding it.
+                    engine._backoff.succeeded()
+                if not more:
+                    break
+                engine._refresh_status()
+            await pusher.fence(did, client, result)
+
+        if not await self._guarded(work, did, client):
+            return
+        engine._backoff.succeeded()
+        self.retry_at = None
+        engine._pushed(collections)
+        if result.rate_wait > 0:
+            self._hold(result.rate_wait, None)
+            return
+        engine._refresh_status(upload_error=None, rate_limited_until=None)
+
+    async def reconcile(self) -> None:
+        engine = self.engine
+        pusher = engine._pusher
+        did, client = self._did_client()
+
+        async def work() -> None:
+            await pusher.reconcile(did, client, [], PushResult(), check=True)
+            pusher.needs_reconcile = False
+
+        if await self._guarded(work, did, client):
+            # Settled: the failed push it belonged to is retried now, whatever the strategy.
+            self.retry_at = self.engine._clock()
+
+    async def fence(self) -> None:
+        pusher = self.engine._pusher
+        did, client = self._did_client()
+
+        async def work() -> None:
+            await pusher.fence(did, client, PushResult())
+
+        if await self._guarded(work, did, client):
+            self.retry_at = None
+
+    # -- outcomes ---------------------------------------------------------------------------
+
+    def _did_client(self) -> tuple[str, XrpcClient]:
+        if self.session is None or self.client is None:
+            raise AssertionError("decide() asked for a network step without a session")
+        return self.session.did, self.client
+
+    async def _guarded(
+        self, work: Callable[[], Awaitable[None]], did: str, client: XrpcClient
+    ) -> bool:
+        """Run a network step; every failure becomes a retry time and a status. True if it
+        completed."""
+        engine = self.engine
+        try:
+            await work()
+            self.auth_failed = False
+            return True
+        except RateLimitedError as exc:
+            self._hold(max(0.0, (exc.reset_at or time.time() + 60) - time.time()), str(exc))
+        except AuthError as exc:
+            # Until a new login (which wakes the engine) or push_now(); the same session is
+            # tried again after a while, in case the refusal was not the PDS's last word.
+            self.auth_failed = True
+            self.retry_at = engine._clock() + AUTH_RETRY_SECONDS
+            engine._refresh_status(state=State.NEEDS_AUTH, upload_error=str(exc))
+        except (TransientError, PermanentError, OSError) as exc:
+            await self._after_failure(did, client, exc)
+        return False
+
+    def _hold(self, seconds: float, message: str | None) -> None:
+        """The PDS or the budget holds writes back for ``seconds``."""
+        self.retry_at = self.engine._clock() + seconds
+        self.retry_reason = WaitReason.RATE_LIMITED
+        self.engine._refresh_status(rate_limited_until=time.time() + seconds, upload_error=message)
+
+    async def _after_failure(self, did: str, client: XrpcClient, exc: Exception) -> None:
+        engine = self.engine
+        pusher = engine._pusher
+        offline = isinstance(exc, TransientError) and exc.status is None
+        delay = engine._backoff.next_delay()
+        if offline:
+            delay = min(delay, OFFLINE_PROBE_SECONDS)  # notice a network that comes back
+        self.retry_at = engine._clock() + delay
+        self.retry_reason = WaitReason.OFFLINE if offline else WaitReason.BACKOFF
+        if pusher.last_batch:
+            try:
+                engine.outbox.note_error(pusher.last_batch, str(exc))
+            except Exception:
+                log.exception("could not note the error on the queued writes")
+        engine._refresh_status(
+            state=State.OFFLINE if offline else State.ERROR, upload_error=str(exc)
+        )
+        log.info("push failed (%s); retrying in %.2f s", exc, delay)
+        if not outcome_unknown(exc):
+            return
+        # The batch may have been applied: settle before anything is sent again. A 500
+        # also answers writes that do not fit the PDS's state (PDS.md): check them all.
+        batch = engine.outbox.next_batch(
+            pusher.batch_limit,
+            collections=set(self.retry_collections) if self.retry_collections else None,
+        )
+        check = isinstance(exc, NetworkError) and (exc.status or 0) >= 500
+        try:
+            await pusher.reconcile(did, client, batch, PushResult(), check=check)
+        except RateLimitedError as again:
+            pusher.needs_reconcile = True
+            wait = max(0.0, (again.reset_at or time.time() + 60) - time.time())
+            self.retry_at = max(self.retry_at, engine._clock() + wait)
+            engine._refresh_status(rate_limited_until=time.time() + wait)
+        except AuthError as again:
+            pusher.needs_reconcile = True
+            self.auth_failed = True
+            self.retry_at = engine._clock() + AUTH_RETRY_SECONDS
+            engine._refresh_status(state=State.NEEDS_AUTH, upload_error=str(again))
+        except (NetworkError, OSError) as again:
+            pusher.needs_reconcile = True
+            log.info("reconcile after failure also failed: %s", again)
+
+
+def lexicon_set(
+    lexicons: LexiconSet | Iterable[str | os.PathLike[str] | Mapping[str, Any]] | None,
+) -> LexiconSet | None:
+    if lexicons is None or isinstance(lexicons, LexiconSet):
+        return lexicons
+    docs = LexiconSet()
+    for item in lexicons:
+        if isinstance(item, Mapping):
+            docs.add(item)
+        else:
+            for doc in LexiconSet.load(item):
+                docs.add(doc)
+    return docs
+
+
+def lexicon_validator(
+    lexicons: LexiconSet, bindings: Iterable[BoundBinding], extra: Validator | None
+) -> Validator:
+    """Every pushed binding needs its record Lexicon; records of other collections (from
+    ``on_action``) are checked when their Lexicon is in the set."""
+    pushed = [b.collection for b in bindings if b.direction != "pull"]
+    for collection in pushed:
+        if collection not in lexicons:
+            raise SchemaError(
+                f"binding {collection}: lexicons= has no Lexicon for it (loaded: "
+                f"{', '.join(doc.id for doc in lexicons) or 'none'})"
+            )
+        lexicons.record_def(collection)
+    if pushed:
+        lexicons.check_refs(*pushed)
+
+    def validate(collection: str, rkey: str, record: Mapping[str, Any]) -> None:
+        if collection in lexicons:
+            validate_record(lexicons, collection, record, rkey=rkey)
+        if extra is not None:
+            extra(collection, rkey, record)
+
+    return validate
