@@ -510,6 +510,25 @@ class Outbox:
         ).fetchone()
         return row is not None
 
+    def prune_settled(self, limit: int | None = None) -> int:
+        """Forget the CIDs sent for records that have nothing queued; returns how many.
+
+        ``_atsync_sent`` exists to recognise a late landing of one of our own requests. Call
+        this only when none can still land: no push in flight and no fence pending
+        (``Pusher.fence_needed`` false). Then every request ever sent was answered, or the
+        repo's commit moved past its ``swapCommit`` (a fence, or a later commit of ours), so
+        it can never apply; a record with no outbox row has nothing on its way. With
+        ``limit``, at most that many rows go (one short transaction: call again while it
+        returns ``limit``).
+        """
+        bound = "" if limit is None else f" LIMIT {int(limit)}"
+        with self._db.transaction():
+            return self._db.connection.execute(
+                f"DELETE FROM {SENT} WHERE (collection, rkey, cid) IN (SELECT collection, "
+                f"rkey, cid FROM {SENT} s WHERE NOT EXISTS (SELECT 1 FROM {OUTBOX} o WHERE "
+                f"o.collection = s.collection AND o.rkey = s.rkey){bound})"
+            ).rowcount
+
     def remote_cid(self, collection: str, rkey: str) -> str | None:
         row = self._db.execute(
             f"SELECT cid FROM {RECORDS} WHERE collection = ? AND rkey = ?", (collection, rkey)
