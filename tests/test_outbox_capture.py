@@ -284,3 +284,40 @@ def test_bad_records_still_fail_their_action(app: App) -> None:
     record = json.loads(app.model_db.execute(f"SELECT record FROM {OUTBOX}").fetchone()[0])
     assert record == {"$type": "test.atsync.loose", "data": {"nested": [1, "two"]}, "score": "2.5"}
     sync.close()
+
+
+# -- pruning the sent CIDs ----------------------------------------------------------------
+
+
+def test_sent_cids_are_pruned_only_for_records_with_nothing_queued() -> None:
+    db = open_db()
+    outbox = Outbox(db)
+
+    def put(rkey: str, value: str) -> None:
+        with db.transaction():
+            body = json.dumps({"$type": COLLECTION, "v": value})
+            outbox.enqueue(COLLECTION, rkey, "notes", rkey, body, f"cid-{value}", None)
+
+    for rkey in ("landed", "requeued", "in-flight"):
+        put(rkey, "a")
+    batch = outbox.next_batch()
+    outbox.mark_attempted(batch)
+    outbox.complete([w for w in batch if w.rkey != "in-flight"])
+    put("requeued", "b")  # changed after it landed: queued again
+    assert all(outbox.ever_sent(COLLECTION, r, "cid-a") for r in ("landed", "requeued"))
+
+    assert outbox.prune_settled() == 1
+    # Nothing queued for it: forgotten. Queued again or still in flight: every CID kept,
+    # so an earlier version landing late is still recognised as ours.
+    assert not outbox.ever_sent(COLLECTION, "landed", "cid-a")
+    assert outbox.ever_sent(COLLECTION, "requeued", "cid-a")
+    assert outbox.ever_sent(COLLECTION, "in-flight", "cid-a")
+    assert outbox.prune_settled() == 0
+
+    rest = outbox.next_batch()
+    outbox.mark_attempted(rest)
+    outbox.complete(rest)
+    assert outbox.prune_settled(limit=2) == 2
+    assert outbox.prune_settled(limit=2) == 1
+    assert db.execute("SELECT count(*) FROM _atsync_sent").fetchone()[0] == 0
+    db.close()
