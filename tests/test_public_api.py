@@ -84,6 +84,7 @@ EXPECTED: dict[str, list[str]] = {
         "ReadOnlyDB",
         "Signer",
         "key_path_for",
+        "writer_lock",
     ],
     "atsync.db": [
         "Durability",
@@ -211,6 +212,7 @@ EXPECTED: dict[str, list[str]] = {
         "Manual",
         "Outbox",
         "PendingWrite",
+        "QueuedWrite",
         "RateBudget",
         "RecordWrite",
         "State",
@@ -218,6 +220,7 @@ EXPECTED: dict[str, list[str]] = {
         "SyncStatus",
         "SyncThread",
         "Transform",
+        "WaitReason",
     ],
     "atsync.cli": ["main"],
 }

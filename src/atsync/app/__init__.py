@@ -14,7 +14,7 @@ with App.open("notes.db", contract) as app:
 ``key_path_for(db_path)`` is where an app's signing key lives: ``<db_path>.key``.
 """
 
-from ._app import Actions, App, ReadOnlyDB
+from ._app import Actions, App, ReadOnlyDB, writer_lock
 from ._contract import ActionContext, ActionResult, Contract
 from ._log import ActionLog, LogEntry
 from ._signers import ATPSigner, LocalSigner, Signer, key_path_for
@@ -32,4 +32,5 @@ __all__ = [
     "ReadOnlyDB",
     "Signer",
     "key_path_for",
+    "writer_lock",
 ]

@@ -26,7 +26,7 @@ from ._contract import ActionContext, ActionResult, Contract
 from ._log import AUTHORIZATIONS, ActionLog, LogEntry, create_log_table, encode_args
 from ._signers import LocalSigner, Signer
 
-__all__ = ["Actions", "App", "ReadOnlyDB"]
+__all__ = ["Actions", "App", "ReadOnlyDB", "writer_lock"]
 
 
 class ReadOnlyDB:
@@ -372,6 +372,18 @@ def _writer_lock(path: str | Path) -> int | None:
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     return fd
+
+
+@contextmanager
+def writer_lock(path: str | Path) -> Iterator[None]:
+    """Hold the database's writer lock (``<path>.lock``) for a tool that writes it without
+    an ``App`` (``atsync push``); raises ``TransactionError`` naming the process that holds
+    it when an app has the database open."""
+    fd = _writer_lock(path)
+    try:
+        yield
+    finally:
+        _release(fd)
 
 
 def _release(fd: int | None) -> None:

@@ -18,14 +18,11 @@ from typing import Any
 import anyio
 import click
 
-from .._errors import AtsyncError
-from ..app._signers import LocalSigner, key_path_for
-from ..atproto._session import FileSessionStore, Session, login
-from ..atproto._xrpc import XrpcClient
+from .._errors import AtsyncError, TransactionError
+from ..app import LocalSigner, key_path_for, writer_lock
+from ..atproto import FileSessionStore, Session, login
 from ..db import ModelDB
-from ..sync._budget import RateBudget
-from ..sync._outbox import OUTBOX, Outbox, create_sync_tables
-from ..sync._pusher import Pusher, PushResult
+from ..sync import ATSync, Manual, Outbox, State, SyncStatus, WaitReason
 from ._main import main
 
 DB_OPTION = click.option(
@@ -48,9 +45,9 @@ def _open(db_path: Path) -> tuple[ModelDB, Outbox]:
         db = ModelDB.open_existing(db_path)
     except AtsyncError as exc:
         raise click.ClickException(str(exc)) from None
-    with db.transaction():
-        create_sync_tables(db.connection)
-    return db, Outbox(db)
+    box = Outbox(db)
+    box.create_tables()
+    return db, box
 
 
 def _session(db_path: Path, session_dir: Path | None) -> tuple[str, Session | None]:
@@ -81,7 +78,7 @@ def status(db_path: Path, session_dir: Path | None, as_json: bool) -> None:
     db, outbox = _open(db_path)
     with db:
         pending, failed, conflicts = outbox.counts()
-        ops = dict(db.execute(f"SELECT op, count(*) FROM {OUTBOX} GROUP BY op").fetchall())
+        ops = outbox.counts_by_op()
         key_did, session = _session(db_path, session_dir)
         info: dict[str, Any] = {
             "database": str(db_path),
@@ -94,6 +91,7 @@ def status(db_path: Path, session_dir: Path | None, as_json: bool) -> None:
             "last_pushed_at": float(v) if (v := outbox.get_state("last_pushed_at")) else None,
             "has_synced": outbox.get_state("has_synced") == "1",
             "commit": outbox.get_state("commit_rev"),
+            "engine": _engine_status(db_path, outbox.get_state("engine")),
         }
         last_push = _when(outbox.get_state("last_pushed_at"))
     if as_json:
@@ -109,6 +107,44 @@ def status(db_path: Path, session_dir: Path | None, as_json: bool) -> None:
     click.echo(f"conflicts   {conflicts}")
     click.echo(f"last push   {last_push}")
     click.echo(f"has synced  {'yes' if info['has_synced'] else 'no'}")
+    click.echo(f"engine      {_describe_engine(info['engine'])}")
+
+
+def _engine_status(db_path: Path, saved: str | None) -> dict[str, Any]:
+    """What the engine last said about itself, and whether an app holds the database now."""
+    try:
+        shown = json.loads(saved) if saved else {}
+    except ValueError:
+        shown = {}
+    if not isinstance(shown, dict):
+        shown = {}
+    try:
+        with writer_lock(db_path):
+            running = False
+    except TransactionError:
+        running = True
+    return {**shown, "app_running": running}
+
+
+def _describe_engine(engine: dict[str, Any]) -> str:
+    state = engine.get("state")
+    if state is None:
+        return "never ran" + ("  (an app has the database open)" if engine["app_running"] else "")
+    text = str(state)
+    if engine.get("waiting_reason"):
+        text += f" ({engine['waiting_reason']})"
+    if engine.get("resumes_at"):
+        text += f", resumes {_when_future(float(engine['resumes_at']))}"
+    if engine.get("upload_error") and state != "idle":
+        text += f"; last error: {engine['upload_error']}"
+    if engine["app_running"]:
+        return f"{text}  (app running, pid {engine.get('pid')})"
+    return f"not running; last: {text}"
+
+
+def _when_future(at: float) -> str:
+    stamp = datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"{stamp} (in {max(0.0, at - time.time()):.0f} s)"
 
 
 @main.command()
@@ -119,22 +155,18 @@ def outbox(db_path: Path, as_json: bool, limit: int) -> None:
     """List pending writes (oldest first) and dead letters with the server's reason."""
     db, box = _open(db_path)
     with db:
-        rows = db.execute(
-            f"SELECT seq, op, collection, rkey, attempts, last_error FROM {OUTBOX} "
-            "ORDER BY seq LIMIT ?",
-            (limit,),
-        ).fetchall()
+        rows = box.listing(limit)
         dead = box.dead_letters()
     if as_json:
-        for seq, op, collection, rkey, attempts, error in rows:
+        for w in rows:
             click.echo(
                 json.dumps(
                     {
-                        "pending": seq,
-                        "op": op,
-                        "uri": f"{collection}/{rkey}",
-                        "attempts": attempts,
-                        "last_error": error,
+                        "pending": w.seq,
+                        "op": w.op,
+                        "uri": f"{w.collection}/{w.rkey}",
+                        "attempts": w.attempts,
+                        "last_error": w.last_error,
                     }
                 )
             )
@@ -153,9 +185,11 @@ def outbox(db_path: Path, as_json: bool, limit: int) -> None:
             )
         return
     click.echo(f"pending ({len(rows)} shown)")
-    for seq, op, collection, rkey, attempts, error in rows:
-        tail = f"  attempts={attempts}" + (f"  last error: {error}" if error else "")
-        click.echo(f"  #{seq:<6} {op:<7} {collection}/{rkey}{tail if attempts else ''}")
+    for w in rows:
+        tail = f"  attempts={w.attempts}" + (
+            f"  last error: {w.last_error}" if w.last_error else ""
+        )
+        click.echo(f"  #{w.seq:<6} {w.op:<7} {w.collection}/{w.rkey}{tail if w.attempts else ''}")
     click.echo(f"dead letters ({len(dead)})")
     for d in dead:
         click.echo(f"  #{d.seq:<6} {d.op:<7} {d.collection}/{d.rkey}  {d.error}: {d.message}")
@@ -183,7 +217,7 @@ def login_command(
     password = os.environ.get("ATSYNC_PASSWORD") or getpass.getpass(f"password for {identifier}: ")
     key_did, _ = _session(db_path, session_dir)
     if service is None:
-        from ..atproto._identity import IdentityResolver
+        from ..atproto import IdentityResolver
 
         async def resolve() -> str:
             async with IdentityResolver() as resolver:
@@ -208,34 +242,70 @@ login_command.name = "login"
 @main.command()
 @DB_OPTION
 @SESSIONS_OPTION
-def push(db_path: Path, session_dir: Path | None) -> None:
-    """Push everything queued now, with the stored session; exits non-zero if some is left."""
+@click.option(
+    "--timeout",
+    default=120.0,
+    show_default=True,
+    help="Seconds to keep retrying a PDS that fails or does not answer (the queue is kept).",
+)
+def push(db_path: Path, session_dir: Path | None, timeout: float) -> None:
+    """Push everything queued now, with the stored session; exits non-zero if some is left.
+
+    Runs the library's own engine on the database file (reconcile after an unknown outcome,
+    fencing, rate limits), so it may only run while no app has the database open.
+    """
+    try:
+        with writer_lock(db_path):
+            _push(db_path, session_dir, timeout)
+    except TransactionError as exc:
+        raise click.ClickException(
+            f"{db_path} is open in a running app, whose own sync engine pushes its queue; "
+            f"nothing was sent ({exc})"
+        ) from None
+
+
+def _push(db_path: Path, session_dir: Path | None, timeout: float) -> None:
     db, box = _open(db_path)
     with db:
         _, session = _session(db_path, session_dir)
         if session is None:
             raise click.ClickException("not logged in: run `atsync login --db ... HANDLE`")
-        budget = RateBudget()
-        budget.loads(box.get_state("budget"))
-        pusher = Pusher(box, budget)
-        result = PushResult()
-
-        async def run() -> None:
-            async with XrpcClient(session=session) as client:
-                while await pusher.push_batch(session.did, client, result):
-                    pending, _, _ = box.counts()
-                    click.echo(f"\rpushed {result.pushed}, {pending} left", nl=False, err=True)
-
-        try:
-            anyio.run(run)
-        except AtsyncError as exc:
-            raise click.ClickException(f"push stopped: {exc} (the queue is kept)") from None
-        click.echo("", err=True)
+        before, failed_before, _ = box.counts()
+        sync = ATSync.from_database(db, session=session, push=Manual())
+        final = anyio.run(_drive_push, sync, timeout)
         pending, failed, _ = box.counts()
-    click.echo(
-        f"pushed {result.pushed} writes ({result.already_applied} were already on the "
-        f"PDS); {pending} pending, {failed} dead letters"
-    )
-    if result.rate_wait:
-        click.echo(f"rate budget: wait {result.rate_wait:.0f} s before pushing the rest")
+    click.echo("", err=True)
+    pushed = before - pending - max(0, failed - failed_before)
+    click.echo(f"pushed {pushed} writes; {pending} pending, {failed} dead letters")
+    if pending:
+        click.echo(f"stopped: {_why(final)} (the queue is kept)")
     sys.exit(0 if pending == 0 else 1)
+
+
+async def _drive_push(sync: ATSync, seconds: float) -> SyncStatus:
+    """Run the engine until the queue is empty, or until it waits for something a command
+    cannot wait for (a login, an hour's rate window), or ``seconds`` of failures."""
+    last = sync.status
+    async with sync:
+        sync.push_now()
+        with anyio.move_on_after(seconds):
+            async for status in sync.status_changes():
+                last = status
+                click.echo(f"\r{status.state}: {status.pending} pending   ", nl=False, err=True)
+                if status.pending == 0 and status.state is State.IDLE:
+                    break
+                if status.state is State.NEEDS_AUTH or status.waiting_reason in (
+                    WaitReason.RATE_LIMITED,
+                    WaitReason.WRONG_ACCOUNT,
+                    WaitReason.MANUAL,
+                ):
+                    break
+    return last
+
+
+def _why(status: SyncStatus) -> str:
+    if status.waiting_reason is WaitReason.RATE_LIMITED and status.resumes_at:
+        return f"rate limited until {_when_future(status.resumes_at)}"
+    if status.state is State.NEEDS_AUTH:
+        return f"the PDS refused the session ({status.upload_error}); run `atsync login`"
+    return f"{status.state}: {status.upload_error or status.waiting_reason or 'timed out'}"

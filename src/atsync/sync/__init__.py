@@ -13,8 +13,8 @@ from ._blocking import SyncThread
 from ._budget import RateBudget
 from ._capture import ActionCall, RecordWrite
 from ._engine import ATSync
-from ._outbox import DeadLetter, Outbox, PendingWrite
-from ._status import State, SyncStatus
+from ._outbox import DeadLetter, Outbox, PendingWrite, QueuedWrite
+from ._status import State, SyncStatus, WaitReason
 from ._strategies import Batch, Debounce, Immediate, Interval, Manual, Strategy
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "Manual",
     "Outbox",
     "PendingWrite",
+    "QueuedWrite",
     "RateBudget",
     "RecordWrite",
     "State",
@@ -37,4 +38,5 @@ __all__ = [
     "SyncStatus",
     "SyncThread",
     "Transform",
+    "WaitReason",
 ]

@@ -30,7 +30,7 @@ from typing import Literal
 
 from ..db import ModelDB
 
-__all__ = ["DeadLetter", "Outbox", "PendingWrite", "create_sync_tables"]
+__all__ = ["DeadLetter", "Outbox", "PendingWrite", "QueuedWrite", "create_sync_tables"]
 
 OUTBOX = "_atsync_outbox"
 RECORDS = "_atsync_records"
@@ -119,6 +119,18 @@ class PendingWrite:
     @property
     def size(self) -> int:
         return len(self.record or b"") + len(self.rkey) + len(self.collection) + 64
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedWrite:
+    """A pending write as listed for people: what, where, how often tried, the last error."""
+
+    seq: int
+    op: str
+    collection: str
+    rkey: str
+    attempts: int
+    last_error: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -470,6 +482,24 @@ class Outbox:
         return len(rows)
 
     # -- reading ------------------------------------------------------------------------
+
+    def create_tables(self) -> None:
+        """Create the sync tables if the database has none yet (a tool opening any file)."""
+        with self._db.transaction():
+            create_sync_tables(self._db.connection)
+
+    def counts_by_op(self) -> dict[str, int]:
+        rows = self._db.execute(f"SELECT op, count(*) FROM {OUTBOX} GROUP BY op").fetchall()
+        return {str(op): int(n) for op, n in rows}
+
+    def listing(self, limit: int = 50) -> list[QueuedWrite]:
+        """The oldest pending writes, as ``atsync outbox`` shows them."""
+        rows = self._db.execute(
+            f"SELECT seq, op, collection, rkey, attempts, last_error FROM {OUTBOX} "
+            "ORDER BY seq LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [QueuedWrite(*row) for row in rows]
 
     def counts(self) -> tuple[int, int, int]:
         """(pending writes, dead letters, recorded conflicts)."""

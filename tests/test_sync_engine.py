@@ -1,0 +1,410 @@
+"""The engine's schedule and failure paths, fast: against an in-process fake of the PDS.
+
+These take seconds, not minutes; tests/test_push_reliability.py checks the same paths against
+the real reference PDS through a fault proxy.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from atsync import SignerError
+from atsync.app import ActionContext, App, ATPSigner, Contract
+from atsync.atproto import MemorySessionStore
+from atsync.db import ModelDB
+from atsync.sync import (
+    ATSync,
+    Binding,
+    Immediate,
+    Manual,
+    Outbox,
+    RateBudget,
+    SyncStatus,
+    SyncThread,
+)
+from fake_pds import FakePDS, FakeSession, xrpc_error
+
+pytestmark = pytest.mark.anyio
+NOTES = "com.example.fake.note"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+contract = Contract(models={"notes": {"id": "primary", "title": "string"}})
+
+
+@contract.action
+def put(ctx: ActionContext, key: str, title: str) -> None:
+    ctx.db.set("notes", {"id": key, "title": title})
+
+
+def seed(app: App, keys: Iterable[str], title: str = "t") -> None:
+    with app.batch():
+        for key in keys:
+            app.actions.put(key, f"{title} {key}")
+
+
+def engine(app: App, pds: FakePDS, **options: Any) -> ATSync:
+    options.setdefault("session", pds.session())
+    options.setdefault("push", Immediate())
+    return ATSync(
+        app,
+        bindings={"notes": Binding(NOTES)},
+        client_options={"transport": pds.transport},
+        **options,
+    )
+
+
+async def wait_status(
+    sync: ATSync, predicate: Callable[[SyncStatus], bool], within: float = 10
+) -> SyncStatus:
+    with anyio.fail_after(within):
+        async for status in sync.status_changes():
+            if predicate(status):
+                return status
+    raise AssertionError("unreachable")
+
+
+async def idle(sync: ATSync, within: float = 10) -> SyncStatus:
+    with anyio.fail_after(within):
+        return await sync.wait_for_idle()
+
+
+def local_titles(app: App) -> dict[str, str]:
+    return {row["id"]: row["title"] for row in app.db.query("notes")}
+
+
+def remote_titles(pds: FakePDS) -> dict[str, str]:
+    return {rkey: value["title"] for rkey, value in pds.values(NOTES).items()}
+
+
+# --- wake-ups -----------------------------------------------------------------------------------
+
+
+async def test_a_login_wakes_the_engine_at_once(tmp_path: Path) -> None:
+    pds = FakePDS()
+    signer = ATPSigner(store=MemorySessionStore())
+    with App.open(tmp_path / "a.db", contract, signer=signer) as app:
+        sync = engine(app, pds, session=None)  # the signer's session, as apps use it
+        async with sync:
+            seed(app, ["a", "b"])
+            status = await wait_status(sync, lambda s: s.state == "needs_auth" and s.pending == 2)
+            assert status.waiting_reason == "needs_auth"
+            started = time.monotonic()
+            signer.session = FakeSession(pds.did)  # what login() ends with
+            await idle(sync)
+            # Not the 1 s poll, not a watchdog: the login itself woke the engine.
+            assert time.monotonic() - started < 0.5
+            assert remote_titles(pds) == local_titles(app)
+            signer.session = None  # logout: the engine stops pushing at once
+            await wait_status(sync, lambda s: s.state == "needs_auth", within=0.5)
+            seed(app, ["c"])
+            await wait_status(sync, lambda s: s.pending == 1 and s.state == "needs_auth")
+            assert "c" not in remote_titles(pds)
+        sync.close()
+
+
+async def test_a_write_by_another_process_wakes_the_engine(tmp_path: Path) -> None:
+    """`atsync retry` (another connection) queues dead letters again: pushed without a
+    push_now() and without a new local change, even under a Manual() strategy."""
+    pds = FakePDS()
+    with App.open(tmp_path / "a.db", contract) as app:
+        sync = engine(app, pds, push=Manual())
+        async with sync:
+            seed(app, ["a", "b"])
+            # Refused as a batch, then alone: a goes to the dead letters, b is pushed.
+            for _ in range(2):
+                pds.fault(on_apply(lambda r: xrpc_error(400, "InvalidRecord", "no")))
+            sync.push_now()
+            await wait_status(sync, lambda s: s.failed == 1 and s.pending == 0)
+            # Another process (a second connection to the file) requeues the dead letter.
+            other = ModelDB.open_existing(tmp_path / "a.db")
+            with other:
+                assert Outbox(other).retry_dead_letters() == 1
+            started = time.monotonic()
+            status = await idle(sync, within=5)
+            assert status.failed == 0 and time.monotonic() - started < 2.5
+        assert remote_titles(pds) == local_titles(app)
+        sync.close()
+
+
+async def test_offline_is_probed_every_few_seconds_and_noticed(tmp_path: Path) -> None:
+    pds = FakePDS()
+    down = True
+
+    def unreachable(request: httpx.Request) -> httpx.Response | None:
+        if down:
+            raise httpx.ConnectError("connection refused", request=request)
+        return None
+
+    pds.fault(unreachable, sticky=True)
+    with App.open(tmp_path / "a.db", contract) as app:
+        sync = engine(app, pds)
+        async with sync:
+            seed(app, ["a"])
+            offline = await wait_status(sync, lambda s: s.state == "offline")
+            assert offline.waiting_reason is None or offline.waiting_reason == "offline"
+            held = await wait_status(sync, lambda s: s.waiting_reason == "offline")
+            assert held.resumes_at is not None and held.resumes_at <= time.time() + 5.01
+            down = False
+            back = time.monotonic()
+            await idle(sync, within=7)
+            assert time.monotonic() - back < 5.5  # noticed by the next probe
+        assert remote_titles(pds) == local_titles(app)
+        sync.close()
+
+
+# --- the engine never dies ------------------------------------------------------------------
+
+
+async def test_a_damaged_outbox_row_is_dead_lettered_and_the_rest_goes_on(tmp_path: Path) -> None:
+    pds = FakePDS()
+    with App.open(tmp_path / "a.db", contract) as app:
+        sync = engine(app, pds, push=Manual())
+        seed(app, ["a", "b", "c", "d"])
+        raw = sqlite3.connect(tmp_path / "a.db")
+        raw.execute("update _atsync_outbox set record = '{not json' where rkey = 'b'")
+        raw.execute("update _atsync_outbox set record = '[1, 2]' where rkey = 'c'")
+        raw.commit()
+        raw.close()
+        async with sync:
+            sync.push_now()
+            status = await idle(sync)
+            assert status.failed == 2 and status.state == "idle"
+        assert sorted(remote_titles(pds)) == ["a", "d"]
+        dead = {d.rkey: d for d in sync.outbox.dead_letters()}
+        assert set(dead) == {"b", "c"} and dead["b"].error == "UnreadableRow"
+        assert "damaged" in (dead["b"].message or "")
+        # A newer state of the damaged record supersedes its dead letter and is pushed.
+        async with sync:
+            app.actions.put("b", "repaired")
+            sync.push_now()
+            status = await idle(sync)
+            assert status.failed == 1
+        assert remote_titles(pds)["b"] == "repaired"
+        sync.close()
+
+
+async def test_damaged_sync_state_is_survived(tmp_path: Path) -> None:
+    pds = FakePDS()
+    with App.open(tmp_path / "a.db", contract) as app:
+        seed(app, ["a", "b"])
+        raw = sqlite3.connect(tmp_path / "a.db")
+        raw.execute(
+            "create table if not exists _atsync_sync_state (key text primary key, value text)"
+        )
+        for key, value in [("budget", "{{{"), ("commit_cid", "not-a-cid"), ("engine", "[")]:
+            raw.execute("insert or replace into _atsync_sync_state values (?, ?)", (key, value))
+        raw.commit()
+        raw.close()
+        sync = engine(app, pds, budget=RateBudget())
+        async with sync:
+            seed(app, ["c"])
+            status = await idle(sync)
+            assert status.failed == 0
+        assert remote_titles(pds) == local_titles(app)
+        sync.close()
+
+
+def _raise_once(target: Any, name: str, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    original = getattr(target, name)
+
+    def patched(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError(f"injected failure in {name}")
+        return original(*args, **kwargs)
+
+    async def apatched(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError(f"injected failure in {name}")
+        return await original(*args, **kwargs)
+
+    import inspect
+
+    monkeypatch.setattr(
+        target, name, apatched if inspect.iscoroutinefunction(original) else patched
+    )
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("where", "name"),
+    [
+        ("outbox", "next_batch"),
+        ("outbox", "mark_attempted"),
+        ("outbox", "complete"),
+        ("outbox", "pending_by_collection"),
+        ("client", "apply_writes"),
+        ("client", "sync_get_latest_commit"),
+        ("pusher", "fence"),
+    ],
+)
+async def test_an_exception_at_any_step_is_shown_and_the_engine_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str, name: str
+) -> None:
+    from atsync.atproto import XrpcClient
+    from atsync.sync._pusher import Pusher
+
+    pds = FakePDS()
+    target = {"outbox": Outbox, "client": XrpcClient, "pusher": Pusher}[where]
+    with App.open(tmp_path / "a.db", contract) as app:
+        sync = engine(app, pds)
+        seen: list[SyncStatus] = []
+        sync.on_status(seen.append)
+        if name == "fence":
+            # A fence follows an unheard request that had not landed when we looked.
+            pds.fault(on_apply(_no_answer))
+        calls = _raise_once(target, name, monkeypatch)
+        async with sync:
+            seed(app, ["a", "b"])
+            await idle(sync, within=15)
+            assert sync.status.state == "idle"  # the task is alive, not stopped
+        assert calls, f"{name} was never called"
+        errors = [s for s in seen if s.state == "error" and s.upload_error]
+        assert any(f"injected failure in {name}" in (s.upload_error or "") for s in errors)
+        assert remote_titles(pds) == local_titles(app)
+        sync.close()
+
+
+def on_apply(
+    answer: Callable[[httpx.Request], httpx.Response],
+) -> Callable[[httpx.Request], httpx.Response | None]:
+    return lambda r: answer(r) if r.url.path.endswith("applyWrites") else None
+
+
+def _no_answer(request: httpx.Request) -> httpx.Response:
+    raise httpx.ReadTimeout("timed out", request=request)
+
+
+# --- stop and start -------------------------------------------------------------------------
+
+
+async def test_an_engine_stops_and_starts_again(tmp_path: Path) -> None:
+    pds = FakePDS()
+    with App.open(tmp_path / "a.db", contract) as app:
+        sync = engine(app, pds)
+        async with sync:
+            seed(app, ["a"])
+            await idle(sync)
+        assert sync.status.state == "stopped"
+        seed(app, ["b", "c"])  # while stopped: queued, not pushed
+        assert sync.status.pending == 2 and sorted(remote_titles(pds)) == ["a"]
+        async with sync:
+            await idle(sync)
+        assert remote_titles(pds) == local_titles(app)
+        sync.close()
+
+
+def test_sync_thread_stops_and_starts_again(tmp_path: Path) -> None:
+    pds = FakePDS()
+    with App.open(tmp_path / "a.db", contract) as app:
+        sync = SyncThread(
+            app,
+            bindings={"notes": Binding(NOTES)},
+            session=pds.session(),
+            client_options={"transport": pds.transport},
+        )
+        sync.start()
+        seed(app, ["a"])
+        sync.wait_for_idle(timeout=10)
+        sync.stop()
+        seed(app, ["b"])
+        assert sync.status.state == "stopped" and sync.status.pending == 1
+        sync.start()
+        status = sync.wait_for_idle(timeout=10)
+        sync.close()
+        assert status.pending == 0
+        assert remote_titles(pds) == local_titles(app)
+
+
+# --- waiting and rate limits ----------------------------------------------------------------
+
+
+async def test_the_pds_rate_limit_headers_hold_the_queue_and_say_why(tmp_path: Path) -> None:
+    pds = FakePDS()
+    reset = pds.reset_at = time.time() + 3600
+    pds.points_left = 630  # 210 creates
+    with App.open(tmp_path / "a.db", contract) as app:
+        sync = engine(app, pds, push=Manual())
+        assert sync.budget is None  # not a Bluesky host: no pacing of our own
+        async with sync:
+            seed(app, [f"k{i:03d}" for i in range(250)])
+            sync.push_now()
+            held = await wait_status(sync, lambda s: s.state == "waiting" and s.pending < 250)
+            assert held.waiting_reason == "rate_limited"
+            assert held.pending == 250 - 200 - 10  # one batch, then what the PDS still allows
+            assert held.resumes_at is not None and abs(held.resumes_at - reset) < 2
+            assert held.rate_limited_until is not None
+        sync.close()
+
+
+async def test_no_limit_no_pacing_and_bluesky_hosts_are_paced(tmp_path: Path) -> None:
+    keys = [f"k{i:04d}" for i in range(3000)]
+    pds = FakePDS()
+    with App.open(tmp_path / "a.db", contract) as app:
+        sync = engine(app, pds)
+        async with sync:
+            seed(app, keys)
+            status = await idle(sync, within=60)
+            assert status.pending == 0 and status.rate_limited_until is None
+        assert len(pds.values(NOTES)) == 3000
+        sync.close()
+
+    hosted = FakePDS()
+    session = FakeSession(hosted.did, "https://morel.us-east.host.bsky.network")
+    with App.open(tmp_path / "b.db", contract) as app:
+        sync = engine(app, hosted, session=session)
+        async with sync:
+            seed(app, keys)
+            held = await wait_status(sync, lambda s: s.state == "waiting" and s.pending < 3000, 60)
+            assert held.waiting_reason == "rate_limited"
+            assert held.pending == 3000 - 1600  # 8 batches of 200 creates: 4,800 of 5,000 points
+            assert held.resumes_at is not None and held.resumes_at > time.time() + 3000
+        assert sync.budget is not None and sync.budget.per_hour == 5000
+        sync.close()
+
+
+# --- one database, one repository -----------------------------------------------------------
+
+
+async def test_another_account_is_refused_until_start_fresh(tmp_path: Path) -> None:
+    first, second = FakePDS(), FakePDS(did="did:plc:secondsecondsecondsecond")
+    signer = ATPSigner(store=MemorySessionStore())
+    with App.open(tmp_path / "a.db", contract, signer=signer) as app:
+        sync = engine(app, first, session=lambda: current)
+        current: FakeSession | None = first.session()
+        async with sync:
+            seed(app, ["a", "b"])
+            await idle(sync)
+            with pytest.raises(SignerError, match="syncs with did:plc:fake"):
+                sync.check_account(second.did)  # what ATPSigner.login() asks before adopting
+            assert sync.check_account in signer.login_checks
+            current = second.session()
+            seed(app, ["c"])
+            refused = await wait_status(sync, lambda s: s.waiting_reason == "wrong_account")
+            assert refused.state == "error" and "did:plc:fake" in (refused.upload_error or "")
+            assert second.count("applyWrites") == 0 and "c" not in remote_titles(first)
+        sync.close()
+        # A deliberate fresh start: everything local is new to the second repository.
+        sync2 = engine(app, second, session=second.session())
+        sync2.start_fresh()
+        async with sync2:
+            await idle(sync2)
+        assert remote_titles(second) == local_titles(app)
+        assert json.loads(sync2.outbox.get_state("engine") or "{}")["state"] == "stopped"
+        sync2.close()
