@@ -18,8 +18,8 @@ With an ``ATSync`` attached (issue #8), each action also checks its record, enco
 - many actions in one transaction >= 0.10x raw execute-per-row in one transaction, and
   >= 0.50x a hand-written capture baseline in one transaction: per row the same upsert, the
   record encoded with libipld's DAG-CBOR, its CID (CIDv1, dag-cbor, sha256) and an upsert of
-  (collection, rkey, DAG-CBOR bytes, CID) into an outbox table keyed by (collection, rkey) —
-  no action log, no checks, no coalescing rules
+  (collection, rkey, op, DAG-CBOR bytes, CID) into an outbox table keyed by (collection,
+  rkey) — no action log, no checks, no coalescing rules
 
 Durability "normal" is the default (WAL, synchronous=NORMAL); "full" adds an fsync per
 commit on both sides.
@@ -129,10 +129,11 @@ def atsync_one_transaction(path: Path, n: int, durability: str) -> float:
 
 _OUTBOX = (
     "CREATE TABLE outbox (seq INTEGER PRIMARY KEY, collection TEXT NOT NULL, "
-    "rkey TEXT NOT NULL, record BLOB NOT NULL, cid TEXT NOT NULL, UNIQUE (collection, rkey))"
+    "rkey TEXT NOT NULL, op TEXT NOT NULL, record BLOB NOT NULL, cid TEXT NOT NULL, "
+    "UNIQUE (collection, rkey))"
 )
 _QUEUE = (
-    "INSERT INTO outbox (collection, rkey, record, cid) VALUES (?, ?, ?, ?) "
+    "INSERT INTO outbox (collection, rkey, op, record, cid) VALUES (?, ?, 'create', ?, ?) "
     "ON CONFLICT (collection, rkey) DO UPDATE SET record = excluded.record, cid = excluded.cid"
 )
 _CID_PREFIX = bytes((1, 0x71, 0x12, 32))  # CIDv1, dag-cbor, sha2-256, 32 bytes

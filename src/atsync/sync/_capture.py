@@ -243,6 +243,8 @@ class Capture:
         return self._fallback_clock.next()
 
     def _after_transaction(self, committed: bool) -> None:
+        if not self._queued_in_txn:
+            return  # no write to a bound model in this transaction
         queued, self._queued_in_txn = self._queued_in_txn, set()
-        if committed and queued and self._on_queued is not None:
+        if committed and self._on_queued is not None:
             self._on_queued(queued)
