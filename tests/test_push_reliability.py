@@ -768,6 +768,26 @@ async def test_pds_rate_limit_slows_the_engine_and_loses_nothing(
         unpaced.close()
 
 
+async def test_a_pds_without_limits_is_not_paced(
+    dev_pds: DevPDS, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """3,000 notes after login on a local PDS that sends no rate limit (the dev PDS without
+    --rate-limits): all pushed in one go — no budget of our own holds them for an hour."""
+    collection = collection_for(request)
+    session = await log_in(dev_pds)
+    with App.open(tmp_path / "a.db", contract) as app:
+        sync = ATSync(app, bindings={"notes": Binding(collection)}, session=session)
+        assert sync.budget is None
+        log = StatusLog(sync)
+        async with sync:
+            seed_notes(app, [f"k{i:04d}" for i in range(3000)])
+            status = await idle(sync, 120)
+            assert status.pending == 0 and status.rate_limited_until is None
+        assert not [s for s in log.seen if s.waiting_reason == "rate_limited"]
+        await assert_pds_equals_local(app, sync, dev_pds.pds_url, session.did)
+        sync.close()
+
+
 async def test_rate_budget_holds_writes_until_the_window_frees_points(
     dev_pds: DevPDS, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:

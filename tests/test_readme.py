@@ -159,12 +159,16 @@ def test_every_block_runs_in_order_and_the_offline_note_reaches_the_pds(
     db = ModelDB.open_existing(tmp_path / "notes.db")
     with db:
         rows = [r for r in db.query("notes") if r["title"] == "written offline"]
+        local = {r["id"]: (r["title"], r["done"]) for r in db.query("notes")}
     assert len(rows) == 1
     with BlockingXrpcClient(pds.pds_url) as client:
         records = list(client.iter_records(did, COLLECTION))
     offline = [r for r in records if r.value.get("title") == "written offline"]
     assert [r.rkey for r in offline] == [rows[0]["id"]], records
     assert offline[0].value["done"] is False
+    # "Rows that were there before sync was attached (the quickstart's notes) are pushed too."
+    remote = {r.rkey: (r.value["title"], r.value["done"]) for r in records}
+    assert len(local) == 4 and remote == local
 
     # "any time later: deferred auth" — the queued write goes out as soon as the user logs in.
     waited = float(stamps["idle"]) - float(stamps["login returned"])
