@@ -194,6 +194,7 @@ class ATSync:
         self._last_push: dict[str, float] = {}
         self._forced = False
         self._resync_due = True
+        self._resync_note: str | None = None  # rows the start-up comparison could not queue
         self._refresh_status(state=State.STOPPED)
 
     def _make_source(self, session: SessionLike | SessionSource | None) -> SessionSource:
@@ -403,7 +404,7 @@ class ATSync:
             # Idle: nothing queued. Whatever failed before is over.
             self._forced = False
             runner.settled()
-            changes.update(upload_error=None, rate_limited_until=None)
+            changes.update(upload_error=self._resync_note, rate_limited_until=None)
         elif step.reason is WaitReason.WRONG_ACCOUNT:
             changes.update(upload_error=runner.wrong_account)
         elif step.reason in (WaitReason.DEBOUNCE, WaitReason.MANUAL):

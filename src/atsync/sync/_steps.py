@@ -27,6 +27,7 @@ from ..lexicon import LexiconSet, validate_record
 from ._binding import BoundBinding
 from ._capture import Validator
 from ._pusher import PushResult
+from ._resync import ResyncScan
 from ._status import State, WaitReason
 
 if TYPE_CHECKING:
@@ -118,6 +119,19 @@ class StepRunner:
         engine = self.engine
         if engine.app is None or not engine._bindings:
             return
+        scan = ResyncScan(engine.app, engine.outbox, engine._bindings, validate=engine._validate)
+        await scan.run_async()
+        if scan.queued:
+            log.info("start-up comparison queued %d writes (%d deletes)", scan.queued, scan.deletes)
+            engine._forced = True  # rows that waited for an engine: push them now
+        engine._resync_note = None
+        if scan.failures:
+            first = scan.failures[0]
+            engine._resync_note = (
+                f"{len(scan.failures)} row(s) cannot be records and stay local (first: "
+                f"{first.model}/{first.key}: {first.message})"
+            )
+            log.warning("%s", engine._resync_note)
 
     async def push(self, collections: frozenset[str] | None) -> None:
         engine = self.engine
