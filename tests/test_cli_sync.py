@@ -104,3 +104,55 @@ def test_status_login_push_outbox_retry(
     assert human.returncode == 0, human.stderr
     assert "pending     1 writes (1 create)" in human.stdout
     assert "last push   20" in human.stdout
+
+
+def test_push_beside_a_running_app_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "busy.db"
+    with App.open(db, contract) as app:
+        sync = ATSync(app, bindings={"items": Binding("com.example.cli.item")}, push=Manual())
+        app.actions.put("k1", "one")
+        refused = cli("push", "--db", str(db), "--session-dir", str(tmp_path / "s"))
+        assert refused.returncode != 0
+        assert "open in a running app" in refused.stderr and "nothing was sent" in refused.stderr
+        assert sync.status.pending == 1  # untouched
+        sync.close()
+    # Once the app is closed the command goes on to its next check (here: no session).
+    free = cli("push", "--db", str(db), "--session-dir", str(tmp_path / "s"))
+    assert free.returncode != 0 and "not logged in" in free.stderr
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_status_says_why_the_queue_waits(tmp_path: Path, anyio_backend: str) -> None:
+    import anyio
+
+    from fake_pds import FakePDS
+
+    pds = FakePDS()
+    pds.points_left, pds.reset_at = 0, 4_102_444_800.0  # exhausted until 2100
+    db = tmp_path / "held.db"
+    with App.open(db, contract) as app:
+        sync = ATSync(
+            app,
+            bindings={"items": Binding("com.example.cli.item")},
+            session=pds.session(),
+            client_options={"transport": pds.transport},
+        )
+        async with sync:
+            app.actions.put("k1", "one")
+            with anyio.fail_after(10):
+                async for status in sync.status_changes():
+                    if status.waiting_reason == "rate_limited":
+                        break
+            shown = await anyio.to_thread.run_sync(
+                lambda: cli("status", "--db", str(db), "--session-dir", str(tmp_path / "s"))
+            )
+            assert shown.returncode == 0, shown.stderr
+            line = next(x for x in shown.stdout.splitlines() if x.startswith("engine"))
+            assert "waiting (rate_limited), resumes 2100-01-01" in line
+            assert f"app running, pid {os.getpid()}" in line
+        sync.close()
+    after = json.loads(
+        cli("status", "--db", str(db), "--session-dir", str(tmp_path / "s"), "--json").stdout
+    )
+    assert after["engine"]["state"] == "stopped" and after["engine"]["app_running"] is False

@@ -24,6 +24,7 @@ from atsync.db import ModelDB
 from atsync.sync import (
     ATSync,
     Binding,
+    Debounce,
     Immediate,
     Manual,
     Outbox,
@@ -118,10 +119,10 @@ async def test_a_login_wakes_the_engine_at_once(tmp_path: Path) -> None:
 
 async def test_a_write_by_another_process_wakes_the_engine(tmp_path: Path) -> None:
     """`atsync retry` (another connection) queues dead letters again: pushed without a
-    push_now() and without a new local change, even under a Manual() strategy."""
+    push_now() and without a new local change — not after the strategy's long debounce."""
     pds = FakePDS()
     with App.open(tmp_path / "a.db", contract) as app:
-        sync = engine(app, pds, push=Manual())
+        sync = engine(app, pds, push=Debounce(60))
         async with sync:
             seed(app, ["a", "b"])
             # Refused as a batch, then alone: a goes to the dead letters, b is pushed.
@@ -408,3 +409,64 @@ async def test_another_account_is_refused_until_start_fresh(tmp_path: Path) -> N
         assert remote_titles(second) == local_titles(app)
         assert json.loads(sync2.outbox.get_state("engine") or "{}")["state"] == "stopped"
         sync2.close()
+
+
+# --- decide(): the schedule as a pure function -----------------------------------------------
+
+
+def q(first: float, last: float | None = None, pending: int = 1) -> Any:
+    from atsync.sync._strategies import Queue
+
+    return Queue(first, first if last is None else last, 0.0, pending)
+
+
+def test_decide_orders_its_checks_as_the_policy_says() -> None:
+    import math
+
+    from atsync.sync import WaitReason
+    from atsync.sync._decide import Facts, Fence, Push, Reconcile, Resync, Wait, decide
+
+    notes = {"n": q(10.0)}
+    debounce = Debounce(0.5)
+    base = Facts(logged_in=True, queues=notes, default_strategy=debounce)
+    assert decide(10.0, Facts(resync_due=True)) == Resync()  # before login, too
+    assert decide(10.0, Facts(queues=notes)) == Wait(math.inf, WaitReason.NEEDS_AUTH)
+    wrong = Facts(logged_in=True, wrong_account=True, queues=notes)
+    assert decide(10.0, wrong) == Wait(math.inf, WaitReason.WRONG_ACCOUNT)
+    assert decide(10.0, Facts(logged_in=True)) == Wait(math.inf)  # idle
+    assert decide(10.0, base) == Wait(10.5, WaitReason.DEBOUNCE)
+    assert decide(10.5, base) == Push(frozenset({"n"}))
+    # push_now() pushes everything; a login pushes what a strategy would push at all.
+    manual = Facts(logged_in=True, queues=notes, default_strategy=Manual())
+    assert decide(10.0, manual) == Wait(math.inf, WaitReason.MANUAL)
+    assert decide(10.0, Facts(**{**_fields(manual), "eager": True})) == Wait(
+        math.inf, WaitReason.MANUAL
+    )
+    assert decide(10.0, Facts(**{**_fields(manual), "forced": True})) == Push()
+    assert decide(10.0, Facts(**{**_fields(base), "eager": True})) == Push(frozenset({"n"}))
+    # A failure: wait for its retry time whatever else is asked, then retry what it carried.
+    failed = Facts(
+        **{
+            **_fields(base),
+            "forced": True,
+            "retry_at": 20.0,
+            "retry_reason": WaitReason.OFFLINE,
+            "retry_collections": frozenset({"n"}),
+        }
+    )
+    assert decide(19.0, failed) == Wait(20.0, WaitReason.OFFLINE)
+    assert decide(20.0, Facts(**{**_fields(failed), "forced": False})) == Push(frozenset({"n"}))
+    # An unknown outcome is settled before anything is sent again; a fence when settled.
+    unsettled = Facts(**{**_fields(base), "needs_reconcile": True})
+    assert decide(10.0, unsettled) == Reconcile()
+    assert decide(10.0, Facts(logged_in=True, fence_needed=True)) == Fence()
+    # A refused session waits for a login, or its retry time.
+    refused = Facts(**{**_fields(base), "auth_failed": True})
+    assert decide(10.0, refused) == Wait(math.inf, WaitReason.NEEDS_AUTH)
+    later = Facts(**{**_fields(refused), "retry_at": 70.0})
+    assert decide(69.0, later) == Wait(70.0, WaitReason.NEEDS_AUTH)
+    assert decide(70.0, later) == Push(None)
+
+
+def _fields(facts: Any) -> dict[str, Any]:
+    return {name: getattr(facts, name) for name in facts.__slots__}

@@ -286,8 +286,8 @@ async def _drive_push(sync: ATSync, seconds: float) -> SyncStatus:
     """Run the engine until the queue is empty, or until it waits for something a command
     cannot wait for (a login, an hour's rate window), or ``seconds`` of failures."""
     last = sync.status
+    sync.push_now()  # before the start: its first decision is this push
     async with sync:
-        sync.push_now()
         with anyio.move_on_after(seconds):
             async for status in sync.status_changes():
                 last = status

@@ -66,7 +66,10 @@ class Facts:
     queues: Mapping[str, Queue] = field(default_factory=dict)  # pending, per collection
     strategies: Mapping[str, Strategy] = field(default_factory=dict)  # per collection
     default_strategy: Strategy | None = None
-    forced: bool = False  # push_now(), a login, writes left from an earlier run
+    forced: bool = False  # push_now(): everything, whatever the strategies say
+    # A login, a start with writes left from before, writes queued by another process: what
+    # any strategy would push at all goes now (a Manual() collection still waits).
+    eager: bool = False
     retry_at: float | None = None  # after a failure or a rate limit: not before then
     retry_reason: WaitReason = WaitReason.BACKOFF
     retry_collections: frozenset[str] | None = None  # what the failed push carried
@@ -102,6 +105,8 @@ def decide(now: float, facts: Facts) -> Step:
     for collection, queue in facts.queues.items():
         strategy = facts.strategies.get(collection, facts.default_strategy)
         at = math.inf if strategy is None else strategy.due_at(queue)
+        if facts.eager and at < math.inf:
+            at = now
         earliest = min(earliest, at)
         if at <= now:
             due.add(collection)

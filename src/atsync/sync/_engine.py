@@ -193,6 +193,7 @@ class ATSync:
         self._changes: dict[str, tuple[float, float]] = {}
         self._last_push: dict[str, float] = {}
         self._forced = False
+        self._eager = False
         self._resync_due = True
         self._resync_note: str | None = None  # rows the start-up comparison could not queue
         self._refresh_status(state=State.STOPPED)
@@ -304,7 +305,7 @@ class ATSync:
         self._waker = Waker()
         self._runner = StepRunner(self)
         self._resync_due = True
-        self._forced = self.outbox.counts()[0] > 0  # left from earlier: push at once
+        self._eager = self.outbox.counts()[0] > 0  # left from earlier: push at once
         try:
             task_status.started()
             await self._loop()
@@ -342,7 +343,7 @@ class ATSync:
     async def _tick(self, runner: StepRunner) -> None:
         now = self._clock()
         if runner.observe_external_writes() and self.outbox.counts()[0] > 0:
-            self._forced = True  # queued by another process (`atsync retry`, a tool)
+            self._eager = True  # queued by another process (`atsync retry`, a tool)
         session = await runner.observe_session(self._current_session())
         step = decide(now, self._facts(now, runner, session))
         if isinstance(step, Wait):
@@ -351,7 +352,7 @@ class ATSync:
             await runner.resync()
             self._resync_due = False
         elif isinstance(step, Push):
-            self._forced = False
+            self._forced = self._eager = False
             await runner.push(step.collections)
         elif isinstance(step, Reconcile):
             await runner.reconcile()
@@ -383,6 +384,7 @@ class ATSync:
             strategies=self._strategies,
             default_strategy=self.strategy,
             forced=self._forced,
+            eager=self._eager,
             retry_at=runner.retry_at,
             retry_reason=runner.retry_reason,
             retry_collections=runner.retry_collections,
@@ -402,7 +404,7 @@ class ATSync:
         )
         if step.reason is None:
             # Idle: nothing queued. Whatever failed before is over.
-            self._forced = False
+            self._forced = self._eager = False
             runner.settled()
             changes.update(upload_error=self._resync_note, rate_limited_until=None)
         elif step.reason is WaitReason.WRONG_ACCOUNT:

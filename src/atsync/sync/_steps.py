@@ -88,7 +88,7 @@ class StepRunner:
                 f"nothing is pushed. Log in as {account}, or call start_fresh() to sync "
                 "with the new account from scratch."
             )
-        engine._forced = True  # a login pushes at once
+        engine._eager = True  # a login pushes at once
         return current
 
     async def drop_client(self) -> None:
@@ -123,7 +123,7 @@ class StepRunner:
         await scan.run_async()
         if scan.queued:
             log.info("start-up comparison queued %d writes (%d deletes)", scan.queued, scan.deletes)
-            engine._forced = True  # rows that waited for an engine: push them now
+            engine._eager = True  # rows that waited for an engine: push them now
         engine._resync_note = None
         if scan.failures:
             first = scan.failures[0]
