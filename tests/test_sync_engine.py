@@ -159,6 +159,8 @@ async def test_offline_is_probed_every_few_seconds_and_noticed(tmp_path: Path) -
             assert offline.waiting_reason is None or offline.waiting_reason == "offline"
             held = await wait_status(sync, lambda s: s.waiting_reason == "offline")
             assert held.resumes_at is not None and held.resumes_at <= time.time() + 5.01
+            (queued,) = sync.outbox.listing()  # what `atsync outbox` shows
+            assert "connection refused" in (queued.last_error or "")
             down = False
             back = time.monotonic()
             await idle(sync, within=7)
@@ -470,3 +472,37 @@ def test_decide_orders_its_checks_as_the_policy_says() -> None:
 
 def _fields(facts: Any) -> dict[str, Any]:
     return {name: getattr(facts, name) for name in facts.__slots__}
+
+
+# --- the state syncs ----------------------------------------------------------------------------
+
+
+async def test_rows_from_before_sync_are_pushed_but_never_overwrite_the_repo(
+    tmp_path: Path,
+) -> None:
+    """An app that adds sync later: its rows reach the PDS at the engine's first start —
+    except where the repository already holds a different record under the same key, which
+    is a recorded conflict, kept locally, never silently overwritten."""
+    pds = FakePDS()
+    theirs = {"$type": NOTES, "title": "written on another device"}
+    from atsync.atproto import cid_for_record
+
+    pds.records[(NOTES, "b")] = (str(cid_for_record(theirs)), theirs)
+    with App.open(tmp_path / "a.db", contract) as app:
+        seed(app, ["a", "b", "c"])  # no engine attached: nothing queued
+        sync = engine(app, pds)
+        assert sync.status.pending == 0
+        async with sync:
+            status = await wait_status(sync, lambda s: s.pending == 0 and s.state == "idle")
+        assert status.conflicts == 1 and status.failed == 1
+        assert pds.values(NOTES)["b"] == theirs  # not overwritten
+        assert remote_titles(pds)["a"] == "t a" and remote_titles(pds)["c"] == "t c"
+        (dead,) = sync.outbox.dead_letters()
+        assert (dead.rkey, dead.error) == ("b", "Conflict")
+        held = app.model_db.execute("select rkey, resolution from _atsync_conflicts").fetchall()
+        assert held == [("b", "held")]
+        # A second start finds nothing new to queue (the held row is not sent again).
+        async with sync:
+            status = await idle(sync)
+        assert status.failed == 1 and pds.values(NOTES)["b"] == theirs
+        sync.close()

@@ -125,6 +125,7 @@ class Pusher:
         if wait > 0:
             result.rate_wait = wait
             return False
+        self.last_batch = batch  # a failure from here on is noted on these rows
         swap = self.outbox.get_state("commit_cid")
         if swap is None:
             # Even the first batch carries swapCommit: sent without one, it could land late
@@ -133,7 +134,6 @@ class Pusher:
             self.outbox.set_commit(latest.cid, latest.rev)
             swap = latest.cid
         self.sent_swap = swap
-        self.last_batch = batch
         self.outbox.mark_attempted(batch)
         sent_at = time.time()
         try:
