@@ -1,6 +1,6 @@
 """CIDs, strict DAG-CBOR, and the atproto data model (atproto.com/specs/data-model).
 
-Written by hand rather than on ``libipld`` (see docs/dependencies-atproto.md): libipld 3.5
+Written by hand rather than on ``libipld`` (see docs/dependencies.md): libipld 3.5
 decodes links to plain ``bytes`` and encodes any ``bytes`` that happen to parse as a CID as a
 link, so a record's bytes field and a link cannot be told apart and a computed CID can differ
 from the PDS's. Here a link is always a ``CID`` object and bytes are always ``bytes``.
