@@ -31,8 +31,7 @@ import time
 from pathlib import Path
 
 from atsync.app import ActionContext, App, Contract
-from atsync.sync import ATSync, Binding, Manual
-from atsync.sync._outbox import Outbox
+from atsync.sync import ATSync, Binding, Manual, Outbox
 
 contract = Contract(
     models={"notes": {"id": "primary", "title": "string", "n": "integer", "done": "boolean"}}

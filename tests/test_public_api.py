@@ -98,6 +98,7 @@ EXPECTED: dict[str, list[str]] = {
         "Upgrade",
         "UpgradeAPI",
         "parse_schema",
+        "quote_identifier",
     ],
     "atsync.atproto": [
         "ApplyWritesResult",

@@ -14,6 +14,7 @@ Knows nothing of atproto or of apps; usable on its own as an offline database::
 
 from ._migrations import Upgrade, UpgradeAPI
 from ._query import Query
+from ._query import quote as quote_identifier
 from ._schema import Model, Property, Schema, parse_schema
 from ._sqlite import Durability, ModelDB, Row
 from ._subscriptions import Subscription
@@ -30,4 +31,5 @@ __all__ = [
     "Upgrade",
     "UpgradeAPI",
     "parse_schema",
+    "quote_identifier",
 ]

@@ -20,8 +20,15 @@ from typing import Any, Literal
 
 from .._errors import RecordError
 from ..app import ActionContext, App
-from ..atproto._cbor import check_data_model, cid_for_dag_cbor, data_to_json, encode_dag_cbor
-from ..atproto._syntax import TidClock, is_valid_nsid, is_valid_record_key
+from ..atproto import (
+    TidClock,
+    check_data_model,
+    cid_for_dag_cbor,
+    data_to_json,
+    encode_dag_cbor,
+    is_valid_nsid,
+    is_valid_record_key,
+)
 from ._binding import MAX_RECORD_BYTES, BoundBinding
 from ._outbox import Outbox
 

@@ -37,8 +37,8 @@ import anyio
 
 from .._errors import AtsyncError
 from ..app import App
-from ..atproto._syntax import TidClock
-from ..db._query import quote
+from ..atproto import TidClock
+from ..db import quote_identifier as quote
 from ._binding import BoundBinding
 from ._capture import Validator, encode_record, encode_trusted
 from ._outbox import DEAD, OUTBOX, RECORDS, Outbox
