@@ -25,6 +25,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/local_writes.py
 	$(PY) benchmarks/push.py
+	$(PY) benchmarks/bookkeeping.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples
