@@ -748,6 +748,7 @@ async def test_pds_rate_limit_slows_the_engine_and_loses_nothing(
             client_options=hooks,
         )
         async with unpaced:
+            unpaced.push_now()  # Manual(): what is left waits for the user's "sync now"
             told = await wait_status(unpaced, lambda s: s.rate_limited_until is not None, 60)
             assert [r.status_code for r in answers] == [429]
             reset = float(answers[0].headers["ratelimit-reset"])

@@ -19,6 +19,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -123,11 +124,12 @@ def sync_part(app: App, sync: SyncThread, signer: ATPSigner, data: Path, db_path
 
         step("Log in now (deferred auth): everything done offline is pushed, in order")
         signer.login(HANDLE, PASSWORD, pds.pds_url)
-        sync.push_now()
-        status = sync.wait_for_idle(timeout=60)
+        logged_in = time.monotonic()
+        status = sync.wait_for_idle(timeout=60)  # the login itself woke the engine
         print(
             f"   status: {status.state}, pending {status.pending}, failed {status.failed}, "
-            f"has_synced {status.has_synced}"
+            f"has_synced {status.has_synced}; pushed {time.monotonic() - logged_in:.2f} s "
+            "after login() returned"
         )
 
         step("One more change while online: pushed within the debounce")

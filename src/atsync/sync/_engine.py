@@ -314,9 +314,12 @@ class ATSync:
             self._waker = None
             with anyio.CancelScope(shield=True):
                 await runner.aclose()
-            self._refresh_status(
-                state=State.STOPPED, waiting_reason=None, resumes_at=None, did=None
-            )
+            try:
+                self._refresh_status(
+                    state=State.STOPPED, waiting_reason=None, resumes_at=None, did=None
+                )
+            except Exception:  # e.g. the app closed its database first: nothing to count
+                self._status = SyncStatus(**{**_as_dict(self._status), "state": State.STOPPED})
 
     async def _loop(self) -> None:
         runner = self._runner
@@ -331,13 +334,25 @@ class ATSync:
                 delay = self._backoff.next_delay()
                 runner.retry_at = self._clock() + delay
                 runner.retry_reason = WaitReason.BACKOFF
-                await runner.drop_client()
-                self._refresh_status(
-                    state=State.ERROR,
-                    upload_error=f"internal error: {type(exc).__name__}: {exc}",
-                    waiting_reason=WaitReason.BACKOFF,
-                    resumes_at=time.time() + delay,
-                )
+                try:
+                    await runner.drop_client()  # a fresh client on the next try
+                    self._refresh_status(
+                        state=State.ERROR,
+                        upload_error=f"internal error: {type(exc).__name__}: {exc}",
+                        waiting_reason=WaitReason.BACKOFF,
+                        resumes_at=time.time() + delay,
+                    )
+                except Exception:
+                    # Even the status cannot be read or written (the database itself fails):
+                    # keep it in memory and try again after the backoff.
+                    log.exception("could not show the engine's failure")
+                    self._status = SyncStatus(
+                        **{
+                            **_as_dict(self._status),
+                            "state": State.ERROR,
+                            "upload_error": f"internal error: {type(exc).__name__}: {exc}",
+                        }
+                    )
                 await self._sleep(delay)
 
     async def _tick(self, runner: StepRunner) -> None:
