@@ -221,6 +221,26 @@ async def test_damaged_sync_state_is_survived(tmp_path: Path) -> None:
         sync.close()
 
 
+async def test_a_dropped_sync_table_is_recreated_and_the_engine_goes_on(tmp_path: Path) -> None:
+    pds = FakePDS()
+    with App.open(tmp_path / "a.db", contract) as app:
+        sync = engine(app, pds)
+        seen: list[SyncStatus] = []
+        sync.on_status(seen.append)
+        async with sync:
+            seed(app, ["a"])
+            await idle(sync)
+            raw = sqlite3.connect(tmp_path / "a.db")
+            raw.execute("drop table _atsync_sent")  # what a careless manual clean-up does
+            raw.commit()
+            raw.close()
+            seed(app, ["b"])
+            await idle(sync)
+        assert any("no such table" in (s.upload_error or "") for s in seen if s.state == "error")
+        assert remote_titles(pds) == local_titles(app)
+        sync.close()
+
+
 def _raise_once(target: Any, name: str, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     original = getattr(target, name)

@@ -240,3 +240,38 @@ async def test_records_are_checked_against_the_lexicon_before_the_outbox(
             with anyio.fail_after(30):
                 await sync.wait_for_idle()
         assert list(await remote_records(await alice(dev_pds), collection)) == ["ok"]
+
+
+async def test_logging_in_as_another_account_is_refused(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """One database, one repository: after syncing with alice, a login as bob is refused
+    before it is adopted, and alice's session stays — in memory and in the store."""
+    from atsync import SignerError
+    from atsync.app import ATPSigner
+    from atsync.atproto import MemorySessionStore
+
+    collection = collection_for(request)
+    store = MemorySessionStore()
+    signer = ATPSigner(store=store)
+    alice_pw = dev_pds.accounts["alice.test"].password
+    bob_pw = dev_pds.accounts["bob.test"].password
+    with App.open(tmp_path / "one.db", contract, signer=signer) as app:
+        sync = ATSync(app, bindings={"notes": Binding(collection)}, push=Immediate())
+        async with sync:
+            await signer.login_async("alice.test", alice_pw, dev_pds.pds_url)
+            app.actions.put_note("a", "for alice")
+            with anyio.fail_after(30):
+                await sync.wait_for_idle()
+            alice_session = signer.session
+            with pytest.raises(SignerError, match="syncs with did:plc:"):
+                await signer.login_async("bob.test", bob_pw, dev_pds.pds_url)
+            assert signer.session is alice_session
+            stored = store.load(f"atsync-session-{signer.key_did}")
+            assert stored is not None and stored["did"] == alice_session.did
+            app.actions.put_note("b", "still alice's")
+            with anyio.fail_after(30):
+                status = await sync.wait_for_idle()
+            assert status.did == alice_session.did
+        assert sorted(await remote_records(alice_session, collection)) == ["a", "b"]
+        sync.close()

@@ -336,6 +336,7 @@ class ATSync:
                 runner.retry_reason = WaitReason.BACKOFF
                 try:
                     await runner.drop_client()  # a fresh client on the next try
+                    self.outbox.create_tables()  # a sync table dropped by hand comes back
                     self._refresh_status(
                         state=State.ERROR,
                         upload_error=f"internal error: {type(exc).__name__}: {exc}",
