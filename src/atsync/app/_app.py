@@ -20,13 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import ActionError, TransactionError
-from ..atproto import Tid, TidClock
+from ..atproto import Tid, format_tid
 from ..db import Durability, ModelDB, Row, Subscription
 from ._contract import ActionContext, ActionResult, Contract
 from ._log import AUTHORIZATIONS, ActionLog, LogEntry, create_log_table, encode_args
 from ._signers import LocalSigner, Signer
 
 __all__ = ["Actions", "App", "ReadOnlyDB", "writer_lock"]
+
+_B32 = "234567abcdefghijklmnopqrstuvwxyz"  # the TID alphabet (base32-sortable)
+_B32_PAIRS = tuple(a + b for a in _B32 for b in _B32)  # two characters (10 bits) at a time
+# ActionResult(id, result) without NamedTuple's Python-level __new__ (one per action).
+_new_tuple = tuple.__new__
 
 
 class ReadOnlyDB:
@@ -82,10 +87,10 @@ class Actions:
         if name.startswith("__") or name not in self._app.contract.actions:
             known = ", ".join(sorted(self._app.contract.actions)) or "none"
             raise AttributeError(f"no action named {name!r} (actions: {known})")
-        app = self._app
+        call = self._app._call
 
         def run(*args: Any, **kwargs: Any) -> ActionResult:
-            return app.run(name, *args, **kwargs)
+            return call(name, args, kwargs)
 
         run.__name__ = run.__qualname__ = name
         setattr(self, name, run)  # later lookups skip __getattr__
@@ -114,13 +119,18 @@ class App:
         self._log_pending = self.log.pending  # appended to directly on the hot path
         self.db = ReadOnlyDB(db)
         self.actions = Actions(self)
-        # The clock id is fixed per signing key, so a device's TIDs do not change between
-        # runs; the clock starts after the newest logged action.
-        clock_id = int.from_bytes(hashlib.sha256(signer.key_did.encode()).digest()[:2]) & 1023
-        self._clock = TidClock(clock_id)
+        # The action clock: a hybrid logical clock read only inside transactions (so under
+        # the database's lock). Its id is fixed per signing key, so a device's TIDs do not
+        # change between runs; it starts after the newest logged action.
+        self._clock_id = int.from_bytes(hashlib.sha256(signer.key_did.encode()).digest()[:2]) & 1023
+        self._last_us = -1
+        # A TID's first 7 characters change about once a second (timestamp_us >> 20) and its
+        # last two are the clock id's: only the middle four are formatted per action.
+        self._id_high: tuple[int, str] = (-1, "")
+        self._id_low = _B32_PAIRS[self._clock_id]
         head = self.log.head_id()
         if head is not None:
-            self._clock.observe(head)
+            self._last_us = Tid.parse(head).timestamp_us
         self._in_action = False
         self._writer_lock: int | None = None
         # The action running now (None outside actions) and whether rebuild() is replaying:
@@ -216,6 +226,9 @@ class App:
         Inside ``batch()`` an action that raises dooms the whole batch (all or none): the
         batch rolls back when it ends, even if the exception was caught.
         """
+        return self._call(name, args, kwargs)
+
+    def _call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ActionResult:
         fn = self.contract.actions.get(name)
         if fn is None:
             known = ", ".join(sorted(self.contract.actions)) or "none"
@@ -246,22 +259,32 @@ class App:
                 f"action {name!r} was called from inside another action; call its "
                 "function directly instead (nested actions would replay twice)"
             )
-        clock = self._clock
-        ctx = ActionContext(self._db, self.signer.did, clock.next_timestamp(), clock.clock_id)
+        # time.time_ns looked up per call, so tests can patch it.
+        now = time.time_ns() // 1000
+        now = now if now > self._last_us else self._last_us + 1
+        self._last_us = now
+        high = self._id_high
+        if high[0] != now >> 20:
+            high = self._id_high = (now >> 20, format_tid(now, self._clock_id)[:7])
+        action_id = high[1] + _B32_PAIRS[(now >> 10) & 1023] + _B32_PAIRS[now & 1023] + self._id_low
+        did = self.signer.did
+        ctx = ActionContext(self._db, did, now, self._clock_id, action_id)
         # Logged before it runs, so entries are appended in id order.
-        self._log_pending.append((ctx.id, name, args_json, ctx.did))
+        self._log_pending.append((action_id, name, args_json, did))
         self._in_action = True
         self.current_action = ctx
         try:
             result = fn(ctx, *args, **kwargs)
-            for hook in self.after_action:
-                hook(ctx, name, args, kwargs)
+            if self.after_action:
+                for hook in self.after_action:
+                    hook(ctx, name, args, kwargs)
         finally:
             self._in_action = False
             self.current_action = None
             if ctx.tids_used:
-                clock.observe(Tid(ctx.timestamp_us + ctx.tids_used, clock.clock_id))
-        return ActionResult(ctx.id, result)
+                # ctx.tid() handed out timestamps after the action's own: skip past them.
+                self._last_us = max(self._last_us, now + ctx.tids_used)
+        return _new_tuple(ActionResult, (action_id, result))
 
     @contextmanager
     def batch(self) -> Iterator[App]:

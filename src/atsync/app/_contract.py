@@ -33,10 +33,18 @@ class ActionContext:
 
     __slots__ = ("_clock_id", "_tids", "db", "did", "id", "timestamp", "timestamp_us")
 
-    def __init__(self, db: ModelDB, did: str, timestamp_us: int, clock_id: int) -> None:
+    def __init__(
+        self,
+        db: ModelDB,
+        did: str,
+        timestamp_us: int,
+        clock_id: int,
+        action_id: str | None = None,
+    ) -> None:
         self.db = db
         self.did = did
-        self.id = format_tid(timestamp_us, clock_id)
+        # ``action_id``: the TID of (timestamp_us, clock_id), when the caller has it already.
+        self.id = format_tid(timestamp_us, clock_id) if action_id is None else action_id
         self.timestamp_us = timestamp_us
         self.timestamp = timestamp_us // 1000
         self._clock_id = clock_id
