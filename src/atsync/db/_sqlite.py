@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from threading import get_ident
 from typing import Any, Literal
 
 from .._errors import (
@@ -36,6 +37,8 @@ from ._values import column_encoder, decode_column, reads_as_stored, validate_ke
 __all__ = ["Durability", "ModelDB"]
 
 Durability = Literal["full", "normal"]
+# Staged lists and their lengths when a transaction or savepoint began.
+_Marks = list[tuple[list[Any], int]]
 # A page cache large enough that a big transaction does not spill pages to the WAL
 # before it commits (the default is 2 MiB).
 CACHE_KIB = 32 * 1024
@@ -47,6 +50,8 @@ class _Plan:
     """Per-model SQL and codecs, prepared once when the database opens."""
 
     model: Model
+    name: str
+    has_relations: bool
     columns: tuple[Property, ...]
     names: tuple[str, ...]
     name_set: frozenset[str]
@@ -70,6 +75,8 @@ def _plan(model: Model) -> _Plan:
     conflict = f"DO UPDATE SET {updates}" if updates else "DO NOTHING"
     return _Plan(
         model=model,
+        name=model.name,
+        has_relations=bool(model.relations),
         columns=columns,
         names=names,
         name_set=frozenset(model.by_name),
@@ -93,6 +100,8 @@ class ModelDB:
         self, conn: sqlite3.Connection, schema: Schema, path: str, durability: Durability
     ) -> None:
         self._conn = conn
+        # Model writes go through one cursor: conn.execute() would create one per statement.
+        self._cursor = conn.cursor()
         self.schema = schema
         self.path = path
         self.durability: Durability = durability
@@ -106,6 +115,7 @@ class ModelDB:
         # head) is valid while this stays the same.
         self.generation = 0
         self._hub = SubscriptionHub()
+        self._watched = self._hub.watches
         # Hooks of the layer above (the app's action log): run inside the outermost
         # transaction just before COMMIT (an exception there rolls it back), and after
         # that transaction ended either way.
@@ -117,6 +127,8 @@ class ModelDB:
         self.write_listeners: list[Callable[[str, str, Row | None], None]] = []
         # Lists that grow during a transaction and must shrink back with its savepoints.
         self._staged: list[list[Any]] = [self._hub.pending]
+        # Writes a layer above holds back and writes in bulk (see ``defer``).
+        self._deferred: list[tuple[list[Any], Callable[[], None]]] = []
 
     # -- opening and closing ----------------------------------------------------------
 
@@ -210,7 +222,7 @@ class ModelDB:
     @property
     def in_transaction(self) -> bool:
         """Whether the calling thread is inside ``transaction()``."""
-        return self._depth > 0 and self._owner == threading.get_ident()
+        return self._depth > 0 and self._owner == get_ident()
 
     def transaction(self) -> _Transaction:
         """All writes inside commit together or not at all; nesting uses savepoints.
@@ -219,23 +231,27 @@ class ModelDB:
         """
         return _Transaction(self)
 
-    def _begin(self) -> tuple[int, list[int]]:
+    def _begin(self) -> tuple[int, _Marks]:
         self._lock.acquire()
         try:
             self._check_open()
             depth = self._depth
-            marks = [len(staged) for staged in self._staged]
+            if depth and self._deferred:
+                # Held-back writes belong to the enclosing level: written before the
+                # savepoint, a rollback to it cannot take them along.
+                self._flush_deferred()
+            marks = [(staged, len(staged)) for staged in self._staged]
             self._conn.execute("BEGIN IMMEDIATE" if depth == 0 else f"SAVEPOINT atsync_{depth}")
         except BaseException:
             self._lock.release()
             raise
         if depth == 0:
             self._failure = None
-            self._owner = threading.get_ident()
+            self._owner = get_ident()
         self._depth = depth + 1
         return depth, marks
 
-    def _end(self, depth: int, marks: list[int], ok: bool) -> None:
+    def _end(self, depth: int, marks: _Marks, ok: bool) -> None:
         changes: list[Change] = []
         try:
             if not ok:
@@ -251,6 +267,8 @@ class ModelDB:
                     )
                 for hook in self.before_commit:
                     hook()
+                if self._deferred:
+                    self._flush_deferred()
                 self._conn.execute("COMMIT")
                 if self._hub.pending:
                     changes = self._hub.take_pending()
@@ -283,9 +301,44 @@ class ModelDB:
         of the savepoint or transaction being rolled back."""
         self._staged.append(buffer)
 
-    def _rollback(self, depth: int, marks: list[int]) -> None:
+    def defer(self, buffer: list[Any], flush: Callable[[], None]) -> Callable[[], None]:
+        """Let a layer above hold writes back in ``buffer`` and write them in bulk.
+
+        ``flush()`` writes what ``buffer`` holds and empties it. The database calls it
+        before the transaction commits, before a savepoint begins, and before the thread
+        that holds the transaction reads or writes through ``execute``, ``executemany`` or
+        ``connection`` — so the held-back rows are seen wherever they could be read. A
+        rollback truncates ``buffer`` like a ``stage``d list. Model tables are not read
+        this way: held-back writes may only go to the layer's own tables.
+
+        Returns a function that writes what is held (inside this thread's transaction)
+        and unregisters the buffer.
+        """
+        entry = (buffer, flush)
+        with self._lock:
+            self._deferred.append(entry)
+            self._staged.append(buffer)
+
+        def cancel() -> None:
+            # The lock waits out another thread's transaction (which flushes or drops
+            # the buffer as it ends); in this thread's own, what is held is written now.
+            with self._lock:
+                if buffer and self.in_transaction:
+                    flush()
+                if entry in self._deferred:
+                    self._deferred.remove(entry)
+                    self._staged.remove(buffer)
+
+        return cancel
+
+    def _flush_deferred(self) -> None:
+        for buffer, flush in self._deferred:
+            if buffer:
+                flush()
+
+    def _rollback(self, depth: int, marks: _Marks) -> None:
         self.generation += 1
-        for staged, mark in zip(self._staged, marks, strict=False):
+        for staged, mark in marks:
             del staged[mark:]
         if depth > 0:
             self._conn.execute(f"ROLLBACK TO atsync_{depth}")
@@ -321,10 +374,13 @@ class ModelDB:
 
     def set(self, model: str, value: Mapping[str, Any]) -> None:
         """Create or replace a record; properties left out are null (if nullable) or []."""
-        plan = self._plan(model)
+        try:
+            plan = self._plans[model]
+        except (KeyError, TypeError):
+            plan = self._plan(model)  # raises UnknownModelError
         params = self._encode(plan, value)
-        relations = self._encode_relations(plan.model, value) if plan.model.relations else []
-        if self.in_transaction:
+        relations = self._encode_relations(plan.model, value) if plan.has_relations else []
+        if self._depth and self._owner == get_ident():
             self._write(plan, params, relations)
         else:
             with self.transaction():
@@ -431,12 +487,13 @@ class ModelDB:
     def _write(
         self, plan: _Plan, params: list[object], relations: list[tuple[Property, list[str]]]
     ) -> None:
-        model = plan.model.name
-        watched = self._hub.watches(model)
+        model = plan.name
+        # The row before the write is read only for a live query on this model.
+        watched = self._watched(model)
         key = params[plan.key_index]
         old = self._stored(plan, key) if watched else None
         try:
-            self._conn.execute(plan.upsert, params)
+            self._cursor.execute(plan.upsert, params)
             for prop, keys in relations:
                 table = quote(relation_table(model, prop.name))
                 self._conn.execute(f'DELETE FROM {table} WHERE "_source" = ?', (key,))
@@ -452,17 +509,18 @@ class ModelDB:
             new = dict(zip(plan.names, params, strict=True))
             new.update({prop.name: tuple(keys) for prop, keys in relations})
             self._hub.pending.append(Change(model, old, new))
-        if self.write_listeners:
+        listeners = self.write_listeners
+        if listeners:
             if plan.stored_as_is:
                 row = dict(zip(plan.names, params, strict=True))
             else:
                 row = self._decode(plan, params, plan.names, ())
-            if plan.model.relations:
+            if plan.has_relations:
                 for prop, keys in relations:
                     row[prop.name] = list(keys)
                 for prop in plan.model.relations:
                     row.setdefault(prop.name, [])
-            for listener in self.write_listeners:
+            for listener in listeners:
                 listener(model, str(key), row)
 
     def _stored(self, plan: _Plan, key: object) -> Row | None:
@@ -656,17 +714,23 @@ class ModelDB:
         """
         with self._lock:
             self._check_open()
+            if self._deferred:
+                self._flush_deferred()  # holding the lock: any open transaction is ours
             return self._conn.execute(sql, params)
 
     @property
     def connection(self) -> sqlite3.Connection:
         """The SQLite connection, for atsync's own layers while they hold a transaction."""
         self._check_open()
+        if self._deferred and self._owner == get_ident():
+            self._flush_deferred()
         return self._conn
 
     def executemany(self, sql: str, rows: Iterable[Sequence[object]]) -> None:
         with self._lock:
             self._check_open()
+            if self._deferred:
+                self._flush_deferred()
             self._conn.executemany(sql, rows)
 
     def require_transaction(self) -> None:
