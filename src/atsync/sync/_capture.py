@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import json.encoder
+import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, Literal
 
 from .._errors import RecordError
@@ -30,7 +32,7 @@ from ..atproto import (
     is_valid_record_key,
 )
 from ._binding import MAX_RECORD_BYTES, BoundBinding
-from ._outbox import Outbox
+from ._outbox import _ENQUEUE_PUT, DEAD, OUTBOX, RECORDS, Outbox
 
 __all__ = ["ActionCall", "Capture", "RecordWrite"]
 
@@ -125,6 +127,46 @@ def _too_big(collection: str, data: bytes) -> RecordError:
     )
 
 
+# is_valid_record_key in one regex call (it runs for every captured write): 1-512 of the
+# allowed characters, and neither "." nor "..".
+_is_record_key = re.compile(r"(?!\.\.?\Z)[a-zA-Z0-9_~.:-]{1,512}").fullmatch
+
+# A record's new state, as Outbox.enqueue takes it: (collection, rkey, model, key, record
+# JSON, CID, action id).
+_Put = tuple[str, str, str, str, str, str, str | None]
+# Puts held back per statement: SQLite's per-statement cost (and AUTOINCREMENT's update of
+# sqlite_sequence, once per statement) was most of the cost of queueing a write. 100 rows
+# are 700 variables, under the 999 of the oldest SQLite builds.
+_CHUNK = 100
+_PUTS: dict[int, str] = {}
+
+
+def _enqueue_puts(count: int) -> str:
+    """Outbox.enqueue's one-statement path (``_ENQUEUE_PUT``) for ``count`` puts in order.
+
+    INSERT ... SELECT inserts the rows one at a time in the order of the VALUES (the left
+    side of a LEFT JOIN is never reordered), each resolving its conflict against the rows
+    before it, and its WHERE reads only the records and dead letters, which none of the rows
+    changes: so it leaves exactly what ``count`` single statements would. The conflict rules
+    are _ENQUEUE_PUT's own text.
+    """
+    sql = _PUTS.get(count)
+    if sql is None:
+        values = ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * count)
+        sql = _PUTS[count] = (
+            f"INSERT INTO {OUTBOX} (collection, rkey, op, record, cid, model, key, "
+            "first_action, last_action) SELECT v.column1, v.column2, "
+            "CASE WHEN r.cid IS NULL THEN 'create' ELSE 'update' END, v.column5, v.column6, "
+            "v.column3, v.column4, v.column7, v.column7 "
+            f"FROM (VALUES {values}) AS v LEFT JOIN {RECORDS} r "
+            "ON r.collection = v.column1 AND r.rkey = v.column2 "
+            "WHERE r.cid IS NOT v.column6 AND NOT EXISTS "
+            f"(SELECT 1 FROM {DEAD} d WHERE d.collection = v.column1 AND d.rkey = v.column2) "
+            + _ENQUEUE_PUT[_ENQUEUE_PUT.index("ON CONFLICT") :]
+        )
+    return sql
+
+
 class Capture:
     """The write listener and action hook that fill the outbox."""
 
@@ -145,11 +187,20 @@ class Capture:
         self._validate = validate
         self._on_queued = on_queued
         self._remote = threading.local()
+        # Threads inside applying_remote(): checked before the thread-local on every write.
+        self._remote_threads = 0
+        self._remote_lock = threading.Lock()
         self._queued_in_txn: set[str] = set()
         self._fallback_clock = TidClock()
+        # Puts of this transaction not written yet: ModelDB writes them (_write_held) before
+        # the transaction commits, before a savepoint, and before this thread reads or
+        # writes the sync tables; a rollback drops them with the writes they belong to.
+        self._held: list[_Put] = []
+        self._release_held: Callable[[], None] | None = None
 
     def attach(self) -> None:
         db = self._app.model_db
+        self._release_held = db.defer(self._held, self._write_held)
         db.write_listeners.append(self.on_write)
         db.after_transaction.append(self._after_transaction)
         if self._on_action is not None:
@@ -157,6 +208,9 @@ class Capture:
 
     def detach(self) -> None:
         db = self._app.model_db
+        if self._release_held is not None:
+            self._release_held()
+            self._release_held = None
         for hooks, hook in (
             (db.write_listeners, self.on_write),
             (db.after_transaction, self._after_transaction),
@@ -170,49 +224,96 @@ class Capture:
         """Writes inside come from the PDS: they must not be pushed back (no echo)."""
         depth = getattr(self._remote, "depth", 0)
         self._remote.depth = depth + 1
+        with self._remote_lock:
+            self._remote_threads += 1
         try:
             yield
         finally:
             self._remote.depth = depth
+            with self._remote_lock:
+                self._remote_threads -= 1
 
     def _skipping(self) -> bool:
-        return self._app.replaying or getattr(self._remote, "depth", 0) > 0
+        return self._app.replaying or (
+            self._remote_threads > 0 and getattr(self._remote, "depth", 0) > 0
+        )
 
     def _action_id(self) -> str | None:
         ctx = self._app.current_action
         return None if ctx is None else ctx.id
 
     def on_write(self, model: str, key: str, row: dict[str, Any] | None) -> None:
-        # Runs for every local write to every model: kept to plain attribute reads and one
-        # statement (Outbox.enqueue) on the common path.
+        # Runs for every local write to every model. A put is encoded and checked here (a
+        # bad record fails its action) and held for _write_held; the rest is rare.
         binding = self._bindings.get(model)
-        if binding is None or self._app.replaying or getattr(self._remote, "depth", 0) > 0:
+        if binding is None or self._app.replaying:
+            return
+        if self._remote_threads and getattr(self._remote, "depth", 0) > 0:
             return
         collection = binding.collection
-        if binding.by_primary_key:
-            if row is None and not is_valid_record_key(key):
-                return  # never queued: its key could not be a record key
-            rkey = binding.rkey_of(key)
-        else:
+        if not binding.by_primary_key:
             known = self._outbox.rkey_for(collection, model, key)
             if known is None and row is None:
                 return
             rkey = known or self._new_tid()
+        elif _is_record_key(key) is not None:
+            rkey = key
+        elif row is None:
+            return  # never queued: its key could not be a record key
+        else:
+            rkey = binding.rkey_of(key)  # raises RecordError
+        ctx = self._app.current_action
+        action_id = None if ctx is None else ctx.id
         if row is None:
-            record_json = cid = None
-        elif binding.trusted:
-            record_json, cid = encode_trusted(
-                collection, rkey, binding.to_record(row), self._validate
-            )
+            # Through the connection, which writes the held puts first: order is kept.
+            self._outbox.enqueue(collection, rkey, model, key, None, None, action_id)
+            self._queued_in_txn.add(collection)
+            return
+        if binding.trusted:
+            record, record_json = binding.to_record_json(row)
+            if self._validate is not None:
+                self._validate(collection, rkey, record)
+            data = encode_dag_cbor(record, plain=True)
+            if len(data) > MAX_RECORD_BYTES:
+                raise _too_big(collection, data)
+            cid = cid_for_dag_cbor(data)
         else:
             record_json, cid = encode_record(
                 collection, rkey, binding.to_record(row), self._validate
             )
-        ctx = self._app.current_action
-        self._outbox.enqueue(
-            collection, rkey, model, key, record_json, cid, None if ctx is None else ctx.id
-        )
+        held = self._held
+        held.append((collection, rkey, model, key, record_json, cid, action_id))
         self._queued_in_txn.add(collection)
+        if len(held) >= _CHUNK:
+            self._write_held()
+
+    def _write_held(self) -> None:
+        """Queue the held puts (in the open transaction), ``_CHUNK`` per statement."""
+        db = self._app.model_db
+        rows = self._held[:]
+        self._held.clear()  # first: the connection below would write them again
+        try:
+            conn = db.connection
+            for start in range(0, len(rows), _CHUNK):
+                chunk = rows[start : start + _CHUNK]
+                if len(chunk) > 1:
+                    conn.execute("SAVEPOINT atsync_capture")
+                    params = list(chain.from_iterable(chunk))
+                    if conn.execute(_enqueue_puts(len(chunk)), params).rowcount == len(chunk):
+                        conn.execute("RELEASE atsync_capture")
+                        continue
+                    # A put the one-statement rules leave to the general path (the PDS
+                    # holds this very CID, or a dead letter waits): undo the chunk and
+                    # queue it put by put, exactly as at the time of each write.
+                    conn.execute("ROLLBACK TO atsync_capture")
+                    conn.execute("RELEASE atsync_capture")
+                for put in chunk:
+                    self._outbox.enqueue(*put)
+        except BaseException as exc:
+            # The puts are gone from memory: the transaction must not commit without them.
+            if db.in_transaction:
+                db.fail_transaction(f"queueing local writes for sync failed: {exc!r}")
+            raise
 
     def after_action(
         self, ctx: ActionContext, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
