@@ -42,7 +42,7 @@ def test_status_login_push_outbox_retry(
     collection = "test.atsync.cli" + "".join(c for c in request.node.name if c.isalnum())[-8:]
     signer = ATPSigner(store=FileSessionStore(sessions))
     with App.open(db, contract, signer=signer) as app:
-        sync = ATSync(app, bindings={"items": Binding(collection)}, push=Manual())
+        sync = ATSync(app, pull=Manual(), bindings={"items": Binding(collection)}, push=Manual())
         for i in range(7):
             app.actions.put(f"k{i}", f"label {i}")
         sync.close()
@@ -109,7 +109,9 @@ def test_status_login_push_outbox_retry(
 def test_push_beside_a_running_app_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "busy.db"
     with App.open(db, contract) as app:
-        sync = ATSync(app, bindings={"items": Binding("com.example.cli.item")}, push=Manual())
+        sync = ATSync(
+            app, pull=Manual(), bindings={"items": Binding("com.example.cli.item")}, push=Manual()
+        )
         app.actions.put("k1", "one")
         refused = cli("push", "--db", str(db), "--session-dir", str(tmp_path / "s"))
         assert refused.returncode != 0
@@ -134,6 +136,7 @@ async def test_status_says_why_the_queue_waits(tmp_path: Path, anyio_backend: st
     with App.open(db, contract) as app:
         sync = ATSync(
             app,
+            pull=Manual(),
             bindings={"items": Binding("com.example.cli.item")},
             session=pds.session(),
             client_options={"transport": pds.transport},

@@ -46,13 +46,16 @@ EXPECTED: dict[str, list[str]] = {
         "DevPDSError",
         "Immediate",
         "Interval",
+        "Live",
         "InvalidSyntaxError",
         "LocalSigner",
         "Manual",
+        "OnStart",
         "ModelDB",
         "NetworkError",
         "NotFoundError",
         "PermanentError",
+        "Poll",
         "RateLimitedError",
         "RecordError",
         "SchemaError",
@@ -101,6 +104,7 @@ EXPECTED: dict[str, list[str]] = {
         "quote_identifier",
     ],
     "atsync.atproto": [
+        "DEFAULT_PLC_URL",
         "ApplyWritesResult",
         "AtUri",
         "BlockingFirehoseSubscription",
@@ -206,13 +210,18 @@ EXPECTED: dict[str, list[str]] = {
         "Backoff",
         "Batch",
         "Binding",
+        "ConflictPolicy",
         "DeadLetter",
         "Debounce",
         "Immediate",
         "Interval",
+        "Live",
         "Manual",
+        "OnStart",
         "Outbox",
         "PendingWrite",
+        "Poll",
+        "PullStrategy",
         "QueuedWrite",
         "RateBudget",
         "RecordWrite",
@@ -359,13 +368,15 @@ def test_atproto_blocking_facades_carry_the_prefix() -> None:
 def test_sync_thread_offers_the_engine_s_calls_under_the_same_names() -> None:
     from atsync import ATSync, SyncThread
 
+    def properties(cls: type) -> set[str]:
+        return {n for k in cls.__mro__ for n, v in vars(k).items() if isinstance(v, property)}
+
     engine = {n for n in _methods(ATSync) if n not in {"run", "status_changes", "close"}}
-    engine |= {n for n, v in vars(ATSync).items() if isinstance(v, property)}
-    thread = set(_methods(SyncThread)) | {
-        n for n, v in vars(SyncThread).items() if isinstance(v, property)
-    }
+    engine |= properties(ATSync)
+    thread = set(_methods(SyncThread)) | properties(SyncThread)
     assert not {n for n in thread if n.endswith("_async") or n.startswith("blocking_")}
-    assert {"wait_for_idle", "push_now", "status", "retry_dead_letters"} <= engine & thread
+    shared = {"wait_for_idle", "push_now", "status", "retry_dead_letters", "pull_now"}
+    assert shared | {"wait_pulled", "wait_pushed", "start_fresh"} <= engine & thread
 
 
 # -- examples, benchmarks and docs import public names only -------------------------------

@@ -72,6 +72,7 @@ def notes_engine(app: App, collection: str, session: Any, **options: Any) -> ATS
     """The engine most tests here use: notes bound to the test's collection, budget off."""
     return ATSync(
         app,
+        pull=Manual(),
         bindings={"notes": Binding(collection)},
         session=session,
         budget=RateBudget.off(),
@@ -607,6 +608,7 @@ async def test_watchdog_retries_a_failed_queue_without_new_local_writes(
         with App.open(tmp_path / "a.db", contract) as app:
             sync = ATSync(
                 app,
+                pull=Manual(),
                 bindings={"notes": Binding(collection)},
                 session=session,
                 push=strategy,
@@ -643,6 +645,7 @@ async def test_rejected_record_is_dead_lettered_and_the_rest_is_pushed(
     with App.open(tmp_path / "a.db", contract) as app:
         sync = ATSync(
             app,
+            pull=Manual(),
             bindings={"notes": Binding(collection), "posts": Binding(POST, rkey="tid")},
             session=session,
             push=Manual(),
@@ -717,6 +720,7 @@ async def test_pds_rate_limit_slows_the_engine_and_loses_nothing(
         # and one of 66) and holds the rest until the window resets, without a single 429.
         paced = ATSync(
             app,
+            pull=Manual(),
             bindings={"notes": Binding(collection)},
             session=session,
             push=Manual(),
@@ -741,6 +745,7 @@ async def test_pds_rate_limit_slows_the_engine_and_loses_nothing(
         answers.clear()
         unpaced = ATSync(
             app,
+            pull=Manual(),
             bindings={"notes": Binding(collection)},
             session=session,
             push=Manual(),
@@ -777,7 +782,7 @@ async def test_a_pds_without_limits_is_not_paced(
     collection = collection_for(request)
     session = await log_in(dev_pds)
     with App.open(tmp_path / "a.db", contract) as app:
-        sync = ATSync(app, bindings={"notes": Binding(collection)}, session=session)
+        sync = ATSync(app, pull=Manual(), bindings={"notes": Binding(collection)}, session=session)
         assert sync.budget is None
         log = StatusLog(sync)
         async with sync:
@@ -810,6 +815,7 @@ async def test_rate_budget_holds_writes_until_the_window_frees_points(
     with App.open(tmp_path / "a.db", contract) as app:
         sync = ATSync(
             app,
+            pull=Manual(),
             bindings={"notes": Binding(collection)},
             session=session,
             push=Immediate(),
@@ -881,7 +887,7 @@ import anyio
 from atsync.app import ActionContext, App, Contract
 from atsync.atproto._session import FileSessionStore, Session, login
 from atsync.sync import Binding
-from atsync.sync import ATSync, Immediate, RateBudget
+from atsync.sync import ATSync, Immediate, Manual, RateBudget
 
 contract = Contract(models={{
     "notes": {{"id": "primary", "slug": "string", "title": "string", "n": "integer"}},
@@ -910,7 +916,8 @@ async def main() -> None:
     session = Session.resume(store, did) or await login(did, password, pds_url, store=store)
     with App.open(db, contract) as app:
         sync = ATSync(
-            app,
+        app,
+        pull=Manual(),
             bindings={{"notes": Binding(collection, rkey="tid", local=["n"])}},
             session=session,
             push=Immediate(),
@@ -1032,6 +1039,7 @@ async def test_kill_minus_9_thirty_times_loses_and_duplicates_nothing(
     with App.open(db, kill_contract) as app:
         sync = ATSync(
             app,
+            pull=Manual(),
             bindings={"notes": Binding(collection, rkey="tid", local=["n"])},
             push=Manual(),
         )
@@ -1216,6 +1224,7 @@ async def test_retrying_a_dead_letter_superseded_by_a_pushed_fix_leaves_nothing_
     with App.open(tmp_path / "a.db", contract) as app:
         sync = ATSync(
             app,
+            pull=Manual(),
             bindings={"notes": Binding(collection), "posts": Binding(POST, rkey="tid")},
             session=session,
             push=Manual(),

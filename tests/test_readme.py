@@ -128,7 +128,8 @@ def test_every_block_runs_in_order_and_the_offline_note_reaches_the_pds(
     script = tmp_path / "readme.py"
     script.write_text("\n".join(parts))
     # The session store (the user's data directory) is the test's own.
-    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data")}
+    # The dev PDS's DID documents live on its own PLC directory: where pulls check the key.
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data"), "ATSYNC_PLC_URL": pds.plc_url}
 
     done = subprocess.run(
         [sys.executable, str(script)],
@@ -154,6 +155,7 @@ def test_every_block_runs_in_order_and_the_offline_note_reaches_the_pds(
     assert status.startswith("SyncStatus("), out
     assert re.search(r"\bpending=0\b", status), status
     assert re.search(r"\bfailed=0\b", status), status
+    assert re.search(r"\bdownload_error=None\b", status), status  # it pulled, verified
 
     # The note written offline, before login, is a record on the PDS, exactly once.
     db = ModelDB.open_existing(tmp_path / "notes.db")

@@ -62,6 +62,7 @@ def engine(app: App, pds: FakePDS, **options: Any) -> ATSync:
     options.setdefault("push", Immediate())
     return ATSync(
         app,
+        pull=Manual(),
         bindings={"notes": Binding(NOTES)},
         client_options={"transport": pds.transport},
         **options,
@@ -338,6 +339,7 @@ def test_sync_thread_stops_and_starts_again(tmp_path: Path) -> None:
     with App.open(tmp_path / "a.db", contract) as app:
         sync = SyncThread(
             app,
+            pull=Manual(),
             bindings={"notes": Binding(NOTES)},
             session=pds.session(),
             client_options={"transport": pds.transport},

@@ -62,6 +62,7 @@ async def test_offline_work_is_pushed_after_login_in_order(
     with App.open(tmp_path / "a.db", contract) as app:
         sync = ATSync(
             app,
+            pull=Manual(),
             bindings={"notes": Binding(collection)},
             session=lambda: session_box[0],
             push=Immediate(),
@@ -94,7 +95,9 @@ async def test_bad_record_fails_the_action_and_is_never_queued(
     dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     with App.open(tmp_path / "b.db", contract) as app:
-        sync = ATSync(app, bindings={"notes": Binding(collection_for(request))}, push=Manual())
+        sync = ATSync(
+            app, pull=Manual(), bindings={"notes": Binding(collection_for(request))}, push=Manual()
+        )
         with pytest.raises(Exception, match="not a valid atproto record key"):
             app.actions.put_note("bad key with spaces", "t")
         assert app.db.count("notes") == 0
@@ -112,7 +115,9 @@ def test_blocking_facade_pushes_from_plain_code(
     bob = dev_pds.accounts["bob.test"]
     signer = ATPSigner(store=MemorySessionStore())
     with App.open(tmp_path / "c.db", contract, signer=signer) as app:
-        with SyncThread(app, bindings={"notes": Binding(collection)}, push=Immediate()) as sync:
+        with SyncThread(
+            app, pull=Manual(), bindings={"notes": Binding(collection)}, push=Immediate()
+        ) as sync:
             first = app.actions.put_note("before-login", "offline", 1)
             signer.login("bob.test", bob.password, dev_pds.pds_url)
             sync.push_now()
@@ -133,7 +138,9 @@ async def test_rebuild_and_replays_do_not_touch_the_outbox(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     with App.open(tmp_path / "r.db", contract) as app:
-        sync = ATSync(app, bindings={"notes": Binding(collection_for(request))}, push=Manual())
+        sync = ATSync(
+            app, pull=Manual(), bindings={"notes": Binding(collection_for(request))}, push=Manual()
+        )
         for i in range(3):
             app.actions.put_note(f"r{i}", "t", i)
         app.actions.drop_note("r2")
@@ -165,6 +172,7 @@ async def test_per_binding_strategies(
     with App.open(tmp_path / "s.db", two) as app:
         sync = ATSync(
             app,
+            pull=Manual(),
             bindings={
                 "fast": Binding(f"{base}.fast"),
                 "slow": Binding(f"{base}.slow", strategy=Manual()),
@@ -220,9 +228,15 @@ async def test_records_are_checked_against_the_lexicon_before_the_outbox(
     collection = collection_for(request)
     with App.open(tmp_path / "l.db", contract) as app:
         with pytest.raises(SchemaError, match="no Lexicon for it"):
-            ATSync(app, bindings={"notes": Binding(collection)}, lexicons=[note_lexicon("a.b.c")])
+            ATSync(
+                app,
+                pull=Manual(),
+                bindings={"notes": Binding(collection)},
+                lexicons=[note_lexicon("a.b.c")],
+            )
         sync = ATSync(
             app,
+            pull=Manual(),
             bindings={"notes": Binding(collection)},
             lexicons=[note_lexicon(collection)],
             session=await alice(dev_pds),
@@ -257,7 +271,7 @@ async def test_logging_in_as_another_account_is_refused(
     alice_pw = dev_pds.accounts["alice.test"].password
     bob_pw = dev_pds.accounts["bob.test"].password
     with App.open(tmp_path / "one.db", contract, signer=signer) as app:
-        sync = ATSync(app, bindings={"notes": Binding(collection)}, push=Immediate())
+        sync = ATSync(app, pull=Manual(), bindings={"notes": Binding(collection)}, push=Immediate())
         async with sync:
             await signer.login_async("alice.test", alice_pw, dev_pds.pds_url)
             app.actions.put_note("a", "for alice")

@@ -62,7 +62,7 @@ from ._crypto import Keypair, generate_keypair, load_keypair, parse_did_key, ver
 from ._devpds import DevAccount, DevPDS, ensure_installed
 from ._did_doc import DidDocument, parse_did_document
 from ._firehose import FirehoseFrame, FirehoseSubscription
-from ._identity import BlockingIdentityResolver, Identity, IdentityResolver
+from ._identity import DEFAULT_PLC_URL, BlockingIdentityResolver, Identity, IdentityResolver
 from ._session import (
     FileSessionStore,
     MemorySessionStore,
@@ -121,6 +121,7 @@ from ._xrpc import (
 
 __all__ = [
     "CID",
+    "DEFAULT_PLC_URL",
     "ApplyWritesResult",
     "AtUri",
     "BlockingFirehoseSubscription",

@@ -1,4 +1,4 @@
-"""The sync engine: the app's bound models <-> records in the user's repository.
+"""The sync engine: the app's bound models <-> records in the user's repository, both ways.
 
 from atsync.sync import ATSync, Binding, Debounce
 
@@ -15,7 +15,19 @@ from ._capture import ActionCall, RecordWrite
 from ._engine import ATSync
 from ._outbox import DeadLetter, Outbox, PendingWrite, QueuedWrite
 from ._status import State, SyncStatus, WaitReason
-from ._strategies import Batch, Debounce, Immediate, Interval, Manual, Strategy
+from ._merge import ConflictPolicy
+from ._strategies import (
+    Batch,
+    Debounce,
+    Immediate,
+    Interval,
+    Live,
+    Manual,
+    OnStart,
+    Poll,
+    PullStrategy,
+    Strategy,
+)
 
 __all__ = [
     "ATSync",
@@ -23,13 +35,18 @@ __all__ = [
     "Backoff",
     "Batch",
     "Binding",
+    "ConflictPolicy",
     "DeadLetter",
     "Debounce",
     "Immediate",
     "Interval",
+    "Live",
     "Manual",
+    "OnStart",
     "Outbox",
     "PendingWrite",
+    "Poll",
+    "PullStrategy",
     "QueuedWrite",
     "RateBudget",
     "RecordWrite",

@@ -90,3 +90,18 @@ class SyncThread:
 
     def retry_dead_letters(self) -> int:
         return self.engine.retry_dead_letters()
+
+    def pull_now(self) -> None:
+        self.engine.pull_now()
+
+    def wait_pulled(self, timeout: float | None = None) -> SyncStatus:
+        """Pull, and block until the local state includes the repository's head as of now."""
+
+        async def wait() -> SyncStatus:
+            with anyio.fail_after(timeout):
+                return await self.engine.wait_pulled()
+
+        return self._portal.call(wait)
+
+    def start_fresh(self) -> None:
+        self.engine.start_fresh()

@@ -1,13 +1,18 @@
 """The engine's one decision: given what it knows and the time, what to do next.
 
-    decide(now, facts) -> Resync() | Push(collections) | Reconcile() | Fence()
+    decide(now, facts) -> Resync() | Pull() | Push(collections) | Reconcile() | Fence()
                           | Wait(until, reason)
 
 A pure function of its arguments (no I/O, no clock of its own), so the whole schedule can be
 checked in microseconds with made-up facts; the engine gathers the facts, runs the step, and
 folds its outcome back into the facts. ``Wait(until=inf, reason=None)`` is the idle state:
 nothing queued, nothing to do until an event (a local change, a login, a write from another
-process) wakes the engine.
+process, the repository's event stream) wakes the engine, or the next pull is due.
+
+The order of the checks is the policy: compare local state first (no network); nothing goes
+out before an unknown outcome is settled; a due pull comes before a push, so that another
+device's edits are merged locally before ours go out (and the push is sent against the
+pulled commit instead of failing with ``InvalidSwap``).
 """
 
 from __future__ import annotations
@@ -19,12 +24,17 @@ from dataclasses import dataclass, field
 from ._status import WaitReason
 from ._strategies import Queue, Strategy
 
-__all__ = ["Facts", "Fence", "Push", "Reconcile", "Resync", "Step", "Wait", "decide"]
+__all__ = ["Facts", "Fence", "Pull", "Push", "Reconcile", "Resync", "Step", "Wait", "decide"]
 
 
 @dataclass(frozen=True, slots=True)
 class Resync:
     """Compare the bound models with what was last synced; queue what differs."""
+
+
+@dataclass(frozen=True, slots=True)
+class Pull:
+    """Bring the bound models up to the repository's head (merging queued local edits)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +62,7 @@ class Wait:
     reason: WaitReason | None = None
 
 
-Step = Resync | Push | Reconcile | Fence | Wait
+Step = Resync | Pull | Push | Reconcile | Fence | Wait
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +85,8 @@ class Facts:
     retry_collections: frozenset[str] | None = None  # what the failed push carried
     needs_reconcile: bool = False
     fence_needed: bool = False
+    pull_at: float = math.inf  # when the pull strategy wants the next pull
+    pull_forced: bool = False  # pull_now(), wait_pulled(), the event stream, a login
 
 
 def decide(now: float, facts: Facts) -> Step:
@@ -89,14 +101,17 @@ def decide(now: float, facts: Facts) -> Step:
                     WaitReason.NEEDS_AUTH)  # fmt: skip
     if facts.wrong_account:
         return Wait(math.inf, WaitReason.WRONG_ACCOUNT)
-    if not facts.queues and not facts.fence_needed and not facts.needs_reconcile:
-        return Wait(math.inf)  # idle
+    pull_due = facts.pull_forced or facts.pull_at <= now
+    if not (facts.queues or facts.fence_needed or facts.needs_reconcile or pull_due):
+        return Wait(facts.pull_at)  # idle until the next pull
     if facts.retry_at is not None and facts.retry_at > now:
         return Wait(facts.retry_at, facts.retry_reason)
     if facts.needs_reconcile:
         return Reconcile()
+    if pull_due:
+        return Pull()
     if not facts.queues:
-        return Fence()
+        return Fence() if facts.fence_needed else Wait(facts.pull_at)
     if facts.forced:
         return Push()
     if facts.retry_at is not None:
@@ -112,4 +127,5 @@ def decide(now: float, facts: Facts) -> Step:
             due.add(collection)
     if due:
         return Push(frozenset(due))
-    return Wait(earliest, WaitReason.MANUAL if earliest == math.inf else WaitReason.DEBOUNCE)
+    reason = WaitReason.MANUAL if earliest == math.inf else WaitReason.DEBOUNCE
+    return Wait(min(earliest, facts.pull_at), reason)

@@ -16,31 +16,35 @@ status and carries on with backoff; it never ends on its own.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import anyio
 
 from .._errors import PermanentError, SchemaError, SignerError
 from ..app import App
-from ..atproto import XrpcClient
+from ..atproto import IdentityResolver, XrpcClient
 from ..db import ModelDB
 from ..lexicon import LexiconSet
 from ._backoff import Backoff
 from ._binding import Binding, BoundBinding
 from ._budget import RateBudget, is_hosted
 from ._capture import Capture, OnAction, Validator
-from ._decide import Facts, Fence, Push, Reconcile, Resync, Wait, decide
+from ._decide import Facts, Fence, Pull, Push, Reconcile, Resync, Wait, decide
+from ._engine_status import StatusKeeper, as_dict
+from ._live import listen
+from ._merge import ConflictPolicy, check_policy
+from ._migrate import upgrade_sync_tables
 from ._outbox import Outbox, create_sync_tables
+from ._puller import Puller
 from ._pusher import Pusher
 from ._status import State, SyncStatus, WaitReason
 from ._steps import StepRunner, lexicon_set, lexicon_validator
-from ._strategies import Debounce, Queue, Strategy
+from ._strategies import Debounce, Live, Manual, PullStrategy, Queue, Strategy
 from ._waker import Waker
 
 __all__ = ["ATSync", "SessionLike"]
@@ -78,13 +82,19 @@ class SessionLike(Protocol):
 SessionSource = Callable[[], SessionLike | None]
 
 
-class ATSync:
-    """Syncs an ``App``'s bound models with the user's repository.
+class ATSync(StatusKeeper):
+    """Syncs an ``App``'s bound models with the user's repository, both ways.
 
-    ``budget``: ``None`` (default) paces by Bluesky's published limits only when the PDS is
-    one of Bluesky's hosts; a ``RateBudget`` paces always; ``RateBudget.off()`` never. The
-    PDS's own rate-limit answers are obeyed in every case. ``clock`` (monotonic seconds) is
-    what the schedule is computed with.
+    ``push`` / ``pull``: when writes go out and when the repository is read (see
+    ``_strategies``; defaults ``Debounce(0.5)`` and ``Live()``). ``conflicts``: how a field
+    changed both here and elsewhere is decided (``"local"``, ``"remote"`` or a callable
+    ``(base, local, remote) -> merged`` on whole rows). ``verify``: check every pulled
+    commit's signature against the account's key (resolved with ``identity``, an
+    ``IdentityResolver``; by default one for the PLC directory at ``$ATSYNC_PLC_URL`` or
+    plc.directory). ``budget``: ``None`` (default) paces by Bluesky's published limits only
+    when the PDS is one of Bluesky's hosts; a ``RateBudget`` paces always;
+    ``RateBudget.off()`` never. The PDS's own rate-limit answers are obeyed in every case.
+    ``clock`` (monotonic seconds) is what the schedule is computed with.
     """
 
     def __init__(
@@ -100,6 +110,10 @@ class ATSync:
         budget: RateBudget | None = None,
         client_options: Mapping[str, Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        pull: PullStrategy | None = None,
+        conflicts: ConflictPolicy = "local",
+        verify: bool = True,
+        identity: IdentityResolver | None = None,
     ) -> None:
         db = app.model_db
         self.app: App | None = app
@@ -122,6 +136,13 @@ class ATSync:
             on_queued=self._on_local_change,
         )  # fmt: skip
         self._capture.attach()
+        self.pull_strategy: PullStrategy = pull if pull is not None else Live()
+        self.verify = verify
+        self._identity = identity
+        self._puller: Puller | None = Puller(
+            db, self.outbox, bound, applying_remote=self._capture.applying_remote,
+            validate=validate, policy=check_policy(conflicts),
+        )  # fmt: skip
         signer = app.signer
         self._signer_hooks = (
             getattr(signer, "session_listeners", None),
@@ -151,6 +172,10 @@ class ATSync:
         self._validate = None
         self._setup(db, {}, session, push, budget, client_options, time.monotonic)
         self._capture = None
+        self.pull_strategy = Manual()
+        self.verify = True
+        self._identity = None
+        self._puller = None
         self._signer_hooks = (None, None)
         return self
 
@@ -167,6 +192,7 @@ class ATSync:
         self._db = db
         with db.transaction():
             create_sync_tables(db.connection)
+            upgrade_sync_tables(db.connection)
         self._bindings = bound
         self.strategy = push or Debounce(0.5)
         self._strategies = {
@@ -185,10 +211,7 @@ class ATSync:
         self._waker: Waker | None = None
         self._runner: StepRunner | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
-        self._listeners: list[Callable[[SyncStatus], None]] = []
-        self._status_changed = anyio.Event()
-        self._status = SyncStatus()
-        self._persisted: tuple[Any, ...] | None = None
+        self._init_status()
         # Per collection: (first, last) local change not yet pushed, and the last push.
         self._changes: dict[str, tuple[float, float]] = {}
         self._last_push: dict[str, float] = {}
@@ -196,6 +219,13 @@ class ATSync:
         self._eager = False
         self._resync_due = True
         self._resync_note: str | None = None  # rows the start-up comparison could not queue
+        # Pulls in this run: when the last one ended, asked-for pulls (wait_pulled counts
+        # them) and the last one served, whether the event stream is up.
+        self._last_pull: float | None = None
+        self._pull_forced = False
+        self._pull_wanted = 0
+        self._pull_done = 0
+        self._stream_up = False
         self._refresh_status(state=State.STOPPED)
 
     def _make_source(self, session: SessionLike | SessionSource | None) -> SessionSource:
@@ -215,71 +245,9 @@ class ATSync:
     def db(self) -> ModelDB:
         return self._db
 
-    # -- status -----------------------------------------------------------------------------
-
     @property
-    def status(self) -> SyncStatus:
-        if self._waker is None:
-            self._refresh_status()  # stopped: the app may have queued more since
-        return self._status
-
-    def on_status(self, callback: Callable[[SyncStatus], None]) -> Callable[[], None]:
-        """Call ``callback(status)`` on every change; returns a function that unsubscribes."""
-        self._listeners.append(callback)
-        return lambda: self._listeners.remove(callback) if callback in self._listeners else None
-
-    async def status_changes(self) -> AsyncIterator[SyncStatus]:
-        """Every status from now on (the current one first)."""
-        while True:
-            changed = self._status_changed
-            yield self._status
-            await changed.wait()
-
-    def _refresh_status(self, **changes: Any) -> None:
-        pending, failed, conflicts = self.outbox.counts()
-        pushed_at = self.outbox.get_state("last_pushed_at")
-        fields: dict[str, Any] = dict(
-            pending=pending,
-            failed=failed,
-            conflicts=conflicts,
-            last_pushed_at=_float_or_none(pushed_at),
-            has_synced=self.outbox.get_state("has_synced") == "1",
-        )
-        fields.update(changes)
-        current = self._status
-        new = SyncStatus(**{**_as_dict(current), **fields})
-        if new == current:
-            return
-        self._status = new
-        self._persist(new)
-        changed, self._status_changed = self._status_changed, anyio.Event()
-        changed.set()
-        for listener in list(self._listeners):
-            try:
-                listener(new)
-            except Exception:
-                log.exception("sync status listener raised")
-
-    def _persist(self, status: SyncStatus) -> None:
-        """Keep what another process (``atsync status``) needs to say why the queue waits."""
-        shown = (status.state, status.waiting_reason, status.resumes_at, status.upload_error)
-        if shown == self._persisted:
-            return
-        self._persisted = shown
-        value = json.dumps(
-            {
-                "state": str(status.state),
-                "waiting_reason": status.waiting_reason and str(status.waiting_reason),
-                "resumes_at": status.resumes_at,
-                "upload_error": status.upload_error,
-                "pid": os.getpid(),
-                "at": time.time(),
-            }
-        )
-        try:
-            self.outbox.set_state("engine", value)
-        except Exception:  # the status must never take the engine down
-            log.exception("could not record the engine's status")
+    def _running(self) -> bool:
+        return self._waker is not None
 
     # -- running ------------------------------------------------------------------------------
 
@@ -306,9 +274,14 @@ class ATSync:
         self._runner = StepRunner(self)
         self._resync_due = True
         self._eager = self.outbox.counts()[0] > 0  # left from earlier: push at once
+        self._last_pull, self._stream_up = None, False
         try:
-            task_status.started()
-            await self._loop()
+            async with anyio.create_task_group() as tg:
+                if isinstance(self.pull_strategy, Live) and self._pulls():
+                    tg.start_soon(listen, self._stream_session, self._on_repo_change,
+                                  self._on_stream)  # fmt: skip
+                task_status.started()
+                await self._loop()
         finally:
             runner, self._runner = self._runner, None
             self._waker = None
@@ -319,7 +292,7 @@ class ATSync:
                     state=State.STOPPED, waiting_reason=None, resumes_at=None, did=None
                 )
             except Exception:  # e.g. the app closed its database first: nothing to count
-                self._status = SyncStatus(**{**_as_dict(self._status), "state": State.STOPPED})
+                self._status = SyncStatus(**{**as_dict(self._status), "state": State.STOPPED})
 
     async def _loop(self) -> None:
         runner = self._runner
@@ -349,7 +322,7 @@ class ATSync:
                     log.exception("could not show the engine's failure")
                     self._status = SyncStatus(
                         **{
-                            **_as_dict(self._status),
+                            **as_dict(self._status),
                             "state": State.ERROR,
                             "upload_error": f"internal error: {type(exc).__name__}: {exc}",
                         }
@@ -367,6 +340,8 @@ class ATSync:
         elif isinstance(step, Resync):
             await runner.resync()
             self._resync_due = False
+        elif isinstance(step, Pull):
+            await runner.pull()
         elif isinstance(step, Push):
             self._forced = self._eager = False
             await runner.push(step.collections)
@@ -406,7 +381,20 @@ class ATSync:
             retry_collections=runner.retry_collections,
             needs_reconcile=self._pusher.needs_reconcile,
             fence_needed=self._pusher.fence_needed,
+            pull_at=self._pull_at(runner),
+            pull_forced=self._pull_forced and self._pulls(),
         )
+
+    def _pulls(self) -> bool:
+        return self._puller is not None and bool(self._puller.collections)
+
+    def _pull_at(self, runner: StepRunner) -> float:
+        if not self._pulls():
+            return math.inf
+        at = self.pull_strategy.pull_at(self._last_pull, self._stream_up)
+        if runner.pull_retry_at is not None:
+            at = max(at, runner.pull_retry_at) if at < math.inf else runner.pull_retry_at
+        return at
 
     async def _wait(
         self, step: Wait, now: float, runner: StepRunner, session: SessionLike | None
@@ -451,6 +439,19 @@ class ATSync:
             self._changes[collection] = (first, now)
         self._wake()
 
+    def _stream_session(self) -> SessionLike | None:
+        runner = self._runner
+        return runner.session if runner is not None and not runner.wrong_account else None
+
+    def _on_repo_change(self) -> None:
+        self._pull_forced = True
+        self._wake()
+
+    def _on_stream(self, up: bool) -> None:
+        self._stream_up = up
+        self._refresh_status(live=up)
+        self._wake()
+
     def _on_session_change(self, session: object) -> None:
         self._wake()  # a login pushes at once; a logout stops pushing at once
 
@@ -475,6 +476,25 @@ class ATSync:
             runner.retry_at = None
             runner.auth_failed = False  # "sync now" tries the session again
         self._wake()
+
+    def pull_now(self) -> None:
+        """Pull as soon as possible (whatever the pull strategy says)."""
+        self._pull_wanted += 1
+        self._pull_forced = True
+        runner = self._runner
+        if runner is not None:
+            runner.pull_retry_at = None
+        self._wake()
+
+    async def wait_pulled(self) -> SyncStatus:
+        """Pull, and wait until the local state includes the repository's head as of this
+        call (a pull that started after it has completed). Bound it with ``anyio.fail_after``."""
+        self.pull_now()
+        target = self._pull_wanted
+        async for status in self.status_changes():
+            if self._pull_done >= target:
+                return status
+        raise AssertionError("unreachable")
 
     def start_fresh(self) -> None:
         """Forget this database's sync state — the account, what was synced, conflicts, dead
@@ -551,14 +571,3 @@ class ATSync:
         for collection in collections if collections is not None else list(self._changes):
             self._last_push[collection] = now
             self._changes.pop(collection, None)
-
-
-def _float_or_none(value: str | None) -> float | None:
-    try:
-        return float(value) if value else None
-    except ValueError:
-        return None
-
-
-def _as_dict(status: SyncStatus) -> dict[str, Any]:
-    return {name: getattr(status, name) for name in SyncStatus.__slots__}

@@ -47,13 +47,16 @@ def create_sync_tables(conn: sqlite3.Connection) -> None:
     for statement in _DDL.split(";"):
         if statement.strip():
             conn.execute(statement)
+    from ._migrate import upgrade_sync_tables
+
+    upgrade_sync_tables(conn)
 
 
 _DDL = f"""
         CREATE TABLE IF NOT EXISTS {OUTBOX} (
             seq INTEGER PRIMARY KEY AUTOINCREMENT,
             collection TEXT NOT NULL, rkey TEXT NOT NULL,
-            op TEXT NOT NULL CHECK (op IN ('create', 'update', 'delete')),
+            op TEXT NOT NULL CHECK (op = 'create' OR op = 'update' OR op = 'delete'),
             record TEXT, cid TEXT,
             model TEXT NOT NULL, key TEXT NOT NULL,
             version INTEGER NOT NULL DEFAULT 1,
@@ -150,10 +153,12 @@ _COLUMNS = (
 )
 
 
+# The record's CID on the PDS (?1) and, when known, its content (?3: the base of a later
+# three-way merge; NULL when the PDS holds something we have not seen whole).
 _NOTE_REMOTE = (
-    f"INSERT INTO {RECORDS} (collection, rkey, model, key, cid) "
-    f"SELECT collection, rkey, model, key, ?1 FROM {OUTBOX} WHERE seq = ?2 "
-    "ON CONFLICT (collection, rkey) DO UPDATE SET cid = ?1"
+    f"INSERT INTO {RECORDS} (collection, rkey, model, key, cid, record) "
+    f"SELECT collection, rkey, model, key, ?1, ?3 FROM {OUTBOX} WHERE seq = ?2 "
+    "ON CONFLICT (collection, rkey) DO UPDATE SET cid = ?1, record = ?3"
 )
 
 # Outbox.enqueue of a record's new state, in one statement for the common cases: a first
@@ -209,6 +214,10 @@ class Outbox:
 
     def __init__(self, db: ModelDB) -> None:
         self._db = db
+
+    @property
+    def db(self) -> ModelDB:
+        return self._db
 
     # -- inside the local transaction ---------------------------------------------------
 
@@ -288,7 +297,7 @@ class Outbox:
 
     def _note_remote(self, conn: sqlite3.Connection, seq: int, cid: str | None) -> None:
         """Remember the CID the PDS now holds for the record of outbox row ``seq``."""
-        conn.execute(_NOTE_REMOTE, (cid, seq))
+        conn.execute(_NOTE_REMOTE, (cid, seq, None))
 
     # -- the push side ------------------------------------------------------------------
 
@@ -356,7 +365,11 @@ class Outbox:
             # The common case in two statements for the whole batch: note every CID, drop
             # every row that did not change while in flight; the rest is handled one by one.
             conn.executemany(
-                _NOTE_REMOTE, [(None if w.op == "delete" else w.cid, w.seq) for w in writes]
+                _NOTE_REMOTE,
+                [
+                    (None, w.seq, None) if w.op == "delete" else (w.cid, w.seq, w.record)
+                    for w in writes
+                ],
             )
             conn.executemany(
                 f"DELETE FROM {OUTBOX} WHERE seq = ? AND version = ?",

@@ -46,7 +46,9 @@ class SyncStatus:
     conflicts; times are Unix seconds; ``has_synced``: a push or pull has completed at least
     once for this database (persisted); ``waiting_reason`` / ``resumes_at``: why and until when
     queued writes are held back (``resumes_at`` None: until something happens, e.g. a login);
-    ``rate_limited_until``: writes are held back until then by the server or the rate budget.
+    ``rate_limited_until``: writes are held back until then by the server or the rate budget;
+    ``last_pulled_at`` / ``rev`` / ``download_error``: the last pull; ``rejected``: pulled
+    records that were not applied (listed in ``_atsync_rejected``).
     """
 
     state: State = State.STOPPED
@@ -62,3 +64,7 @@ class SyncStatus:
     did: str | None = None
     waiting_reason: WaitReason | None = None
     resumes_at: float | None = None
+    rejected: int = 0  # pulled records not applied (forged, damaged, breaking the binding)
+    rev: str | None = None  # the repository revision the local state includes
+    pull_progress: tuple[int, int] | None = None  # (changes applied, total) of a long pull
+    live: bool = False  # the PDS's event stream is connected (pull=Live())

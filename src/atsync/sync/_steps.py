@@ -21,8 +21,9 @@ from .._errors import (
     RateLimitedError,
     SchemaError,
     TransientError,
+    VerificationError,
 )
-from ..atproto import XrpcClient, outcome_unknown
+from ..atproto import DEFAULT_PLC_URL, IdentityResolver, XrpcClient, outcome_unknown
 from ..lexicon import LexiconSet, validate_record
 from ._binding import BoundBinding
 from ._capture import Validator
@@ -52,7 +53,10 @@ class StepRunner:
         self.retry_collections: frozenset[str] | None = None
         self.auth_failed = False
         self.wrong_account: str | None = None  # why this session's account is refused
+        self.pull_retry_at: float | None = None  # a failed pull is tried again then
         self._data_version: int | None = None
+        self._resolver: IdentityResolver | None = None
+        self._own_resolver = False
 
     # -- what the engine observes on every tick ------------------------------------------
 
@@ -89,6 +93,8 @@ class StepRunner:
                 "with the new account from scratch."
             )
         engine._eager = True  # a login pushes at once
+        engine._pull_forced = True  # and pulls
+        self.pull_retry_at = None
         return current
 
     async def drop_client(self) -> None:
@@ -111,6 +117,9 @@ class StepRunner:
 
     async def aclose(self) -> None:
         await self.drop_client()
+        resolver, self._resolver = self._resolver, None
+        if resolver is not None and self._own_resolver:
+            await resolver.aclose()
 
     # -- steps ----------------------------------------------------------------------------
 
@@ -132,6 +141,84 @@ class StepRunner:
                 f"{first.model}/{first.key}: {first.message})"
             )
             log.warning("%s", engine._resync_note)
+
+    async def pull(self) -> None:
+        """Bring the bound models up to the repository's head (see ``_puller``)."""
+        engine = self.engine
+        puller = engine._puller
+        assert puller is not None, "decide() pulls only with pulled bindings"
+        did, client = self._did_client()
+        wanted = engine._pull_wanted
+        engine._pull_forced = False
+        engine._refresh_status(state=State.PULLING, did=did, waiting_reason=None, resumes_at=None)
+
+        def progress(done: int, total: int) -> None:
+            engine._refresh_status(pull_progress=(done, total))
+
+        try:
+            key = await self._signing_key(did, client) if engine.verify else None
+        except (VerificationError, NetworkError, OSError) as exc:
+            self._pull_failed(f"cannot resolve the account's signing key: {exc}", None)
+            return
+        try:
+            result = await puller.pull(did, client, key, progress)
+        except RateLimitedError as exc:
+            wait = max(0.0, (exc.reset_at or time.time() + 60) - time.time())
+            self._pull_failed(str(exc), wait)
+            return
+        except AuthError as exc:
+            self.auth_failed = True
+            self.retry_at = engine._clock() + AUTH_RETRY_SECONDS
+            engine._refresh_status(state=State.NEEDS_AUTH, download_error=str(exc))
+            return
+        except VerificationError as exc:
+            # Forged, tampered or damaged: nothing of it was applied. Said once per failure.
+            puller.reject_all(did, "VerificationError", str(exc))
+            self._pull_failed(f"the repository failed verification: {exc}", None)
+            return
+        except (NetworkError, OSError) as exc:
+            self._pull_failed(str(exc), None, offline=isinstance(exc, TransientError)
+                              and exc.status is None)  # fmt: skip
+            return
+        engine._backoff.succeeded()
+        self.pull_retry_at = None
+        engine._last_pull = engine._clock()
+        engine._pull_done = max(engine._pull_done, wanted)
+        if result.merged or result.applied or result.deleted:
+            log.info(
+                "pulled rev %s: %d applied, %d deleted, %d merged (%d conflicts), %d rejected",
+                result.rev, result.applied, result.deleted, result.merged, result.conflicts,
+                result.rejected,
+            )  # fmt: skip
+        engine._refresh_status(download_error=None, pull_progress=None)
+
+    def _pull_failed(self, message: str, wait: float | None, *, offline: bool = False) -> None:
+        engine = self.engine
+        delay = engine._backoff.next_delay() if wait is None else wait
+        if offline:
+            delay = min(delay, OFFLINE_PROBE_SECONDS)
+        # A pull's own retry time: a failing pull never holds back the push queue.
+        self.pull_retry_at = engine._clock() + delay
+        engine._last_pull = engine._clock()
+        engine._refresh_status(download_error=message, pull_progress=None)
+        log.info("pull failed (%s); retrying in %.2f s", message, delay)
+
+    async def _signing_key(self, did: str, client: XrpcClient) -> str:
+        """The account's current signing key, from its DID document."""
+        if self._resolver is None:
+            if self.engine._identity is not None:
+                self._resolver = self.engine._identity
+            else:
+                # A PDS on loopback is a development set-up: its DID documents live on a
+                # PLC directory of its own (ATSYNC_PLC_URL) and name http:// endpoints.
+                local = client.service.startswith(("http://localhost", "http://127.0.0.1"))
+                self._resolver = IdentityResolver(
+                    plc_url=os.environ.get("ATSYNC_PLC_URL", DEFAULT_PLC_URL),
+                    allow_insecure_localhost=local,
+                )
+                self._own_resolver = True
+        identity = await self._resolver.resolve(did)
+        return identity.signing_key
 
     async def push(self, collections: frozenset[str] | None) -> None:
         engine = self.engine

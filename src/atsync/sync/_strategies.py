@@ -1,4 +1,6 @@
-"""Push strategies: when queued writes go out.
+"""Strategies: when queued writes go out (push), and when the repository is read (pull).
+
+Push (``ATSync(push=...)``, ``Binding(strategy=...)``):
 
     Immediate()             as soon as a change is committed
     Debounce(seconds)       once changes have paused for ``seconds`` (default: 0.5)
@@ -8,6 +10,16 @@
 
 Whatever the strategy, a push also starts on login and on reconnect, and a queue that is not
 empty is retried on the engine's backoff schedule without waiting for a new local change.
+
+Pull (``ATSync(pull=...)``):
+
+    Live(fallback=5.0)      as soon as the PDS's event stream says the repository changed;
+                            every ``fallback`` seconds while the stream is down
+    Poll(seconds)           every ``seconds`` (a cheap ``getLatestCommit`` when nothing moved)
+    OnStart()               once when the engine starts
+    Manual()                only on ``pull_now()`` / ``wait_pulled()``
+
+Every strategy pulls once at start (Manual excepted), and after a login.
 """
 
 from __future__ import annotations
@@ -17,7 +29,19 @@ from dataclasses import dataclass
 
 from .._errors import ValidationError
 
-__all__ = ["Batch", "Debounce", "Immediate", "Interval", "Manual", "Queue", "Strategy"]
+__all__ = [
+    "Batch",
+    "Debounce",
+    "Immediate",
+    "Interval",
+    "Live",
+    "Manual",
+    "OnStart",
+    "Poll",
+    "PullStrategy",
+    "Queue",
+    "Strategy",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,10 +106,52 @@ class Interval(Strategy):
         return max(queue.first_change, queue.last_push + self.seconds)
 
 
+class PullStrategy:
+    """Decides when the next pull is due."""
+
+    def pull_at(self, last_pull: float | None, stream_up: bool) -> float:
+        """Monotonic time of the next pull, given the last one (None: not yet in this run)
+        and whether the event stream is up (``math.inf``: not until asked)."""
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class Manual(Strategy):
+class Manual(Strategy, PullStrategy):
     def due_at(self, queue: Queue) -> float:
         return math.inf
+
+    def pull_at(self, last_pull: float | None, stream_up: bool) -> float:
+        return math.inf
+
+
+@dataclass(frozen=True)
+class Live(PullStrategy):
+    fallback: float = 5.0
+
+    def __post_init__(self) -> None:
+        _positive("Live(fallback)", self.fallback)
+
+    def pull_at(self, last_pull: float | None, stream_up: bool) -> float:
+        if last_pull is None:
+            return 0.0
+        return math.inf if stream_up else last_pull + self.fallback
+
+
+@dataclass(frozen=True)
+class Poll(PullStrategy):
+    seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        _positive("Poll(seconds)", self.seconds)
+
+    def pull_at(self, last_pull: float | None, stream_up: bool) -> float:
+        return 0.0 if last_pull is None else last_pull + self.seconds
+
+
+@dataclass(frozen=True)
+class OnStart(PullStrategy):
+    def pull_at(self, last_pull: float | None, stream_up: bool) -> float:
+        return 0.0 if last_pull is None else math.inf
 
 
 def _positive(what: str, value: float, *, allow_zero: bool = False) -> None:

@@ -1,0 +1,119 @@
+"""The engine's status: one immutable ``SyncStatus``, replaced on every change, its
+listeners and waiters, and the copy kept in the database for ``atsync status``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+
+from ._migrate import REJECTED
+from ._outbox import Outbox
+from ._status import SyncStatus
+
+__all__ = ["StatusKeeper", "as_dict", "float_or_none"]
+
+log = logging.getLogger("atsync.sync")
+
+
+class StatusKeeper:
+    """Mixed into ``ATSync``: everything about its ``status``."""
+
+    outbox: Outbox
+    _status: SyncStatus
+    _status_changed: anyio.Event
+    _listeners: list[Callable[[SyncStatus], None]]
+    _persisted: tuple[Any, ...] | None
+
+    def _init_status(self) -> None:
+        self._listeners = []
+        self._status_changed = anyio.Event()
+        self._status = SyncStatus()
+        self._persisted = None
+
+    @property
+    def _running(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def status(self) -> SyncStatus:
+        if not self._running and not self.outbox.db.closed:
+            self._refresh_status()  # stopped: the app may have queued more since
+        return self._status
+
+    def on_status(self, callback: Callable[[SyncStatus], None]) -> Callable[[], None]:
+        """Call ``callback(status)`` on every change; returns a function that unsubscribes."""
+        self._listeners.append(callback)
+        return lambda: self._listeners.remove(callback) if callback in self._listeners else None
+
+    async def status_changes(self) -> AsyncIterator[SyncStatus]:
+        """Every status from now on (the current one first)."""
+        while True:
+            changed = self._status_changed
+            yield self._status
+            await changed.wait()
+
+    def _refresh_status(self, **changes: Any) -> None:
+        pending, failed, conflicts = self.outbox.counts()
+        (rejected,) = self.outbox.db.execute(f"SELECT count(*) FROM {REJECTED}").fetchone()
+        fields: dict[str, Any] = dict(
+            pending=pending,
+            failed=failed,
+            conflicts=conflicts,
+            rejected=rejected,
+            last_pushed_at=float_or_none(self.outbox.get_state("last_pushed_at")),
+            last_pulled_at=float_or_none(self.outbox.get_state("last_pulled_at")),
+            rev=self.outbox.get_state("pulled_rev"),
+            has_synced=self.outbox.get_state("has_synced") == "1",
+        )
+        fields.update(changes)
+        current = self._status
+        new = SyncStatus(**{**as_dict(current), **fields})
+        if new == current:
+            return
+        self._status = new
+        self._persist(new)
+        changed, self._status_changed = self._status_changed, anyio.Event()
+        changed.set()
+        for listener in list(self._listeners):
+            try:
+                listener(new)
+            except Exception:
+                log.exception("sync status listener raised")
+
+    def _persist(self, status: SyncStatus) -> None:
+        """Keep what another process (``atsync status``) needs to say why the queue waits."""
+        shown = (status.state, status.waiting_reason, status.resumes_at, status.upload_error)
+        if shown == self._persisted:
+            return
+        self._persisted = shown
+        value = json.dumps(
+            {
+                "state": str(status.state),
+                "waiting_reason": status.waiting_reason and str(status.waiting_reason),
+                "resumes_at": status.resumes_at,
+                "upload_error": status.upload_error,
+                "pid": os.getpid(),
+                "at": time.time(),
+            }
+        )
+        try:
+            self.outbox.set_state("engine", value)
+        except Exception:  # the status must never take the engine down
+            log.exception("could not record the engine's status")
+
+
+def float_or_none(value: str | None) -> float | None:
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
+
+
+def as_dict(status: SyncStatus) -> dict[str, Any]:
+    return {name: getattr(status, name) for name in SyncStatus.__slots__}

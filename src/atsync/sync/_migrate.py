@@ -1,0 +1,52 @@
+"""The sync tables carry a version and upgrade in place, queue intact.
+
+    1  the push half: outbox, records, dead letters, sync state, conflicts, sent CIDs
+    2  the pull half: each synced record's content (the base of a three-way merge), the three
+       versions of every conflict, and ``_atsync_rejected`` (remote input not applied, and why)
+
+``upgrade_sync_tables`` runs inside the caller's transaction after ``create_sync_tables``;
+it only adds (columns, tables), so a database written by an older release keeps every
+queued write and can still be read by it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from ._outbox import CONFLICTS, RECORDS, STATE
+
+__all__ = ["REJECTED", "TABLES_VERSION", "upgrade_sync_tables"]
+
+TABLES_VERSION = 2
+REJECTED = "_atsync_rejected"
+
+_ADDED_COLUMNS = {
+    RECORDS: ("record TEXT",),
+    CONFLICTS: ("base TEXT", "local TEXT", "remote TEXT", "merged TEXT", "fields TEXT"),
+}
+
+
+def upgrade_sync_tables(conn: sqlite3.Connection) -> None:
+    row = conn.execute(f"SELECT value FROM {STATE} WHERE key = 'tables_version'").fetchone()
+    try:
+        version = int(row[0]) if row is not None else 1
+    except (TypeError, ValueError):
+        version = 1  # damaged: re-running the (idempotent) upgrade is safe
+    if version >= TABLES_VERSION:
+        return
+    for table, columns in _ADDED_COLUMNS.items():
+        present = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+        for column in columns:
+            if column.split()[0] not in present:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+    conn.execute(
+        f"""CREATE TABLE IF NOT EXISTS {REJECTED} (
+            id INTEGER PRIMARY KEY,
+            did TEXT NOT NULL, collection TEXT, rkey TEXT, cid TEXT, rev TEXT,
+            reason TEXT NOT NULL, detail TEXT, record TEXT, seen_at REAL NOT NULL
+        )"""
+    )
+    conn.execute(
+        f"INSERT OR REPLACE INTO {STATE} (key, value) VALUES ('tables_version', ?)",
+        (str(TABLES_VERSION),),
+    )

@@ -1,0 +1,449 @@
+"""One pull: the repository's state, verified, into the bound models — merged with local edits.
+
+    repo CAR (getRepo, streamed to a temporary file)
+      -> commit signature checked against the account's key, every block's hash, the MST
+      -> the records of bound collections (direction "pull" or "both")
+      -> compared with what was last synced (``_atsync_records``: CID and content per record)
+      -> applied: new and changed records become rows, records gone from the repo delete
+         their rows (deletes are found by comparing the whole set, never missed) — each
+         merged three-way with a local edit still queued (``_merge``)
+
+Rows written here are not captured (no echo). A record this device pushed is recognised by
+its CID (what we last synced, or anything we ever sent) and not applied again. A record that
+breaks its binding or Lexicon is not applied: it is kept in ``_atsync_rejected`` with the
+reason. After a pull the stored ``swapCommit`` moves to the pulled commit, so the next push
+does not pay an ``InvalidSwap`` for another device's commit. A crash in the middle leaves
+the pulled commit unrecorded: the next pull applies what is still different (idempotent by
+CID).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+
+from .._errors import AtsyncError, VerificationError
+from ..atproto import (
+    CID,
+    XrpcClient,
+    check_data_model,
+    data_to_json,
+    iter_repo_records,
+    read_car,
+    verify_commit,
+)
+from ..db import ModelDB
+from ._binding import BoundBinding
+from ._capture import Validator, encode_record
+from ._merge import ConflictPolicy, merge_rows
+from ._migrate import REJECTED
+from ._outbox import CONFLICTS, OUTBOX, RECORDS, Outbox
+
+__all__ = ["PullResult", "Puller"]
+
+CHUNK = 200  # remote changes applied per transaction
+_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+@dataclass
+class PullResult:
+    commit: str | None = None  # the pulled commit's CID and rev
+    rev: str | None = None
+    unchanged: bool = False  # the repo had not moved since the last pull
+    applied: int = 0  # rows created or updated from the repo
+    deleted: int = 0  # rows deleted because their record left the repo
+    merged: int = 0  # remote changes merged with a queued local edit
+    conflicts: int = 0  # merges with a field changed on both sides
+    rejected: int = 0  # records not applied (see _atsync_rejected)
+
+
+@dataclass(frozen=True, slots=True)
+class _Known:
+    model: str
+    key: str
+    cid: str | None
+    record: str | None  # JSON, as last synced
+
+
+@dataclass(frozen=True, slots=True)
+class _Queued:
+    seq: int
+    op: str
+    record: str | None
+    cid: str | None
+    first_action: str | None
+    last_action: str | None
+
+
+Progress = Callable[[int, int], None]
+
+
+class Puller:
+    """Pulls one account's repository into the bound models of one database."""
+
+    def __init__(
+        self,
+        db: ModelDB,
+        outbox: Outbox,
+        bindings: Mapping[str, BoundBinding],
+        *,
+        applying_remote: Callable[[], AbstractContextManager[None]],
+        validate: Validator | None,
+        policy: ConflictPolicy,
+    ) -> None:
+        self._db = db
+        self._outbox = outbox
+        self._by_collection = {b.collection: b for b in bindings.values() if b.direction != "push"}
+        self._pushes = {b.collection for b in bindings.values() if b.direction != "pull"}
+        self._applying_remote = applying_remote
+        self._validate = validate
+        self._policy = policy
+
+    @property
+    def collections(self) -> set[str]:
+        return set(self._by_collection)
+
+    async def pull(
+        self,
+        did: str,
+        client: XrpcClient,
+        signing_key: str | None,
+        progress: Progress | None = None,
+    ) -> PullResult:
+        """Bring the bound models up to the repository's head. Raises network errors and
+        ``VerificationError`` (then nothing of this pull is applied)."""
+        result = PullResult()
+        latest = await client.sync_get_latest_commit(did)
+        if latest.cid == self._outbox.get_state("pulled_commit"):
+            result.commit, result.rev, result.unchanged = latest.cid, latest.rev, True
+            return result
+        with tempfile.TemporaryDirectory(prefix="atsync-pull-") as tmp:
+            path = Path(tmp) / "repo.car"
+            await client.sync_get_repo(did, path)
+            commit, rev, remote = await anyio.to_thread.run_sync(self._read, path, did, signing_key)
+        result.commit, result.rev = commit, rev
+        await self._apply(did, rev, remote, result, progress)
+        self._finish(commit, rev)
+        return result
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def _read(
+        self, path: Path, did: str, signing_key: str | None
+    ) -> tuple[str, str, dict[tuple[str, str], tuple[str, dict[str, Any]]]]:
+        with path.open("rb") as f:
+            car = read_car(f)
+        if signing_key is not None:
+            commit = verify_commit(car.blocks, car.root, did, signing_key)
+        else:
+            commit = None
+        remote: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
+        for rec in iter_repo_records(car, did=did):
+            if rec.collection in self._by_collection:
+                remote[(rec.collection, rec.rkey)] = (str(rec.cid), rec.record)
+        root = str(car.root)
+        rev = commit.rev if commit is not None else _rev_of(car.blocks, car.root)
+        return root, rev, remote
+
+    # -- applying ---------------------------------------------------------------------------
+
+    async def _apply(
+        self,
+        did: str,
+        rev: str,
+        remote: dict[tuple[str, str], tuple[str, dict[str, Any]]],
+        result: PullResult,
+        progress: Progress | None,
+    ) -> None:
+        known, queued = self._local_state()
+        changes: list[tuple[str, str, str | None, dict[str, Any] | None]] = []
+        for (collection, rkey), (cid, record) in remote.items():
+            known_as = known.get((collection, rkey))
+            if known_as is not None and known_as.cid == cid:
+                continue  # unchanged, or our own write coming back
+            changes.append((collection, rkey, cid, record))
+        for (collection, rkey), known_as in known.items():
+            if known_as.cid is not None and (collection, rkey) not in remote:
+                changes.append((collection, rkey, None, None))  # gone from the repo
+        total = len(changes)
+        for start in range(0, total, CHUNK):
+            with self._db.transaction():
+                for collection, rkey, change_cid, change in changes[start : start + CHUNK]:
+                    key = (collection, rkey)
+                    try:
+                        with self._db.transaction():  # a savepoint: a bad record alone
+                            self._apply_one(
+                                did, rev, collection, rkey, change_cid, change, known.get(key),
+                                queued.get(key), result,
+                            )  # fmt: skip
+                    except AtsyncError as exc:
+                        # The row the record makes does not fit the model (its type, a
+                        # required local-only property): not applied, kept with the reason.
+                        self._reject(
+                            did, rev, collection, rkey, change_cid or "", type(exc).__name__,
+                            str(exc), change,
+                        )  # fmt: skip
+                        result.rejected += 1
+            if progress is not None:
+                progress(min(total, start + CHUNK), total)
+            await anyio.lowlevel.checkpoint()  # the app's writes go between two chunks
+
+    def _local_state(self) -> tuple[dict[tuple[str, str], _Known], dict[tuple[str, str], _Queued]]:
+        collections = sorted(self._by_collection)
+        if not collections:
+            return {}, {}
+        marks = ", ".join("?" * len(collections))
+        known = {
+            (c, r): _Known(m, k, cid, rec)
+            for c, r, m, k, cid, rec in self._db.execute(
+                f"SELECT collection, rkey, model, key, cid, record FROM {RECORDS} "
+                f"WHERE collection IN ({marks})",
+                collections,
+            ).fetchall()
+        }
+        queued = {
+            (c, r): _Queued(seq, op, rec, cid, first, last)
+            for seq, c, r, op, rec, cid, first, last in self._db.execute(
+                f"SELECT seq, collection, rkey, op, record, cid, first_action, last_action "
+                f"FROM {OUTBOX} WHERE collection IN ({marks})",
+                collections,
+            ).fetchall()
+        }
+        return known, queued
+
+    def _apply_one(
+        self,
+        did: str,
+        rev: str,
+        collection: str,
+        rkey: str,
+        cid: str | None,
+        record: dict[str, Any] | None,
+        was: _Known | None,
+        mine: _Queued | None,
+        result: PullResult,
+    ) -> None:
+        binding = self._by_collection[collection]
+        model = binding.model.name
+        key = was.key if was is not None else rkey
+        remote_row: dict[str, Any] | None = None
+        if record is not None and cid is not None:
+            try:
+                remote_row = self._checked_row(binding, collection, rkey, record, key)
+            except AtsyncError as exc:
+                self._reject(did, rev, collection, rkey, cid, type(exc).__name__, str(exc), record)
+                result.rejected += 1
+                return
+        if mine is not None and cid is not None and self._outbox.ever_sent(collection, rkey, cid):
+            # Our own earlier write, landed: the new base. The queued edit stays queued.
+            self._note(collection, rkey, model, key, cid, record)
+            self._db.connection.execute(
+                f"UPDATE {OUTBOX} SET op = CASE op WHEN 'delete' THEN 'delete' ELSE 'update' "
+                "END, attempted = 0 WHERE seq = ?",
+                (mine.seq,),
+            )
+            return
+        if mine is None:
+            self._write_row(model, key, remote_row)
+            self._note(collection, rkey, model, key, cid, record)
+            if remote_row is None:
+                result.deleted += 1
+            else:
+                result.applied += 1
+            return
+        self._merge(did, binding, collection, rkey, key, cid, record, remote_row, was, mine, result)
+
+    def _checked_row(
+        self,
+        binding: BoundBinding,
+        collection: str,
+        rkey: str,
+        record: dict[str, Any],
+        key: str,
+    ) -> dict[str, Any]:
+        if record.get("$type") != collection:
+            raise VerificationError(
+                f"$type is {record.get('$type')!r}, not the collection {collection!r}"
+            )
+        check_data_model(record)
+        if self._validate is not None:
+            self._validate(collection, rkey, record)
+        return binding.from_record(record, key)
+
+    def _merge(
+        self,
+        did: str,
+        binding: BoundBinding,
+        collection: str,
+        rkey: str,
+        key: str,
+        cid: str | None,
+        record: dict[str, Any] | None,
+        remote_row: dict[str, Any] | None,
+        was: _Known | None,
+        mine: _Queued,
+        result: PullResult,
+    ) -> None:
+        model = binding.model.name
+        key_field = binding.model.primary_key
+        base = _row_of(binding, was.record if was is not None else None, key)
+        local = _row_of(binding, mine.record if mine.op != "delete" else None, key)
+        outcome = merge_rows(base, local, remote_row, self._policy, key_field)
+        result.merged += 1
+        conn = self._db.connection
+        # The remote version is the new base; the merged row is the local state, queued
+        # against that base (nothing, if it equals the remote version).
+        self._note(collection, rkey, model, key, cid, record)
+        conn.execute(f"DELETE FROM {OUTBOX} WHERE seq = ?", (mine.seq,))
+        self._write_row(model, key, outcome.merged)
+        if binding.collection in self._pushes:
+            self._queue(binding, collection, rkey, model, key, outcome.merged, mine)
+        if outcome.conflicted:
+            result.conflicts += 1
+            local_cid = mine.cid if mine.op != "delete" else None
+            conn.execute(
+                f"INSERT INTO {CONFLICTS} (collection, rkey, model, key, base_cid, local_cid, "
+                "remote_cid, resolution, detected_at, base, local, remote, merged, fields) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    collection, rkey, model, key, was.cid if was is not None else None,
+                    local_cid, cid, self._policy if isinstance(self._policy, str) else "callable",
+                    time.time(), _dump(base), _dump(local), _dump(remote_row),
+                    _dump(outcome.merged), ",".join(outcome.conflicted),
+                ),
+            )  # fmt: skip
+
+    def _queue(
+        self,
+        binding: BoundBinding,
+        collection: str,
+        rkey: str,
+        model: str,
+        key: str,
+        row: dict[str, Any] | None,
+        mine: _Queued,
+    ) -> None:
+        """Queue ``row`` (None: deleted) as capture would, keeping the queued edit's actions
+        (``wait_pushed`` waits for the merged state)."""
+        if row is None:
+            self._outbox.enqueue(collection, rkey, model, key, None, None, None)
+        else:
+            record_json, cid = encode_record(
+                collection, rkey, binding.to_record(row), self._validate
+            )
+            self._outbox.enqueue(collection, rkey, model, key, record_json, cid, None)
+        self._db.connection.execute(
+            f"UPDATE {OUTBOX} SET first_action = ?, last_action = ? "
+            "WHERE collection = ? AND rkey = ?",
+            (mine.first_action, mine.last_action, collection, rkey),
+        )
+
+    def _write_row(self, model: str, key: str, row: dict[str, Any] | None) -> None:
+        with self._applying_remote():
+            if row is None:
+                if self._db.get(model, key) is not None:
+                    self._db.delete(model, key)
+                return
+            if self._db.get(model, key) is not None:
+                self._db.update(model, row)  # local-only properties stay as they are
+            else:
+                self._db.set(model, row)
+
+    def _note(
+        self,
+        collection: str,
+        rkey: str,
+        model: str,
+        key: str,
+        cid: str | None,
+        record: dict[str, Any] | None,
+    ) -> None:
+        conn = self._db.connection
+        if cid is None:
+            conn.execute(
+                f"DELETE FROM {RECORDS} WHERE collection = ? AND rkey = ?", (collection, rkey)
+            )
+            return
+        conn.execute(
+            f"INSERT INTO {RECORDS} (collection, rkey, model, key, cid, record) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (collection, rkey) DO UPDATE SET "
+            "cid = excluded.cid, record = excluded.record",
+            (collection, rkey, model, key, cid, _dump_record(record)),
+        )
+
+    def _reject(
+        self,
+        did: str,
+        rev: str,
+        collection: str,
+        rkey: str,
+        cid: str,
+        reason: str,
+        detail: str,
+        record: dict[str, Any] | None,
+    ) -> None:
+        self._db.connection.execute(
+            f"INSERT INTO {REJECTED} (did, collection, rkey, cid, rev, reason, detail, record, "
+            "seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (did, collection, rkey, cid, rev, reason, detail, _dump_record(record), time.time()),
+        )
+
+    def reject_all(self, did: str, reason: str, detail: str) -> None:
+        """The whole pull was refused (a forged or damaged repository): say so once."""
+        with self._db.transaction():
+            self._db.connection.execute(
+                f"INSERT INTO {REJECTED} (did, reason, detail, seen_at) VALUES (?, ?, ?, ?)",
+                (did, reason, detail, time.time()),
+            )
+
+    def _finish(self, commit: str, rev: str) -> None:
+        with self._db.transaction():
+            conn = self._db.connection
+            for key, value in (
+                ("pulled_commit", commit),
+                ("pulled_rev", rev),
+                ("last_pulled_at", repr(time.time())),
+                ("has_synced", "1"),
+                # The next push is sent against the commit we now include: another device's
+                # commit costs no InvalidSwap and no record-by-record reconcile.
+                ("commit_cid", commit),
+                ("commit_rev", rev),
+            ):
+                conn.execute(
+                    "INSERT OR REPLACE INTO _atsync_sync_state (key, value) VALUES (?, ?)",
+                    (key, value),
+                )
+
+
+def _row_of(binding: BoundBinding, record_json: str | None, key: str) -> dict[str, Any] | None:
+    if record_json is None:
+        return None
+    from ..atproto import data_from_json
+
+    return binding.from_record(data_from_json(json.loads(record_json)), key)
+
+
+def _dump(row: Mapping[str, Any] | None) -> str | None:
+    return None if row is None else _json(data_to_json(dict(row)))
+
+
+def _dump_record(record: Mapping[str, Any] | None) -> str | None:
+    return None if record is None else _json(data_to_json(dict(record)))
+
+
+def _rev_of(blocks: Mapping[CID, bytes], root: CID) -> str:
+    from ..atproto import decode_dag_cbor
+
+    commit = decode_dag_cbor(blocks[root])
+    if not isinstance(commit, dict) or not isinstance(commit.get("rev"), str):
+        raise VerificationError("the repository's commit has no rev")
+    return str(commit["rev"])

@@ -1,0 +1,295 @@
+"""The pull half against the real PDS: a fresh device restores, devices of one account
+converge, concurrent edits merge field by field, deletes arrive, bad records are rejected."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from atsync.app import ActionContext, App, Contract
+from atsync.atproto import IdentityResolver, Session, XrpcClient, login
+from atsync.sync import ATSync, Binding, Immediate, Live, Manual, SyncStatus
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+contract = Contract(
+    models={
+        "notes": {"id": "primary", "title": "string", "body": "string?", "n": "integer"},
+    }
+)
+
+
+@contract.action
+def put(ctx: ActionContext, key: str, title: str, body: str | None = None, n: int = 0) -> None:
+    ctx.db.set("notes", {"id": key, "title": title, "body": body, "n": n})
+
+
+@contract.action
+def edit(ctx: ActionContext, key: str, **fields: Any) -> None:
+    ctx.db.update("notes", {"id": key, **fields})
+
+
+@contract.action
+def drop(ctx: ActionContext, key: str) -> None:
+    ctx.db.delete("notes", key)
+
+
+def collection_for(request: pytest.FixtureRequest) -> str:
+    name = "".join(c for c in request.node.name if c.isalnum())[:40]
+    return f"test.atsync.pull.{name.lower()}"
+
+
+async def alice(dev_pds: Any) -> Session:
+    account = dev_pds.accounts["alice.test"]
+    return await login(account.did, account.password, dev_pds.pds_url)
+
+
+@asynccontextmanager
+async def device(
+    path: Path,
+    collection: str,
+    session: Session,
+    resolver: IdentityResolver,
+    **options: Any,
+) -> AsyncIterator[tuple[App, ATSync]]:
+    """One device of the account: its own database, an engine running on it."""
+    options.setdefault("push", Immediate())
+    options.setdefault("pull", Manual())
+    with App.open(path, contract) as app:
+        sync = ATSync(
+            app,
+            bindings={"notes": Binding(collection)},
+            session=session,
+            identity=resolver,
+            **options,
+        )
+        async with sync:
+            yield app, sync
+        sync.close()
+
+
+async def settle(*syncs: ATSync, within: float = 30) -> None:
+    """Every device pushed what it has, then pulled what the others pushed."""
+    with anyio.fail_after(within):
+        for sync in syncs:
+            await sync.wait_for_idle()
+        for sync in syncs:
+            await sync.wait_pulled()
+            await sync.wait_for_idle()
+
+
+def rows(app: App) -> dict[str, dict[str, Any]]:
+    return {r["id"]: dict(r) for r in app.db.query("notes")}
+
+
+async def remote(session: Session, collection: str) -> dict[str, dict[str, Any]]:
+    async with XrpcClient(session=session) as client:
+        return {v.rkey: v.value async for v in client.iter_records(session.did, collection)}
+
+
+def as_rows(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {
+        k: {"id": k, "title": v["title"], "body": v.get("body"), "n": v["n"]}
+        for k, v in records.items()
+    }
+
+
+@pytest.fixture
+async def resolver(dev_pds: Any) -> AsyncIterator[IdentityResolver]:
+    async with IdentityResolver(plc_url=dev_pds.plc_url, allow_insecure_localhost=True) as r:
+        yield r
+
+
+async def test_a_fresh_device_restores_what_was_written_elsewhere(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    collection = collection_for(request)
+    session = await alice(dev_pds)
+    async with device(tmp_path / "a.db", collection, session, resolver) as (a, sync_a):
+        with a.batch():
+            for i in range(300):
+                a.actions.put(f"k{i:03d}", f"note {i}", None, i)
+        await settle(sync_a)
+    progress: list[tuple[int, int]] = []
+    async with device(tmp_path / "b.db", collection, session, resolver, pull=Live()) as (
+        b,
+        sync_b,
+    ):
+        sync_b.on_status(lambda s: progress.append(s.pull_progress) if s.pull_progress else None)
+        with anyio.fail_after(30):
+            status = await sync_b.wait_pulled()
+        assert len(rows(b)) == 300
+        assert rows(b) == as_rows(await remote(session, collection))
+        assert status.download_error is None and status.rev is not None
+        assert status.last_pulled_at is not None and status.pending == 0  # no echo
+        assert progress and progress[-1] == (300, 300)
+    # The restored rows are not pushed back.
+    assert sync_b.status.pending == 0
+
+
+async def test_two_devices_converge_and_merge_field_by_field(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    collection = collection_for(request)
+    session = await alice(dev_pds)
+    async with (
+        device(tmp_path / "a.db", collection, session, resolver, push=Manual()) as (a, sync_a),
+        device(tmp_path / "b.db", collection, session, resolver, push=Manual()) as (b, sync_b),
+    ):
+        a.actions.put("n1", "first", "body", 1)
+        a.actions.put("n2", "second", None, 2)
+        sync_a.push_now()
+        await settle(sync_a, sync_b)
+        assert rows(a) == rows(b)
+        # Offline on both: different fields of n1, the same field of n2, a new note each.
+        a.actions.edit("n1", title="title from a")
+        b.actions.edit("n1", body="body from b")
+        a.actions.edit("n2", n=20)
+        b.actions.edit("n2", n=200)
+        a.actions.put("a1", "only on a")
+        b.actions.put("b1", "only on b")
+        sync_a.push_now()
+        with anyio.fail_after(30):
+            await sync_a.wait_for_idle()
+        # b pulls a's edits while its own are still queued: merged, then pushed.
+        with anyio.fail_after(30):
+            merged = await sync_b.wait_pulled()
+        assert merged.conflicts == 1  # n2.n: changed on both sides
+        sync_b.push_now()
+        await settle(sync_b, sync_a)
+        assert rows(a) == rows(b) == as_rows(await remote(session, collection))
+        n1, n2 = rows(a)["n1"], rows(a)["n2"]
+        assert (n1["title"], n1["body"]) == ("title from a", "body from b")
+        assert n2["n"] == 200  # conflicts="local": b merged last and pushed its value
+        assert set(rows(a)) == {"n1", "n2", "a1", "b1"}
+        conflict = b.model_db.execute(
+            "select key, fields, resolution, base, local, remote from _atsync_conflicts"
+        ).fetchall()
+        assert [(c[0], c[1], c[2]) for c in conflict] == [("n2", "n", "local")]
+        assert '"n":2' in conflict[0][3] and '"n":200' in conflict[0][4]
+        assert '"n":20' in conflict[0][5]
+
+
+async def test_the_remote_policy_and_a_callable_decide_conflicts(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    collection = collection_for(request)
+    session = await alice(dev_pds)
+    seen: list[tuple[Any, Any, Any]] = []
+
+    def longest(base: Any, local: Any, remote: Any) -> dict[str, Any]:
+        seen.append((base, local, remote))
+        return max(local, remote, key=lambda r: len(r["title"]))
+
+    async with (
+        device(tmp_path / "a.db", collection, session, resolver, push=Manual()) as (a, sync_a),
+        device(tmp_path / "b.db", collection, session, resolver, push=Manual(),
+               conflicts="remote") as (b, sync_b),
+        device(tmp_path / "c.db", collection, session, resolver, push=Manual(),
+               conflicts=longest) as (c, sync_c),
+    ):  # fmt: skip
+        a.actions.put("n", "start")
+        sync_a.push_now()
+        await settle(sync_a, sync_b, sync_c)
+        a.actions.edit("n", title="from a, the longest")
+        b.actions.edit("n", title="from b")
+        c.actions.edit("n", title="from c")
+        sync_a.push_now()
+        await settle(sync_a)
+        with anyio.fail_after(30):
+            await sync_b.wait_pulled()
+            await sync_c.wait_pulled()
+        assert rows(b)["n"]["title"] == "from a, the longest"  # remote won, nothing to push
+        assert sync_b.status.pending == 0
+        assert rows(c)["n"]["title"] == "from a, the longest"
+        (base, local, remote_row) = seen[0]
+        assert (base["title"], local["title"], remote_row["title"]) == (
+            "start",
+            "from c",
+            "from a, the longest",
+        )
+
+
+async def test_deletes_made_while_a_device_was_off_reach_it(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    collection = collection_for(request)
+    session = await alice(dev_pds)
+    async with device(tmp_path / "a.db", collection, session, resolver) as (a, sync_a):
+        for key in ("x", "y", "z"):
+            a.actions.put(key, key)
+        await settle(sync_a)
+        async with device(tmp_path / "b.db", collection, session, resolver) as (b, sync_b):
+            await settle(sync_b)
+            assert set(rows(b)) == {"x", "y", "z"}
+        # b is off; a deletes y and edits z.
+        a.actions.drop("y")
+        a.actions.edit("z", title="z2")
+        await settle(sync_a)
+        async with device(tmp_path / "b.db", collection, session, resolver) as (b, sync_b):
+            await settle(sync_b)
+            assert set(rows(b)) == {"x", "z"} and rows(b)["z"]["title"] == "z2"
+            assert sync_b.status.pending == 0
+
+
+async def test_live_pull_sees_another_devices_write_quickly(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    collection = collection_for(request)
+    session = await alice(dev_pds)
+    async with (
+        device(tmp_path / "a.db", collection, session, resolver) as (a, _),
+        device(tmp_path / "b.db", collection, session, resolver, pull=Live()) as (b, sync_b),
+    ):
+        await settle(sync_b)
+        await wait_status(sync_b, lambda s: s.live, 10)  # the stream is open
+        started = time.monotonic()
+        a.actions.put("live", "from a")
+        await wait_status(sync_b, lambda s: "live" in rows(b), 10)
+        assert time.monotonic() - started < 5  # not a poll: the stream said so
+        assert rows(b)["live"]["title"] == "from a"
+
+
+async def test_a_record_breaking_the_binding_is_rejected_with_its_reason(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    collection = collection_for(request)
+    session = await alice(dev_pds)
+    async with XrpcClient(session=session) as client:
+        await client.create_record(
+            session.did, collection, {"$type": collection, "title": 42, "n": 1}, rkey="bad"
+        )
+        await client.create_record(
+            session.did, collection, {"$type": collection, "title": "fine", "n": 1}, rkey="good"
+        )
+    async with device(tmp_path / "b.db", collection, session, resolver) as (b, sync_b):
+        with anyio.fail_after(30):
+            status: SyncStatus = await sync_b.wait_pulled()
+        assert set(rows(b)) == {"good"}
+        assert status.rejected == 1
+        (reason,) = b.model_db.execute(
+            "select rkey, reason, detail from _atsync_rejected"
+        ).fetchall()
+        assert reason[0] == "bad" and reason[1] and "title" in reason[2]
+
+
+async def wait_status(
+    sync: ATSync, predicate: Callable[[SyncStatus], bool], within: float
+) -> SyncStatus:
+    with anyio.fail_after(within):
+        async for status in sync.status_changes():
+            if predicate(status):
+                return status
+    raise AssertionError("unreachable")
