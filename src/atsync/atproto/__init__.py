@@ -17,7 +17,9 @@ docs/api.md.
   ``encode_dag_cbor``/``decode_dag_cbor``, ``data_from_json``/``data_to_json`` (the JSON form
   with ``$link``/``$bytes``), ``CID``, ``cid_for_record``, ``cid_for_dag_cbor`` (of encoded
   bytes), ``read_car``/``CarReader``/``write_car``
-- proofs: ``verify_commit``, ``verify_record_proof``, ``iter_repo_records``; a session key's
+- proofs: ``verify_commit``, ``verify_record_proof``, ``iter_repo_records``; a firehose
+  ``#commit`` checked as sync 1.1 defines it (signature, records, ops inverted back to
+  ``prevData``): ``verify_commit_event`` → ``VerifiedCommit`` of ``RepoOp``; a session key's
   authorization record: ``authorize_session_key``, ``revoke_session_key``, ``verify_session``
 - identity: ``IdentityResolver`` → ``Identity``; ``parse_did_document`` → ``DidDocument``
 - sessions: ``login``, ``Session`` (``SessionData``), stores (``SessionStore``,
@@ -57,6 +59,7 @@ from ._cbor import (
     decode_dag_cbor,
     encode_dag_cbor,
 )
+from ._commit_event import RepoOp, VerifiedCommit, verify_commit_event
 from ._crypto import Alg as KeyAlgorithm
 from ._crypto import Keypair, generate_keypair, load_keypair, parse_did_key, verify_signature
 from ._devpds import DevAccount, DevPDS, ensure_installed
@@ -150,6 +153,7 @@ __all__ = [
     "RecordPage",
     "RecordView",
     "RepoDescription",
+    "RepoOp",
     "Session",
     "SessionAuthorization",
     "SessionData",
@@ -157,6 +161,7 @@ __all__ = [
     "Tid",
     "TidClock",
     "Update",
+    "VerifiedCommit",
     "Write",
     "WriteResult",
     "XrpcClient",
@@ -205,6 +210,7 @@ __all__ = [
     "validate_tid",
     "validate_uri",
     "verify_commit",
+    "verify_commit_event",
     "verify_record_proof",
     "verify_session",
     "verify_signature",
