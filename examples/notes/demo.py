@@ -6,7 +6,9 @@ queued for the PDS in the same transactions.
 
 Part 2 (sync): starts the reference PDS on loopback (`atsync dev-pds`; installed on first
 use, ~90 s), logs in — deferred auth — and pushes every queued change exactly once. Shows
-the records on the PDS, the session-key authorization verified offline, and `atsync status`.
+the records on the PDS; a second device of the same account restoring them, verified; an
+edit on each device merged field by field; the session-key authorization verified offline;
+and `atsync status`.
 
     python examples/notes/demo.py [--data DIR] [--offline]
 """
@@ -14,6 +16,7 @@ the records on the PDS, the session-key authorization verified offline, and `ats
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -122,6 +125,10 @@ def sync_part(app: App, sync: SyncThread, signer: ATPSigner, data: Path, db_path
         did = pds.accounts[HANDLE].did
         print(f"   PDS {pds.pds_url}, PLC {pds.plc_url}, account {HANDLE} = {did}")
 
+        # The dev PDS's DID documents live on its own PLC directory: pulls check every
+        # commit's signature against the key published there.
+        os.environ["ATSYNC_PLC_URL"] = pds.plc_url
+
         step("Log in now (deferred auth): everything done offline is pushed, in order")
         signer.login(HANDLE, PASSWORD, pds.pds_url)
         logged_in = time.monotonic()
@@ -151,6 +158,8 @@ def sync_part(app: App, sync: SyncThread, signer: ATPSigner, data: Path, db_path
             )
         local = {r["id"] for r in app.db.query("notes")}
         print(f"   local notes == remote records: {local == set(records)}")
+
+        second_device(app, sync, data, pds.pds_url, did)
 
         step("The session key's authorization, verified offline from its proof")
         found = app.authorization(signer.key_did)
@@ -190,6 +199,45 @@ def sync_part(app: App, sync: SyncThread, signer: ATPSigner, data: Path, db_path
         print("   $ atsync status --db notes.db", flush=True)
         out = subprocess.run(cli, capture_output=True, text=True, check=True).stdout
         print("\n".join("   " + line for line in out.splitlines()))
+
+
+def second_device(app: App, sync: SyncThread, data: Path, pds_url: str, did: str) -> None:
+    step("A second device of the same account: everything comes back, verified")
+    laptop = data / "laptop"
+    laptop.mkdir(exist_ok=True)
+    signer2 = ATPSigner(store=FileSessionStore(laptop / "sessions"))
+    with App.open(laptop / "notes.db", contract, signer=signer2) as app2:
+        sync2 = SyncThread(app2, bindings={"notes": Binding(COLLECTION)}, push=Debounce(0.2))
+        with sync2:
+            signer2.login(HANDLE, PASSWORD, pds_url)
+            status2 = sync2.wait_pulled(timeout=60)
+            titles = sorted(r["title"] for r in app2.db.query("notes"))
+            print(f"   laptop restored {len(titles)} notes at rev {status2.rev}: {titles}")
+            print(f"   every commit checked against {did}'s signing key; rejected: "
+                  f"{status2.rejected}")  # fmt: skip
+            print(f"   phone == laptop: {_notes(app) == _notes(app2)}")
+
+        step("Both edit the same note while the laptop is offline: merged field by field")
+        note = next(r for r in app.db.query("notes") if r["title"] == "Plan the trip")
+        app.actions.edit_note(note["id"], title="Plan the trip to Lisbon")  # on the phone
+        sync.wait_for_idle(timeout=30)
+        app2.actions.edit_note(note["id"], body="book the train")  # on the laptop, offline
+        with sync2:  # back online: pulls the phone's edit, merges, pushes the result
+            sync2.wait_pulled(timeout=60)
+            sync2.wait_for_idle(timeout=30)
+            sync.wait_pulled(timeout=60)
+            merged = app.db.get("notes", note["id"])
+            assert merged is not None
+            print(f"   phone:  title={merged['title']!r}, body={merged['body']!r}")
+            laptop_row = app2.db.get("notes", note["id"])
+            assert laptop_row is not None
+            print(f"   laptop: title={laptop_row['title']!r}, body={laptop_row['body']!r}")
+            print(f"   phone == laptop: {_notes(app) == _notes(app2)}")
+        sync2.close()
+
+
+def _notes(app: App) -> dict[str, tuple[Any, ...]]:
+    return {r["id"]: (r["title"], r["body"], r["done"]) for r in app.db.query("notes")}
 
 
 def run(data: Path, offline: bool) -> None:
