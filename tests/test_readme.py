@@ -192,4 +192,8 @@ def test_demo_script_runs(tmp_path: Path) -> None:
     assert "verified 7 entries" in done.stdout
     assert "local notes == remote records: True" in done.stdout
     assert "has_synced True" in done.stdout
+    # The pull half: a second device restores everything, and concurrent edits merge.
+    assert "laptop restored 4 notes" in done.stdout and "rejected: 0" in done.stdout
+    assert done.stdout.count("phone == laptop: True") == 2
+    assert "laptop: title='Plan the trip to Lisbon', body='book the train'" in done.stdout
     assert (tmp_path / "notes.db").exists()
