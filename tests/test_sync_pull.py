@@ -3,6 +3,9 @@ converge, concurrent edits merge field by field, deletes arrive, bad records are
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -44,6 +47,12 @@ def edit(ctx: ActionContext, key: str, **fields: Any) -> None:
 @contract.action
 def drop(ctx: ActionContext, key: str) -> None:
     ctx.db.delete("notes", key)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "atsync", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def collection_for(request: pytest.FixtureRequest) -> str:
@@ -180,6 +189,10 @@ async def test_two_devices_converge_and_merge_field_by_field(
         assert [(c[0], c[1], c[2]) for c in conflict] == [("n2", "n", "local")]
         assert '"n":2' in conflict[0][3] and '"n":200' in conflict[0][4]
         assert '"n":20' in conflict[0][5]
+    listed = cli("conflicts", "--db", str(tmp_path / "b.db"), "--json")
+    assert listed.returncode == 0, listed.stderr
+    (entry,) = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert (entry["key"], entry["fields"], entry["resolution"]) == ("n2", "n", "local")
 
 
 async def test_the_remote_policy_and_a_callable_decide_conflicts(
@@ -283,6 +296,12 @@ async def test_a_record_breaking_the_binding_is_rejected_with_its_reason(
             "select rkey, reason, detail from _atsync_rejected"
         ).fetchall()
         assert reason[0] == "bad" and reason[1] and "title" in reason[2]
+    listed = cli("rejected", "--db", str(tmp_path / "b.db"))
+    assert listed.returncode == 0, listed.stderr
+    assert f"{collection}/bad" in listed.stdout and "title" in listed.stdout
+    shown = cli("status", "--db", str(tmp_path / "b.db"), "--json",
+                "--session-dir", str(tmp_path / "s"))  # fmt: skip
+    assert json.loads(shown.stdout)["rejected"] == 1
 
 
 async def wait_status(

@@ -88,12 +88,16 @@ def status(db_path: Path, session_dir: Path | None, as_json: bool) -> None:
             "pending_by_op": ops,
             "failed": failed,
             "conflicts": conflicts,
+            "rejected": outbox.rejected_count(),
             "last_pushed_at": float(v) if (v := outbox.get_state("last_pushed_at")) else None,
+            "last_pulled_at": float(v) if (v := outbox.get_state("last_pulled_at")) else None,
+            "rev": outbox.get_state("pulled_rev"),
             "has_synced": outbox.get_state("has_synced") == "1",
             "commit": outbox.get_state("commit_rev"),
             "engine": _engine_status(db_path, outbox.get_state("engine")),
         }
         last_push = _when(outbox.get_state("last_pushed_at"))
+        last_pull = _when(outbox.get_state("last_pulled_at"))
     if as_json:
         click.echo(json.dumps(info))
         return
@@ -104,8 +108,13 @@ def status(db_path: Path, session_dir: Path | None, as_json: bool) -> None:
     click.echo(
         f"failed      {failed} dead letters" + ("  -> atsync outbox / retry" if failed else "")
     )
-    click.echo(f"conflicts   {conflicts}")
+    click.echo(f"conflicts   {conflicts}" + ("  -> atsync conflicts" if conflicts else ""))
+    click.echo(
+        f"rejected    {info['rejected']} pulled records not applied"
+        + ("  -> atsync rejected" if info["rejected"] else "")
+    )
     click.echo(f"last push   {last_push}")
+    click.echo(f"last pull   {last_pull}" + (f"  (rev {info['rev']})" if info["rev"] else ""))
     click.echo(f"has synced  {'yes' if info['has_synced'] else 'no'}")
     click.echo(f"engine      {_describe_engine(info['engine'])}")
 
@@ -193,6 +202,47 @@ def outbox(db_path: Path, as_json: bool, limit: int) -> None:
     click.echo(f"dead letters ({len(dead)})")
     for d in dead:
         click.echo(f"  #{d.seq:<6} {d.op:<7} {d.collection}/{d.rkey}  {d.error}: {d.message}")
+
+
+@main.command()
+@DB_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
+@click.option("--limit", default=50, show_default=True, help="How many to list.")
+def conflicts(db_path: Path, as_json: bool, limit: int) -> None:
+    """List merges where a field changed both here and elsewhere: base, local, remote and
+    merged versions, and how it was decided (newest first)."""
+    db, box = _open(db_path)
+    with db:
+        found = box.conflicts(limit)
+    for c in found:
+        if as_json:
+            click.echo(json.dumps(c))
+            continue
+        click.echo(
+            f"#{c['id']:<5} {c['model']}/{c['key']}  fields: {c['fields'] or '(record)'}  "
+            f"-> {c['resolution']}  ({_when(repr(c['detected_at']))})"
+        )
+        for side in ("base", "local", "remote", "merged"):
+            if c[side] is not None:
+                click.echo(f"         {side:<7}{c[side]}")
+
+
+@main.command()
+@DB_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
+@click.option("--limit", default=50, show_default=True, help="How many to list.")
+def rejected(db_path: Path, as_json: bool, limit: int) -> None:
+    """List pulled input that was not applied (forged, damaged, breaking the binding or its
+    Lexicon), with the reason (newest first)."""
+    db, box = _open(db_path)
+    with db:
+        found = box.rejected(limit)
+    for r in found:
+        if as_json:
+            click.echo(json.dumps(r))
+            continue
+        where = f"{r['collection']}/{r['rkey']}" if r["collection"] else "(the repository)"
+        click.echo(f"#{r['id']:<5} {where}  {r['reason']}: {r['detail']}")
 
 
 @main.command()

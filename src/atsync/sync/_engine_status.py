@@ -12,7 +12,6 @@ from typing import Any
 
 import anyio
 
-from ._migrate import REJECTED
 from ._outbox import Outbox
 from ._status import SyncStatus
 
@@ -60,7 +59,7 @@ class StatusKeeper:
 
     def _refresh_status(self, **changes: Any) -> None:
         pending, failed, conflicts = self.outbox.counts()
-        (rejected,) = self.outbox.db.execute(f"SELECT count(*) FROM {REJECTED}").fetchone()
+        rejected = self.outbox.rejected_count()
         fields: dict[str, Any] = dict(
             pending=pending,
             failed=failed,

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import sqlite3
 
-from ._outbox import CONFLICTS, RECORDS, STATE
+from ._outbox import CONFLICTS, RECORDS, REJECTED, STATE
 
 __all__ = ["REJECTED", "TABLES_VERSION", "upgrade_sync_tables"]
 
 TABLES_VERSION = 2
-REJECTED = "_atsync_rejected"
 
 _ADDED_COLUMNS = {
     RECORDS: ("record TEXT",),

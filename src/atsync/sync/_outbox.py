@@ -38,6 +38,7 @@ DEAD = "_atsync_dead_letters"
 STATE = "_atsync_sync_state"
 CONFLICTS = "_atsync_conflicts"
 SENT = "_atsync_sent"
+REJECTED = "_atsync_rejected"  # created by _migrate (tables version 2)
 
 Op = Literal["create", "update", "delete"]
 
@@ -500,6 +501,30 @@ class Outbox:
         """Create the sync tables if the database has none yet (a tool opening any file)."""
         with self._db.transaction():
             create_sync_tables(self._db.connection)
+
+    def rejected_count(self) -> int:
+        (count,) = self._db.execute(f"SELECT count(*) FROM {REJECTED}").fetchone()
+        return int(count)
+
+    def conflicts(self, limit: int = 100) -> list[dict[str, object]]:
+        """Recorded conflicts, newest first, as ``atsync conflicts`` shows them."""
+        cursor = self._db.execute(
+            f"SELECT id, collection, rkey, model, key, fields, resolution, base, local, remote, "
+            f"merged, detected_at FROM {CONFLICTS} ORDER BY id DESC LIMIT ?",
+            (limit,),
+        )
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def rejected(self, limit: int = 100) -> list[dict[str, object]]:
+        """Pulled input that was not applied, newest first, with the reason."""
+        cursor = self._db.execute(
+            f"SELECT id, did, collection, rkey, cid, rev, reason, detail, seen_at "
+            f"FROM {REJECTED} ORDER BY id DESC LIMIT ?",
+            (limit,),
+        )
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
     def counts_by_op(self) -> dict[str, int]:
         rows = self._db.execute(f"SELECT op, count(*) FROM {OUTBOX} GROUP BY op").fetchall()
