@@ -17,7 +17,9 @@ docs/api.md.
   ``encode_dag_cbor``/``decode_dag_cbor``, ``data_from_json``/``data_to_json`` (the JSON form
   with ``$link``/``$bytes``), ``CID``, ``cid_for_record``, ``cid_for_dag_cbor`` (of encoded
   bytes), ``read_car``/``CarReader``/``write_car``
-- proofs: ``verify_commit``, ``verify_record_proof``, ``iter_repo_records``; a firehose
+- proofs: ``verify_commit`` (→ ``Commit``), ``verify_record_proof``, ``iter_repo_records``
+  (→ ``RepoRecord``, from a CAR in memory); ``RepoFile``, the same for a ``getRepo`` CAR in a
+  file, indexed on disk so memory does not grow with the repository; a firehose
   ``#commit`` checked as sync 1.1 defines it (signature, records, ops inverted back to
   ``prevData``): ``verify_commit_event`` → ``VerifiedCommit`` of ``RepoOp``; a session key's
   authorization record: ``authorize_session_key``, ``revoke_session_key``, ``verify_session``
@@ -49,6 +51,7 @@ from ._blocking_client import (
     blocking_logout,
 )
 from ._car import Car, CarReader, read_car, write_car
+from ._car_file import RepoFile
 from ._cbor import (
     CID,
     check_data_model,
@@ -103,7 +106,7 @@ from ._syntax import (
     validate_tid,
     validate_uri,
 )
-from ._verify import iter_repo_records, verify_commit, verify_record_proof
+from ._verify import Commit, RepoRecord, iter_repo_records, verify_commit, verify_record_proof
 from ._xrpc import (
     ApplyWritesResult,
     CommitMeta,
@@ -132,6 +135,7 @@ __all__ = [
     "BlockingXrpcClient",
     "Car",
     "CarReader",
+    "Commit",
     "CommitMeta",
     "Create",
     "Delete",
@@ -153,7 +157,9 @@ __all__ = [
     "RecordPage",
     "RecordView",
     "RepoDescription",
+    "RepoFile",
     "RepoOp",
+    "RepoRecord",
     "Session",
     "SessionAuthorization",
     "SessionData",

@@ -144,6 +144,12 @@ class CarReader:
         return roots
 
     def __iter__(self) -> Iterator[tuple[CID, bytes]]:
+        for cid, _, data in self.iter_with_offsets():
+            yield cid, data
+
+    def iter_with_offsets(self) -> Iterator[tuple[CID, int, bytes]]:
+        """``(cid, offset, bytes)``: ``offset`` is where the block's bytes start in the source
+        (from its first byte), so a file can be indexed in one pass and read back by offset."""
         s = self._stream
         limit = self._max_block_size + _CID_MAX_OVERHEAD
         while not s.at_eof():
@@ -166,7 +172,7 @@ class CarReader:
             cid = CID(section[:end])
             data = section[end:]
             _check_block(cid, data)
-            yield cid, data
+            yield cid, s.offset - len(data), data
 
 
 @dataclass

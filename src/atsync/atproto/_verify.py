@@ -154,7 +154,9 @@ def iter_repo_records(
 ) -> Iterator[RepoRecord]:
     """Every record of a full-repo CAR (``getRepo``), in key order, each block hash-checked
     and the whole MST structure checked. With ``did`` and ``signing_key`` the commit is
-    verified too; without them only its shape is (the caller then trusts the transport)."""
+    verified too; without them only its shape is (the caller then trusts the transport).
+    Every block is held in memory: for a repository in a file, ``RepoFile`` reads the same
+    records with memory that does not grow with the repository."""
     c = _as_car(car)
     if signing_key is not None:
         if did is None:

@@ -1,0 +1,248 @@
+"""Read a full-repository CAR from a file without holding its blocks in memory.
+
+``read_car`` keeps every block in a dict: fine for a proof or a firehose slice, not for a
+repository of a million records. ``RepoFile`` reads the file once to index it — each block's
+CID, hash-checked, goes with its offset and length into a temporary SQLite file — and then
+walks the MST reading each node and record from the file by offset. What stays in memory is
+SQLite's page cache (a few MB, whatever the repository's size), the path from the root to the
+current node, and one record at a time.
+
+The checks are those of ``iter_repo_records``: every block's hash (when indexed, and again
+when read back, so a file changed in between is caught), the whole MST's structure, the
+commit's shape, and with a DID and key its signature.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import tempfile
+import weakref
+from collections.abc import Collection, Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO, Self
+
+from atsync._errors import ClosedError, VerificationError
+
+from ._car import DEFAULT_MAX_BLOCK_SIZE, CarReader
+from ._cbor import CID
+from ._mst import get_block, iter_leaves
+from ._verify import (
+    Commit,
+    RepoRecord,
+    SigningKey,
+    _decode_commit,
+    _decode_record_block,
+    _split_path,
+    verify_commit,
+)
+
+__all__ = ["CarFile", "RepoFile"]
+
+_BATCH = 2000  # index rows per executemany
+
+
+def _cleanup(db: sqlite3.Connection, file: BinaryIO, tmp_dir: str) -> None:
+    db.close()
+    file.close()
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+class CarFile(Mapping[CID, bytes]):
+    """A CAR v1 file as a read-only ``CID → bytes`` mapping whose blocks stay on disk.
+
+    Constructing it reads the whole file once: every block is hash-checked (the checks of
+    ``CarReader``) and its offset recorded in a SQLite index in a temporary directory
+    (``index_dir``, default the system's), removed by ``close()``. Not for concurrent use
+    from several threads; one thread after another is fine.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        max_block_size: int = DEFAULT_MAX_BLOCK_SIZE,
+        index_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        if index_dir is not None:
+            os.makedirs(index_dir, exist_ok=True)
+        self._file: BinaryIO = open(self.path, "rb")  # noqa: SIM115 - closed by close()
+        try:
+            self._tmp_dir = tempfile.mkdtemp(prefix="atsync-car-index-", dir=index_dir)
+        except BaseException:
+            self._file.close()
+            raise
+        try:
+            self._db = sqlite3.connect(
+                os.path.join(self._tmp_dir, "index.sqlite"),
+                check_same_thread=False,
+                isolation_level=None,
+            )
+        except BaseException:
+            self._file.close()
+            shutil.rmtree(self._tmp_dir, ignore_errors=True)
+            raise
+        # Runs on close(), or when the object is collected, or at exit: the index never stays.
+        self._closer = weakref.finalize(self, _cleanup, self._db, self._file, self._tmp_dir)
+        try:
+            self.roots = self._index(max_block_size)
+        except BaseException:
+            self.close()
+            raise
+
+    def _index(self, max_block_size: int) -> list[CID]:
+        db = self._db
+        # A throwaway index: no journal, no fsync; if the process dies the directory is junk.
+        db.execute("PRAGMA journal_mode = OFF")
+        db.execute("PRAGMA synchronous = OFF")
+        db.execute(
+            "CREATE TABLE blocks (cid BLOB PRIMARY KEY, offset INTEGER NOT NULL,"
+            " length INTEGER NOT NULL) WITHOUT ROWID"
+        )
+        reader = CarReader(self._file, max_block_size=max_block_size)
+        insert = "INSERT OR IGNORE INTO blocks VALUES (?, ?, ?)"  # a repeated block is the same
+        db.execute("BEGIN")
+        batch: list[tuple[bytes, int, int]] = []
+        for cid, offset, data in reader.iter_with_offsets():
+            batch.append((bytes(cid), offset, len(data)))
+            if len(batch) >= _BATCH:
+                db.executemany(insert, batch)
+                batch.clear()
+        db.executemany(insert, batch)
+        db.execute("COMMIT")
+        return reader.roots
+
+    @property
+    def root(self) -> CID:
+        return self.roots[0]
+
+    def _where(self, cid: CID) -> tuple[int, int] | None:
+        if not self._closer.alive:
+            raise ClosedError(f"the CAR file {self.path} was closed")
+        row = self._db.execute(
+            "SELECT offset, length FROM blocks WHERE cid = ?", (bytes(cid),)
+        ).fetchone()
+        return None if row is None else (int(row[0]), int(row[1]))
+
+    def __getitem__(self, cid: CID) -> bytes:
+        where = self._where(cid)
+        if where is None:
+            raise KeyError(cid)
+        offset, length = where
+        self._file.seek(offset)
+        data = self._file.read(length)
+        if len(data) != length:
+            raise VerificationError(f"the CAR file {self.path} was truncated after indexing")
+        return data
+
+    def __contains__(self, cid: object) -> bool:
+        return isinstance(cid, CID) and self._where(cid) is not None
+
+    def __iter__(self) -> Iterator[CID]:
+        if not self._closer.alive:
+            raise ClosedError(f"the CAR file {self.path} was closed")
+        for (raw,) in self._db.execute("SELECT cid FROM blocks"):
+            yield CID(bytes(raw))
+
+    def __len__(self) -> int:
+        if not self._closer.alive:
+            raise ClosedError(f"the CAR file {self.path} was closed")
+        return int(self._db.execute("SELECT count(*) FROM blocks").fetchone()[0])
+
+    def close(self) -> None:
+        """Close the file and delete the index (safe to call twice)."""
+        self._closer()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class RepoFile:
+    """A full-repository CAR (what ``sync_get_repo`` writes) read from its file.
+
+        with RepoFile(path, did=did, signing_key=key) as repo:
+            print(repo.commit.rev, repo.count())
+            for record in repo.records({"com.example.note"}):
+                ...
+
+    Opening indexes the file (see ``CarFile``) and checks the commit: its shape always, its
+    DID when ``did`` is given, its signature with ``signing_key`` (a ``did:key`` or
+    ``(alg, public key)``; then ``did`` is required). ``VerificationError`` says what failed.
+    Memory does not grow with the repository's size.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        did: str | None = None,
+        signing_key: SigningKey | None = None,
+        index_dir: str | os.PathLike[str] | None = None,
+        max_block_size: int = DEFAULT_MAX_BLOCK_SIZE,
+    ) -> None:
+        if signing_key is not None and did is None:
+            raise VerificationError("verifying a repo's signature needs its DID")
+        self._car = CarFile(path, max_block_size=max_block_size, index_dir=index_dir)
+        try:
+            self.commit = self._check_commit(did, signing_key)
+        except BaseException:
+            self._car.close()
+            raise
+
+    def _check_commit(self, did: str | None, signing_key: SigningKey | None) -> Commit:
+        root = self._car.root
+        if signing_key is not None:
+            assert did is not None
+            return verify_commit(self._car, root, did, signing_key)
+        commit, _ = _decode_commit(root, get_block(self._car, root, "commit"))
+        if did is not None and commit.did != did:
+            raise VerificationError(f"wrong DID: commit {root} is for {commit.did}, not {did}")
+        return commit
+
+    @property
+    def blocks(self) -> Mapping[CID, bytes]:
+        """Every block of the file, read from disk on access (the caller re-checks hashes)."""
+        return self._car
+
+    def leaves(self) -> Iterator[tuple[str, str, CID]]:
+        """``(collection, rkey, record CID)`` of every record, in key order, reading only MST
+        nodes: what a comparison of the repository with a local copy needs."""
+        for key, cid in iter_leaves(self._car, self.commit.data):
+            collection, rkey = _split_path(key)
+            yield collection, rkey, cid
+
+    def count(self) -> int:
+        """How many records the repository holds (walks the MST, reads no record)."""
+        return sum(1 for _ in iter_leaves(self._car, self.commit.data))
+
+    def records(self, collections: Collection[str] | None = None) -> Iterator[RepoRecord]:
+        """Every record, in key order, decoded and checked; with ``collections``, only those
+        collections' records are read (the others are skipped without reading them)."""
+        for collection, rkey, cid in self.leaves():
+            if collections is not None and collection not in collections:
+                continue
+            path = f"{collection}/{rkey}"
+            yield RepoRecord(collection, rkey, cid, _decode_record_block(self._car, cid, path))
+
+    def __iter__(self) -> Iterator[RepoRecord]:
+        return self.records()
+
+    def close(self) -> None:
+        """Close the file and delete the index (safe to call twice)."""
+        self._car.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

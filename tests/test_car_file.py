@@ -1,0 +1,330 @@
+"""Full-repository CARs read from a file (RepoFile): the same records as the in-memory path,
+every tampering caught, the index removed on close, and memory that does not grow with the
+repository (measured against the in-memory path, here and on the real reference PDS)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from atsync._errors import ClosedError, VerificationError
+from atsync.atproto import (
+    CID,
+    Create,
+    IdentityResolver,
+    RepoFile,
+    XrpcClient,
+    generate_keypair,
+    iter_repo_records,
+    login,
+    read_car,
+)
+from atsync.atproto._car import CarWriter
+from atsync.atproto._car_file import CarFile
+from atsync.atproto._cbor import encode_dag_cbor
+from atsync.atproto._crypto import load_keypair
+from atsync.atproto._mst import build_mst
+from atsync.atproto._syntax import TidClock
+from atsync.atproto._verify import sign_commit
+from pds_fixtures import ACCOUNTS, MakePDS
+
+DID = "did:plc:ewvi7nxzyoun6zhxrhs64oiz"
+KEY = load_keypair(
+    "k256", bytes.fromhex("9085d2bef69286a6cbb51623c8fa258629945cd55ca705cc4e66700396894e0c")
+)
+
+
+def _blocks_of_repo(n: int, *, other: int = 0, text_size: int = 40) -> Iterator[tuple[CID, bytes]]:
+    """The blocks of a signed repository of ``n`` notes (+ ``other`` records of a second
+    collection): commit first, then MST nodes, then records, as the reference PDS orders
+    them."""
+    clock = TidClock(clock_id=0, now_us=iter(range(1_700_000_000_000_000, 1 << 60, 1000)).__next__)
+    records: dict[CID, bytes] = {}
+    leaves: dict[str, CID] = {}
+    for i in range(n + other):
+        coll = "com.example.note" if i < n else "com.example.other"
+        data = encode_dag_cbor({"$type": coll, "text": f"note {i} " + "x" * text_size, "n": i})
+        cid = CID.for_data(data)
+        records[cid] = data
+        leaves[f"{coll}/{clock.next()}"] = cid
+    root, nodes = build_mst(leaves)
+    commit_cid, commit = sign_commit(KEY, DID, root, clock.next())
+    yield commit_cid, commit
+    yield from nodes.items()
+    yield from records.items()
+
+
+def _write_repo(path: Path, blocks: Iterable[tuple[CID, bytes]], root: CID | None = None) -> Path:
+    """A CAR of ``blocks`` whose root is ``root``, else the first block (the commit)."""
+    items = list(blocks)
+    with path.open("wb") as f:
+        writer = CarWriter(f, [root if root is not None else items[0][0]])
+        for cid, data in items:
+            writer.write_block(cid, data, check=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("repo") / "repo.car"
+    return _write_repo(path, _blocks_of_repo(300, other=40))
+
+
+def test_the_same_records_as_the_in_memory_path(small_repo: Path, tmp_path: Path) -> None:
+    expected = list(iter_repo_records(small_repo.read_bytes(), did=DID, signing_key=KEY.did))
+    with RepoFile(small_repo, did=DID, signing_key=KEY.did, index_dir=tmp_path) as repo:
+        assert repo.commit.did == DID and repo.commit.cid == read_car(small_repo.read_bytes()).root
+        assert list(repo.records()) == expected
+        assert list(repo) == expected
+        assert repo.count() == 340
+        assert list(repo.leaves()) == [(r.collection, r.rkey, r.cid) for r in expected]
+        others = list(repo.records({"com.example.other"}))
+        assert len(others) == 40 and {r.collection for r in others} == {"com.example.other"}
+        # The blocks are a mapping read from disk.
+        car = read_car(small_repo.read_bytes())
+        assert len(repo.blocks) == len(car.blocks)
+        assert set(repo.blocks) == set(car.blocks)
+        some = next(iter(car.blocks))
+        assert some in repo.blocks and repo.blocks[some] == car.blocks[some]
+        assert CID.for_data(b"absent") not in repo.blocks and "x" not in repo.blocks
+        assert next(p.name for p in tmp_path.iterdir()).startswith("atsync-car-index-")
+    assert list(tmp_path.iterdir()) == []  # the index went with close()
+    with pytest.raises(ClosedError):
+        next(repo.records())
+    repo.close()  # twice is fine
+
+
+def test_without_a_key_only_the_shape_and_did(small_repo: Path) -> None:
+    with RepoFile(small_repo) as repo:
+        assert repo.count() == 340
+    with RepoFile(small_repo, did=DID) as repo:
+        assert repo.commit.did == DID
+    with pytest.raises(VerificationError, match="wrong DID"):
+        RepoFile(small_repo, did="did:plc:" + "a" * 24)
+    with pytest.raises(VerificationError, match="needs its DID"):
+        RepoFile(small_repo, signing_key=KEY.did)
+
+
+def test_wrong_key_and_wrong_did(small_repo: Path, tmp_path: Path) -> None:
+    with pytest.raises(VerificationError, match="bad signature"):
+        RepoFile(small_repo, did=DID, signing_key=generate_keypair("p256").did, index_dir=tmp_path)
+    with pytest.raises(VerificationError, match="wrong DID"):
+        RepoFile(small_repo, did="did:plc:" + "b" * 24, signing_key=KEY.did, index_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # a failed open leaves nothing behind
+
+
+def _tampered(tmp_path: Path, change: Any) -> Path:
+    blocks = list(_blocks_of_repo(60))
+    root = blocks[0][0]
+    change(blocks)
+    return _write_repo(tmp_path / "bad.car", blocks, root)
+
+
+def _flip_last_record(blocks: list[tuple[CID, bytes]]) -> None:
+    cid, data = blocks[-1]
+    blocks[-1] = (cid, data[:-1] + bytes([data[-1] ^ 1]))
+
+
+def test_a_flipped_byte_is_caught_while_indexing(tmp_path: Path) -> None:
+    path = _tampered(tmp_path, _flip_last_record)
+    with pytest.raises(VerificationError, match="CID mismatch at block"):
+        RepoFile(path, did=DID, signing_key=KEY.did, index_dir=tmp_path / "idx")
+    assert list((tmp_path / "idx").iterdir()) == []
+
+
+def test_a_dropped_record_or_node_is_caught_while_walking(tmp_path: Path) -> None:
+    path = _tampered(tmp_path, lambda blocks: blocks.pop())
+    with RepoFile(path, did=DID, signing_key=KEY.did) as repo:
+        assert repo.count() == 60  # the MST is whole
+        with pytest.raises(VerificationError, match=r"missing block .*record"):
+            list(repo.records())
+    path = _tampered(tmp_path, lambda blocks: blocks.pop(2))  # an MST node
+    with RepoFile(path, did=DID, signing_key=KEY.did) as repo:
+        with pytest.raises(VerificationError, match=r"missing block .*MST node"):
+            list(repo.records())
+    path = _tampered(tmp_path, lambda blocks: blocks.pop(0))  # the commit
+    with pytest.raises(VerificationError, match=r"missing block .*commit"):
+        RepoFile(path, did=DID, signing_key=KEY.did)
+
+
+def test_truncated_file(small_repo: Path, tmp_path: Path) -> None:
+    cut = tmp_path / "cut.car"
+    cut.write_bytes(small_repo.read_bytes()[:-10])
+    with pytest.raises(VerificationError, match="truncated CAR"):
+        RepoFile(cut)
+
+
+def test_a_file_changed_after_indexing_is_caught_on_read(tmp_path: Path) -> None:
+    path = _write_repo(tmp_path / "repo.car", _blocks_of_repo(60))
+    with RepoFile(path, did=DID, signing_key=KEY.did) as repo:
+        data = bytearray(path.read_bytes())
+        data[-2] ^= 1  # inside the last record
+        path.write_bytes(bytes(data))
+        with pytest.raises(VerificationError, match="CID mismatch at block"):
+            list(repo.records())
+        path.write_bytes(bytes(data[:-50]))
+        with pytest.raises(VerificationError, match="truncated after indexing"):
+            list(repo.records())
+
+
+def test_repeated_blocks_and_a_car_file_mapping(tmp_path: Path) -> None:
+    blocks = list(_blocks_of_repo(30))
+    path = _write_repo(tmp_path / "dup.car", blocks + blocks[1:5])
+    with CarFile(path) as car:
+        assert len(car) == len(blocks) and car.root == blocks[0][0]
+        assert all(car[cid] == data for cid, data in blocks)
+        with pytest.raises(KeyError):
+            car[CID.for_data(b"absent")]
+    with pytest.raises(ClosedError):
+        len(car)
+    with RepoFile(path, did=DID, signing_key=KEY.did) as repo:
+        assert repo.count() == 30
+
+
+def test_not_a_car(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.car"
+    bad.write_bytes(b"\x05hello")
+    with pytest.raises(VerificationError, match="malformed CAR header"):
+        RepoFile(bad, index_dir=tmp_path / "idx")
+    with pytest.raises(FileNotFoundError):
+        RepoFile(tmp_path / "nothing.car")
+
+
+# --- memory: the file path vs the in-memory path, each in a fresh process ----------------------
+
+_MEASURE = textwrap.dedent(
+    """
+    import gc, resource, sys
+    from atsync.atproto import RepoFile, iter_repo_records
+
+    def status(field):
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith(field + ":"))
+
+    def peak():
+        # Linux: this process's own high-water mark. ru_maxrss is no good there: a child
+        # forked from a big process (pytest) inherits the parent's peak across exec.
+        try:
+            return status("VmHWM")
+        except OSError:
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            return rss if sys.platform == "darwin" else rss * 1024
+
+    path, mode, did, key = sys.argv[1:]
+    gc.collect()
+    try:  # reset the high-water mark to now, so the imports' transient peak does not count
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = status("VmRSS")
+    except OSError:
+        before = peak()
+    n = 0
+    if mode == "file":
+        with RepoFile(path, did=did, signing_key=key) as repo:
+            for record in repo.records():
+                n += 1
+    else:
+        with open(path, "rb") as f:
+            for record in iter_repo_records(f, did=did, signing_key=key):
+                n += 1
+    print(n, peak() - before)
+    """
+)
+
+
+def peak_rss_growth(path: Path, mode: str, did: str, key: str) -> tuple[int, int]:
+    """(records read, peak RSS growth in bytes) of reading ``path`` in a fresh process."""
+    out = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(path), mode, did, key],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONHASHSEED": "0"},
+    ).stdout.split()
+    return int(out[0]), int(out[1])
+
+
+def _report(name: str, size: int, n: int, file_growth: int, memory_growth: int) -> str:
+    mb = 1024 * 1024
+    return (
+        f"{name}: {n} records, CAR {size / mb:.1f} MB; peak RSS growth: "
+        f"RepoFile {file_growth / mb:.1f} MB, iter_repo_records {memory_growth / mb:.1f} MB"
+    )
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="measured with /proc or getrusage")
+def test_memory_does_not_grow_with_the_repository(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write_repo(tmp_path / "big.car", _blocks_of_repo(20_000, text_size=400))
+    n, file_growth = peak_rss_growth(path, "file", DID, KEY.did)
+    assert n == 20_000
+    n, memory_growth = peak_rss_growth(path, "memory", DID, KEY.did)
+    assert n == 20_000
+    with capsys.disabled():
+        print("\n" + _report("local repo", path.stat().st_size, n, file_growth, memory_growth))
+    # The CAR is ~11 MB and the in-memory path holds all of it; the file path holds SQLite's
+    # page cache and one path of the tree.
+    assert file_growth < 8 * 1024 * 1024
+    assert memory_growth > 2 * file_growth
+
+
+# --- the real reference PDS: 20,000 records written, downloaded with getRepo, read back --------
+
+COLL = "com.example.atsync.repoFile"
+
+
+def _pds_note(i: int) -> dict[str, Any]:
+    return {"$type": COLL, "text": f"note {i} " + "x" * 200, "createdAt": "2024-05-01T12:00:00Z"}
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_20000_record_repository_from_the_reference_pds(
+    make_pds: MakePDS, tmp_path: Path, anyio_backend: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pds = make_pds()
+    handle, password = ACCOUNTS[0]
+    did = pds.accounts[handle].did
+    resolver = IdentityResolver(
+        plc_url=pds.plc_url,
+        use_dns=False,
+        web_origin=lambda h: pds.pds_url,
+        allow_test_handles=True,
+    )
+    key = (await resolver.resolve(did)).signing_key
+    clock = TidClock()
+    async with XrpcClient(session=await login(handle, password, pds.pds_url)) as client:
+        for batch in range(100):  # applyWrites takes at most 200 writes
+            writes = [
+                Create(COLL, _pds_note(batch * 200 + i), rkey=clock.next()) for i in range(200)
+            ]
+            await client.apply_writes(did, writes)
+        path = tmp_path / "repo.car"
+        await client.sync_get_repo(did, path)
+        latest = await client.sync_get_latest_commit(did)
+
+    def read_both() -> tuple[int, int, int, int]:
+        with RepoFile(path, did=did, signing_key=key) as repo:
+            assert str(repo.commit.cid) == str(latest.cid) and repo.commit.rev == latest.rev
+            from_file = list(repo.records())
+        with path.open("rb") as f:
+            in_memory = list(iter_repo_records(f, did=did, signing_key=key))
+        assert from_file == in_memory and len(from_file) == 20_000
+        n, file_growth = peak_rss_growth(path, "file", did, key)
+        _, memory_growth = peak_rss_growth(path, "memory", did, key)
+        return n, file_growth, memory_growth, path.stat().st_size
+
+    n, file_growth, memory_growth, size = await anyio.to_thread.run_sync(read_both)
+    with capsys.disabled():
+        print("\n" + _report("reference PDS repo", size, n, file_growth, memory_growth))
+    assert file_growth < 8 * 1024 * 1024 and memory_growth > 2 * file_growth
