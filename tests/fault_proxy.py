@@ -21,6 +21,7 @@ test can assert that the faults it planned really fired.
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 import socket
@@ -189,6 +190,15 @@ class ResetMidResponse(Fault):
 
     keep: float = 0.5
     name: ClassVar[str] = "reset_mid_response"
+
+
+@dataclass(frozen=True)
+class Rewrite(Fault):
+    """Forward, then answer with ``change(body)`` instead of the PDS's body (same status and
+    headers, the length fixed): tampered or forged data from the network."""
+
+    change: Callable[[bytes], bytes]
+    name: ClassVar[str] = "rewrite"
 
 
 # --- requests, rules, events -------------------------------------------------------------------
@@ -455,6 +465,13 @@ class FaultProxy:
             await fault.gate.wait()
         if isinstance(fault, Hold) and fault.drop:
             return False
+        if isinstance(fault, Rewrite):
+            encoding = next((v for k, v in headers if k.lower() == "content-encoding"), "")
+            if encoding.lower() == "gzip":  # change what the client will read, not the wire
+                changed = gzip.compress(fault.change(gzip.decompress(body)))
+            else:
+                changed = fault.change(body)
+            return await self._send(stream, event, status, headers, changed)
         if isinstance(fault, Truncate):
             cut = body[: int(len(body) * fault.keep)]
             if fault.fix_length:

@@ -81,8 +81,7 @@ async def device(
             app,
             bindings={"notes": Binding(collection)},
             session=session,
-            identity=resolver,
-            **options,
+            **{"identity": resolver, **options},
         )
         async with sync:
             yield app, sync
@@ -312,3 +311,65 @@ async def wait_status(
             if predicate(status):
                 return status
     raise AssertionError("unreachable")
+
+
+async def test_a_tampered_repository_is_rejected_and_nothing_applied(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    from fault_proxy import FaultProxy, Rewrite, proxied_session
+
+    collection = collection_for(request)
+    session = await alice(dev_pds)
+    async with XrpcClient(session=session) as client:
+        record = {"$type": collection, "title": "the original title", "n": 1}
+        await client.create_record(session.did, collection, record, rkey="t1")
+    async with FaultProxy(dev_pds.pds_url) as proxy:
+        # The record's block altered on the way: its hash no longer matches its CID.
+        proxy.add(
+            Rewrite(lambda body: body.replace(b"the original title", b"the tampered title")),
+            nsid="com.atproto.sync.getRepo",
+            nth=1,
+        )
+        proxied = proxied_session(session, proxy.url)
+        async with device(tmp_path / "b.db", collection, proxied, resolver) as (b, sync_b):
+            sync_b.pull_now()
+            refused = await wait_status(sync_b, lambda s: s.download_error is not None, 30)
+            assert "failed verification" in (refused.download_error or "")
+            assert rows(b) == {} and refused.rejected == 1
+            (entry,) = b.model_db.execute("select reason from _atsync_rejected").fetchall()
+            assert entry == ("VerificationError",)
+            # The next pull reads the real repository.
+            with anyio.fail_after(30):
+                status = await sync_b.wait_pulled()
+            assert rows(b)["t1"]["title"] == "the original title"
+            assert status.download_error is None
+
+
+async def test_a_commit_signed_by_another_key_is_rejected(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    from dataclasses import replace
+
+    from atsync.atproto import generate_keypair
+
+    collection = collection_for(request)
+    session = await alice(dev_pds)
+    async with XrpcClient(session=session) as client:
+        record = {"$type": collection, "title": "signed by alice", "n": 1}
+        await client.create_record(session.did, collection, record, rkey="s1")
+    impostor = generate_keypair("k256").did
+
+    class WrongKey:
+        """The DID document as an attacker would have it: another key for alice's DID."""
+
+        async def resolve(self, did: str) -> Any:
+            return replace(await resolver.resolve(did), signing_key=impostor)
+
+    async with device(tmp_path / "b.db", collection, session, resolver, identity=WrongKey()) as (
+        b,
+        sync_b,
+    ):
+        sync_b.pull_now()
+        refused = await wait_status(sync_b, lambda s: s.download_error is not None, 30)
+        assert "signature" in (refused.download_error or "")
+        assert rows(b) == {} and refused.rejected == 1
