@@ -524,6 +524,7 @@ TAMPERED: list[tuple[str, Callable[[dict[str, Any]], dict[str, Any]], str]] = [
     ("signed by another key", lambda b: _resigned(b, {}, OTHER_KEY), "bad signature"),
     ("commit for another DID", lambda b: _resigned(b, {"did": "did:plc:" + "a" * 24}), "wrong DID"),
     ("event rev not the commit's", lambda b: dict(b, rev="3kzzzzzzzzzz2"), "rev mismatch"),
+    ("since not before rev", lambda b: dict(b, since="3zzzzzzzzzzz2"), "'since' .* not before"),
     ("CAR rooted elsewhere", lambda b: dict(b, commit=_note_cid(1)), "is not the commit"),
     ("truncated blocks", lambda b: dict(b, blocks=b["blocks"][:-3]), "truncated CAR"),
     ("ops not a list", lambda b: dict(b, ops={}), "'ops' is missing"),

@@ -181,6 +181,8 @@ def verify_commit_event(
             validate_tid(since)
     except InvalidSyntaxError as e:
         raise _malformed(str(e)) from e
+    if since is not None and since >= rev:
+        raise _malformed(f"'since' {since} is not before 'rev' {rev}")
     if not isinstance(commit_cid, CID):
         raise _malformed("'commit' is missing or not a CID")
     if not isinstance(blocks, bytes):
