@@ -33,13 +33,13 @@ import anyio.lowlevel
 
 from .._errors import AtsyncError, VerificationError
 from ..atproto import (
-    CID,
+    RepoFile,
     XrpcClient,
     check_data_model,
+    cid_for_dag_cbor,
+    data_from_json,
     data_to_json,
-    iter_repo_records,
-    read_car,
-    verify_commit,
+    decode_dag_cbor,
 )
 from ..db import ModelDB
 from ._binding import BoundBinding
@@ -126,33 +126,59 @@ class Puller:
         if latest.cid == self._outbox.get_state("pulled_commit"):
             result.commit, result.rev, result.unchanged = latest.cid, latest.rev, True
             return result
+        known = self._known()
+        known_cids = {key: was.cid for key, was in known.items()}
         with tempfile.TemporaryDirectory(prefix="atsync-pull-") as tmp:
             path = Path(tmp) / "repo.car"
             await client.sync_get_repo(did, path)
-            commit, rev, remote = await anyio.to_thread.run_sync(self._read, path, did, signing_key)
+            commit, rev, changed, present = await anyio.to_thread.run_sync(
+                self._read, path, did, signing_key, known_cids
+            )
         result.commit, result.rev = commit, rev
-        await self._apply(did, rev, remote, result, progress)
+        changes: list[tuple[str, str, str | None, dict[str, Any] | None]] = [
+            (collection, rkey, cid, record) for (collection, rkey), (cid, record) in changed.items()
+        ]
+        for (collection, rkey), was in known.items():
+            if was.cid is not None and (collection, rkey) not in present:
+                changes.append((collection, rkey, None, None))  # gone from the repo
+        await self._apply(did, rev, changes, known, result, progress)
         self._finish(commit, rev)
         return result
 
     # -- reading ----------------------------------------------------------------------------
 
     def _read(
-        self, path: Path, did: str, signing_key: str | None
-    ) -> tuple[str, str, dict[tuple[str, str], tuple[str, dict[str, Any]]]]:
-        with path.open("rb") as f:
-            car = read_car(f)
-        if signing_key is not None:
-            commit = verify_commit(car.blocks, car.root, did, signing_key)
-        else:
-            commit = None
-        remote: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
-        for rec in iter_repo_records(car, did=did):
-            if rec.collection in self._by_collection:
-                remote[(rec.collection, rec.rkey)] = (str(rec.cid), rec.record)
-        root = str(car.root)
-        rev = commit.rev if commit is not None else _rev_of(car.blocks, car.root)
-        return root, rev, remote
+        self,
+        path: Path,
+        did: str,
+        signing_key: str | None,
+        known: Mapping[tuple[str, str], str | None],
+    ) -> tuple[
+        str,
+        str,
+        dict[tuple[str, str], tuple[str, dict[str, Any]]],
+        set[tuple[str, str]],
+    ]:
+        """Index and verify the CAR on disk (memory does not grow with its size), and read
+        only the records of bound collections whose CID differs from what we hold."""
+        changed: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
+        present: set[tuple[str, str]] = set()
+        with RepoFile(path, did=did, signing_key=signing_key) as repo:
+            for collection, rkey, cid in repo.leaves():
+                if collection not in self._by_collection:
+                    continue
+                present.add((collection, rkey))
+                text = str(cid)
+                if known.get((collection, rkey)) == text:
+                    continue  # unchanged, or our own write coming back: not even read
+                data = repo.blocks[cid]
+                if cid_for_dag_cbor(data) != text:
+                    raise VerificationError(f"{collection}/{rkey}: block does not match {text}")
+                record = decode_dag_cbor(data)
+                if not isinstance(record, dict):
+                    raise VerificationError(f"{collection}/{rkey}: the record is not a map")
+                changed[(collection, rkey)] = (text, record)
+            return str(repo.commit.cid), repo.commit.rev, changed, present
 
     # -- applying ---------------------------------------------------------------------------
 
@@ -160,20 +186,11 @@ class Puller:
         self,
         did: str,
         rev: str,
-        remote: dict[tuple[str, str], tuple[str, dict[str, Any]]],
+        changes: list[tuple[str, str, str | None, dict[str, Any] | None]],
+        known: dict[tuple[str, str], _Known],
         result: PullResult,
         progress: Progress | None,
     ) -> None:
-        known, queued = self._local_state()
-        changes: list[tuple[str, str, str | None, dict[str, Any] | None]] = []
-        for (collection, rkey), (cid, record) in remote.items():
-            known_as = known.get((collection, rkey))
-            if known_as is not None and known_as.cid == cid:
-                continue  # unchanged, or our own write coming back
-            changes.append((collection, rkey, cid, record))
-        for (collection, rkey), known_as in known.items():
-            if known_as.cid is not None and (collection, rkey) not in remote:
-                changes.append((collection, rkey, None, None))  # gone from the repo
         total = len(changes)
         for start in range(0, total, CHUNK):
             with self._db.transaction():
@@ -183,7 +200,7 @@ class Puller:
                         with self._db.transaction():  # a savepoint: a bad record alone
                             self._apply_one(
                                 did, rev, collection, rkey, change_cid, change, known.get(key),
-                                queued.get(key), result,
+                                self._queued(collection, rkey), result,
                             )  # fmt: skip
                     except AtsyncError as exc:
                         # The row the record makes does not fit the model (its type, a
@@ -197,12 +214,13 @@ class Puller:
                 progress(min(total, start + CHUNK), total)
             await anyio.lowlevel.checkpoint()  # the app's writes go between two chunks
 
-    def _local_state(self) -> tuple[dict[tuple[str, str], _Known], dict[tuple[str, str], _Queued]]:
+    def _known(self) -> dict[tuple[str, str], _Known]:
+        """What was last synced, per record of the pulled collections."""
         collections = sorted(self._by_collection)
         if not collections:
-            return {}, {}
+            return {}
         marks = ", ".join("?" * len(collections))
-        known = {
+        return {
             (c, r): _Known(m, k, cid, rec)
             for c, r, m, k, cid, rec in self._db.execute(
                 f"SELECT collection, rkey, model, key, cid, record FROM {RECORDS} "
@@ -210,15 +228,16 @@ class Puller:
                 collections,
             ).fetchall()
         }
-        queued = {
-            (c, r): _Queued(seq, op, rec, cid, first, last)
-            for seq, c, r, op, rec, cid, first, last in self._db.execute(
-                f"SELECT seq, collection, rkey, op, record, cid, first_action, last_action "
-                f"FROM {OUTBOX} WHERE collection IN ({marks})",
-                collections,
-            ).fetchall()
-        }
-        return known, queued
+
+    def _queued(self, collection: str, rkey: str) -> _Queued | None:
+        """The local edit queued for a record now — read inside the applying transaction,
+        since the app may have queued one while the repository was downloading."""
+        row = self._db.connection.execute(
+            f"SELECT seq, op, record, cid, first_action, last_action FROM {OUTBOX} "
+            "WHERE collection = ? AND rkey = ?",
+            (collection, rkey),
+        ).fetchone()
+        return None if row is None else _Queued(*row)
 
     def _apply_one(
         self,
@@ -427,8 +446,6 @@ class Puller:
 def _row_of(binding: BoundBinding, record_json: str | None, key: str) -> dict[str, Any] | None:
     if record_json is None:
         return None
-    from ..atproto import data_from_json
-
     return binding.from_record(data_from_json(json.loads(record_json)), key)
 
 
@@ -438,12 +455,3 @@ def _dump(row: Mapping[str, Any] | None) -> str | None:
 
 def _dump_record(record: Mapping[str, Any] | None) -> str | None:
     return None if record is None else _json(data_to_json(dict(record)))
-
-
-def _rev_of(blocks: Mapping[CID, bytes], root: CID) -> str:
-    from ..atproto import decode_dag_cbor
-
-    commit = decode_dag_cbor(blocks[root])
-    if not isinstance(commit, dict) or not isinstance(commit.get("rev"), str):
-        raise VerificationError("the repository's commit has no rev")
-    return str(commit["rev"])
