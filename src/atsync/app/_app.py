@@ -303,8 +303,9 @@ class App:
         # One signature covers every earlier entry through the hash chain, so sealing
         # at most every seal_interval keeps signing off the per-action cost.
         now = time.monotonic()
-        due = now - self._last_seal >= self.seal_interval
-        if self.log.flush(self.signer.key_did, self.signer.sign if due else None):
+        if now - self._last_seal < self.seal_interval:
+            self.log.flush()
+        elif self.log.flush(self.signer.key_did, self.signer.sign):
             self._last_seal = now
 
     # -- authorship --------------------------------------------------------------------------

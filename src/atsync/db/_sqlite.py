@@ -100,7 +100,8 @@ class ModelDB:
         self, conn: sqlite3.Connection, schema: Schema, path: str, durability: Durability
     ) -> None:
         self._conn = conn
-        # Model writes go through one cursor: conn.execute() would create one per statement.
+        # Model writes and transaction statements go through one cursor: conn.execute()
+        # would create one per statement.
         self._cursor = conn.cursor()
         self.schema = schema
         self.path = path
@@ -115,7 +116,7 @@ class ModelDB:
         # head) is valid while this stays the same.
         self.generation = 0
         self._hub = SubscriptionHub()
-        self._watched = self._hub.watches
+        self._watched = self._hub.watched  # models with live queries
         # Hooks of the layer above (the app's action log): run inside the outermost
         # transaction just before COMMIT (an exception there rolls it back), and after
         # that transaction ended either way.
@@ -240,8 +241,8 @@ class ModelDB:
                 # Held-back writes belong to the enclosing level: written before the
                 # savepoint, a rollback to it cannot take them along.
                 self._flush_deferred()
-            marks = [(staged, len(staged)) for staged in self._staged]
-            self._conn.execute("BEGIN IMMEDIATE" if depth == 0 else f"SAVEPOINT atsync_{depth}")
+            marks = list(zip(self._staged, map(len, self._staged), strict=True))
+            self._cursor.execute("BEGIN IMMEDIATE" if depth == 0 else f"SAVEPOINT atsync_{depth}")
         except BaseException:
             self._lock.release()
             raise
@@ -269,7 +270,7 @@ class ModelDB:
                     hook()
                 if self._deferred:
                     self._flush_deferred()
-                self._conn.execute("COMMIT")
+                self._cursor.execute("COMMIT")
                 if self._hub.pending:
                     changes = self._hub.take_pending()
                 for end in self.after_transaction:
@@ -489,7 +490,7 @@ class ModelDB:
     ) -> None:
         model = plan.name
         # The row before the write is read only for a live query on this model.
-        watched = self._watched(model)
+        watched = model in self._watched
         key = params[plan.key_index]
         old = self._stored(plan, key) if watched else None
         try:
@@ -721,9 +722,12 @@ class ModelDB:
     @property
     def connection(self) -> sqlite3.Connection:
         """The SQLite connection, for atsync's own layers while they hold a transaction."""
-        self._check_open()
+        if self._closed:
+            self._check_open()  # raises
         if self._deferred and self._owner == get_ident():
-            self._flush_deferred()
+            for buffer, flush in self._deferred:
+                if buffer:
+                    flush()
         return self._conn
 
     def executemany(self, sql: str, rows: Iterable[Sequence[object]]) -> None:

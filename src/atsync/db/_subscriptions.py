@@ -77,20 +77,27 @@ class SubscriptionHub:
         self._by_model: dict[str, list[Subscription]] = {}
         self._lock = threading.Lock()
         self.pending: list[Change] = []
+        # Models with at least one subscription: read (without the lock) on every write.
+        self.watched: set[str] = set()
 
     def watches(self, model: str) -> bool:
-        return bool(self._by_model.get(model))
+        return model in self.watched
 
     def add(self, subscription: Subscription) -> None:
         with self._lock:
             subscription._hub = self
-            self._by_model.setdefault(subscription.query.model.name, []).append(subscription)
+            model = subscription.query.model.name
+            self._by_model.setdefault(model, []).append(subscription)
+            self.watched.add(model)
 
     def remove(self, subscription: Subscription) -> None:
         with self._lock:
-            subs = self._by_model.get(subscription.query.model.name, [])
+            model = subscription.query.model.name
+            subs = self._by_model.get(model, [])
             if subscription in subs:
                 subs.remove(subscription)
+            if not subs:
+                self.watched.discard(model)
 
     def take_pending(self) -> list[Change]:
         changes = self.pending[:]

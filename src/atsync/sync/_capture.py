@@ -181,6 +181,7 @@ class Capture:
         on_queued: Callable[[set[str]], None] | None = None,
     ) -> None:
         self._app = app
+        self._db = app.model_db
         self._outbox = outbox
         self._bindings = {m: b for m, b in bindings.items() if b.direction != "pull"}
         self._on_action = on_action
@@ -289,11 +290,14 @@ class Capture:
 
     def _write_held(self) -> None:
         """Queue the held puts (in the open transaction), ``_CHUNK`` per statement."""
-        db = self._app.model_db
-        rows = self._held[:]
-        self._held.clear()  # first: the connection below would write them again
+        held = self._held
+        rows = held[:]
+        held.clear()  # first: the connection below would write them again
         try:
-            conn = db.connection
+            if len(rows) == 1:  # one action per transaction: the single-statement path
+                self._outbox.enqueue(*rows[0])
+                return
+            conn = self._db.connection
             for start in range(0, len(rows), _CHUNK):
                 chunk = rows[start : start + _CHUNK]
                 if len(chunk) > 1:
@@ -311,8 +315,8 @@ class Capture:
                     self._outbox.enqueue(*put)
         except BaseException as exc:
             # The puts are gone from memory: the transaction must not commit without them.
-            if db.in_transaction:
-                db.fail_transaction(f"queueing local writes for sync failed: {exc!r}")
+            if self._db.in_transaction:
+                self._db.fail_transaction(f"queueing local writes for sync failed: {exc!r}")
             raise
 
     def after_action(
