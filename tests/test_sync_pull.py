@@ -373,3 +373,42 @@ async def test_a_commit_signed_by_another_key_is_rejected(
         refused = await wait_status(sync_b, lambda s: s.download_error is not None, 30)
         assert "signature" in (refused.download_error or "")
         assert rows(b) == {} and refused.rejected == 1
+
+
+async def test_live_events_are_applied_without_reading_the_repository(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    """Each #commit about the account is verified and its operations applied directly; the
+    whole repository is read only at the start (and after a gap)."""
+    import httpx
+
+    collection = collection_for(request)
+    session = await alice(dev_pds)
+    downloads: list[str] = []
+
+    async def count(req: httpx.Request) -> None:
+        if req.url.path.endswith("com.atproto.sync.getRepo"):
+            downloads.append(str(req.url))
+
+    hooks = {"event_hooks": {"request": [count]}}
+    async with (
+        device(tmp_path / "a.db", collection, session, resolver) as (a, _),
+        device(
+            tmp_path / "b.db", collection, session, resolver, pull=Live(), client_options=hooks
+        ) as (b, sync_b),
+    ):
+        await wait_status(sync_b, lambda s: s.live, 10)
+        a.actions.put("warm", "up")
+        await wait_status(sync_b, lambda s: "warm" in rows(b), 10)
+        before = len(downloads)
+        for i in range(5):
+            a.actions.put(f"e{i}", f"event {i}")
+            await wait_status(sync_b, lambda s, i=i: f"e{i}" in rows(b), 10)
+        a.actions.edit("e0", title="edited")
+        a.actions.drop("e1")
+        await wait_status(
+            sync_b, lambda s: "e1" not in rows(b) and rows(b)["e0"]["title"] == "edited", 10
+        )
+        assert len(downloads) == before  # events only: no repository read
+        assert rows(b) == rows(a)
+        assert sync_b.status.rejected == 0

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
@@ -27,7 +28,7 @@ import anyio
 
 from .._errors import PermanentError, SchemaError, SignerError
 from ..app import App
-from ..atproto import IdentityResolver, XrpcClient
+from ..atproto import FirehoseFrame, IdentityResolver, XrpcClient
 from ..db import ModelDB
 from ..lexicon import LexiconSet
 from ._backoff import Backoff
@@ -51,6 +52,7 @@ __all__ = ["ATSync", "SessionLike"]
 
 log = logging.getLogger("atsync.sync")
 POLL_SECONDS = 1.0  # how often an idle engine looks for writes by other processes
+MAX_EVENTS = 1000  # #commit events held for the next pull; beyond, it reads the whole repo
 _STATE_FOR_WAIT = {
     None: State.IDLE,
     WaitReason.NEEDS_AUTH: State.NEEDS_AUTH,
@@ -226,6 +228,10 @@ class ATSync(StatusKeeper):
         self._pull_wanted = 0
         self._pull_done = 0
         self._stream_up = False
+        # #commit events waiting for the next pull; lost: one was dropped or is not a
+        # #commit (the next pull reads the whole repository).
+        self._events: deque[FirehoseFrame] = deque()
+        self._events_lost = False
         self._refresh_status(state=State.STOPPED)
 
     def _make_source(self, session: SessionLike | SessionSource | None) -> SessionSource:
@@ -278,7 +284,7 @@ class ATSync(StatusKeeper):
         try:
             async with anyio.create_task_group() as tg:
                 if isinstance(self.pull_strategy, Live) and self._pulls():
-                    tg.start_soon(listen, self._stream_session, self._on_repo_change,
+                    tg.start_soon(listen, self._stream_session, self._on_repo_event,
                                   self._on_stream)  # fmt: skip
                 task_status.started()
                 await self._loop()
@@ -443,7 +449,11 @@ class ATSync(StatusKeeper):
         runner = self._runner
         return runner.session if runner is not None and not runner.wrong_account else None
 
-    def _on_repo_change(self) -> None:
+    def _on_repo_event(self, frame: FirehoseFrame | None) -> None:
+        if frame is None or frame.type != "#commit" or len(self._events) >= MAX_EVENTS:
+            self._events_lost = True  # the next pull reads the whole repository
+        else:
+            self._events.append(frame)
         self._pull_forced = True
         self._wake()
 

@@ -1,12 +1,14 @@
 """``Live()`` pulls: the PDS's event stream (``subscribeRepos``) tells the engine when the
 account's repository changed.
 
-The stream is used as a signal, not as the data: any event about the account (``#commit``,
-``#sync``, ``#identity``, ``#account``) asks for a pull, and the pull reads the repository
-itself, verified, and compares the whole bound state — so a missed, repeated or reordered
-event can never leave a gap or a duplicate, and deletes are never missed. On (re)connect a
-pull is asked for too (whatever happened while the stream was down); while it is down the
-engine polls (``Live(fallback=...)``). Reconnects follow a capped backoff of their own.
+Each ``#commit`` about the account is handed to the engine, which verifies it (signature,
+records, its operations inverted on the MST back to ``prevData``) and applies its operations
+directly when it follows what the local state includes (``since`` = the stored rev,
+``prevData`` = the stored MST root). Anything else — a gap, a repeat out of order, an
+event that fails verification, ``#sync``/``#identity``/``#account``, a (re)connect — makes
+the next pull read the whole repository instead, so a missed event can never leave a gap
+and deletes are never missed. While the stream is down the engine polls
+(``Live(fallback=...)``). Reconnects follow a capped backoff of their own.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from ..atproto import FirehoseSubscription
+from ..atproto import FirehoseFrame, FirehoseSubscription
 from ._backoff import Backoff
 
 if TYPE_CHECKING:
@@ -38,12 +40,13 @@ def stream_url(pds_url: str) -> str:
 
 async def listen(
     current_session: Callable[[], SessionLike | None],
-    on_change: Callable[[], None],
+    on_event: Callable[[FirehoseFrame | None], None],
     on_stream: Callable[[bool], None],
 ) -> None:
     """Run until cancelled: keep a stream open to the current session's PDS; call
-    ``on_change()`` for every event about its account and on every (re)connect, and
-    ``on_stream(up)`` when the stream comes up or goes down."""
+    ``on_event(frame)`` for every event about its account and ``on_event(None)`` on every
+    (re)connect (whatever happened meanwhile is unknown), and ``on_stream(up)`` when the
+    stream comes up or goes down."""
     backoff = Backoff(base=1.0, cap=30.0)
     while True:
         session = current_session()
@@ -53,14 +56,14 @@ async def listen(
         try:
             async with FirehoseSubscription(stream_url(session.pds_url)) as stream:
                 on_stream(True)
-                on_change()  # whatever happened while we were not listening
+                on_event(None)  # whatever happened while we were not listening
                 async for frame in stream:
                     backoff.succeeded()
                     if current_session() is not session:
                         break  # logged out, or another login: reconnect for it
                     body = frame.body
                     if body.get("repo") == session.did or body.get("did") == session.did:
-                        on_change()
+                        on_event(frame)
         except Exception as exc:  # the stream is a hint: any failure means "poll meanwhile"
             log.info("event stream of %s is down: %s", session.pds_url, exc)
         finally:

@@ -34,6 +34,7 @@ import anyio.lowlevel
 from .._errors import AtsyncError, VerificationError
 from ..atproto import (
     RepoFile,
+    VerifiedCommit,
     XrpcClient,
     check_data_model,
     cid_for_dag_cbor,
@@ -131,7 +132,7 @@ class Puller:
         with tempfile.TemporaryDirectory(prefix="atsync-pull-") as tmp:
             path = Path(tmp) / "repo.car"
             await client.sync_get_repo(did, path)
-            commit, rev, changed, present = await anyio.to_thread.run_sync(
+            commit, rev, data, changed, present = await anyio.to_thread.run_sync(
                 self._read, path, did, signing_key, known_cids
             )
         result.commit, result.rev = commit, rev
@@ -142,7 +143,30 @@ class Puller:
             if was.cid is not None and (collection, rkey) not in present:
                 changes.append((collection, rkey, None, None))  # gone from the repo
         await self._apply(did, rev, changes, known, result, progress)
-        self._finish(commit, rev)
+        self._finish(commit, rev, data)
+        return result
+
+    def position(self) -> tuple[str | None, str | None]:
+        """The rev and MST root (``data``) the local state includes."""
+        return self._outbox.get_state("pulled_rev"), self._outbox.get_state("pulled_data")
+
+    async def apply_commit(self, did: str, event: VerifiedCommit) -> PullResult:
+        """Apply one verified ``#commit`` that directly follows ``position()`` — its
+        operations only, no download."""
+        result = PullResult(commit=str(event.commit), rev=event.rev)
+        known = self._known()
+        changes: list[tuple[str, str, str | None, dict[str, Any] | None]] = []
+        for op in event.ops:
+            if op.collection not in self._by_collection:
+                continue
+            was = known.get((op.collection, op.rkey))
+            if op.cid is None:
+                if was is not None and was.cid is not None:
+                    changes.append((op.collection, op.rkey, None, None))
+            elif was is None or was.cid != str(op.cid):
+                changes.append((op.collection, op.rkey, str(op.cid), op.record))
+        await self._apply(did, event.rev, changes, known, result, None)
+        self._finish(str(event.commit), event.rev, str(event.data))
         return result
 
     # -- reading ----------------------------------------------------------------------------
@@ -154,6 +178,7 @@ class Puller:
         signing_key: str | None,
         known: Mapping[tuple[str, str], str | None],
     ) -> tuple[
+        str,
         str,
         str,
         dict[tuple[str, str], tuple[str, dict[str, Any]]],
@@ -178,7 +203,8 @@ class Puller:
                 if not isinstance(record, dict):
                     raise VerificationError(f"{collection}/{rkey}: the record is not a map")
                 changed[(collection, rkey)] = (text, record)
-            return str(repo.commit.cid), repo.commit.rev, changed, present
+            commit = repo.commit
+            return str(commit.cid), commit.rev, str(commit.data), changed, present
 
     # -- applying ---------------------------------------------------------------------------
 
@@ -424,12 +450,13 @@ class Puller:
                 (did, reason, detail, time.time()),
             )
 
-    def _finish(self, commit: str, rev: str) -> None:
+    def _finish(self, commit: str, rev: str, data: str) -> None:
         with self._db.transaction():
             conn = self._db.connection
             for key, value in (
                 ("pulled_commit", commit),
                 ("pulled_rev", rev),
+                ("pulled_data", data),
                 ("last_pulled_at", repr(time.time())),
                 ("has_synced", "1"),
                 # The next push is sent against the commit we now include: another device's

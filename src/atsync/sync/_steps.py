@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -23,10 +24,18 @@ from .._errors import (
     TransientError,
     VerificationError,
 )
-from ..atproto import DEFAULT_PLC_URL, IdentityResolver, XrpcClient, outcome_unknown
+from ..atproto import (
+    DEFAULT_PLC_URL,
+    FirehoseFrame,
+    IdentityResolver,
+    XrpcClient,
+    outcome_unknown,
+    verify_commit_event,
+)
 from ..lexicon import LexiconSet, validate_record
 from ._binding import BoundBinding
 from ._capture import Validator
+from ._puller import PullResult
 from ._pusher import PushResult
 from ._resync import ResyncScan
 from ._status import State, WaitReason
@@ -160,8 +169,17 @@ class StepRunner:
         except (VerificationError, NetworkError, OSError) as exc:
             self._pull_failed(f"cannot resolve the account's signing key: {exc}", None)
             return
+        frames, engine._events = list(engine._events), deque()
+        lost, engine._events_lost = engine._events_lost, False
         try:
-            result = await puller.pull(did, client, key, progress)
+            followed = frames and not lost and key is not None
+            if not followed or not await self._apply_events(did, key or "", frames):
+                result = await puller.pull(did, client, key, progress)
+            elif engine._pull_wanted > engine._pull_done:
+                # Asked for the head as of now: the events may not have reached it yet.
+                result = await puller.pull(did, client, key, progress)
+            else:
+                result = PullResult()
         except RateLimitedError as exc:
             wait = max(0.0, (exc.reset_at or time.time() + 60) - time.time())
             self._pull_failed(str(exc), wait)
@@ -191,6 +209,29 @@ class StepRunner:
                 result.rejected,
             )  # fmt: skip
         engine._refresh_status(download_error=None, pull_progress=None)
+
+    async def _apply_events(self, did: str, key: str, frames: list[FirehoseFrame]) -> bool:
+        """Apply #commit events that follow the local state, verified; False at the first
+        gap or bad event (then the whole repository is read)."""
+        puller = self.engine._puller
+        assert puller is not None
+        rev, data = puller.position()
+        if rev is None:
+            return False  # never pulled in full: nothing to follow from
+        for frame in frames:
+            try:
+                event = verify_commit_event(frame, key, did=did)
+            except VerificationError as exc:
+                puller.reject_all(did, "VerificationError", f"#commit event: {exc}")
+                return False
+            if event.rev <= rev:
+                continue  # already included (a replayed event)
+            prev_data = str(event.prev_data) if event.prev_data is not None else None
+            if event.since != rev or (data is not None and prev_data != data):
+                return False  # a gap: something happened that we did not see
+            await puller.apply_commit(did, event)
+            rev, data = event.rev, str(event.data)
+        return True
 
     def _pull_failed(self, message: str, wait: float | None, *, offline: bool = False) -> None:
         engine = self.engine
