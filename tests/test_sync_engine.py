@@ -190,6 +190,9 @@ async def test_a_damaged_outbox_row_is_dead_lettered_and_the_rest_goes_on(tmp_pa
         assert sorted(remote_titles(pds)) == ["a", "d"]
         dead = {d.rkey: d for d in sync.outbox.dead_letters()}
         assert set(dead) == {"b", "c"} and dead["b"].error == "UnreadableRow"
+        assert sync.row_state("notes", "b") == "failed"
+        app.actions.put("e", "new")
+        assert sync.row_state("notes", "e") == "pending"
         assert "damaged" in (dead["b"].message or "")
         # A newer state of the damaged record supersedes its dead letter and is pushed.
         async with sync:
@@ -198,6 +201,7 @@ async def test_a_damaged_outbox_row_is_dead_lettered_and_the_rest_goes_on(tmp_pa
             status = await idle(sync)
             assert status.failed == 1
         assert remote_titles(pds)["b"] == "repaired"
+        assert sync.row_state("notes", "b") == sync.row_state("notes", "e") == "synced"
         sync.close()
 
 
@@ -514,9 +518,11 @@ async def test_rows_from_before_sync_are_pushed_but_never_overwrite_the_repo(
         seed(app, ["a", "b", "c"])  # no engine attached: nothing queued
         sync = engine(app, pds)
         assert sync.status.pending == 0
+        assert sync.row_state("notes", "a") == "local"  # not compared yet
         async with sync:
             status = await wait_status(sync, lambda s: s.pending == 0 and s.state == "idle")
         assert status.conflicts == 1 and status.failed == 1
+        assert [sync.row_state("notes", k) for k in "abc"] == ["synced", "conflict", "synced"]
         assert pds.values(NOTES)["b"] == theirs  # not overwritten
         assert remote_titles(pds)["a"] == "t a" and remote_titles(pds)["c"] == "t c"
         (dead,) = sync.outbox.dead_letters()

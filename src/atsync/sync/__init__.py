@@ -13,9 +13,9 @@ from ._blocking import SyncThread
 from ._budget import RateBudget
 from ._capture import ActionCall, RecordWrite
 from ._engine import ATSync
-from ._outbox import DeadLetter, Outbox, PendingWrite, QueuedWrite
-from ._status import State, SyncStatus, WaitReason
 from ._merge import ConflictPolicy
+from ._outbox import DeadLetter, Outbox, PendingWrite, QueuedWrite
+from ._status import RowState, State, SyncStatus, WaitReason
 from ._strategies import (
     Batch,
     Debounce,
@@ -50,6 +50,7 @@ __all__ = [
     "QueuedWrite",
     "RateBudget",
     "RecordWrite",
+    "RowState",
     "State",
     "Strategy",
     "SyncStatus",

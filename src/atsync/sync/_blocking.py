@@ -21,7 +21,7 @@ import anyio
 from .._blocking import Portal
 from ..app import App
 from ._engine import ATSync
-from ._status import SyncStatus
+from ._status import RowState, SyncStatus
 
 __all__ = ["SyncThread"]
 
@@ -90,6 +90,9 @@ class SyncThread:
 
     def retry_dead_letters(self) -> int:
         return self.engine.retry_dead_letters()
+
+    def row_state(self, model: str, key: str) -> RowState:
+        return self.engine.row_state(model, key)
 
     def pull_now(self) -> None:
         self.engine.pull_now()

@@ -43,7 +43,7 @@ from ._migrate import upgrade_sync_tables
 from ._outbox import Outbox, create_sync_tables
 from ._puller import Puller
 from ._pusher import Pusher
-from ._status import State, SyncStatus, WaitReason
+from ._status import RowState, State, SyncStatus, WaitReason
 from ._steps import StepRunner, lexicon_set, lexicon_validator
 from ._strategies import Debounce, Live, Manual, PullStrategy, Queue, Strategy
 from ._waker import Waker
@@ -486,6 +486,13 @@ class ATSync(StatusKeeper):
             runner.retry_at = None
             runner.auth_failed = False  # "sync now" tries the session again
         self._wake()
+
+    def row_state(self, model: str, key: str) -> RowState:
+        """Where one row of a bound model stands: local only, pending, synced, failed or in
+        conflict (``RowState``) — e.g. for a sync badge next to each item in a list."""
+        if model not in self._bindings:
+            raise SchemaError(f"{model!r} is not a bound model (bound: {sorted(self._bindings)})")
+        return RowState(self.outbox.row_state(model, key))
 
     def pull_now(self) -> None:
         """Pull as soon as possible (whatever the pull strategy says)."""

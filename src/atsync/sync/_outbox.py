@@ -502,6 +502,22 @@ class Outbox:
         with self._db.transaction():
             create_sync_tables(self._db.connection)
 
+    def row_state(self, model: str, key: str) -> str:
+        """``local``, ``pending``, ``synced``, ``failed`` or ``conflict`` (see ``RowState``)."""
+        row = self._db.execute(
+            f"SELECT (SELECT error FROM {DEAD} WHERE model = ?1 AND key = ?2 "
+            f"ORDER BY seq DESC LIMIT 1), "
+            f"EXISTS (SELECT 1 FROM {OUTBOX} WHERE model = ?1 AND key = ?2), "
+            f"(SELECT cid FROM {RECORDS} WHERE model = ?1 AND key = ?2)",
+            (model, key),
+        ).fetchone()
+        dead, queued, cid = row
+        if dead is not None:
+            return "conflict" if dead == "Conflict" else "failed"
+        if queued:
+            return "pending"
+        return "synced" if cid is not None else "local"
+
     def rejected_count(self) -> int:
         (count,) = self._db.execute(f"SELECT count(*) FROM {REJECTED}").fetchone()
         return int(count)

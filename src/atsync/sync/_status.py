@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-__all__ = ["State", "SyncStatus", "WaitReason"]
+__all__ = ["RowState", "State", "SyncStatus", "WaitReason"]
 
 
 class State(StrEnum):
@@ -36,6 +36,16 @@ class WaitReason(StrEnum):
     OFFLINE = "offline"  # the PDS did not answer
     NEEDS_AUTH = "needs_auth"  # log in (again)
     WRONG_ACCOUNT = "wrong_account"  # the session's account is not the database's
+
+
+class RowState(StrEnum):
+    """Where one row stands (``sync.row_state(model, key)``), for user interfaces."""
+
+    LOCAL = "local"  # only on this device: never synced (or its record left the repository)
+    PENDING = "pending"  # a change is queued for the PDS
+    SYNCED = "synced"  # the PDS holds what this device holds
+    FAILED = "failed"  # the PDS refused the change (a dead letter; see `atsync outbox`)
+    CONFLICT = "conflict"  # the repository holds a different record that was not merged
 
 
 @dataclass(frozen=True, slots=True)
