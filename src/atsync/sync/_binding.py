@@ -139,6 +139,11 @@ class BoundBinding:
             if self.trusted
         )
 
+    @property
+    def record_fields(self) -> frozenset[str]:
+        """The record fields this binding maps (``$type`` included)."""
+        return frozenset({"$type", *(name for _, name, _, _ in self._fields)})
+
     def rkey_for(self, row: Mapping[str, Any]) -> str:
         """The record key of a row, when keys come from the primary key."""
         return self.rkey_of(row[self._key])

@@ -206,6 +206,7 @@ class ATSync(StatusKeeper):
         self._budget_choice = budget
         self.budget: RateBudget | None = budget
         self._pusher = Pusher(self.outbox, budget)
+        self._pusher.mapped = {b.collection: b.record_fields for b in bound.values()}
         self._session_source = self._make_source(session)
         self._client_options = dict(client_options or {})
         self._clock = clock

@@ -502,6 +502,32 @@ class Outbox:
         with self._db.transaction():
             create_sync_tables(self._db.connection)
 
+    def base_records(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], tuple[str | None, str]]:
+        """(CID, content) as last synced, for those of ``keys`` whose content is known."""
+        found: dict[tuple[str, str], tuple[str | None, str]] = {}
+        for start in range(0, len(keys), 250):
+            chunk = keys[start : start + 250]
+            where = " OR ".join("(collection = ? AND rkey = ?)" for _ in chunk)
+            params = [part for key in chunk for part in key]
+            for collection, rkey, cid, record in self._db.execute(
+                f"SELECT collection, rkey, cid, record FROM {RECORDS} "
+                f"WHERE record IS NOT NULL AND ({where})",
+                params,
+            ):
+                found[(collection, rkey)] = (cid, record)
+        return found
+
+    def replace_record(self, write: PendingWrite, record: str, cid: str) -> bool:
+        """Rewrite a queued write's record (unless it changed since it was read)."""
+        with self._db.transaction():
+            changed = self._db.connection.execute(
+                f"UPDATE {OUTBOX} SET record = ?, cid = ? WHERE seq = ? AND version = ?",
+                (record, cid, write.seq, write.version),
+            ).rowcount
+        return changed == 1
+
     def row_state(self, model: str, key: str) -> str:
         """``local``, ``pending``, ``synced``, ``failed`` or ``conflict`` (see ``RowState``)."""
         row = self._db.execute(

@@ -30,6 +30,7 @@ from ..atproto import (
     data_from_json,
 )
 from ._budget import RateBudget
+from ._carry import carry_unmapped
 from ._outbox import Outbox, PendingWrite
 
 __all__ = ["PushResult", "Pusher"]
@@ -57,6 +58,8 @@ class Pusher:
         self.server_limit: RateLimitInfo | None = None  # applyWrites' RateLimit-* headers
         self.last_batch: Sequence[PendingWrite] = ()  # what the last attempt sent
         self.damaged = 0  # rows dead-lettered because they could not be read
+        # Per collection, the record fields its binding maps (the rest is carried over).
+        self.mapped: dict[str, frozenset[str]] = {}
         self.batch_limit = MAX_WRITES  # shrinks to isolate a rejected write
         self.sent_swap: str | None = None  # the swapCommit the last batch was sent with
         self.needs_reconcile = False  # an unknown outcome is still unsettled
@@ -108,6 +111,12 @@ class Pusher:
         batch = self.outbox.next_batch(self.batch_limit, MAX_BYTES, collections)
         if not batch:
             return False
+        if self.mapped:
+            batch, settled = carry_unmapped(self.outbox, batch, self.mapped)
+            if settled:
+                result.already_applied += self.outbox.complete(settled)
+            if not batch:
+                return True
         writes, batch = self._writes(batch)
         if not batch:
             return True  # every row of it was damaged (now dead letters): look again
