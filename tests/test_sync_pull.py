@@ -450,3 +450,28 @@ async def test_fields_the_binding_does_not_map_survive_a_round_trip(
             status = await sync_b.wait_for_idle()
         assert status.pending == 0
     assert applied == []
+
+
+async def test_an_inactive_account_is_not_pulled_until_it_is_active_again(
+    make_pds: Any, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    pds = make_pds()  # deactivating an account is not for the shared PDS
+    collection = collection_for(request)
+    session = await alice(pds)
+    async with (
+        IdentityResolver(plc_url=pds.plc_url, allow_insecure_localhost=True) as resolver,
+        device(tmp_path / "b.db", collection, session, resolver, pull=Live()) as (b, sync_b),
+    ):
+        await wait_status(sync_b, lambda s: s.live, 10)
+        async with XrpcClient(session=session) as client:
+            await client.procedure("com.atproto.server.deactivateAccount", {}, auth=True)
+        held = await wait_status(sync_b, lambda s: "not active" in (s.download_error or ""), 10)
+        assert "nothing is pulled until it is active again" in (held.download_error or "")
+        async with XrpcClient(session=session) as client:
+            await client.procedure("com.atproto.server.activateAccount", None, auth=True)
+            record = {"$type": collection, "title": "back", "n": 1}
+            await client.create_record(session.did, collection, record, rkey="back")
+        back = await wait_status(
+            sync_b, lambda s: "back" in rows(b) and s.download_error is None, 15
+        )
+        assert back.live and rows(b)["back"]["title"] == "back"

@@ -233,6 +233,9 @@ class ATSync(StatusKeeper):
         # #commit (the next pull reads the whole repository).
         self._events: deque[FirehoseFrame] = deque()
         self._events_lost = False
+        # The PDS said the account is not active (takendown, suspended, deactivated…):
+        # nothing is pulled until it says otherwise.
+        self._account_inactive: str | None = None
         self._refresh_status(state=State.STOPPED)
 
     def _make_source(self, session: SessionLike | SessionSource | None) -> SessionSource:
@@ -451,6 +454,14 @@ class ATSync(StatusKeeper):
         return runner.session if runner is not None and not runner.wrong_account else None
 
     def _on_repo_event(self, frame: FirehoseFrame | None) -> None:
+        runner = self._runner
+        if frame is not None and frame.type == "#identity" and runner is not None:
+            runner.forget_identity()  # a new signing key or PDS: resolve afresh
+        if frame is not None and frame.type == "#account":
+            active = frame.body.get("active")
+            self._account_inactive = (
+                None if active is True else str(frame.body.get("status") or "inactive")
+            )
         if frame is None or frame.type != "#commit" or len(self._events) >= MAX_EVENTS:
             self._events_lost = True  # the next pull reads the whole repository
         else:

@@ -48,6 +48,10 @@ __all__ = ["StepRunner", "lexicon_set", "lexicon_validator"]
 log = logging.getLogger("atsync.sync")
 OFFLINE_PROBE_SECONDS = 5.0  # while the PDS does not answer, try at least this often
 AUTH_RETRY_SECONDS = 60.0  # a refused session is tried again this long after
+# What the PDS answers for a repository whose account is not active.
+INACTIVE_ERRORS = frozenset(
+    {"RepoDeactivated", "RepoTakendown", "RepoSuspended", "AccountDeactivated", "AccountTakedown"}
+)
 
 
 class StepRunner:
@@ -124,6 +128,12 @@ class StepRunner:
         if prune is not None and not engine._pusher.fence_needed:
             prune()
 
+    def forget_identity(self) -> None:
+        did = self.session.did if self.session is not None else None
+        invalidate = getattr(self._resolver, "invalidate", None)
+        if invalidate is not None and did is not None:
+            invalidate(did)
+
     async def aclose(self) -> None:
         await self.drop_client()
         resolver, self._resolver = self._resolver, None
@@ -159,6 +169,11 @@ class StepRunner:
         did, client = self._did_client()
         wanted = engine._pull_wanted
         engine._pull_forced = False
+        if engine._account_inactive is not None and engine._stream_up:
+            # Not pulled while the account is not active; the stream's next #account says
+            # when it is again (without a stream, each pull asks the PDS).
+            self._show_inactive()
+            return
         engine._refresh_status(state=State.PULLING, did=did, waiting_reason=None, resumes_at=None)
 
         def progress(done: int, total: int) -> None:
@@ -193,6 +208,14 @@ class StepRunner:
             # Forged, tampered or damaged: nothing of it was applied. Said once per failure.
             puller.reject_all(did, "VerificationError", str(exc))
             self._pull_failed(f"the repository failed verification: {exc}", None)
+            return
+        except PermanentError as exc:
+            if exc.error in INACTIVE_ERRORS:
+                engine._account_inactive = exc.error
+                engine._last_pull = engine._clock()
+                self._show_inactive()
+                return
+            self._pull_failed(str(exc), None)
             return
         except (NetworkError, OSError) as exc:
             self._pull_failed(str(exc), None, offline=isinstance(exc, TransientError)
@@ -232,6 +255,13 @@ class StepRunner:
             await puller.apply_commit(did, event)
             rev, data = event.rev, str(event.data)
         return True
+
+    def _show_inactive(self) -> None:
+        engine = self.engine
+        engine._refresh_status(
+            download_error=f"the account is not active on its PDS ({engine._account_inactive}):"
+            " nothing is pulled until it is active again"
+        )
 
     def _pull_failed(self, message: str, wait: float | None, *, offline: bool = False) -> None:
         engine = self.engine
