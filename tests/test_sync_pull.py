@@ -4,6 +4,7 @@ converge, concurrent edits merge field by field, deletes arrive, bad records are
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -475,3 +476,54 @@ async def test_an_inactive_account_is_not_pulled_until_it_is_active_again(
             sync_b, lambda s: "back" in rows(b) and s.download_error is None, 15
         )
         assert back.live and rows(b)["back"]["title"] == "back"
+
+
+SPEC = """
+from atsync import Binding, Contract
+
+contract = Contract(models={{
+    "notes": {{"id": "primary", "title": "string", "body": "string?", "n": "integer"}},
+}})
+bindings = {{"notes": Binding({collection!r})}}
+"""
+
+
+async def test_atsync_pull_pulls_once_through_the_apps_bindings(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    from atsync.app import ATPSigner
+    from atsync.atproto import FileSessionStore
+
+    collection = collection_for(request)
+    session = await alice(dev_pds)
+    async with device(tmp_path / "a.db", collection, session, resolver) as (a, sync_a):
+        for key in ("p1", "p2"):
+            a.actions.put(key, f"from the shell {key}")
+        await settle(sync_a)
+    (tmp_path / "notes_spec.py").write_text(SPEC.format(collection=collection))
+    sessions = tmp_path / "sessions"
+    signer = ATPSigner(store=FileSessionStore(sessions))
+    with App.open(tmp_path / "shell.db", contract, signer=signer):
+        account = dev_pds.accounts["alice.test"]
+        await signer.login_async("alice.test", account.password, dev_pds.pds_url)
+    run = await anyio.to_thread.run_sync(
+        lambda: subprocess.run(
+            [sys.executable, "-m", "atsync", "pull", "--db", str(tmp_path / "shell.db"),
+             "--session-dir", str(sessions), "--app", "notes_spec"],
+            capture_output=True, text=True, timeout=120, cwd=tmp_path,
+            env={**os.environ, "ATSYNC_PLC_URL": dev_pds.plc_url},
+        )
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "pulled rev" in run.stdout and "0 rejected" in run.stdout
+    with App.open(tmp_path / "shell.db", contract) as shell:
+        assert sorted(rows(shell)) == ["p1", "p2"]
+    with App.open(tmp_path / "shell.db", contract):
+        beside = await anyio.to_thread.run_sync(
+            lambda: subprocess.run(
+                [sys.executable, "-m", "atsync", "pull", "--db", str(tmp_path / "shell.db"),
+                 "--session-dir", str(sessions), "--app", "notes_spec"],
+                capture_output=True, text=True, timeout=60, cwd=tmp_path,
+            )
+        )  # fmt: skip
+    assert beside.returncode != 0 and "already open" in beside.stderr

@@ -7,6 +7,7 @@ records, and the session of the database's key is in the session store.
 from __future__ import annotations
 
 import getpass
+import importlib
 import json
 import os
 import sys
@@ -19,7 +20,7 @@ import anyio
 import click
 
 from .._errors import AtsyncError, TransactionError
-from ..app import LocalSigner, key_path_for, writer_lock
+from ..app import App, ATPSigner, LocalSigner, key_path_for, writer_lock
 from ..atproto import FileSessionStore, Session, login
 from ..db import ModelDB
 from ..sync import ATSync, Manual, Outbox, State, SyncStatus, WaitReason
@@ -202,6 +203,75 @@ def outbox(db_path: Path, as_json: bool, limit: int) -> None:
     click.echo(f"dead letters ({len(dead)})")
     for d in dead:
         click.echo(f"  #{d.seq:<6} {d.op:<7} {d.collection}/{d.rkey}  {d.error}: {d.message}")
+
+
+@main.command()
+@DB_OPTION
+@SESSIONS_OPTION
+@click.option(
+    "--app",
+    "app_ref",
+    required=True,
+    help="MODULE[:ATTR]: where the app's `contract` and `bindings` are (and, optionally, "
+    "`sync_options`, a dict of further ATSync arguments). The current directory is searched.",
+)
+@click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for it.")
+def pull(db_path: Path, session_dir: Path | None, app_ref: str, timeout: float) -> None:
+    """Pull once: bring the database up to the repository's head, through the app's own
+    bindings and the same engine as the library (verified, merged, nothing pushed)."""
+    spec = _load_app(app_ref)
+    contract, bindings = getattr(spec, "contract", None), getattr(spec, "bindings", None)
+    if contract is None or bindings is None:
+        raise click.ClickException(f"{app_ref} has no `contract` and `bindings`")
+    options = dict(getattr(spec, "sync_options", None) or {})
+    options.update(push=Manual(), pull=Manual())
+    signer = ATPSigner(store=FileSessionStore(session_dir))
+    try:
+        app = App.open(db_path, contract, signer=signer)
+    except AtsyncError as exc:
+        raise click.ClickException(str(exc)) from None
+    with app:
+        if signer.session is None:
+            raise click.ClickException("not logged in: run `atsync login --db ... HANDLE`")
+        sync = ATSync(app, bindings=bindings, **options)
+        try:
+            status = anyio.run(_drive_pull, sync, timeout)
+        finally:
+            sync.close()
+    click.echo(
+        f"pulled rev {status.rev}: {status.conflicts} conflicts, {status.rejected} rejected, "
+        f"{status.pending} local changes queued"
+    )
+    if status.download_error:
+        click.echo(f"stopped: {status.download_error}", err=True)
+        sys.exit(1)
+
+
+async def _drive_pull(sync: ATSync, seconds: float) -> SyncStatus:
+    async with sync:
+        try:
+            with anyio.fail_after(seconds):
+                await sync.wait_pulled()
+        except TimeoutError:
+            pass  # the status says why
+        return sync.status
+
+
+def _load_app(ref: str) -> object:
+    module_name, _, attr = ref.partition(":")
+    sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise click.ClickException(f"cannot import {module_name}: {exc}") from None
+    finally:
+        sys.path.pop(0)
+    if not attr:
+        return module
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise click.ClickException(f"{module_name} has no {attr!r}") from None
 
 
 @main.command()
