@@ -53,6 +53,10 @@ def create_sync_tables(conn: sqlite3.Connection) -> None:
     upgrade_sync_tables(conn)
 
 
+# The outbox's CHECK spells out its values: ``op IN (...)`` made SQLite build a temporary
+# table on every insert (databases created before keep their table as it was). Every
+# queued write looks for a dead letter of its record: the index keeps that a lookup, not a
+# scan of every dead letter.
 _DDL = f"""
         CREATE TABLE IF NOT EXISTS {OUTBOX} (
             seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -82,6 +86,7 @@ _DDL = f"""
             first_action TEXT, last_action TEXT,
             error TEXT, message TEXT, failed_at REAL NOT NULL
         );
+        CREATE INDEX IF NOT EXISTS {DEAD}__by__record ON {DEAD} (collection, rkey);
         CREATE TABLE IF NOT EXISTS {STATE} (key TEXT PRIMARY KEY, value TEXT);
         CREATE TABLE IF NOT EXISTS {SENT} (
             collection TEXT NOT NULL, rkey TEXT NOT NULL, cid TEXT NOT NULL,
