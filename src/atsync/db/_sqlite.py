@@ -235,7 +235,8 @@ class ModelDB:
     def _begin(self) -> tuple[int, _Marks]:
         self._lock.acquire()
         try:
-            self._check_open()
+            if self._closed:
+                self._check_open()  # raises
             depth = self._depth
             if depth and self._deferred:
                 # Held-back writes belong to the enclosing level: written before the
