@@ -527,3 +527,47 @@ async def test_atsync_pull_pulls_once_through_the_apps_bindings(
             )
         )  # fmt: skip
     assert beside.returncode != 0 and "already open" in beside.stderr
+
+
+async def test_live_resumes_from_its_cursor_after_a_restart(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    """The stream position is stored with what it delivered: a restarted device replays the
+    events it missed instead of reading the whole repository again."""
+    import httpx
+
+    collection = collection_for(request)
+    session = await alice(dev_pds)
+    downloads: list[str] = []
+
+    async def count(req: httpx.Request) -> None:
+        if req.url.path.endswith("com.atproto.sync.getRepo"):
+            downloads.append(str(req.url))
+
+    b_options: dict[str, Any] = {
+        "pull": Live(),
+        "client_options": {"event_hooks": {"request": [count]}},
+    }
+    async with device(tmp_path / "a.db", collection, session, resolver) as (a, sync_a):
+        async with device(tmp_path / "b.db", collection, session, resolver, **b_options) as (
+            b,
+            sync_b,
+        ):
+            await wait_status(sync_b, lambda s: s.live, 10)
+            a.actions.put("first", "seen live")
+            await wait_status(sync_b, lambda s: "first" in rows(b), 10)
+            cursor = b.model_db.execute(
+                "select value from _atsync_sync_state where key = 'stream_cursor'"
+            ).fetchone()
+            assert cursor is not None and int(cursor[0]) > 0
+        for key in ("m1", "m2", "m3"):  # while b is off
+            a.actions.put(key, "missed")
+        with anyio.fail_after(30):
+            await sync_a.wait_for_idle()
+        downloads.clear()
+        async with device(tmp_path / "b.db", collection, session, resolver, **b_options) as (
+            b,
+            sync_b,
+        ):
+            await wait_status(sync_b, lambda s: {"m1", "m2", "m3"} <= set(rows(b)), 15)
+            assert downloads == []  # replayed from the cursor, not read whole

@@ -285,11 +285,15 @@ class ATSync(StatusKeeper):
         self._resync_due = True
         self._eager = self.outbox.counts()[0] > 0  # left from earlier: push at once
         self._last_pull, self._stream_up = None, False
+        if isinstance(self.pull_strategy, Live) and self._stream_cursor() is not None:
+            # The stream will replay what happened since the stored cursor: no need to read
+            # the whole repository at start (unless the stream stays down past `fallback`).
+            self._last_pull = self._clock()
         try:
             async with anyio.create_task_group() as tg:
                 if isinstance(self.pull_strategy, Live) and self._pulls():
                     tg.start_soon(listen, self._stream_session, self._on_repo_event,
-                                  self._on_stream)  # fmt: skip
+                                  self._on_stream, self._stream_cursor)  # fmt: skip
                 task_status.started()
                 await self._loop()
         finally:
@@ -468,6 +472,13 @@ class ATSync(StatusKeeper):
             self._events.append(frame)
         self._pull_forced = True
         self._wake()
+
+    def _stream_cursor(self) -> int | None:
+        value = self.outbox.get_state("stream_cursor")
+        try:
+            return int(value) if value is not None else None
+        except ValueError:
+            return None  # damaged: read the whole repository once instead
 
     def _on_stream(self, up: bool) -> None:
         self._stream_up = up

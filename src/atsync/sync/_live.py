@@ -4,10 +4,11 @@ account's repository changed.
 Each ``#commit`` about the account is handed to the engine, which verifies it (signature,
 records, its operations inverted on the MST back to ``prevData``) and applies its operations
 directly when it follows what the local state includes (``since`` = the stored rev,
-``prevData`` = the stored MST root). Anything else — a gap, a repeat out of order, an
-event that fails verification, ``#sync``/``#identity``/``#account``, a (re)connect — makes
-the next pull read the whole repository instead, so a missed event can never leave a gap
-and deletes are never missed. While the stream is down the engine polls
+``prevData`` = the stored MST root); the event's ``seq`` is stored with it, and a reconnect
+resumes from there (the PDS replays what came after). Anything else — a gap, an event that
+fails verification, ``#sync``/``#identity``/``#account``, a connect without a cursor, an
+``OutdatedCursor`` — makes the next pull read the whole repository instead, so a missed
+event can never leave a gap and deletes are never missed. While the stream is down the engine polls
 (``Live(fallback=...)``). Reconnects follow a capped backoff of their own.
 """
 
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from .._errors import PermanentError
 from ..atproto import FirehoseFrame, FirehoseSubscription
 from ._backoff import Backoff
 
@@ -42,28 +44,41 @@ async def listen(
     current_session: Callable[[], SessionLike | None],
     on_event: Callable[[FirehoseFrame | None], None],
     on_stream: Callable[[bool], None],
+    cursor: Callable[[], int | None],
 ) -> None:
-    """Run until cancelled: keep a stream open to the current session's PDS; call
-    ``on_event(frame)`` for every event about its account and ``on_event(None)`` on every
-    (re)connect (whatever happened meanwhile is unknown), and ``on_stream(up)`` when the
-    stream comes up or goes down."""
+    """Run until cancelled: keep a stream open to the current session's PDS, from
+    ``cursor()`` (the last applied event) when there is one; call ``on_event(frame)`` for
+    every event about its account and ``on_event(None)`` whenever what happened meanwhile is
+    unknown (connected without a cursor, the PDS no longer has the cursor's events, or it
+    refused the cursor), and ``on_stream(up)`` when the stream comes up or goes down."""
     backoff = Backoff(base=1.0, cap=30.0)
+    refused = False
     while True:
         session = current_session()
         if session is None:
             await anyio.sleep(1.0)
             continue
+        since = None if refused else cursor()
+        url = stream_url(session.pds_url) + (f"?cursor={since}" if since is not None else "")
         try:
-            async with FirehoseSubscription(stream_url(session.pds_url)) as stream:
+            async with FirehoseSubscription(url) as stream:
                 on_stream(True)
-                on_event(None)  # whatever happened while we were not listening
+                if since is None:
+                    on_event(None)  # whatever happened while we were not listening
+                refused = False
                 async for frame in stream:
                     backoff.succeeded()
                     if current_session() is not session:
                         break  # logged out, or another login: reconnect for it
                     body = frame.body
-                    if body.get("repo") == session.did or body.get("did") == session.did:
+                    if frame.type == "#info" and body.get("name") == "OutdatedCursor":
+                        on_event(None)  # the PDS no longer has all events since the cursor
+                    elif body.get("repo") == session.did or body.get("did") == session.did:
                         on_event(frame)
+        except PermanentError as exc:
+            # E.g. FutureCursor: this cursor will never work; connect without one.
+            refused = since is not None
+            log.info("event stream of %s refused: %s", session.pds_url, exc)
         except Exception as exc:  # the stream is a hint: any failure means "poll meanwhile"
             log.info("event stream of %s is down: %s", session.pds_url, exc)
         finally:

@@ -150,9 +150,10 @@ class Puller:
         """The rev and MST root (``data``) the local state includes."""
         return self._outbox.get_state("pulled_rev"), self._outbox.get_state("pulled_data")
 
-    async def apply_commit(self, did: str, event: VerifiedCommit) -> PullResult:
+    def apply_commit(self, did: str, event: VerifiedCommit) -> PullResult:
         """Apply one verified ``#commit`` that directly follows ``position()`` — its
-        operations only, no download."""
+        operations only, no download — in one transaction with the new position and the
+        stream cursor (at most 200 operations: no need to yield in between)."""
         result = PullResult(commit=str(event.commit), rev=event.rev)
         known = self._known()
         changes: list[tuple[str, str, str | None, dict[str, Any] | None]] = []
@@ -165,8 +166,9 @@ class Puller:
                     changes.append((op.collection, op.rkey, None, None))
             elif was is None or was.cid != str(op.cid):
                 changes.append((op.collection, op.rkey, str(op.cid), op.record))
-        await self._apply(did, event.rev, changes, known, result, None)
-        self._finish(str(event.commit), event.rev, str(event.data))
+        with self._db.transaction():
+            self._apply_chunk(did, event.rev, changes, known, result)
+            self._finish(str(event.commit), event.rev, str(event.data), cursor=event.seq)
         return result
 
     # -- reading ----------------------------------------------------------------------------
@@ -220,25 +222,36 @@ class Puller:
         total = len(changes)
         for start in range(0, total, CHUNK):
             with self._db.transaction():
-                for collection, rkey, change_cid, change in changes[start : start + CHUNK]:
-                    key = (collection, rkey)
-                    try:
-                        with self._db.transaction():  # a savepoint: a bad record alone
-                            self._apply_one(
-                                did, rev, collection, rkey, change_cid, change, known.get(key),
-                                self._queued(collection, rkey), result,
-                            )  # fmt: skip
-                    except AtsyncError as exc:
-                        # The row the record makes does not fit the model (its type, a
-                        # required local-only property): not applied, kept with the reason.
-                        self._reject(
-                            did, rev, collection, rkey, change_cid or "", type(exc).__name__,
-                            str(exc), change,
-                        )  # fmt: skip
-                        result.rejected += 1
+                self._apply_chunk(did, rev, changes[start : start + CHUNK], known, result)
             if progress is not None:
                 progress(min(total, start + CHUNK), total)
             await anyio.lowlevel.checkpoint()  # the app's writes go between two chunks
+
+    def _apply_chunk(
+        self,
+        did: str,
+        rev: str,
+        changes: list[tuple[str, str, str | None, dict[str, Any] | None]],
+        known: dict[tuple[str, str], _Known],
+        result: PullResult,
+    ) -> None:
+        """Apply changes inside the caller's transaction, each in a savepoint of its own."""
+        for collection, rkey, change_cid, change in changes:
+            key = (collection, rkey)
+            try:
+                with self._db.transaction():  # a savepoint: a bad record alone is undone
+                    self._apply_one(
+                        did, rev, collection, rkey, change_cid, change, known.get(key),
+                        self._queued(collection, rkey), result,
+                    )  # fmt: skip
+            except AtsyncError as exc:
+                # The row the record makes does not fit the model (its type, a required
+                # local-only property): not applied, kept with the reason.
+                self._reject(
+                    did, rev, collection, rkey, change_cid or "", type(exc).__name__, str(exc),
+                    change,
+                )  # fmt: skip
+                result.rejected += 1
 
     def _known(self) -> dict[tuple[str, str], _Known]:
         """What was last synced, per record of the pulled collections."""
@@ -450,9 +463,15 @@ class Puller:
                 (did, reason, detail, time.time()),
             )
 
-    def _finish(self, commit: str, rev: str, data: str) -> None:
+    def _finish(self, commit: str, rev: str, data: str, *, cursor: int | None = None) -> None:
         with self._db.transaction():
             conn = self._db.connection
+            if cursor is not None:
+                conn.execute(
+                    "INSERT OR REPLACE INTO _atsync_sync_state (key, value) "
+                    "VALUES ('stream_cursor', ?)",
+                    (str(cursor),),
+                )
             for key, value in (
                 ("pulled_commit", commit),
                 ("pulled_rev", rev),

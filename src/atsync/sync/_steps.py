@@ -252,7 +252,7 @@ class StepRunner:
             prev_data = str(event.prev_data) if event.prev_data is not None else None
             if event.since != rev or (data is not None and prev_data != data):
                 return False  # a gap: something happened that we did not see
-            await puller.apply_commit(did, event)
+            puller.apply_commit(did, event)
             rev, data = event.rev, str(event.data)
         return True
 
