@@ -1,7 +1,8 @@
 """ModelDB on SQLite: plain tables, savepoint transactions, live queries.
 
 One connection, guarded by a re-entrant lock: a transaction holds the lock until it ends,
-so it is seen whole or not at all by other threads; nested transactions are savepoints.
+so it is seen whole or not at all by other threads; nested transactions are savepoints
+(``_transactions``: the connection, its transactions and the hooks of the layers above).
 Durability follows SQLite's settings: WAL with ``synchronous=NORMAL`` by default (survives a
 killed process; a power loss may drop the last commits but never corrupts), or ``FULL``
 (an fsync per commit: survives power loss too).
@@ -11,10 +12,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from threading import get_ident
@@ -24,7 +23,6 @@ from .._errors import (
     ClosedError,
     NotFoundError,
     SchemaError,
-    TransactionError,
     UnknownModelError,
     ValidationError,
 )
@@ -32,13 +30,12 @@ from ._migrations import META_TABLE, Upgrade, prepare_schema
 from ._query import Query, compile_query, quote
 from ._schema import Model, Property, Schema, parse_schema, relation_table
 from ._subscriptions import Change, Subscription, SubscriptionHub
+from ._transactions import Transactions
 from ._values import column_encoder, decode_column, reads_as_stored, validate_key
 
 __all__ = ["Durability", "ModelDB"]
 
 Durability = Literal["full", "normal"]
-# Staged lists and their lengths when a transaction or savepoint began.
-_Marks = list[tuple[list[Any], int]]
 # A page cache large enough that a big transaction does not spill pages to the WAL
 # before it commits (the default is 2 MiB).
 CACHE_KIB = 32 * 1024
@@ -93,43 +90,23 @@ def _plan(model: Model) -> _Plan:
     )
 
 
-class ModelDB:
+class ModelDB(Transactions):
     """A local database of models, on SQLite. Open with ``ModelDB.open(path, models)``."""
 
     def __init__(
         self, conn: sqlite3.Connection, schema: Schema, path: str, durability: Durability
     ) -> None:
-        self._conn = conn
-        # Model writes and transaction statements go through one cursor: conn.execute()
-        # would create one per statement.
-        self._cursor = conn.cursor()
+        self._hub = SubscriptionHub()
+        # The transaction's row changes (for live queries) are the changes it publishes.
+        super().__init__(conn, path, self._hub.pending)
         self.schema = schema
-        self.path = path
         self.durability: Durability = durability
         self._plans = {name: _plan(model) for name, model in schema.models.items()}
-        self._lock = threading.RLock()
-        self._depth = 0
-        self._owner: int | None = None  # thread id holding the open transaction
-        self._failure: str | None = None  # why the open transaction may not commit
-        self._closed = False
-        # Bumped on every rollback: a cache of what this connection wrote (the action log's
-        # head) is valid while this stays the same.
-        self.generation = 0
-        self._hub = SubscriptionHub()
         self._watched = self._hub.watched  # models with live queries
-        # Hooks of the layer above (the app's action log): run inside the outermost
-        # transaction just before COMMIT (an exception there rolls it back), and after
-        # that transaction ended either way.
-        self.before_commit: list[Callable[[], None]] = []
-        self.after_transaction: list[Callable[[bool], None]] = []
         # Called inside the transaction for every record written: (model, key, row) where
         # row is the record as ``get`` would return it, or None when it was deleted. The
         # sync layer turns these into outbox entries in the same transaction.
         self.write_listeners: list[Callable[[str, str, Row | None], None]] = []
-        # Lists that grow during a transaction and must shrink back with its savepoints.
-        self._staged: list[list[Any]] = [self._hub.pending]
-        # Writes a layer above holds back and writes in bulk (see ``defer``).
-        self._deferred: list[tuple[list[Any], Callable[[], None]]] = []
 
     # -- opening and closing ----------------------------------------------------------
 
@@ -198,17 +175,6 @@ class ModelDB:
             path, json.loads(rows["schema"]), version=int(rows["version"]), timeout=timeout
         )
 
-    def close(self) -> None:
-        """Close the database; later calls raise ``ClosedError``. Safe to call twice."""
-        with self._lock:
-            if not self._closed:
-                self._closed = True
-                self._conn.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def __enter__(self) -> ModelDB:
         return self
 
@@ -218,152 +184,8 @@ class ModelDB:
     def __repr__(self) -> str:
         return f"<ModelDB {self.path!r} models={list(self.schema.models)}>"
 
-    # -- transactions -------------------------------------------------------------------
-
-    @property
-    def in_transaction(self) -> bool:
-        """Whether the calling thread is inside ``transaction()``."""
-        return self._depth > 0 and self._owner == get_ident()
-
-    def transaction(self) -> _Transaction:
-        """All writes inside commit together or not at all; nesting uses savepoints.
-
-        ``with db.transaction(): ...`` — the block's exception rolls back its writes.
-        """
-        return _Transaction(self)
-
-    def _begin(self) -> tuple[int, _Marks]:
-        self._lock.acquire()
-        try:
-            if self._closed:
-                self._check_open()  # raises
-            depth = self._depth
-            if depth and self._deferred:
-                # Held-back writes belong to the enclosing level: written before the
-                # savepoint, a rollback to it cannot take them along.
-                self._flush_deferred()
-            marks = list(zip(self._staged, map(len, self._staged), strict=True))
-            self._cursor.execute("BEGIN IMMEDIATE" if depth == 0 else f"SAVEPOINT atsync_{depth}")
-        except BaseException:
-            self._lock.release()
-            raise
-        if depth == 0:
-            self._failure = None
-            self._owner = get_ident()
-        self._depth = depth + 1
-        return depth, marks
-
-    def _end(self, depth: int, marks: _Marks, ok: bool) -> None:
-        changes: list[Change] = []
-        try:
-            if not ok:
-                self._rollback(depth, marks)
-                return
-            try:
-                if depth:
-                    self._conn.execute(f"RELEASE atsync_{depth}")
-                    return
-                if self._failure is not None:
-                    raise TransactionError(
-                        f"the transaction was rolled back because {self._failure}"
-                    )
-                for hook in self.before_commit:
-                    hook()
-                if self._deferred:
-                    self._flush_deferred()
-                self._cursor.execute("COMMIT")
-                if self._hub.pending:
-                    changes = self._hub.take_pending()
-                for end in self.after_transaction:
-                    end(True)
-            except BaseException:
-                self._rollback(depth, marks)
-                raise
-        finally:
-            self._depth = depth
-            if depth == 0:
-                self._owner = None
-            self._lock.release()
-        if changes:
-            self._hub.notify(self, changes)
-
-    def fail_transaction(self, reason: str) -> None:
-        """Doom the open transaction: its end rolls it back and raises ``TransactionError``.
-
-        For a failure inside a transaction that left partial writes behind without a
-        savepoint to undo them (an action that raised inside a batch).
-        """
-        self.require_transaction()
-        if self._failure is None:
-            self._failure = reason
-
-    def stage(self, buffer: list[Any]) -> None:
-        """Register a list that the layer above appends to during transactions (e.g. log
-        entries written at commit): a rollback truncates it to its length at the start
-        of the savepoint or transaction being rolled back."""
-        self._staged.append(buffer)
-
-    def defer(self, buffer: list[Any], flush: Callable[[], None]) -> Callable[[], None]:
-        """Let a layer above hold writes back in ``buffer`` and write them in bulk.
-
-        ``flush()`` writes what ``buffer`` holds and empties it. The database calls it
-        before the transaction commits, before a savepoint begins, and before the thread
-        that holds the transaction reads or writes through ``execute``, ``executemany`` or
-        ``connection`` — so the held-back rows are seen wherever they could be read. A
-        rollback truncates ``buffer`` like a ``stage``d list. Model tables are not read
-        this way: held-back writes may only go to the layer's own tables.
-
-        Returns a function that writes what is held (inside this thread's transaction)
-        and unregisters the buffer.
-        """
-        entry = (buffer, flush)
-        with self._lock:
-            self._deferred.append(entry)
-            self._staged.append(buffer)
-
-        def cancel() -> None:
-            # The lock waits out another thread's transaction (which flushes or drops
-            # the buffer as it ends); in this thread's own, what is held is written now.
-            with self._lock:
-                if buffer and self.in_transaction:
-                    flush()
-                if entry in self._deferred:
-                    self._deferred.remove(entry)
-                    self._staged.remove(buffer)
-
-        return cancel
-
-    def _flush_deferred(self) -> None:
-        for buffer, flush in self._deferred:
-            if buffer:
-                flush()
-
-    def _rollback(self, depth: int, marks: _Marks) -> None:
-        self.generation += 1
-        for staged, mark in marks:
-            del staged[mark:]
-        if depth > 0:
-            self._conn.execute(f"ROLLBACK TO atsync_{depth}")
-            self._conn.execute(f"RELEASE atsync_{depth}")
-            return
-        # SQLite may already have rolled back by itself (e.g. on SQLITE_FULL).
-        if self._conn.in_transaction:
-            self._conn.execute("ROLLBACK")
-        for end in self.after_transaction:
-            end(False)
-
-    @contextmanager
-    def _writing(self) -> Iterator[None]:
-        # A lone write outside a transaction gets a transaction of its own.
-        if self.in_transaction:
-            yield
-        else:
-            with self.transaction():
-                yield
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ClosedError(f"the database {self.path!r} is closed")
+    def _committed(self, changes: list[Any]) -> None:
+        self._hub.notify(self, changes)
 
     def _plan(self, model: str) -> _Plan:
         try:
@@ -703,60 +525,6 @@ class ModelDB:
         if initial:
             callback(sub.results)
         return sub
-
-    # -- internal access for the layers above ---------------------------------------------
-
-    def execute(
-        self, sql: str, params: Sequence[object] | Mapping[str, object] = ()
-    ) -> sqlite3.Cursor:
-        """Run raw SQL on the database's connection (for atsync's own ``_atsync_*`` tables).
-
-        Writes belong inside ``transaction()``; model tables should be written through
-        ``set``/``update``/``delete`` so that live queries see the change.
-        """
-        with self._lock:
-            self._check_open()
-            if self._deferred:
-                self._flush_deferred()  # holding the lock: any open transaction is ours
-            return self._conn.execute(sql, params)
-
-    @property
-    def connection(self) -> sqlite3.Connection:
-        """The SQLite connection, for atsync's own layers while they hold a transaction."""
-        if self._closed:
-            self._check_open()  # raises
-        if self._deferred and self._owner == get_ident():
-            for buffer, flush in self._deferred:
-                if buffer:
-                    flush()
-        return self._conn
-
-    def executemany(self, sql: str, rows: Iterable[Sequence[object]]) -> None:
-        with self._lock:
-            self._check_open()
-            if self._deferred:
-                self._flush_deferred()
-            self._conn.executemany(sql, rows)
-
-    def require_transaction(self) -> None:
-        if not self.in_transaction:
-            raise TransactionError("this operation must run inside db.transaction()")
-
-
-class _Transaction:
-    """The context manager of ``ModelDB.transaction()`` (a class: it is on the hot path)."""
-
-    __slots__ = ("_db", "_depth", "_marks")
-
-    def __init__(self, db: ModelDB) -> None:
-        self._db = db
-
-    def __enter__(self) -> ModelDB:
-        self._depth, self._marks = self._db._begin()
-        return self._db
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._db._end(self._depth, self._marks, exc_type is None)
 
 
 def _deep_merge(current: Mapping[str, Any], patch: Mapping[str, Any], model: Model) -> Row:
