@@ -201,6 +201,13 @@ def _verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
+def _spread(results: dict[str, list[float]], num: str, den: str) -> str:
+    """The ratio in each round (both sides measured back to back), lowest to highest: how
+    much of a verdict is noise on a shared machine."""
+    ratios = [a / b for a, b in zip(results[num], results[den], strict=True)]
+    return f"rounds {min(ratios):.2f}-{max(ratios):.2f}"
+
+
 def measure(n: int, durability: str, rounds: int) -> bool:
     keys = ("raw1", "at1", "rawN", "atN", "base1", "baseN", "sync1", "syncN")
     results: dict[str, list[float]] = {k: [] for k in keys}
@@ -250,14 +257,18 @@ def measure(n: int, durability: str, rounds: int) -> bool:
     print(f"  atsync + sync, one per transaction : {med['sync1']:>10,.0f} actions/s")
     print(
         f"    ratio {sync1:.2f}x of raw (target >= {TARGET_SYNC_SINGLE}x)  {_verdict(ok_s1)}; "
-        f"{med['sync1'] / med['base1']:.2f}x of the baseline (no target)"
+        f"{med['sync1'] / med['base1']:.2f}x of the baseline (no target); "
+        f"{_spread(results, 'sync1', 'raw1')}"
     )
     print(f"  baseline capture, one transaction  : {med['baseN']:>10,.0f} rows/s")
     print(f"  atsync + sync, one batch           : {med['syncN']:>10,.0f} actions/s")
-    print(f"    ratio {sync_n:.2f}x of raw (target >= {TARGET_SYNC_BATCH}x)  {_verdict(ok_sn)}")
+    print(
+        f"    ratio {sync_n:.2f}x of raw (target >= {TARGET_SYNC_BATCH}x)  {_verdict(ok_sn)}; "
+        f"{_spread(results, 'syncN', 'rawN')}"
+    )
     print(
         f"    ratio {sync_base:.2f}x of the baseline (target >= {TARGET_SYNC_BASELINE}x)  "
-        f"{_verdict(ok_sb)}"
+        f"{_verdict(ok_sb)}; {_spread(results, 'syncN', 'baseN')}"
     )
     return ok1 and ok_n and ok_p and ok_s1 and ok_sn and ok_sb
 
