@@ -10,7 +10,9 @@
 The proxy parses just enough HTTP/1.1 to know where each request and response ends
 (Content-Length or chunked bodies; responses may also end at EOF). Every request goes to the
 PDS on a fresh upstream connection, so a fault on one request never disturbs another; the
-client side keeps its connection alive as the PDS would. WebSockets are not supported.
+client side keeps its connection alive as the PDS would. A WebSocket upgrade (the event
+stream, ``subscribeRepos``) is relayed frame by frame with faults of its own: see
+ws_fault_proxy.py (``proxy.add_frame(Cut(), type="#commit", nth=3)``, ``proxy.streams``).
 
 Which fault applies to a request is decided by the first ``Rule`` (in the order added) that
 matches it — by NSID, method, a predicate on the request, the Nth matching request, a
@@ -39,24 +41,66 @@ from anyio.abc import SocketAttribute
 from anyio.streams.buffered import BufferedByteStream
 
 from atsync.atproto._session import Session, SessionData
+from ws_fault_proxy import (
+    EVENT_HEADER,
+    Cut,
+    DelayFrame,
+    DropFrame,
+    ErrorFrame,
+    FrameEvent,
+    FrameFault,
+    FrameRule,
+    HoldFrame,
+    InjectFrame,
+    PassFrame,
+    RewriteFrame,
+    StreamEvent,
+    StreamFrame,
+    StreamRelay,
+    alter_blocks,
+    corrupt_cbor,
+    encode_frame,
+    error_frame,
+    info_frame,
+    replace_in_blocks,
+)
 
 __all__ = [
     "Answer",
+    "Cut",
     "Delay",
+    "DelayFrame",
     "DropAfterForward",
     "DropBeforeForward",
+    "DropFrame",
     "Error500",
+    "ErrorFrame",
     "Fault",
     "FaultProxy",
+    "FrameEvent",
+    "FrameFault",
+    "FrameRule",
     "Hold",
+    "HoldFrame",
+    "InjectFrame",
     "Pass",
+    "PassFrame",
     "ProxyEvent",
     "ProxyRequest",
     "RateLimited",
     "ResetMidResponse",
+    "RewriteFrame",
     "Rule",
+    "StreamEvent",
+    "StreamFrame",
     "Truncate",
+    "alter_blocks",
+    "corrupt_cbor",
+    "encode_frame",
+    "error_frame",
+    "info_frame",
     "proxied_session",
+    "replace_in_blocks",
 ]
 
 MAX_HEAD = 64 * 1024
@@ -221,6 +265,11 @@ class ProxyRequest:
     def nsid(self) -> str | None:
         return self.path[len("/xrpc/") :] if self.path.startswith("/xrpc/") else None
 
+    @property
+    def websocket(self) -> bool:
+        """A WebSocket upgrade (an event stream): relayed frame by frame."""
+        return "websocket" in (self.header("upgrade") or "").lower()
+
     def header(self, name: str) -> str | None:
         lname = name.lower()
         return next((v for k, v in self.headers if k.lower() == lname), None)
@@ -317,6 +366,8 @@ class FaultProxy:
         self._listener: anyio.abc.Listener[anyio.abc.SocketStream] | None = None
         self._group: anyio.abc.TaskGroup | None = None
         self.port = 0
+        # WebSocket upgrades go to the relay (ws_fault_proxy.py), which shares the RNG.
+        self._relay = StreamRelay(self._upstream, self._rng, self._notify, self._on_handshake)
 
     @property
     def url(self) -> str:
@@ -342,9 +393,26 @@ class FaultProxy:
         self.rules.append(rule)
         return rule
 
+    def add_frame(
+        self,
+        fault: FrameFault,
+        *,
+        type: str | None = None,
+        repo: str | None = None,
+        path: str | None = None,
+        when: Callable[[StreamFrame], bool] | None = None,
+        nth: int | Collection[int] | None = None,
+        probability: float | None = None,
+        times: int | None = None,
+    ) -> FrameRule:
+        """Add a rule for the frames the PDS sends on relayed event streams (see
+        ws_fault_proxy.py); returns it (``fired``, ``matched``)."""
+        return self._relay.add(FrameRule(fault, type, repo, path, when, nth, probability, times))
+
     def clear(self) -> None:
-        """Drop every rule: from now on everything passes."""
+        """Drop every rule, HTTP and frame: from now on everything passes."""
         self.rules.clear()
+        self._relay.rules.clear()
 
     def _choose(self, request: ProxyRequest) -> Fault:
         chosen: Fault | None = None
@@ -357,6 +425,26 @@ class FaultProxy:
 
     def requests(self, nsid: str | None = None) -> list[ProxyEvent]:
         return [e for e in self.events if nsid is None or e.nsid == nsid]
+
+    @property
+    def streams(self) -> list[StreamEvent]:
+        """Every relayed event stream (WebSocket connection), in the order opened."""
+        return self._relay.streams
+
+    @property
+    def frame_counts(self) -> Counter[str]:
+        """Frames from the PDS per frame fault name (``pass``, ``drop``, ``cut``...)."""
+        return self._relay.counts
+
+    def frames(self, type: str | None = None) -> list[FrameEvent]:
+        """Every frame the PDS sent on relayed streams (of ``type``), in order."""
+        return [f for s in self._relay.streams for f in s.frames if type is None or f.type == type]
+
+    def _on_handshake(self, index: int, status: int) -> None:
+        if 0 <= index < len(self.events):
+            event = self.events[index]
+            event.upstream_status = event.status = status
+            event.answered_at = time.monotonic()
 
     def _notify(self) -> None:
         changed, self._changed = self._changed, anyio.Event()
@@ -374,6 +462,7 @@ class FaultProxy:
         listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
         self._listener = listener
         self.port = int(listener.extra(SocketAttribute.local_port))
+        await self._relay.start()
         self._group = anyio.create_task_group()
         await self._group.__aenter__()
         self._group.start_soon(listener.serve, self._serve_client)
@@ -384,6 +473,7 @@ class FaultProxy:
         if group is not None:
             group.cancel_scope.cancel()
             await group.__aexit__(None, None, None)
+        await self._relay.aclose()
         if self._listener is not None:
             await self._listener.aclose()
             self._listener = None
@@ -449,6 +539,9 @@ class FaultProxy:
 
         # The PDS sees the request from here on, whatever becomes of the answer.
         event.forwarded = True
+        if request.websocket:
+            await self._splice(request, client, stream, event)
+            return False
         try:
             status, headers, body = await self._forward(request)
         except _GONE:
@@ -499,6 +592,45 @@ class FaultProxy:
         event.status = status
         event.answered_at = time.monotonic()
         return True
+
+    async def _splice(
+        self,
+        request: ProxyRequest,
+        client: anyio.abc.SocketStream,
+        stream: BufferedByteStream,
+        event: ProxyEvent,
+    ) -> None:
+        """Hand a WebSocket upgrade to the relay: its raw bytes both ways until either side
+        closes (the relay answers the handshake and applies the frame faults)."""
+        lines = [f"{request.method} {request.target} HTTP/1.1"]
+        lines += [f"{k}: {v}" for k, v in request.headers if k.lower() != EVENT_HEADER.lower()]
+        lines += [f"{EVENT_HEADER}: {event.index}", "", ""]
+        head = "\r\n".join(lines).encode("latin-1")
+        try:
+            relay = await anyio.connect_tcp("127.0.0.1", self._relay.port)
+        except OSError:
+            await self._send(stream, event, *_error_response(_BAD_GATEWAY))
+            return
+        async with relay:
+            try:
+                await relay.send(head)  # what the client sent after it follows (pump)
+            except _GONE:
+                return
+
+            async def pump(
+                source: anyio.abc.ByteReceiveStream, sink: anyio.abc.ByteSendStream
+            ) -> None:
+                try:
+                    while True:
+                        await sink.send(await source.receive())
+                except (*_GONE, anyio.EndOfStream):
+                    pass
+                finally:
+                    group.cancel_scope.cancel()  # either side gone: close both
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(pump, stream, relay)
+                group.start_soon(pump, relay, client)
 
     async def _forward(self, request: ProxyRequest) -> tuple[int, list[tuple[str, str]], bytes]:
         """Send the request to the PDS on a new connection and read its whole answer."""
