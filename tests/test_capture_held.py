@@ -244,3 +244,16 @@ def test_closing_sync_waits_for_another_threads_transaction(app: App) -> None:
     closer.join(5)
     rows = app.model_db.execute(f"SELECT rkey FROM {OUTBOX}").fetchall()
     assert rows == [("k1",)]
+
+
+def test_a_capture_attached_inside_a_rolled_back_transaction_queues_nothing_of_it(
+    app: App,
+) -> None:
+    attach(app).close()  # the sync tables exist before the transaction
+    with pytest.raises(RuntimeError), app.batch():
+        sync = attach(app)
+        app.actions.put("k1", "a")
+        raise RuntimeError("undo")
+    app.actions.put("k2", "b")
+    assert [w.rkey for w in sync.outbox.next_batch()] == ["k2"]
+    sync.close()

@@ -156,8 +156,10 @@ class Transactions:
         before the transaction commits, before a savepoint begins, and before the thread
         that holds the transaction reads or writes through ``execute``, ``executemany`` or
         ``connection`` — so the held-back rows are seen wherever they could be read. A
-        rollback truncates ``buffer`` like a ``stage``d list. Model tables are not read
-        this way: held-back writes may only go to the layer's own tables.
+        rollback empties ``buffer``: written before every savepoint, what it holds belongs
+        to the savepoint or transaction being rolled back (even when ``defer`` was called
+        inside it). Model tables are not read this way: held-back writes may only go to the
+        layer's own tables.
 
         Returns a function that writes what is held (inside this thread's transaction)
         and unregisters the buffer.
@@ -165,7 +167,6 @@ class Transactions:
         entry = (buffer, flush)
         with self._lock:
             self._deferred.append(entry)
-            self._staged.append(buffer)
 
         def cancel() -> None:
             # The lock waits out another thread's transaction (which flushes or drops
@@ -175,7 +176,6 @@ class Transactions:
                     flush()
                 if entry in self._deferred:
                     self._deferred.remove(entry)
-                    self._staged.remove(buffer)
 
         return cancel
 
@@ -188,6 +188,8 @@ class Transactions:
         self.generation += 1
         for staged, mark in marks:
             del staged[mark:]
+        for buffer, _ in self._deferred:
+            buffer.clear()
         if depth > 0:
             self._conn.execute(f"ROLLBACK TO atsync_{depth}")
             self._conn.execute(f"RELEASE atsync_{depth}")
