@@ -6,6 +6,11 @@ that map actions rather than models. A record that breaks the data model, the si
 the record-key syntax or its Lexicon raises ``RecordError`` here, so the action fails and
 rolls back instead of dying later on the PDS. Writes made while applying remote records, and
 replays of the log, are not captured (no echo).
+
+A record's new state is checked and encoded as it is written, then held (``ModelDB.defer``)
+and queued with the transaction's other puts, many per statement: before the transaction
+commits, before a savepoint, and before anything in it reads or writes the sync tables, so
+nothing can see the outbox without them.
 """
 
 from __future__ import annotations
