@@ -115,6 +115,24 @@ def as_rows(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     }
 
 
+async def put_record(session: Session, collection: str, rkey: str, **fields: Any) -> None:
+    """A record written straight to the repository (by another app, or by hand)."""
+    async with XrpcClient(session=session) as client:
+        record = {"$type": collection, **fields}
+        await client.create_record(session.did, collection, record, rkey=rkey)
+
+
+def counting(nsid: str) -> tuple[list[str], dict[str, Any]]:
+    """A list that records every request to ``nsid``, and the ATSync options that fill it."""
+    seen: list[str] = []
+
+    async def count(req: Any) -> None:
+        if req.url.path.endswith(nsid):
+            seen.append(str(req.url))
+
+    return seen, {"client_options": {"event_hooks": {"request": [count]}}}
+
+
 @pytest.fixture
 async def resolver(dev_pds: Any) -> AsyncIterator[IdentityResolver]:
     async with IdentityResolver(plc_url=dev_pds.plc_url, allow_insecure_localhost=True) as r:
@@ -280,13 +298,8 @@ async def test_a_record_breaking_the_binding_is_rejected_with_its_reason(
 ) -> None:
     collection = collection_for(request)
     session = await alice(dev_pds)
-    async with XrpcClient(session=session) as client:
-        await client.create_record(
-            session.did, collection, {"$type": collection, "title": 42, "n": 1}, rkey="bad"
-        )
-        await client.create_record(
-            session.did, collection, {"$type": collection, "title": "fine", "n": 1}, rkey="good"
-        )
+    await put_record(session, collection, "bad", title=42, n=1)
+    await put_record(session, collection, "good", title="fine", n=1)
     async with device(tmp_path / "b.db", collection, session, resolver) as (b, sync_b):
         with anyio.fail_after(30):
             status: SyncStatus = await sync_b.wait_pulled()
@@ -321,9 +334,7 @@ async def test_a_tampered_repository_is_rejected_and_nothing_applied(
 
     collection = collection_for(request)
     session = await alice(dev_pds)
-    async with XrpcClient(session=session) as client:
-        record = {"$type": collection, "title": "the original title", "n": 1}
-        await client.create_record(session.did, collection, record, rkey="t1")
+    await put_record(session, collection, "t1", title="the original title", n=1)
     async with FaultProxy(dev_pds.pds_url) as proxy:
         # The record's block altered on the way: its hash no longer matches its CID.
         proxy.add(
@@ -355,9 +366,7 @@ async def test_a_commit_signed_by_another_key_is_rejected(
 
     collection = collection_for(request)
     session = await alice(dev_pds)
-    async with XrpcClient(session=session) as client:
-        record = {"$type": collection, "title": "signed by alice", "n": 1}
-        await client.create_record(session.did, collection, record, rkey="s1")
+    await put_record(session, collection, "s1", title="signed by alice", n=1)
     impostor = generate_keypair("k256").did
 
     class WrongKey:
@@ -381,22 +390,16 @@ async def test_live_events_are_applied_without_reading_the_repository(
 ) -> None:
     """Each #commit about the account is verified and its operations applied directly; the
     whole repository is read only at the start (and after a gap)."""
-    import httpx
 
     collection = collection_for(request)
     session = await alice(dev_pds)
-    downloads: list[str] = []
-
-    async def count(req: httpx.Request) -> None:
-        if req.url.path.endswith("com.atproto.sync.getRepo"):
-            downloads.append(str(req.url))
-
-    hooks = {"event_hooks": {"request": [count]}}
+    downloads, counted = counting("com.atproto.sync.getRepo")
     async with (
         device(tmp_path / "a.db", collection, session, resolver) as (a, _),
-        device(
-            tmp_path / "b.db", collection, session, resolver, pull=Live(), client_options=hooks
-        ) as (b, sync_b),
+        device(tmp_path / "b.db", collection, session, resolver, pull=Live(), **counted) as (
+            b,
+            sync_b,
+        ),
     ):
         await wait_status(sync_b, lambda s: s.live, 10)
         a.actions.put("warm", "up")
@@ -420,21 +423,14 @@ async def test_fields_the_binding_does_not_map_survive_a_round_trip(
 ) -> None:
     """A record written by a newer app version carries a field this binding does not map:
     editing the row here pushes it back unchanged, and a restart sends nothing."""
-    import httpx
 
     collection = collection_for(request)
     session = await alice(dev_pds)
     async with XrpcClient(session=session) as client:
         record = {"$type": collection, "title": "t", "n": 1, "mood": "sunny", "tags": ["x"]}
         await client.create_record(session.did, collection, record, rkey="r1")
-    applied: list[str] = []
-
-    async def count(req: httpx.Request) -> None:
-        if req.url.path.endswith("com.atproto.repo.applyWrites"):
-            applied.append(str(req.url))
-
-    hooks = {"client_options": {"event_hooks": {"request": [count]}}}
-    async with device(tmp_path / "b.db", collection, session, resolver, **hooks) as (b, sync_b):
+    applied, counted = counting("com.atproto.repo.applyWrites")
+    async with device(tmp_path / "b.db", collection, session, resolver, **counted) as (b, sync_b):
         with anyio.fail_after(30):
             await sync_b.wait_pulled()
         assert rows(b)["r1"] == {"id": "r1", "title": "t", "body": None, "n": 1}
@@ -445,7 +441,7 @@ async def test_fields_the_binding_does_not_map_survive_a_round_trip(
     assert after == {**record, "title": "edited here"}
     # A restart compares the rows with what was synced: nothing to send.
     applied.clear()
-    async with device(tmp_path / "b.db", collection, session, resolver, **hooks) as (b, sync_b):
+    async with device(tmp_path / "b.db", collection, session, resolver, **counted) as (b, sync_b):
         with anyio.fail_after(30):
             await sync_b.wait_pulled()
             status = await sync_b.wait_for_idle()
@@ -534,20 +530,11 @@ async def test_live_resumes_from_its_cursor_after_a_restart(
 ) -> None:
     """The stream position is stored with what it delivered: a restarted device replays the
     events it missed instead of reading the whole repository again."""
-    import httpx
 
     collection = collection_for(request)
     session = await alice(dev_pds)
-    downloads: list[str] = []
-
-    async def count(req: httpx.Request) -> None:
-        if req.url.path.endswith("com.atproto.sync.getRepo"):
-            downloads.append(str(req.url))
-
-    b_options: dict[str, Any] = {
-        "pull": Live(),
-        "client_options": {"event_hooks": {"request": [count]}},
-    }
+    downloads, counted = counting("com.atproto.sync.getRepo")
+    b_options: dict[str, Any] = {"pull": Live(), **counted}
     async with device(tmp_path / "a.db", collection, session, resolver) as (a, sync_a):
         async with device(tmp_path / "b.db", collection, session, resolver, **b_options) as (
             b,

@@ -285,7 +285,7 @@ class ATSync(StatusKeeper):
         self._resync_due = True
         self._eager = self.outbox.counts()[0] > 0  # left from earlier: push at once
         self._last_pull, self._stream_up = None, False
-        if isinstance(self.pull_strategy, Live) and self._stream_cursor() is not None:
+        if self._resumes_stream():
             # The stream will replay what happened since the stored cursor: no need to read
             # the whole repository at start (unless the stream stays down past `fallback`).
             self._last_pull = self._clock()
@@ -472,6 +472,10 @@ class ATSync(StatusKeeper):
             self._events.append(frame)
         self._pull_forced = True
         self._wake()
+
+    def _resumes_stream(self) -> bool:
+        """Live, with a stored stream position: the stream replays what was missed."""
+        return isinstance(self.pull_strategy, Live) and self._stream_cursor() is not None
 
     def _stream_cursor(self) -> int | None:
         value = self.outbox.get_state("stream_cursor")

@@ -106,7 +106,8 @@ class StepRunner:
                 "with the new account from scratch."
             )
         engine._eager = True  # a login pushes at once
-        engine._pull_forced = True  # and pulls
+        # And pulls — unless the event stream will replay from its stored cursor.
+        engine._pull_forced = not engine._resumes_stream()
         self.pull_retry_at = None
         return current
 
@@ -186,8 +187,16 @@ class StepRunner:
             return
         frames, engine._events = list(engine._events), deque()
         lost, engine._events_lost = engine._events_lost, False
+        log.debug(
+            "pull: %d events, lost=%s, asked %d/%d, stream %s", len(frames), lost,
+            engine._pull_done, engine._pull_wanted, "up" if engine._stream_up else "down",
+        )  # fmt: skip
         try:
             followed = frames and not lost and key is not None
+            if frames and not followed:
+                log.info(
+                    "%d events, but the stream lost track: reading the repository", len(frames)
+                )
             if not followed or not await self._apply_events(did, key or "", frames):
                 result = await puller.pull(did, client, key, progress)
             elif engine._pull_wanted > engine._pull_done:
@@ -251,6 +260,10 @@ class StepRunner:
                 continue  # already included (a replayed event)
             prev_data = str(event.prev_data) if event.prev_data is not None else None
             if event.since != rev or (data is not None and prev_data != data):
+                log.info(
+                    "event %s (since %s) does not follow rev %s: reading the repository",
+                    event.rev, event.since, rev,
+                )  # fmt: skip
                 return False  # a gap: something happened that we did not see
             puller.apply_commit(did, event)
             rev, data = event.rev, str(event.data)
