@@ -534,3 +534,18 @@ async def test_rows_from_before_sync_are_pushed_but_never_overwrite_the_repo(
             status = await idle(sync)
         assert status.failed == 1 and pds.values(NOTES)["b"] == theirs
         sync.close()
+
+
+async def test_settled_bookkeeping_is_pruned_when_the_engine_is_idle(tmp_path: Path) -> None:
+    pds = FakePDS()
+    with App.open(tmp_path / "a.db", contract) as app:
+        sync = engine(app, pds)
+        async with sync:
+            seed(app, [f"k{i}" for i in range(50)])
+            await idle(sync)
+            app.actions.put("k1", "again")
+            await idle(sync)
+            sent = app.model_db.execute("select count(*) from _atsync_sent").fetchone()[0]
+            assert sent == 0  # every push answered: nothing can land late any more
+        assert remote_titles(pds) == local_titles(app)
+        sync.close()

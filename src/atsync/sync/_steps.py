@@ -48,6 +48,7 @@ __all__ = ["StepRunner", "lexicon_set", "lexicon_validator"]
 log = logging.getLogger("atsync.sync")
 OFFLINE_PROBE_SECONDS = 5.0  # while the PDS does not answer, try at least this often
 AUTH_RETRY_SECONDS = 60.0  # a refused session is tried again this long after
+PRUNE_CHUNK = 5000  # settled bookkeeping rows forgotten per idle tick
 # What the PDS answers for a repository whose account is not active.
 INACTIVE_ERRORS = frozenset(
     {"RepoDeactivated", "RepoTakendown", "RepoSuspended", "AccountDeactivated", "AccountTakedown"}
@@ -125,9 +126,9 @@ class StepRunner:
         self.retry_at = None
         self.retry_collections = None
         engine = self.engine
-        prune = getattr(engine.outbox, "prune_settled", None)
-        if prune is not None and not engine._pusher.fence_needed:
-            prune()
+        if not engine._pusher.fence_needed:
+            # In short transactions: an idle engine comes back here every second.
+            engine.outbox.prune_settled(limit=PRUNE_CHUNK)
 
     def forget_identity(self) -> None:
         did = self.session.did if self.session is not None else None
