@@ -46,6 +46,7 @@ from ws_fault_proxy import (
     Cut,
     DelayFrame,
     DropFrame,
+    DuplicateFrame,
     ErrorFrame,
     FrameEvent,
     FrameFault,
@@ -53,6 +54,7 @@ from ws_fault_proxy import (
     HoldFrame,
     InjectFrame,
     PassFrame,
+    ReorderFrame,
     RewriteFrame,
     StreamEvent,
     StreamFrame,
@@ -63,6 +65,7 @@ from ws_fault_proxy import (
     error_frame,
     info_frame,
     replace_in_blocks,
+    rewrite_body,
 )
 
 __all__ = [
@@ -73,6 +76,7 @@ __all__ = [
     "DropAfterForward",
     "DropBeforeForward",
     "DropFrame",
+    "DuplicateFrame",
     "Error500",
     "ErrorFrame",
     "Fault",
@@ -88,6 +92,7 @@ __all__ = [
     "ProxyEvent",
     "ProxyRequest",
     "RateLimited",
+    "ReorderFrame",
     "ResetMidResponse",
     "RewriteFrame",
     "Rule",
@@ -101,6 +106,7 @@ __all__ = [
     "info_frame",
     "proxied_session",
     "replace_in_blocks",
+    "rewrite_body",
 ]
 
 MAX_HEAD = 64 * 1024

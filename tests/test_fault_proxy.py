@@ -27,6 +27,7 @@ from fault_proxy import (
     DropAfterForward,
     DropBeforeForward,
     DropFrame,
+    DuplicateFrame,
     Error500,
     ErrorFrame,
     FaultProxy,
@@ -34,6 +35,7 @@ from fault_proxy import (
     HoldFrame,
     InjectFrame,
     RateLimited,
+    ReorderFrame,
     ResetMidResponse,
     RewriteFrame,
     Truncate,
@@ -41,6 +43,7 @@ from fault_proxy import (
     info_frame,
     proxied_session,
     replace_in_blocks,
+    rewrite_body,
 )
 
 pytestmark = pytest.mark.anyio
@@ -429,3 +432,27 @@ async def test_http_requests_still_pass_while_a_stream_is_relayed(dev_pds: Any) 
                 await proxy.wait_until(lambda p: bool(p.streams) and p.streams[0].open)
         assert [e.nsid for e in proxy.events] == [STREAM, DESCRIBE]
         assert proxy.events[1].status == 200
+
+
+async def test_duplicated_reordered_and_forged_frames(dev_pds: Any) -> None:
+    session = await alice(dev_pds)
+    cursor = await a_cursor(dev_pds, session, "ws-order")
+    await write(session, "ws-order-1", "ws-order-2", "ws-order-3", "ws-order-4")
+    path = f"{COLLECTION}/ws-order-"
+    async with FaultProxy(dev_pds.pds_url) as proxy:
+        proxy.add_frame(DuplicateFrame(), path=path, nth=1)
+        proxy.add_frame(ReorderFrame(), path=path, nth=2)
+        forged = rewrite_body(lambda body: {**body, "since": "forged"})
+        proxy.add_frame(RewriteFrame(forged), path=path, nth=4)
+        async with FirehoseSubscription(via(proxy, cursor)) as sub:
+            got = await commits_of(sub, "ws-order-", 5)
+        assert [rkey_of(f) for f in got] == [
+            "ws-order-1",
+            "ws-order-1",
+            "ws-order-3",
+            "ws-order-2",
+            "ws-order-4",
+        ]
+        assert got[0].seq == got[1].seq and got[4].body["since"] == "forged"
+        assert got[3].body["since"] != "forged"
+        assert proxy.frame_counts["duplicate"] == proxy.frame_counts["reorder"] == 1

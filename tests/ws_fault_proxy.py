@@ -15,6 +15,8 @@ through the proxy (the stream URL is derived from the session's ``pds_url``).
     proxy.add_frame(RewriteFrame(replace_in_blocks(b"a", b"b")))  # a tampered record block
     proxy.add_frame(ErrorFrame("FutureCursor"), nth=1)            # an error frame, then close
     proxy.add_frame(InjectFrame(info_frame("OutdatedCursor")), nth=1)
+    proxy.add_frame(DuplicateFrame(), nth=2)                      # at-least-once delivery
+    proxy.add_frame(ReorderFrame(), nth=4)                        # the 4th after the 5th
 
 Frames are relayed one at a time in the order the PDS sent them, so a delayed frame also
 delays the ones behind it (as on a real connection: order is kept). Rules work like the HTTP
@@ -56,6 +58,7 @@ __all__ = [
     "Cut",
     "DelayFrame",
     "DropFrame",
+    "DuplicateFrame",
     "ErrorFrame",
     "FrameEvent",
     "FrameFault",
@@ -63,6 +66,7 @@ __all__ = [
     "HoldFrame",
     "InjectFrame",
     "PassFrame",
+    "ReorderFrame",
     "RewriteFrame",
     "StreamEvent",
     "StreamFrame",
@@ -73,6 +77,7 @@ __all__ = [
     "error_frame",
     "info_frame",
     "replace_in_blocks",
+    "rewrite_body",
 ]
 
 # The header the HTTP front adds when it splices a connection to the relay, naming its
@@ -134,6 +139,22 @@ class RewriteFrame(FrameFault):
 
     change: Callable[[bytes], bytes]
     name: ClassVar[str] = "rewrite"
+
+
+@dataclass(frozen=True)
+class DuplicateFrame(FrameFault):
+    """Relay the frame, then ``copies`` more times (at-least-once delivery)."""
+
+    copies: int = 1
+    name: ClassVar[str] = "duplicate"
+
+
+@dataclass(frozen=True)
+class ReorderFrame(FrameFault):
+    """Hold the frame back and relay it right after the next frame that is relayed (the
+    two arrive swapped)."""
+
+    name: ClassVar[str] = "reorder"
 
 
 @dataclass(frozen=True)
@@ -372,6 +393,19 @@ def alter_blocks(change: Callable[[bytes], bytes]) -> Callable[[bytes], bytes]:
     return rewrite
 
 
+def rewrite_body(change: Callable[[dict[str, Any]], dict[str, Any]]) -> Callable[[bytes], bytes]:
+    """A rewrite that decodes the frame, replaces its body with ``change(body)`` (data-model
+    values: ``CID`` links, ``bytes``) and re-encodes it: e.g. a #commit's unsigned ``since``,
+    ``prevData`` or ``ops`` forged."""
+
+    def rewrite(data: bytes) -> bytes:
+        header, pos = decode_dag_cbor_prefix(data)
+        body, _ = decode_dag_cbor_prefix(data, pos)
+        return encode_frame(header, change(dict(body)))
+
+    return rewrite
+
+
 def replace_in_blocks(old: bytes, new: bytes) -> Callable[[bytes], bytes]:
     """``alter_blocks`` replacing ``old`` with ``new`` (any lengths) in every block: e.g. a
     record's text, so the record block no longer hashes to the CID the commit names."""
@@ -541,6 +575,7 @@ class StreamRelay:
     ) -> str:
         """PDS -> client, through the frame faults. Returns how the stream ended."""
         n = 0
+        deferred: list[tuple[str | bytes, FrameEvent]] = []  # ReorderFrame: after the next
         while True:
             try:
                 message = await upstream.recv()
@@ -571,11 +606,17 @@ class StreamRelay:
             self.counts[fault.name] += 1
             self._notify()
             try:
+                if isinstance(fault, ReorderFrame):
+                    deferred.append((message, event))
+                    continue
                 ended = await self._apply(fault, message, stream, client_side, upstream, event)
+                if ended is not None:
+                    return ended
+                if event.forwarded:
+                    while deferred:
+                        await self._send(client_side, *deferred.pop(0))
             except ConnectionClosed:
                 return "client closed"
-            if ended is not None:
-                return ended
 
     async def _apply(
         self,
@@ -623,6 +664,9 @@ class StreamRelay:
             await self._send(client_side, fault.change(data), event)
         else:
             await self._send(client_side, message, event)
+        if isinstance(fault, DuplicateFrame):
+            for _ in range(fault.copies):
+                await client_side.send(message)
         if isinstance(fault, InjectFrame) and fault.after:
             await client_side.send(fault.data)
         return None
