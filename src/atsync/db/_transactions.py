@@ -19,8 +19,9 @@ from .._errors import ClosedError, TransactionError
 
 __all__ = ["Transactions"]
 
-# Staged lists and their lengths when a transaction or savepoint began.
-_Marks = list[tuple[list[Any], int]]
+# Staged lists and their lengths when a transaction or savepoint began; None: all were
+# empty (the usual start of a transaction), so a rollback empties them all.
+_Marks = list[tuple[list[Any], int]] | None
 _DB = TypeVar("_DB", bound="Transactions")
 
 
@@ -87,7 +88,8 @@ class Transactions:
                 # Held-back writes belong to the enclosing level: written before the
                 # savepoint, a rollback to it cannot take them along.
                 self._flush_deferred()
-            marks = list(zip(self._staged, map(len, self._staged), strict=True))
+            staged = self._staged
+            marks = list(zip(staged, map(len, staged), strict=True)) if any(staged) else None
             self._cursor.execute("BEGIN IMMEDIATE" if depth == 0 else f"SAVEPOINT atsync_{depth}")
         except BaseException:
             self._lock.release()
@@ -186,8 +188,12 @@ class Transactions:
 
     def _rollback(self, depth: int, marks: _Marks) -> None:
         self.generation += 1
-        for staged, mark in marks:
-            del staged[mark:]
+        if marks is None:
+            for staged in self._staged:
+                staged.clear()
+        else:
+            for staged, mark in marks:
+                del staged[mark:]
         for buffer, _ in self._deferred:
             buffer.clear()
         if depth > 0:

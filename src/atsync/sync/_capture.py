@@ -299,10 +299,11 @@ class Capture:
         rows = held[:]
         held.clear()  # first: the connection below would write them again
         try:
-            if len(rows) == 1:  # one action per transaction: the single-statement path
-                self._outbox.enqueue(*rows[0])
-                return
             conn = self._db.connection
+            if len(rows) == 1:  # one action per transaction
+                if not conn.execute(_enqueue_puts(1), rows[0]).rowcount:
+                    self._outbox.enqueue(*rows[0])  # the general path (nothing was written)
+                return
             for start in range(0, len(rows), _CHUNK):
                 chunk = rows[start : start + _CHUNK]
                 if len(chunk) > 1:
