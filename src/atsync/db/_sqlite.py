@@ -59,6 +59,10 @@ class _Plan:
     delete: str
     decoders: tuple[Callable[[object], Any], ...]
     stored_as_is: bool  # every column reads back as stored: a row is dict(zip(names, values))
+    # A dict that set() got with every column is itself the row as get() returns it: every
+    # column reads back as stored, no encoder replaces the value it is given (bytes columns
+    # may turn a bytearray into bytes), and there are no relations to add.
+    passes_through: bool
 
 
 def _plan(model: Model) -> _Plan:
@@ -87,6 +91,8 @@ def _plan(model: Model) -> _Plan:
         delete=f"DELETE FROM {table} WHERE {pk} = ?",
         decoders=tuple(decode_column(p) for p in columns),
         stored_as_is=all(reads_as_stored(p) for p in columns),
+        passes_through=not model.relations
+        and all(reads_as_stored(p) and p.kind != "bytes" for p in columns),
     )
 
 
@@ -104,8 +110,9 @@ class ModelDB(Transactions):
         self._plans = {name: _plan(model) for name, model in schema.models.items()}
         self._watched = self._hub.watched  # models with live queries
         # Called inside the transaction for every record written: (model, key, row) where
-        # row is the record as ``get`` would return it, or None when it was deleted. The
-        # sync layer turns these into outbox entries in the same transaction.
+        # row is the record as ``get`` would return it, or None when it was deleted (it may
+        # be the very dict given to ``set``: read it, do not keep or change it). The sync
+        # layer turns these into outbox entries in the same transaction.
         self.write_listeners: list[Callable[[str, str, Row | None], None]] = []
 
     # -- opening and closing ----------------------------------------------------------
@@ -204,11 +211,17 @@ class ModelDB(Transactions):
             plan = self._plan(model)  # raises UnknownModelError
         params = self._encode(plan, value)
         relations = self._encode_relations(plan.model, value) if plan.has_relations else []
+        # The listeners' row without building it again (see _Plan.passes_through).
+        given = (
+            value
+            if plan.passes_through and type(value) is dict and len(value) == len(params)
+            else None
+        )
         if self._depth and self._owner == get_ident():
-            self._write(plan, params, relations)
+            self._write(plan, params, relations, given)
         else:
             with self.transaction():
-                self._write(plan, params, relations)
+                self._write(plan, params, relations, given)
 
     def update(self, model: str, value: Mapping[str, Any]) -> None:
         """Change some properties of an existing record (shallow); ``NotFoundError`` if none."""
@@ -309,7 +322,11 @@ class ModelDB(Transactions):
         return out
 
     def _write(
-        self, plan: _Plan, params: list[object], relations: list[tuple[Property, list[str]]]
+        self,
+        plan: _Plan,
+        params: list[object],
+        relations: list[tuple[Property, list[str]]],
+        row: Row | None = None,
     ) -> None:
         model = plan.name
         # The row before the write is read only for a live query on this model.
@@ -335,7 +352,9 @@ class ModelDB(Transactions):
             self._hub.pending.append(Change(model, old, new))
         listeners = self.write_listeners
         if listeners:
-            if plan.stored_as_is:
+            if row is not None:
+                pass  # the dict set() was given: every column, as get() would return it
+            elif plan.stored_as_is:
                 row = dict(zip(plan.names, params, strict=True))
             else:
                 row = self._decode(plan, params, plan.names, ())
