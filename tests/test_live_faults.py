@@ -776,12 +776,6 @@ async def test_a_restart_replays_through_a_slow_handshake_and_a_cut(
                 assert proxy.requests(GET_REPO) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: a frame the stream cannot decode is never passed: every reconnect "
-    "resumes from the cursor before it and fails on it again, so live following stops for "
-    "good and each later change costs a poll and a whole-repository read",
-)
 async def test_a_frame_that_never_decodes_does_not_stop_live_following(
     dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
 ) -> None:
@@ -808,3 +802,5 @@ async def test_a_frame_that_never_decodes_does_not_stop_live_following(
             assert len(proxy.requests(GET_REPO)) == reads
             poison = max(f.seq or 0 for f in proxy.frames("#commit") if f.fault == "rewrite")
             assert (stream_cursor(b) or 0) > poison
+            reasons = {r for (r,) in b.model_db.execute("select reason from _atsync_rejected")}
+            assert "MalformedFrame" in reasons  # said, with its reason

@@ -293,7 +293,8 @@ class ATSync(StatusKeeper):
             async with anyio.create_task_group() as tg:
                 if isinstance(self.pull_strategy, Live) and self._pulls():
                     tg.start_soon(listen, self._stream_session, self._on_repo_event,
-                                  self._on_stream, self._stream_cursor)  # fmt: skip
+                                  self._on_stream, self._stream_cursor,
+                                  self._on_bad_frame)  # fmt: skip
                 task_status.started()
                 await self._loop()
         finally:
@@ -472,6 +473,17 @@ class ATSync(StatusKeeper):
             self._events.append(frame)
         self._pull_forced = True
         self._wake()
+
+    def _on_bad_frame(self, reason: str) -> None:
+        runner, puller = self._runner, self._puller
+        did = runner.session.did if runner is not None and runner.session else None
+        try:
+            self.outbox.set_state("stream_cursor", None)
+            if puller is not None and did is not None:
+                puller.reject_all(did, "MalformedFrame", reason)
+        except Exception:  # a hint failed: the next pull still reads the repository
+            log.exception("could not record a malformed frame")
+        self._refresh_status()
 
     def _resumes_stream(self) -> bool:
         """Live, with a stored stream position: the stream replays what was missed."""

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from .._errors import PermanentError
+from .._errors import PermanentError, VerificationError
 from ..atproto import FirehoseFrame, FirehoseSubscription
 from ._backoff import Backoff
 
@@ -45,6 +45,7 @@ async def listen(
     on_event: Callable[[FirehoseFrame | None], None],
     on_stream: Callable[[bool], None],
     cursor: Callable[[], int | None],
+    on_bad_frame: Callable[[str], None],
 ) -> None:
     """Run until cancelled: keep a stream open to the current session's PDS, from
     ``cursor()`` (the last applied event) when there is one; call ``on_event(frame)`` for
@@ -53,6 +54,7 @@ async def listen(
     refused the cursor), and ``on_stream(up)`` when the stream comes up or goes down."""
     backoff = Backoff(base=1.0, cap=30.0)
     refused = False
+    failed_at: int | None = None  # the cursor from which a malformed frame came
     while True:
         session = current_session()
         if session is None:
@@ -79,6 +81,18 @@ async def listen(
             # E.g. FutureCursor: this cursor will never work; connect without one.
             refused = since is not None
             log.info("event stream of %s refused: %s", session.pds_url, exc)
+        except VerificationError as exc:
+            # A malformed frame. Damaged on the way, the replay from the same cursor brings
+            # it whole; if it fails again from that cursor it would at every replay: say so,
+            # forget the cursor and connect without one (the next pull reads the repository;
+            # the next applied event stores a cursor past the bad frame).
+            log.warning("event stream of %s sent a malformed frame: %s", session.pds_url, exc)
+            at = cursor()  # where a reconnect would resume
+            if at is not None and at != failed_at:
+                failed_at = at
+            else:
+                refused, failed_at = True, None
+                on_bad_frame(str(exc))
         except Exception as exc:  # the stream is a hint: any failure means "poll meanwhile"
             log.info("event stream of %s is down: %s", session.pds_url, exc)
         finally:

@@ -652,7 +652,7 @@ class Outbox:
 
     def get_state(self, key: str) -> str | None:
         row = self._db.execute(f"SELECT value FROM {STATE} WHERE key = ?", (key,)).fetchone()
-        return None if row is None else str(row[0])
+        return None if row is None or row[0] is None else str(row[0])
 
     def set_state(self, key: str, value: str | None) -> None:
         with self._db.transaction():
