@@ -558,3 +558,36 @@ async def test_live_resumes_from_its_cursor_after_a_restart(
         ):
             await wait_status(sync_b, lambda s: {"m1", "m2", "m3"} <= set(rows(b)), 15)
             assert downloads == []  # replayed from the cursor, not read whole
+
+
+async def test_a_cursor_older_than_the_replay_window_reads_the_repository(
+    make_pds: Any, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    pds = make_pds(replay_window_ms=500)  # the PDS replays half a second of events
+    collection = collection_for(request)
+    session = await alice(pds)
+    downloads, counted = counting("com.atproto.sync.getRepo")
+    async with (
+        IdentityResolver(plc_url=pds.plc_url, allow_insecure_localhost=True) as resolver,
+        device(tmp_path / "a.db", collection, session, resolver) as (a, sync_a),
+    ):
+        b_options: dict[str, Any] = {"pull": Live(), **counted}
+        async with device(tmp_path / "b.db", collection, session, resolver, **b_options) as (
+            b,
+            sync_b,
+        ):
+            await wait_status(sync_b, lambda s: s.live, 10)
+            a.actions.put("seen", "live")
+            await wait_status(sync_b, lambda s: "seen" in rows(b), 10)
+        a.actions.put("missed", "while b was off")
+        with anyio.fail_after(30):
+            await sync_a.wait_for_idle()
+        await anyio.sleep(1.0)  # the workload: b's cursor falls out of the replay window
+        downloads.clear()
+        async with device(tmp_path / "b.db", collection, session, resolver, **b_options) as (
+            b,
+            sync_b,
+        ):
+            await wait_status(sync_b, lambda s: "missed" in rows(b), 15)
+            assert len(downloads) == 1  # OutdatedCursor: read whole, once
+            assert rows(b) == rows(a)

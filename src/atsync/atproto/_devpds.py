@@ -144,7 +144,11 @@ class DevPDS:
         progress: Progress | None = None,
         startup_timeout: float = 60.0,
         log: bool = False,
+        replay_window_ms: int | None = None,
     ) -> None:
+        if replay_window_ms is not None and replay_window_ms < 0:
+            raise DevPDSError(f"replay_window_ms must be >= 0, got {replay_window_ms}")
+        self._replay_window_ms = replay_window_ms
         self._requested = [(h.lower(), pw) for h, pw in accounts]
         for handle, _ in self._requested:
             # The PDS itself checks the rest (label lengths, characters) at createAccount.
@@ -342,6 +346,10 @@ class DevPDS:
             PDS_RATE_LIMITS_ENABLED="true" if self._rate_limits else "false",
             LOG_ENABLED="true" if self._log else "false",
         )
+        if self._replay_window_ms is not None:
+            # How far back subscribeRepos replays from a cursor; older cursors get an
+            # #info OutdatedCursor (the reference PDS's default is one day).
+            env["PDS_REPO_BACKFILL_LIMIT_MS"] = str(self._replay_window_ms)
         if self._temp_dir is not None:
             env["ATSYNC_DEVPDS_TEMP_DIR"] = str(self._temp_dir)
         self._stderr.clear()

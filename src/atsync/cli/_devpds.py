@@ -57,6 +57,12 @@ class _StopDuringStart(Exception):
     help="Where to install the PDS (default: $ATSYNC_CACHE_DIR or the user cache directory).",
 )
 @click.option("--log", is_flag=True, help="Show the PDS's own log on stderr.")
+@click.option(
+    "--replay-window-ms",
+    type=click.IntRange(0),
+    help="How far back the event stream replays from a cursor (default: one day); older "
+    "cursors get #info OutdatedCursor.",
+)
 def dev_pds(
     accounts: tuple[str, ...],
     port: int | None,
@@ -64,6 +70,7 @@ def dev_pds(
     rate_limits: bool,
     cache_dir: Path | None,
     log: bool,
+    replay_window_ms: int | None,
 ) -> None:
     """Run a real reference PDS (+ PLC) on 127.0.0.1 for development and tests.
 
@@ -95,6 +102,7 @@ def dev_pds(
             cache_dir=cache_dir,
             progress=say,
             log=log,
+            replay_window_ms=replay_window_ms,
         )
         try:
             pds.start()
