@@ -591,3 +591,30 @@ async def test_a_cursor_older_than_the_replay_window_reads_the_repository(
             await wait_status(sync_b, lambda s: "missed" in rows(b), 15)
             assert len(downloads) == 1  # OutdatedCursor: read whole, once
             assert rows(b) == rows(a)
+
+
+async def test_binding_directions_are_honoured(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    collection = collection_for(request)
+    session = await alice(dev_pds)
+    await put_record(session, collection, "remote", title="written elsewhere", n=1)
+    common = {"session": session, "identity": resolver, "push": Immediate()}
+    with App.open(tmp_path / "pull-only.db", contract) as app:
+        sync = ATSync(app, bindings={"notes": Binding(collection, direction="pull")}, **common)
+        async with sync:
+            app.actions.put("local", "never pushed")
+            with anyio.fail_after(30):
+                status = await sync.wait_pulled()
+            assert status.pending == 0 and set(rows(app)) == {"remote", "local"}
+        sync.close()
+    with App.open(tmp_path / "push-only.db", contract) as app:
+        sync = ATSync(app, bindings={"notes": Binding(collection, direction="push")}, **common)
+        async with sync:
+            app.actions.put("pushed", "from the push-only device")
+            with anyio.fail_after(30):
+                await sync.wait_pulled()  # nothing to pull: returns at once
+                await sync.wait_for_idle()
+            assert set(rows(app)) == {"pushed"}  # "remote" never pulled in
+        sync.close()
+    assert set(await remote(session, collection)) == {"remote", "pushed"}
