@@ -231,6 +231,7 @@ EXPECTED: dict[str, list[str]] = {
         "QueuedWrite",
         "RateBudget",
         "RecordWrite",
+        "RemoteRecord",
         "RowState",
         "State",
         "Strategy",

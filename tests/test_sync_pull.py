@@ -618,3 +618,46 @@ async def test_binding_directions_are_honoured(
             assert set(rows(app)) == {"pushed"}  # "remote" never pulled in
         sync.close()
     assert set(await remote(session, collection)) == {"remote", "pushed"}
+
+
+async def test_on_pds_action_sees_every_pulled_change_in_its_transaction(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    """The seed's onPDSAction: bound records beside their rows, and a watched collection
+    with no binding at all; an exception in the hook rejects that record alone."""
+    from atsync.sync import RemoteRecord
+
+    collection = collection_for(request)
+    likes = collection + "like"
+    session = await alice(dev_pds)
+    await put_record(session, collection, "n1", title="bound", n=1)
+    await put_record(session, likes, "l1", subject="n1")
+    await put_record(session, collection, "boom", title="the hook refuses this", n=2)
+    seen: list[RemoteRecord] = []
+
+    def hook(remote: RemoteRecord) -> None:
+        if remote.rkey == "boom":
+            raise ValueError("not this one")
+        seen.append(remote)
+
+    async with device(
+        tmp_path / "b.db", collection, session, resolver, on_pds_action=hook, watch=[likes]
+    ) as (b, sync_b):
+        with anyio.fail_after(30):
+            status = await sync_b.wait_pulled()
+        assert sorted((r.collection, r.rkey, r.op) for r in seen) == [
+            (collection, "n1", "create"),
+            (likes, "l1", "create"),
+        ]
+        like = next(r for r in seen if r.collection == likes)
+        assert like.record == {"$type": likes, "subject": "n1"} and like.did == session.did
+        assert like.rev == status.rev and like.cid
+        assert set(rows(b)) == {"n1"} and status.rejected == 1  # "boom": not applied
+        (detail,) = b.model_db.execute("select detail from _atsync_rejected").fetchone()
+        assert "not this one" in detail
+        seen.clear()
+        async with XrpcClient(session=session) as client:
+            await client.delete_record(session.did, likes, "l1")
+        with anyio.fail_after(30):
+            await sync_b.wait_pulled()
+        assert [(r.rkey, r.op, r.record) for r in seen] == [("l1", "delete", None)]

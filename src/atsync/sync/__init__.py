@@ -15,6 +15,7 @@ from ._capture import ActionCall, RecordWrite
 from ._engine import ATSync
 from ._merge import ConflictPolicy
 from ._outbox import DeadLetter, Outbox, PendingWrite, QueuedWrite
+from ._puller import RemoteRecord
 from ._status import RowState, State, SyncStatus, WaitReason
 from ._strategies import (
     Batch,
@@ -50,6 +51,7 @@ __all__ = [
     "QueuedWrite",
     "RateBudget",
     "RecordWrite",
+    "RemoteRecord",
     "RowState",
     "State",
     "Strategy",

@@ -36,12 +36,13 @@ from ._binding import Binding, BoundBinding
 from ._budget import RateBudget, is_hosted
 from ._capture import Capture, OnAction, Validator
 from ._decide import Facts, Fence, Pull, Push, Reconcile, Resync, Wait, decide
+from ._engine_pull import PullEvents
 from ._engine_status import StatusKeeper, as_dict
 from ._live import listen
 from ._merge import ConflictPolicy, check_policy
 from ._migrate import upgrade_sync_tables
 from ._outbox import Outbox, create_sync_tables
-from ._puller import Puller
+from ._puller import OnPdsAction, Puller
 from ._pusher import Pusher
 from ._status import RowState, State, SyncStatus, WaitReason
 from ._steps import StepRunner, lexicon_set, lexicon_validator
@@ -52,7 +53,6 @@ __all__ = ["ATSync", "SessionLike"]
 
 log = logging.getLogger("atsync.sync")
 POLL_SECONDS = 1.0  # how often an idle engine looks for writes by other processes
-MAX_EVENTS = 1000  # #commit events held for the next pull; beyond, it reads the whole repo
 _STATE_FOR_WAIT = {
     None: State.IDLE,
     WaitReason.NEEDS_AUTH: State.NEEDS_AUTH,
@@ -84,7 +84,7 @@ class SessionLike(Protocol):
 SessionSource = Callable[[], SessionLike | None]
 
 
-class ATSync(StatusKeeper):
+class ATSync(StatusKeeper, PullEvents):
     """Syncs an ``App``'s bound models with the user's repository, both ways.
 
     ``push`` / ``pull``: when writes go out and when the repository is read (see
@@ -96,7 +96,10 @@ class ATSync(StatusKeeper):
     plc.directory). ``budget``: ``None`` (default) paces by Bluesky's published limits only
     when the PDS is one of Bluesky's hosts; a ``RateBudget`` paces always;
     ``RateBudget.off()`` never. The PDS's own rate-limit answers are obeyed in every case.
-    ``clock`` (monotonic seconds) is what the schedule is computed with.
+    ``clock`` (monotonic seconds) is what the schedule is computed with. ``on_pds_action``:
+    the seed's hook, called with a ``RemoteRecord`` for every pulled change, in the
+    transaction that applies it (bound collections, and the collections in ``watch`` that
+    have no binding: read for the hook alone).
     """
 
     def __init__(
@@ -116,6 +119,8 @@ class ATSync(StatusKeeper):
         conflicts: ConflictPolicy = "local",
         verify: bool = True,
         identity: IdentityResolver | None = None,
+        on_pds_action: OnPdsAction | None = None,
+        watch: Iterable[str] = (),
     ) -> None:
         db = app.model_db
         self.app: App | None = app
@@ -143,7 +148,8 @@ class ATSync(StatusKeeper):
         self._identity = identity
         self._puller: Puller | None = Puller(
             db, self.outbox, bound, applying_remote=self._capture.applying_remote,
-            validate=validate, policy=check_policy(conflicts),
+            validate=validate, policy=check_policy(conflicts), on_pds_action=on_pds_action,
+            watch=watch, lexicons=self.lexicons,
         )  # fmt: skip
         signer = app.signer
         self._signer_hooks = (
@@ -400,17 +406,6 @@ class ATSync(StatusKeeper):
             pull_forced=self._pull_forced and self._pulls(),
         )
 
-    def _pulls(self) -> bool:
-        return self._puller is not None and bool(self._puller.collections)
-
-    def _pull_at(self, runner: StepRunner) -> float:
-        if not self._pulls():
-            return math.inf
-        at = self.pull_strategy.pull_at(self._last_pull, self._stream_up)
-        if runner.pull_retry_at is not None:
-            at = max(at, runner.pull_retry_at) if at < math.inf else runner.pull_retry_at
-        return at
-
     async def _wait(
         self, step: Wait, now: float, runner: StepRunner, session: SessionLike | None
     ) -> None:
@@ -452,53 +447,6 @@ class ATSync(StatusKeeper):
         for collection in collections:
             first, _ = self._changes.get(collection, (now, now))
             self._changes[collection] = (first, now)
-        self._wake()
-
-    def _stream_session(self) -> SessionLike | None:
-        runner = self._runner
-        return runner.session if runner is not None and not runner.wrong_account else None
-
-    def _on_repo_event(self, frame: FirehoseFrame | None) -> None:
-        runner = self._runner
-        if frame is not None and frame.type == "#identity" and runner is not None:
-            runner.forget_identity()  # a new signing key or PDS: resolve afresh
-        if frame is not None and frame.type == "#account":
-            active = frame.body.get("active")
-            self._account_inactive = (
-                None if active is True else str(frame.body.get("status") or "inactive")
-            )
-        if frame is None or frame.type != "#commit" or len(self._events) >= MAX_EVENTS:
-            self._events_lost = True  # the next pull reads the whole repository
-        else:
-            self._events.append(frame)
-        self._pull_forced = True
-        self._wake()
-
-    def _on_bad_frame(self, reason: str) -> None:
-        runner, puller = self._runner, self._puller
-        did = runner.session.did if runner is not None and runner.session else None
-        try:
-            self.outbox.set_state("stream_cursor", None)
-            if puller is not None and did is not None:
-                puller.reject_all(did, "MalformedFrame", reason)
-        except Exception:  # a hint failed: the next pull still reads the repository
-            log.exception("could not record a malformed frame")
-        self._refresh_status()
-
-    def _resumes_stream(self) -> bool:
-        """Live, with a stored stream position: the stream replays what was missed."""
-        return isinstance(self.pull_strategy, Live) and self._stream_cursor() is not None
-
-    def _stream_cursor(self) -> int | None:
-        value = self.outbox.get_state("stream_cursor")
-        try:
-            return int(value) if value is not None else None
-        except ValueError:
-            return None  # damaged: read the whole repository once instead
-
-    def _on_stream(self, up: bool) -> None:
-        self._stream_up = up
-        self._refresh_status(live=up)
         self._wake()
 
     def _on_session_change(self, session: object) -> None:

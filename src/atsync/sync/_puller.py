@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +31,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-from .._errors import AtsyncError, VerificationError
+from .._errors import AtsyncError, RecordError, VerificationError
 from ..atproto import (
     RepoFile,
     VerifiedCommit,
@@ -43,13 +43,14 @@ from ..atproto import (
     decode_dag_cbor,
 )
 from ..db import ModelDB
+from ..lexicon import LexiconSet
 from ._binding import BoundBinding
 from ._capture import Validator, encode_record
 from ._merge import ConflictPolicy, merge_rows
 from ._migrate import REJECTED
 from ._outbox import CONFLICTS, OUTBOX, RECORDS, Outbox
 
-__all__ = ["PullResult", "Puller"]
+__all__ = ["OnPdsAction", "PullResult", "Puller", "RemoteRecord"]
 
 CHUNK = 200  # remote changes applied per transaction
 _json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -65,6 +66,25 @@ class PullResult:
     merged: int = 0  # remote changes merged with a queued local edit
     conflicts: int = 0  # merges with a field changed on both sides
     rejected: int = 0  # records not applied (see _atsync_rejected)
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteRecord:
+    """What ``on_pds_action`` receives: one change in the repository, verified, in the
+    transaction that applies it. ``op`` is create, update or delete (``record`` and ``cid``
+    None); ``lexicon`` is the collection's Lexicon document when ``lexicons=`` has it."""
+
+    did: str
+    collection: str
+    rkey: str
+    op: str
+    cid: str | None
+    rev: str
+    record: dict[str, Any] | None
+    lexicon: Any = None
+
+
+OnPdsAction = Callable[[RemoteRecord], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,10 +120,17 @@ class Puller:
         applying_remote: Callable[[], AbstractContextManager[None]],
         validate: Validator | None,
         policy: ConflictPolicy,
+        on_pds_action: OnPdsAction | None = None,
+        watch: Iterable[str] = (),
+        lexicons: LexiconSet | None = None,
     ) -> None:
         self._db = db
         self._outbox = outbox
         self._by_collection = {b.collection: b for b in bindings.values() if b.direction != "push"}
+        # Collections read for on_pds_action alone (no binding, no rows).
+        self._watched = set(watch) - set(self._by_collection) if on_pds_action else set()
+        self._on_pds_action = on_pds_action
+        self._lexicons = lexicons
         self._pushes = {b.collection for b in bindings.values() if b.direction != "pull"}
         self._applying_remote = applying_remote
         self._validate = validate
@@ -111,7 +138,7 @@ class Puller:
 
     @property
     def collections(self) -> set[str]:
-        return set(self._by_collection)
+        return set(self._by_collection) | self._watched
 
     async def pull(
         self,
@@ -158,7 +185,7 @@ class Puller:
         known = self._known()
         changes: list[tuple[str, str, str | None, dict[str, Any] | None]] = []
         for op in event.ops:
-            if op.collection not in self._by_collection:
+            if op.collection not in self.collections:
                 continue
             was = known.get((op.collection, op.rkey))
             if op.cid is None:
@@ -192,7 +219,7 @@ class Puller:
         present: set[tuple[str, str]] = set()
         with RepoFile(path, did=did, signing_key=signing_key) as repo:
             for collection, rkey, cid in repo.leaves():
-                if collection not in self._by_collection:
+                if collection not in self.collections:
                     continue
                 present.add((collection, rkey))
                 text = str(cid)
@@ -255,7 +282,7 @@ class Puller:
 
     def _known(self) -> dict[tuple[str, str], _Known]:
         """What was last synced, per record of the pulled collections."""
-        collections = sorted(self._by_collection)
+        collections = sorted(self.collections)
         if not collections:
             return {}
         marks = ", ".join("?" * len(collections))
@@ -290,7 +317,14 @@ class Puller:
         mine: _Queued | None,
         result: PullResult,
     ) -> None:
-        binding = self._by_collection[collection]
+        if self._on_pds_action is not None:
+            self._tell_app(did, rev, collection, rkey, cid, record, was)
+        binding = self._by_collection.get(collection)
+        if binding is None:  # watched for on_pds_action only
+            if cid is not None and record is not None:
+                self._validate_watched(collection, rkey, record)
+            self._note(collection, rkey, f"@{collection}", rkey, cid, record)
+            return
         model = binding.model.name
         key = was.key if was is not None else rkey
         remote_row: dict[str, Any] | None = None
@@ -319,6 +353,39 @@ class Puller:
                 result.applied += 1
             return
         self._merge(did, binding, collection, rkey, key, cid, record, remote_row, was, mine, result)
+
+    def _tell_app(
+        self,
+        did: str,
+        rev: str,
+        collection: str,
+        rkey: str,
+        cid: str | None,
+        record: dict[str, Any] | None,
+        was: _Known | None,
+    ) -> None:
+        """The seed's ``onPDSAction``: the app sees the record in the applying transaction
+        (an exception rejects the record, and nothing of it is applied)."""
+        assert self._on_pds_action is not None
+        op = "delete" if cid is None else ("update" if was is not None else "create")
+        doc = None
+        if self._lexicons is not None and collection in self._lexicons:
+            doc = self._lexicons.get(collection)
+        try:
+            self._on_pds_action(RemoteRecord(did, collection, rkey, op, cid, rev, record, doc))
+        except AtsyncError:
+            raise
+        except Exception as exc:
+            raise RecordError(f"on_pds_action raised {exc!r}") from exc
+
+    def _validate_watched(self, collection: str, rkey: str, record: dict[str, Any]) -> None:
+        if record.get("$type") != collection:
+            raise VerificationError(
+                f"$type is {record.get('$type')!r}, not the collection {collection!r}"
+            )
+        check_data_model(record)
+        if self._validate is not None:
+            self._validate(collection, rkey, record)
 
     def _checked_row(
         self,

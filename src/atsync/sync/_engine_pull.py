@@ -1,0 +1,99 @@
+"""The engine's pull bookkeeping: when the next pull is due, and what the event stream
+tells it (mixed into ``ATSync``; see ``_live`` and ``_steps.StepRunner.pull``)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ..atproto import FirehoseFrame
+from ._outbox import Outbox
+from ._puller import Puller
+from ._strategies import Live, PullStrategy
+
+if TYPE_CHECKING:
+    from ._engine import SessionLike
+    from ._steps import StepRunner
+
+__all__ = ["MAX_EVENTS", "PullEvents"]
+
+log = logging.getLogger("atsync.sync")
+MAX_EVENTS = 1000  # #commit events held for the next pull; beyond, it reads the whole repo
+
+
+class PullEvents:
+    """Mixed into ``ATSync``: pull scheduling and the event stream's callbacks."""
+
+    outbox: Outbox
+    pull_strategy: PullStrategy
+    _puller: Puller | None
+    _runner: StepRunner | None
+    _last_pull: float | None
+    _stream_up: bool
+    _pull_forced: bool
+    _events: deque[FirehoseFrame]
+    _events_lost: bool
+    _account_inactive: str | None
+    _wake: Callable[[], None]
+    _refresh_status: Callable[..., None]
+
+    def _pulls(self) -> bool:
+        return self._puller is not None and bool(self._puller.collections)
+
+    def _pull_at(self, runner: StepRunner) -> float:
+        if not self._pulls():
+            return math.inf
+        at = self.pull_strategy.pull_at(self._last_pull, self._stream_up)
+        if runner.pull_retry_at is not None:
+            at = max(at, runner.pull_retry_at) if at < math.inf else runner.pull_retry_at
+        return at
+
+    def _stream_session(self) -> SessionLike | None:
+        runner = self._runner
+        return runner.session if runner is not None and not runner.wrong_account else None
+
+    def _on_repo_event(self, frame: FirehoseFrame | None) -> None:
+        runner = self._runner
+        if frame is not None and frame.type == "#identity" and runner is not None:
+            runner.forget_identity()  # a new signing key or PDS: resolve afresh
+        if frame is not None and frame.type == "#account":
+            active = frame.body.get("active")
+            self._account_inactive = (
+                None if active is True else str(frame.body.get("status") or "inactive")
+            )
+        if frame is None or frame.type != "#commit" or len(self._events) >= MAX_EVENTS:
+            self._events_lost = True  # the next pull reads the whole repository
+        else:
+            self._events.append(frame)
+        self._pull_forced = True
+        self._wake()
+
+    def _on_bad_frame(self, reason: str) -> None:
+        runner, puller = self._runner, self._puller
+        did = runner.session.did if runner is not None and runner.session else None
+        try:
+            self.outbox.set_state("stream_cursor", None)
+            if puller is not None and did is not None:
+                puller.reject_all(did, "MalformedFrame", reason)
+        except Exception:  # a hint failed: the next pull still reads the repository
+            log.exception("could not record a malformed frame")
+        self._refresh_status()
+
+    def _resumes_stream(self) -> bool:
+        """Live, with a stored stream position: the stream replays what was missed."""
+        return isinstance(self.pull_strategy, Live) and self._stream_cursor() is not None
+
+    def _stream_cursor(self) -> int | None:
+        value = self.outbox.get_state("stream_cursor")
+        try:
+            return int(value) if value is not None else None
+        except ValueError:
+            return None  # damaged: read the whole repository once instead
+
+    def _on_stream(self, up: bool) -> None:
+        self._stream_up = up
+        self._refresh_status(live=up)
+        self._wake()
