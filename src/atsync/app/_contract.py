@@ -31,7 +31,7 @@ class ActionContext:
     reproduces the same keys.
     """
 
-    __slots__ = ("_clock_id", "_tids", "db", "did", "id", "timestamp", "timestamp_us")
+    __slots__ = ("_clock_id", "db", "did", "id", "tids_used", "timestamp", "timestamp_us")
 
     def __init__(
         self,
@@ -48,16 +48,12 @@ class ActionContext:
         self.timestamp_us = timestamp_us
         self.timestamp = timestamp_us // 1000
         self._clock_id = clock_id
-        self._tids = 0
+        self.tids_used = 0  # how many tid() handed out (the app's clock skips past them)
 
     def tid(self) -> str:
         """A fresh TID, unique on this device and the same when the log is replayed."""
-        self._tids += 1
-        return str(Tid(self.timestamp_us + self._tids, self._clock_id))
-
-    @property
-    def tids_used(self) -> int:
-        return self._tids
+        self.tids_used += 1
+        return str(Tid(self.timestamp_us + self.tids_used, self._clock_id))
 
 
 class ActionResult(NamedTuple):

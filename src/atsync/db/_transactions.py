@@ -116,8 +116,9 @@ class Transactions:
                     )
                 for hook in self.before_commit:
                     hook()
-                if self._deferred:
-                    self._flush_deferred()
+                for buffer, flush in self._deferred:
+                    if buffer:
+                        flush()
                 self._cursor.execute("COMMIT")
                 if self._changes:
                     changes = self._changes[:]

@@ -172,6 +172,9 @@ def _enqueue_puts(count: int) -> str:
     return sql
 
 
+_ENQUEUE_ONE = _enqueue_puts(1)
+
+
 class Capture:
     """The write listener and action hook that fill the outbox."""
 
@@ -301,7 +304,7 @@ class Capture:
         try:
             conn = self._db.connection
             if len(rows) == 1:  # one action per transaction
-                if not conn.execute(_enqueue_puts(1), rows[0]).rowcount:
+                if not conn.execute(_ENQUEUE_ONE, rows[0]).rowcount:
                     self._outbox.enqueue(*rows[0])  # the general path (nothing was written)
                 return
             for start in range(0, len(rows), _CHUNK):
