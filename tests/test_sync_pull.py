@@ -661,3 +661,32 @@ async def test_on_pds_action_sees_every_pulled_change_in_its_transaction(
         with anyio.fail_after(30):
             await sync_b.wait_pulled()
         assert [(r.rkey, r.op, r.record) for r in seen] == [("l1", "delete", None)]
+
+
+async def test_a_push_refused_by_another_devices_commit_merges_instead_of_overwriting(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    """b pushes without having pulled a's edit of another field of the same note: the PDS
+    refuses (InvalidSwap); b pulls, merges field by field, and pushes the merge."""
+    collection = collection_for(request)
+    session = await alice(dev_pds)
+    async with (
+        device(tmp_path / "a.db", collection, session, resolver, push=Manual()) as (a, sync_a),
+        device(tmp_path / "b.db", collection, session, resolver, push=Manual()) as (b, sync_b),
+    ):
+        a.actions.put("n", "title", "body", 1)
+        sync_a.push_now()
+        await settle(sync_a, sync_b)
+        a.actions.edit("n", title="a's title")
+        b.actions.edit("n", body="b's body")
+        sync_a.push_now()
+        with anyio.fail_after(30):
+            await sync_a.wait_for_idle()
+        sync_b.push_now()  # b has not pulled: its swapCommit is stale
+        with anyio.fail_after(30):
+            status = await sync_b.wait_for_idle()
+        merged = (await remote(session, collection))["n"]
+        assert (merged["title"], merged["body"]) == ("a's title", "b's body")
+        assert rows(b)["n"]["title"] == "a's title" and status.conflicts == 0
+        await settle(sync_a)
+        assert rows(a) == rows(b)

@@ -151,6 +151,7 @@ class ATSync(StatusKeeper, PullEvents):
             validate=validate, policy=check_policy(conflicts), on_pds_action=on_pds_action,
             watch=watch, lexicons=self.lexicons,
         )  # fmt: skip
+        self._pusher.pulled = frozenset(self._puller.collections)
         signer = app.signer
         self._signer_hooks = (
             getattr(signer, "session_listeners", None),

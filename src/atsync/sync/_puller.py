@@ -336,8 +336,12 @@ class Puller:
                 result.rejected += 1
                 return
         if mine is not None and cid is not None and self._outbox.ever_sent(collection, rkey, cid):
-            # Our own earlier write, landed: the new base. The queued edit stays queued.
+            # Our own earlier write, landed: the new base. The queued edit stays queued —
+            # unless it is exactly what landed (its answer never reached us): then it is done.
             self._note(collection, rkey, model, key, cid, record)
+            if mine.cid == cid and mine.op != "delete":
+                self._db.connection.execute(f"DELETE FROM {OUTBOX} WHERE seq = ?", (mine.seq,))
+                return
             self._db.connection.execute(
                 f"UPDATE {OUTBOX} SET op = CASE op WHEN 'delete' THEN 'delete' ELSE 'update' "
                 "END, attempted = 0 WHERE seq = ?",

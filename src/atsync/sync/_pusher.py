@@ -33,11 +33,15 @@ from ._budget import RateBudget
 from ._carry import carry_unmapped
 from ._outbox import Outbox, PendingWrite
 
-__all__ = ["PushResult", "Pusher"]
+__all__ = ["PushResult", "Pusher", "RepoMoved"]
 
 MAX_WRITES = 200
 MAX_BYTES = 900_000  # under the PDS's 1 MB body limit, leaving room for the JSON envelope
 UNREADABLE_TRIES = 5  # refusals without a readable error name before a write is dead-lettered
+
+
+class RepoMoved(Exception):
+    """``InvalidSwap`` on writes the engine also pulls: pull (and merge) before sending."""
 
 
 @dataclass
@@ -60,6 +64,9 @@ class Pusher:
         self.damaged = 0  # rows dead-lettered because they could not be read
         # Per collection, the record fields its binding maps (the rest is carried over).
         self.mapped: dict[str, frozenset[str]] = {}
+        # Collections the engine pulls: an InvalidSwap on them is settled by a pull (which
+        # merges) rather than by a reconcile (which can only let one side win).
+        self.pulled: frozenset[str] | None = None
         self.batch_limit = MAX_WRITES  # shrinks to isolate a rejected write
         self.sent_swap: str | None = None  # the swapCommit the last batch was sent with
         self.needs_reconcile = False  # an unknown outcome is still unsettled
@@ -149,6 +156,10 @@ class Pusher:
             answer = await client.apply_writes(did, writes, swap_commit=swap)
         except PermanentError as exc:
             if exc.error == "InvalidSwap":
+                if self.pulled is not None and all(w.collection in self.pulled for w in batch):
+                    # Another writer moved the repo: pull first, so its edits merge field by
+                    # field with ours (and any unheard request of ours is recognised).
+                    raise RepoMoved(str(exc)) from exc
                 await self.reconcile(did, client, batch, result, check=True)
                 return True
             if exc.error is None and max(w.attempts for w in batch) + 1 < UNREADABLE_TRIES:

@@ -36,7 +36,7 @@ from ..lexicon import LexiconSet, validate_record
 from ._binding import BoundBinding
 from ._capture import Validator
 from ._puller import PullResult
-from ._pusher import PushResult
+from ._pusher import PushResult, RepoMoved
 from ._resync import ResyncScan
 from ._status import State, WaitReason
 
@@ -163,8 +163,9 @@ class StepRunner:
             )
             log.warning("%s", engine._resync_note)
 
-    async def pull(self) -> None:
-        """Bring the bound models up to the repository's head (see ``_puller``)."""
+    async def pull(self) -> bool:
+        """Bring the bound models up to the repository's head (see ``_puller``); True if
+        it did."""
         engine = self.engine
         puller = engine._puller
         assert puller is not None, "decide() pulls only with pulled bindings"
@@ -175,7 +176,7 @@ class StepRunner:
             # Not pulled while the account is not active; the stream's next #account says
             # when it is again (without a stream, each pull asks the PDS).
             self._show_inactive()
-            return
+            return False
         engine._refresh_status(state=State.PULLING, did=did, waiting_reason=None, resumes_at=None)
 
         def progress(done: int, total: int) -> None:
@@ -185,7 +186,7 @@ class StepRunner:
             key = await self._signing_key(did, client) if engine.verify else None
         except (VerificationError, NetworkError, OSError) as exc:
             self._pull_failed(f"cannot resolve the account's signing key: {exc}", None)
-            return
+            return False
         frames, engine._events = list(engine._events), deque()
         lost, engine._events_lost = engine._events_lost, False
         log.debug(
@@ -208,29 +209,29 @@ class StepRunner:
         except RateLimitedError as exc:
             wait = max(0.0, (exc.reset_at or time.time() + 60) - time.time())
             self._pull_failed(str(exc), wait)
-            return
+            return False
         except AuthError as exc:
             self.auth_failed = True
             self.retry_at = engine._clock() + AUTH_RETRY_SECONDS
             engine._refresh_status(state=State.NEEDS_AUTH, download_error=str(exc))
-            return
+            return False
         except VerificationError as exc:
             # Forged, tampered or damaged: nothing of it was applied. Said once per failure.
             puller.reject_all(did, "VerificationError", str(exc))
             self._pull_failed(f"the repository failed verification: {exc}", None)
-            return
+            return False
         except PermanentError as exc:
             if exc.error in INACTIVE_ERRORS:
                 engine._account_inactive = exc.error
                 engine._last_pull = engine._clock()
                 self._show_inactive()
-                return
+                return False
             self._pull_failed(str(exc), None)
-            return
+            return False
         except (NetworkError, OSError) as exc:
             self._pull_failed(str(exc), None, offline=isinstance(exc, TransientError)
                               and exc.status is None)  # fmt: skip
-            return
+            return False
         engine._backoff.succeeded()
         self.pull_retry_at = None
         engine._last_pull = engine._clock()
@@ -242,6 +243,7 @@ class StepRunner:
                 result.rejected,
             )  # fmt: skip
         engine._refresh_status(download_error=None, pull_progress=None)
+        return True
 
     async def _apply_events(self, did: str, key: str, frames: list[FirehoseFrame]) -> bool:
         """Apply #commit events that follow the local state, verified; False at the first
@@ -327,7 +329,20 @@ class StepRunner:
                 engine._refresh_status()
             await pusher.fence(did, client, result)
 
-        if not await self._guarded(work, did, client):
+        try:
+            pushed = await self._guarded(work, did, client)
+        except RepoMoved:
+            # Another writer moved the repo: pull now (merging its edits with ours field by
+            # field), then push again. If no pull can be made (the key cannot be resolved, the
+            # account is not active…), settle the old way — record by record, ours wins.
+            if not await self.pull():
+                reconcile = engine._pusher.reconcile
+                await self._guarded(
+                    lambda: reconcile(did, client, [], PushResult(), check=True), did, client
+                )
+            self.retry_at = engine._clock()
+            return
+        if not pushed:
             return
         engine._backoff.succeeded()
         self.retry_at = None
