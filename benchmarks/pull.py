@@ -21,9 +21,9 @@ One run, one PDS. A repository of ``n`` records (``applyWrites`` batches of 200)
 (ii) live latency: device A (``push=Immediate()``) does an action; device B (``pull=Live()``)
     has the row — p50 and p99 (nearest rank: with 50 writes, p99 is the slowest) over
     ``--live`` writes, after 3 warm-up writes. Beside it, when the PDS answered A's
-    ``applyWrites``, and when a raw ``FirehoseSubscription`` on the same PDS received the
-    ``#commit`` frame carrying the record, so the table shows what atsync adds over the
-    stream itself. Measured on an account with a small repository,
+    ``applyWrites``, and when a raw ``FirehoseSubscription`` on the same PDS (in a process of
+    its own) received the ``#commit`` frame carrying the record, so the table shows what
+    atsync adds over the stream itself. Measured on an account with a small repository,
     and (``--live-big``, 0 to skip) on the ``n``-record account with B restored from (i).
 
 Targets (issue #9): atsync >= 2x (a) and >= 0.5x (b) in records/s, peak RSS growth < 150 MB;
@@ -40,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -223,38 +224,77 @@ def nearest_rank(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
-async def live_latency(
+def live_latency(
     pds: DevPDS, did: str, writes: int, b_db: Path, a_db: Path
 ) -> dict[str, list[float]]:
     """Seconds from device A's action to: the PDS's answer to A's applyWrites, the #commit
     frame on a raw subscriber, and the row in device B's database."""
-    session = await login(did, PASSWORD, pds.pds_url)
     frames: dict[str, float] = {}
     rows: dict[str, float] = {}
+    ws = "ws://" + pds.pds_url.removeprefix("http://") + "/xrpc/com.atproto.sync.subscribeRepos"
+    # The raw subscriber is a process of its own: on the devices' event loop, or on a thread
+    # of this process (the GIL), a frame would wait while device B's engine works, and be
+    # timed late. Its times are CLOCK_MONOTONIC, as ours.
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--child-firehose", ws, did],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    try:
+        line = child.stdout.readline()
+        assert line.strip() == "ready", line
+
+        def read_frames() -> None:
+            assert child.stdout is not None
+            for line in child.stdout:
+                rkey, at = line.split()
+                frames.setdefault(rkey, float(at))
+
+        reader = threading.Thread(target=read_frames, daemon=True)
+        reader.start()
+        return anyio.run(_live, pds, did, writes, b_db, a_db, frames, rows, backend="asyncio")
+    finally:
+        child.terminate()
+        child.wait(10)
+
+
+def child_firehose(ws: str, did: str) -> None:
+    """Print ``rkey time`` for every record op of ``did``'s #commit frames, as they arrive."""
+
+    async def run() -> None:
+        async with FirehoseSubscription(ws) as stream:
+            print("ready", flush=True)
+            async for frame in stream:
+                if frame.type == "#commit" and frame.body.get("repo") == did:
+                    at = now()
+                    for op in frame.body.get("ops", []):
+                        print(op["path"].rsplit("/", 1)[1], repr(at), flush=True)
+
+    anyio.run(run, backend="asyncio")
+
+
+def now() -> float:
+    return time.clock_gettime(time.CLOCK_MONOTONIC)
+
+
+async def _live(
+    pds: DevPDS,
+    did: str,
+    writes: int,
+    b_db: Path,
+    a_db: Path,
+    frames: dict[str, float],
+    rows: dict[str, float],
+) -> dict[str, list[float]]:
+    session = await login(did, PASSWORD, pds.pds_url)
     answers: list[float] = []
 
     async def answered(response: httpx.Response) -> None:
         if response.request.url.path.endswith("com.atproto.repo.applyWrites"):
-            answers.append(time.perf_counter())
+            answers.append(now())
 
-    ws = "ws://" + pds.pds_url.removeprefix("http://") + "/xrpc/com.atproto.sync.subscribeRepos"
-
-    async def raw_subscriber(ready: anyio.Event) -> None:
-        async with FirehoseSubscription(ws) as stream:
-            ready.set()
-            async for frame in stream:
-                if frame.type == "#commit" and frame.body.get("repo") == did:
-                    now = time.perf_counter()
-                    for op in frame.body.get("ops", []):
-                        frames.setdefault(op["path"].rsplit("/", 1)[1], now)
-
-    async with (
-        IdentityResolver(plc_url=pds.plc_url, allow_insecure_localhost=True) as resolver,
-        anyio.create_task_group() as tg,
-    ):
-        ready = anyio.Event()
-        tg.start_soon(raw_subscriber, ready)
-        await ready.wait()
+    async with IdentityResolver(plc_url=pds.plc_url, allow_insecure_localhost=True) as resolver:
         with App.open(a_db, contract) as a, App.open(b_db, contract) as b:
             sync_a = ATSync(
                 a,
@@ -286,10 +326,10 @@ async def live_latency(
 
                     def seen(found: list[Any], key: str = key) -> None:
                         if found:
-                            rows.setdefault(key, time.perf_counter())
+                            rows.setdefault(key, now())
 
                     sub = b.db.subscribe("posts", seen, where={"id": key}, initial=False)
-                    start = time.perf_counter()
+                    start = now()
                     a.actions.post(key, i)
                     with anyio.fail_after(30):
                         # Polled: the times are taken where the events happen (the row's in
@@ -305,7 +345,6 @@ async def live_latency(
                     await anyio.sleep(0.05)
             for sync in (sync_a, sync_b):
                 sync.close()
-        tg.cancel_scope.cancel()
     return results
 
 
@@ -327,7 +366,11 @@ def main() -> int:
     parser.add_argument("--live", type=int, default=50)
     parser.add_argument("--live-big", type=int, default=20)
     parser.add_argument("--child-backfill", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--child-firehose", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child_firehose:
+        child_firehose(*args.child_firehose)
+        return 0
     if args.child_backfill:
         print(json.dumps(child_backfill(*args.child_backfill)))
         return 0
@@ -359,17 +402,11 @@ def main() -> int:
             assert blocks > args.n, blocks
             rates["floor"].append(args.n / seconds)
         say(f"live latency, {args.live} writes (small repository) …")
-        live = anyio.run(
-            live_latency, pds, small_did, args.live, tmp / "live-b.db", tmp / "live-a.db",
-            backend="asyncio",
-        )  # fmt: skip
+        live = live_latency(pds, small_did, args.live, tmp / "live-b.db", tmp / "live-a.db")
         live_big: dict[str, list[float]] | None = None
         if args.live_big:
             say(f"live latency, {args.live_big} writes ({args.n:,}-record repository) …")
-            live_big = anyio.run(
-                live_latency, pds, did, args.live_big, tmp / "atsync-0.db", tmp / "big-a.db",
-                backend="asyncio",
-            )  # fmt: skip
+            live_big = live_latency(pds, did, args.live_big, tmp / "atsync-0.db", tmp / "big-a.db")
 
     atsync, sdk, floor = (median_of(rates[k]) for k in ("atsync", "sdk", "floor"))
     vs_sdk, vs_floor = atsync / sdk, atsync / floor
