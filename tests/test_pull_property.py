@@ -16,8 +16,9 @@ step is
   are found by the comparison at the next start).
 
 After every pull, each record the device has no local edit queued for must be what the PDS
-holds. The example ends with a full sync — every device pushes, then every device pulls,
-until nothing is queued anywhere — and then:
+holds; after every push (nothing left queued), every record must be. The example ends with a
+full sync — every device pushes, then every device pulls, until nothing is queued anywhere —
+and then:
 
 - every device's ``notes`` table is the same, and equal to the records on the PDS;
 - no dead letters, no rejected records, nothing queued, no error logged by the engine;
@@ -259,6 +260,9 @@ class Device:
         sync.push_now()
         with self._bounded("push"):
             await sync.wait_for_idle()
+        # Everything went out, on top of a head this device had included (its swapCommit
+        # held, or the InvalidSwap was settled by a pull): it holds what the PDS holds.
+        await self.check_against_pds("a push", set())
 
     async def pull(self) -> None:
         if not self.running:
@@ -269,12 +273,16 @@ class Device:
             await sync.wait_pulled()
         # The local state includes the repository's head: every record with no local edit
         # queued is what the PDS holds (nobody writes while we look).
-        remote = await self.remote()
         queued = {k for (k,) in self.app.model_db.execute("SELECT key FROM _atsync_outbox")}
+        await self.check_against_pds("a pull", queued)
+
+    async def check_against_pds(self, after: str, queued: set[str]) -> None:
+        remote = await self.remote()
         mine = self.rows()
         for key in set(KEYS) - queued - self.held():
             assert mine.get(key) == remote.get(key), (
-                f"{self.name} after a pull: {key} is {mine.get(key)}, the PDS has {remote.get(key)}"
+                f"{self.name} after {after}: {key} is {mine.get(key)}, the PDS has "
+                f"{remote.get(key)}"
             )
 
     @contextmanager
