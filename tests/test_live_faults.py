@@ -13,7 +13,7 @@ through, so the tests here age the stopped PDS's events instead (``age_events``)
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,8 +23,8 @@ import anyio
 import pytest
 
 from atsync.app import ActionContext, App, Contract
-from atsync.atproto import IdentityResolver, Session, XrpcClient, login
-from atsync.sync import ATSync, Binding, Immediate, Live, Manual, SyncStatus
+from atsync.atproto import IdentityResolver, Session, login
+from atsync.sync import ATSync, Binding, Immediate, Live, Manual
 from fault_proxy import (
     Cut,
     Delay,
@@ -42,6 +42,7 @@ from fault_proxy import (
     replace_in_blocks,
     rewrite_body,
 )
+from sync_devices import as_rows, remote, rows, wait_status
 
 pytestmark = pytest.mark.anyio
 
@@ -134,32 +135,6 @@ class PLCOf:
     async def aclose(self) -> None:
         for resolver in self._resolvers.values():
             await resolver.aclose()
-
-
-def rows(app: App) -> dict[str, dict[str, Any]]:
-    return {r["id"]: dict(r) for r in app.db.query("notes")}
-
-
-async def remote(session: Session, collection: str) -> dict[str, dict[str, Any]]:
-    async with XrpcClient(session=session) as client:
-        return {v.rkey: v.value async for v in client.iter_records(session.did, collection)}
-
-
-def as_rows(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {
-        k: {"id": k, "title": v["title"], "body": v.get("body"), "n": v["n"]}
-        for k, v in records.items()
-    }
-
-
-async def wait_status(
-    sync: ATSync, predicate: Callable[[SyncStatus], bool], within: float
-) -> SyncStatus:
-    with anyio.fail_after(within):
-        async for status in sync.status_changes():
-            if predicate(status):
-                return status
-    raise AssertionError("unreachable")
 
 
 async def write_each(app: App, sync: ATSync, keys: list[str], title: str = "note") -> None:

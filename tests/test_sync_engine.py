@@ -33,6 +33,7 @@ from atsync.sync import (
     SyncThread,
 )
 from fake_pds import FakePDS, FakeSession, xrpc_error
+from sync_devices import wait_status
 
 pytestmark = pytest.mark.anyio
 NOTES = "com.example.fake.note"
@@ -67,16 +68,6 @@ def engine(app: App, pds: FakePDS, **options: Any) -> ATSync:
         client_options={"transport": pds.transport},
         **options,
     )
-
-
-async def wait_status(
-    sync: ATSync, predicate: Callable[[SyncStatus], bool], within: float = 10
-) -> SyncStatus:
-    with anyio.fail_after(within):
-        async for status in sync.status_changes():
-            if predicate(status):
-                return status
-    raise AssertionError("unreachable")
 
 
 async def idle(sync: ATSync, within: float = 10) -> SyncStatus:

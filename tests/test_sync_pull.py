@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ import pytest
 from atsync.app import ActionContext, App, Contract
 from atsync.atproto import IdentityResolver, Session, XrpcClient, login
 from atsync.sync import ATSync, Binding, Immediate, Live, Manual, SyncStatus
+from sync_devices import as_rows, remote, rows, wait_status
 
 pytestmark = pytest.mark.anyio
 
@@ -97,22 +98,6 @@ async def settle(*syncs: ATSync, within: float = 30) -> None:
         for sync in syncs:
             await sync.wait_pulled()
             await sync.wait_for_idle()
-
-
-def rows(app: App) -> dict[str, dict[str, Any]]:
-    return {r["id"]: dict(r) for r in app.db.query("notes")}
-
-
-async def remote(session: Session, collection: str) -> dict[str, dict[str, Any]]:
-    async with XrpcClient(session=session) as client:
-        return {v.rkey: v.value async for v in client.iter_records(session.did, collection)}
-
-
-def as_rows(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {
-        k: {"id": k, "title": v["title"], "body": v.get("body"), "n": v["n"]}
-        for k, v in records.items()
-    }
 
 
 async def put_record(session: Session, collection: str, rkey: str, **fields: Any) -> None:
@@ -315,16 +300,6 @@ async def test_a_record_breaking_the_binding_is_rejected_with_its_reason(
     shown = cli("status", "--db", str(tmp_path / "b.db"), "--json",
                 "--session-dir", str(tmp_path / "s"))  # fmt: skip
     assert json.loads(shown.stdout)["rejected"] == 1
-
-
-async def wait_status(
-    sync: ATSync, predicate: Callable[[SyncStatus], bool], within: float
-) -> SyncStatus:
-    with anyio.fail_after(within):
-        async for status in sync.status_changes():
-            if predicate(status):
-                return status
-    raise AssertionError("unreachable")
 
 
 async def test_a_tampered_repository_is_rejected_and_nothing_applied(

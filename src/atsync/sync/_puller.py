@@ -182,7 +182,9 @@ class Puller:
         operations only, no download — in one transaction with the new position and the
         stream cursor (at most 200 operations: no need to yield in between)."""
         result = PullResult(commit=str(event.commit), rev=event.rev)
-        known = self._known()
+        # Only the records the event touches: a live event costs the same in a repository
+        # of twenty records or twenty thousand.
+        known = self._known([(op.collection, op.rkey) for op in event.ops])
         changes: list[tuple[str, str, str | None, dict[str, Any] | None]] = []
         for op in event.ops:
             if op.collection not in self.collections:
@@ -280,8 +282,19 @@ class Puller:
                 )  # fmt: skip
                 result.rejected += 1
 
-    def _known(self) -> dict[tuple[str, str], _Known]:
-        """What was last synced, per record of the pulled collections."""
+    def _known(self, keys: list[tuple[str, str]] | None = None) -> dict[tuple[str, str], _Known]:
+        """What was last synced, per record of the pulled collections (or of ``keys``)."""
+        if keys is not None:
+            found: dict[tuple[str, str], _Known] = {}
+            for collection, rkey in keys:
+                row = self._db.execute(
+                    f"SELECT model, key, cid, record FROM {RECORDS} "
+                    "WHERE collection = ? AND rkey = ?",
+                    (collection, rkey),
+                ).fetchone()
+                if row is not None:
+                    found[(collection, rkey)] = _Known(*row)
+            return found
         collections = sorted(self.collections)
         if not collections:
             return {}
@@ -322,7 +335,7 @@ class Puller:
         binding = self._by_collection.get(collection)
         if binding is None:  # watched for on_pds_action only
             if cid is not None and record is not None:
-                self._validate_watched(collection, rkey, record)
+                self._check_record(collection, rkey, record)
             self._note(collection, rkey, f"@{collection}", rkey, cid, record)
             return
         model = binding.model.name
@@ -382,7 +395,9 @@ class Puller:
         except Exception as exc:
             raise RecordError(f"on_pds_action raised {exc!r}") from exc
 
-    def _validate_watched(self, collection: str, rkey: str, record: dict[str, Any]) -> None:
+    def _check_record(self, collection: str, rkey: str, record: dict[str, Any]) -> None:
+        """Its ``$type``, the data model, the binding's Lexicon (``VerificationError`` or
+        ``RecordError`` saying which)."""
         if record.get("$type") != collection:
             raise VerificationError(
                 f"$type is {record.get('$type')!r}, not the collection {collection!r}"
@@ -399,13 +414,7 @@ class Puller:
         record: dict[str, Any],
         key: str,
     ) -> dict[str, Any]:
-        if record.get("$type") != collection:
-            raise VerificationError(
-                f"$type is {record.get('$type')!r}, not the collection {collection!r}"
-            )
-        check_data_model(record)
-        if self._validate is not None:
-            self._validate(collection, rkey, record)
+        self._check_record(collection, rkey, record)
         return binding.from_record(record, key)
 
     def _merge(

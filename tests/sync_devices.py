@@ -1,0 +1,45 @@
+"""Helpers shared by the tests that run sync engines: waiting on a status, and reading a
+device's notes and the repository's records in one shape."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+
+from atsync.app import App
+from atsync.atproto import Session, XrpcClient
+from atsync.sync import ATSync, SyncStatus
+
+__all__ = ["as_rows", "remote", "rows", "wait_status"]
+
+
+async def wait_status(
+    sync: ATSync, predicate: Callable[[SyncStatus], bool], within: float = 10
+) -> SyncStatus:
+    """The first status (the current one included) that ``predicate`` accepts."""
+    with anyio.fail_after(within):
+        async for status in sync.status_changes():
+            if predicate(status):
+                return status
+    raise AssertionError("unreachable")
+
+
+def rows(app: App) -> dict[str, dict[str, Any]]:
+    """A device's notes, by key."""
+    return {r["id"]: dict(r) for r in app.db.query("notes")}
+
+
+async def remote(session: Session, collection: str) -> dict[str, dict[str, Any]]:
+    """The repository's records of ``collection``, by record key."""
+    async with XrpcClient(session=session) as client:
+        return {v.rkey: v.value async for v in client.iter_records(session.did, collection)}
+
+
+def as_rows(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Note records in the shape of rows."""
+    return {
+        k: {"id": k, "title": v["title"], "body": v.get("body"), "n": v["n"]}
+        for k, v in records.items()
+    }
