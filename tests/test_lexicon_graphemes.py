@@ -4,8 +4,8 @@ The reference implementation counts graphemes with ``Intl.Segmenter`` (ICU), so 
 the machine has for the reference PDS anyway, is the oracle here. Its ICU follows Unicode 17,
 as ``_graphemes``' tables do; if a newer Node moves to a later Unicode and this comparison
 fails, the tables need that version's property data (see the module's docstring). Without Node
-(``pytest -m "not pds"`` on a machine without it) the comparison is skipped; the hand-checked
-cases, which ICU 78 gives the same counts for, still run.
+the comparison cannot run: it carries the ``pds`` marker, so ``pytest -m "not pds"`` leaves it
+out; the hand-checked cases, which ICU 78 gives the same counts for, still run.
 
 The ``regex`` package's ``\\X`` fails this comparison (docs/dependencies.md): the virama and
 ZWNJ cases below are ones it gets wrong.
@@ -90,8 +90,7 @@ process.stdout.write(JSON.stringify(data.map(s => [...seg.segment(s)].length)));
 
 def _icu_counts(texts: list[str]) -> list[int]:
     node = shutil.which("node")
-    if node is None:
-        pytest.skip("Node.js (the ICU oracle) is not on PATH")
+    assert node is not None, "Node.js (the ICU oracle) is not on PATH: run with -m 'not pds'"
     out = subprocess.run(
         [node, "-e", _SEGMENT_JS],
         input=json.dumps(texts),
@@ -115,6 +114,7 @@ def _pools() -> list[list[int]]:
     return [list(range(lo, hi)) for lo, hi in ranges] + [extras]
 
 
+@pytest.mark.pds  # needs Node.js, as the reference PDS does: `-m "not pds"` leaves it out
 def test_counts_agree_with_icu() -> None:
     rng = random.Random(20241101)
     pools = _pools()

@@ -364,7 +364,7 @@ def test_app_threads_are_not_blocked_for_long_by_a_scan(big_db: Path, tmp_path: 
                 app.actions.put_other(f"o{i}", i)
                 waits.append((start, time.perf_counter() - start))
                 i += 1
-                time.sleep(0.002)
+                time.sleep(0.002)  # the workload: an app writing every 2 ms
 
         thread = threading.Thread(target=writer)
         thread.start()
