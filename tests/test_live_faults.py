@@ -137,6 +137,26 @@ class PLCOf:
             await resolver.aclose()
 
 
+@asynccontextmanager
+async def live_pair(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> AsyncIterator[tuple[FaultProxy, Session, str, App, ATSync, App, ATSync]]:
+    """The set-up of most tests here: device A writing straight to the PDS, device B
+    following it live through the fault proxy."""
+    collection = collection_for(request)
+    session = await alice(dev_pds)
+    async with FaultProxy(dev_pds.pds_url) as proxy:
+        b_session = proxied_session(session, proxy.url)
+        async with (
+            device(tmp_path / "a.db", collection, session, resolver) as (a, sync_a),
+            device(tmp_path / "b.db", collection, b_session, resolver, pull=Live()) as (
+                b,
+                sync_b,
+            ),
+        ):
+            yield proxy, session, collection, a, sync_a, b, sync_b
+
+
 async def write_each(app: App, sync: ATSync, keys: list[str], title: str = "note") -> None:
     """A writes one record per commit: each put is pushed before the next."""
     for i, key in enumerate(keys):
@@ -196,39 +216,37 @@ async def test_cut_streams_resume_from_the_stored_cursor(
 ) -> None:
     """The stream is cut three times while A writes 50 records: B reconnects each time from
     the last event it applied, the PDS replays the rest, and nothing is read whole."""
-    collection = collection_for(request)
-    session = await alice(dev_pds)
-    async with FaultProxy(dev_pds.pds_url) as proxy:
-        b_session = proxied_session(session, proxy.url)
-        async with (
-            device(tmp_path / "a.db", collection, session, resolver) as (a, sync_a),
-            device(tmp_path / "b.db", collection, b_session, resolver, pull=Live()) as (
-                b,
-                sync_b,
-            ),
-        ):
-            await live_and_warm(a, sync_a, b, sync_b)
-            reads = len(proxy.requests(GET_REPO))
-            assert reads >= 1  # the first start reads the repository
-            cuts = proxy.add_frame(
-                Cut(), type="#commit", repo=session.did, path=f"{collection}/", nth={5, 15, 30}
-            )
-            await write_each(a, sync_a, [f"k{i:02d}" for i in range(50)])
-            await converged(a, b, sync_b, session, collection, within=60)
+    async with live_pair(dev_pds, tmp_path, request, resolver) as (
+        proxy,
+        session,
+        collection,
+        a,
+        sync_a,
+        b,
+        sync_b,
+    ):
+        await live_and_warm(a, sync_a, b, sync_b)
+        reads = len(proxy.requests(GET_REPO))
+        assert reads >= 1  # the first start reads the repository
+        cuts = proxy.add_frame(
+            Cut(), type="#commit", repo=session.did, path=f"{collection}/", nth={5, 15, 30}
+        )
+        await write_each(a, sync_a, [f"k{i:02d}" for i in range(50)])
+        await converged(a, b, sync_b, session, collection, within=60)
 
-            assert cuts.fired == 3 and proxy.frame_counts["cut"] == 3
-            assert len(proxy.requests(GET_REPO)) == reads  # replays covered everything
-            streams = proxy.streams
-            assert len(streams) >= 4 and all(s.status == 101 for s in streams)
-            cut_frames = [f for s in streams for f in s.frames if f.fault == "cut"]
-            for cut in cut_frames:
-                after = streams[cut.stream + 1 :]
-                # Reconnected from a stored cursor, before the cut event: it was replayed.
-                assert after and after[0].cursor is not None and after[0].cursor < (cut.seq or 0)
-                assert any(f.seq == cut.seq and f.forwarded for s in after for f in s.frames)
-            last = max(f.seq or 0 for f in proxy.frames("#commit") if f.forwarded)
-            assert stream_cursor(b) == last
-            assert rejected(b) == []
+        assert cuts.fired == 3 and proxy.frame_counts["cut"] == 3
+        assert len(proxy.requests(GET_REPO)) == reads  # replays covered everything
+        streams = proxy.streams
+        assert len(streams) >= 4 and all(s.status == 101 for s in streams)
+        cut_frames = [f for s in streams for f in s.frames if f.fault == "cut"]
+        for cut in cut_frames:
+            after = streams[cut.stream + 1 :]
+            # Reconnected from a stored cursor, before the cut event: it was replayed.
+            assert after and after[0].cursor is not None and after[0].cursor < (cut.seq or 0)
+            assert any(f.seq == cut.seq and f.forwarded for s in after for f in s.frames)
+        last = max(f.seq or 0 for f in proxy.frames("#commit") if f.forwarded)
+        assert stream_cursor(b) == last
+        assert rejected(b) == []
 
 
 # --- (b) a gap ---------------------------------------------------------------------------------
@@ -237,36 +255,34 @@ async def test_cut_streams_resume_from_the_stored_cursor(
 async def test_a_dropped_event_is_a_gap_and_the_repository_is_read_once(
     dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
 ) -> None:
-    collection = collection_for(request)
-    session = await alice(dev_pds)
-    async with FaultProxy(dev_pds.pds_url) as proxy:
-        b_session = proxied_session(session, proxy.url)
-        async with (
-            device(tmp_path / "a.db", collection, session, resolver) as (a, sync_a),
-            device(tmp_path / "b.db", collection, b_session, resolver, pull=Live()) as (
-                b,
-                sync_b,
-            ),
-        ):
-            await live_and_warm(a, sync_a, b, sync_b)
-            reads = len(proxy.requests(GET_REPO))
-            gap = proxy.add_frame(
-                DropFrame(), type="#commit", repo=session.did, path=f"{collection}/", nth=3
-            )
-            await write_each(a, sync_a, [f"g{i}" for i in range(6)])
-            a.actions.drop("g0")  # a delete after the gap: found by the whole read
-            with anyio.fail_after(30):
-                await sync_a.wait_for_idle()
-            await converged(a, b, sync_b, session, collection)
-            assert gap.fired == 1
-            assert len(proxy.requests(GET_REPO)) == reads + 1  # read once, at the gap
-            assert len(proxy.streams) == 1  # detected in the stream, not by a reconnect
+    async with live_pair(dev_pds, tmp_path, request, resolver) as (
+        proxy,
+        session,
+        collection,
+        a,
+        sync_a,
+        b,
+        sync_b,
+    ):
+        await live_and_warm(a, sync_a, b, sync_b)
+        reads = len(proxy.requests(GET_REPO))
+        gap = proxy.add_frame(
+            DropFrame(), type="#commit", repo=session.did, path=f"{collection}/", nth=3
+        )
+        await write_each(a, sync_a, [f"g{i}" for i in range(6)])
+        a.actions.drop("g0")  # a delete after the gap: found by the whole read
+        with anyio.fail_after(30):
+            await sync_a.wait_for_idle()
+        await converged(a, b, sync_b, session, collection)
+        assert gap.fired == 1
+        assert len(proxy.requests(GET_REPO)) == reads + 1  # read once, at the gap
+        assert len(proxy.streams) == 1  # detected in the stream, not by a reconnect
 
-            # Then it follows the stream again: events only.
-            await write_each(a, sync_a, ["after1", "after2"])
-            await converged(a, b, sync_b, session, collection)
-            assert len(proxy.requests(GET_REPO)) == reads + 1
-            assert rejected(b) == []
+        # Then it follows the stream again: events only.
+        await write_each(a, sync_a, ["after1", "after2"])
+        await converged(a, b, sync_b, session, collection)
+        assert len(proxy.requests(GET_REPO)) == reads + 1
+        assert rejected(b) == []
 
 
 # --- (c) malformed and tampered frames ---------------------------------------------------------
@@ -275,57 +291,55 @@ async def test_a_dropped_event_is_a_gap_and_the_repository_is_read_once(
 async def test_malformed_and_tampered_frames_are_not_applied(
     dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
 ) -> None:
-    collection = collection_for(request)
-    session = await alice(dev_pds)
-    async with FaultProxy(dev_pds.pds_url) as proxy:
-        b_session = proxied_session(session, proxy.url)
-        async with (
-            device(tmp_path / "a.db", collection, session, resolver) as (a, sync_a),
-            device(tmp_path / "b.db", collection, b_session, resolver, pull=Live()) as (
-                b,
-                sync_b,
-            ),
-        ):
-            await live_and_warm(a, sync_a, b, sync_b)
-            reads = len(proxy.requests(GET_REPO))
+    async with live_pair(dev_pds, tmp_path, request, resolver) as (
+        proxy,
+        session,
+        collection,
+        a,
+        sync_a,
+        b,
+        sync_b,
+    ):
+        await live_and_warm(a, sync_a, b, sync_b)
+        reads = len(proxy.requests(GET_REPO))
 
-            # A frame that is not CBOR: ignored as malformed (the stream is reopened from the
-            # stored cursor, and the PDS sends the event again).
-            proxy.add_frame(RewriteFrame(corrupt_cbor), path=f"{collection}/c2", times=1)
-            await write_each(a, sync_a, ["c1", "c2", "c3"])
-            await converged(a, b, sync_b, session, collection)
-            assert proxy.frame_counts["rewrite"] == 1
-            assert len(proxy.streams) == 2
-            (bad,) = [f for f in proxy.streams[0].frames if f.fault == "rewrite"]
-            assert proxy.streams[0].ended == "client closed"  # B dropped it
-            resumed = proxy.streams[1]
-            assert resumed.cursor is not None and resumed.cursor < (bad.seq or 0)
-            assert any(f.seq == bad.seq and f.fault == "pass" for f in resumed.frames)
-            assert len(proxy.requests(GET_REPO)) == reads
-            assert rejected(b) == []
+        # A frame that is not CBOR: ignored as malformed (the stream is reopened from the
+        # stored cursor, and the PDS sends the event again).
+        proxy.add_frame(RewriteFrame(corrupt_cbor), path=f"{collection}/c2", times=1)
+        await write_each(a, sync_a, ["c1", "c2", "c3"])
+        await converged(a, b, sync_b, session, collection)
+        assert proxy.frame_counts["rewrite"] == 1
+        assert len(proxy.streams) == 2
+        (bad,) = [f for f in proxy.streams[0].frames if f.fault == "rewrite"]
+        assert proxy.streams[0].ended == "client closed"  # B dropped it
+        resumed = proxy.streams[1]
+        assert resumed.cursor is not None and resumed.cursor < (bad.seq or 0)
+        assert any(f.seq == bad.seq and f.fault == "pass" for f in resumed.frames)
+        assert len(proxy.requests(GET_REPO)) == reads
+        assert rejected(b) == []
 
-            # A #commit whose record block was altered on the way: rejected with the reason,
-            # not applied, and the repository is read instead (held here to look at B).
-            tamper = replace_in_blocks(b"the original title", b"the tampered title")
-            proxy.add_frame(RewriteFrame(tamper), path=f"{collection}/t1", times=1)
-            read = Hold(after_forward=False)
-            proxy.add(read, nsid=GET_REPO, times=1)
-            a.actions.put("t1", "the original title")
-            with anyio.fail_after(30):
-                await sync_a.wait_for_idle()
-                await read.reached.wait()
-            assert "t1" not in rows(b)
-            ((rkey, reason, detail),) = rejected(b)
-            assert rkey is None and reason == "VerificationError" and "#commit event" in detail
-            read.release()
-            await converged(a, b, sync_b, session, collection)
-            await wait_status(sync_b, lambda s: s.rejected == 1, 10)
-            assert rows(b)["t1"]["title"] == "the original title"
-            assert len(proxy.requests(GET_REPO)) == reads + 1
+        # A #commit whose record block was altered on the way: rejected with the reason,
+        # not applied, and the repository is read instead (held here to look at B).
+        tamper = replace_in_blocks(b"the original title", b"the tampered title")
+        proxy.add_frame(RewriteFrame(tamper), path=f"{collection}/t1", times=1)
+        read = Hold(after_forward=False)
+        proxy.add(read, nsid=GET_REPO, times=1)
+        a.actions.put("t1", "the original title")
+        with anyio.fail_after(30):
+            await sync_a.wait_for_idle()
+            await read.reached.wait()
+        assert "t1" not in rows(b)
+        ((rkey, reason, detail),) = rejected(b)
+        assert rkey is None and reason == "VerificationError" and "#commit event" in detail
+        read.release()
+        await converged(a, b, sync_b, session, collection)
+        await wait_status(sync_b, lambda s: s.rejected == 1, 10)
+        assert rows(b)["t1"]["title"] == "the original title"
+        assert len(proxy.requests(GET_REPO)) == reads + 1
 
-            await write_each(a, sync_a, ["t2"])  # and events apply again
-            await converged(a, b, sync_b, session, collection)
-            assert len(proxy.requests(GET_REPO)) == reads + 1
+        await write_each(a, sync_a, ["t2"])  # and events apply again
+        await converged(a, b, sync_b, session, collection)
+        assert len(proxy.requests(GET_REPO)) == reads + 1
 
 
 # --- (d) delays --------------------------------------------------------------------------------
@@ -550,35 +564,33 @@ async def test_duplicated_and_reordered_events_are_applied_once(
 ) -> None:
     """At-least-once delivery: a repeated event changes nothing; two events swapped are a gap
     (the second arrives first), so the repository is read once."""
-    collection = collection_for(request)
-    session = await alice(dev_pds)
-    async with FaultProxy(dev_pds.pds_url) as proxy:
-        b_session = proxied_session(session, proxy.url)
-        async with (
-            device(tmp_path / "a.db", collection, session, resolver) as (a, sync_a),
-            device(tmp_path / "b.db", collection, b_session, resolver, pull=Live()) as (
-                b,
-                sync_b,
-            ),
-        ):
-            await live_and_warm(a, sync_a, b, sync_b)
-            reads = len(proxy.requests(GET_REPO))
-            mine = {"type": "#commit", "repo": session.did, "path": f"{collection}/"}
-            proxy.add_frame(DuplicateFrame(copies=2), **mine, nth={1, 2})
-            await write_each(a, sync_a, ["u1", "u2"])
-            a.actions.edit("u1", title="edited once")
-            with anyio.fail_after(30):
-                await sync_a.wait_for_idle()
-            await converged(a, b, sync_b, session, collection)
-            assert len(proxy.requests(GET_REPO)) == reads  # repeats are not gaps
-            assert proxy.frame_counts["duplicate"] == 2
+    async with live_pair(dev_pds, tmp_path, request, resolver) as (
+        proxy,
+        session,
+        collection,
+        a,
+        sync_a,
+        b,
+        sync_b,
+    ):
+        await live_and_warm(a, sync_a, b, sync_b)
+        reads = len(proxy.requests(GET_REPO))
+        mine = {"type": "#commit", "repo": session.did, "path": f"{collection}/"}
+        proxy.add_frame(DuplicateFrame(copies=2), **mine, nth={1, 2})
+        await write_each(a, sync_a, ["u1", "u2"])
+        a.actions.edit("u1", title="edited once")
+        with anyio.fail_after(30):
+            await sync_a.wait_for_idle()
+        await converged(a, b, sync_b, session, collection)
+        assert len(proxy.requests(GET_REPO)) == reads  # repeats are not gaps
+        assert proxy.frame_counts["duplicate"] == 2
 
-            proxy.add_frame(ReorderFrame(), **mine, nth=2)
-            await write_each(a, sync_a, ["v1", "v2", "v3", "v4"])
-            await converged(a, b, sync_b, session, collection)
-            assert proxy.frame_counts["reorder"] == 1
-            assert len(proxy.requests(GET_REPO)) == reads + 1
-            assert rejected(b) == []
+        proxy.add_frame(ReorderFrame(), **mine, nth=2)
+        await write_each(a, sync_a, ["v1", "v2", "v3", "v4"])
+        await converged(a, b, sync_b, session, collection)
+        assert proxy.frame_counts["reorder"] == 1
+        assert len(proxy.requests(GET_REPO)) == reads + 1
+        assert rejected(b) == []
 
 
 async def test_a_forged_since_hiding_a_gap_is_caught_by_the_inversion(
@@ -587,38 +599,36 @@ async def test_a_forged_since_hiding_a_gap_is_caught_by_the_inversion(
     """An event is dropped and the next one's unsigned ``since`` and ``prevData`` are forged
     to follow B's state: its operations inverted do not give ``prevData``, so it is
     rejected, and the repository is read."""
-    collection = collection_for(request)
-    session = await alice(dev_pds)
-    async with FaultProxy(dev_pds.pds_url) as proxy:
-        b_session = proxied_session(session, proxy.url)
-        async with (
-            device(tmp_path / "a.db", collection, session, resolver) as (a, sync_a),
-            device(tmp_path / "b.db", collection, b_session, resolver, pull=Live()) as (
-                b,
-                sync_b,
-            ),
-        ):
-            await live_and_warm(a, sync_a, b, sync_b)
-            reads = len(proxy.requests(GET_REPO))
-            seen: list[tuple[Any, Any]] = []
+    async with live_pair(dev_pds, tmp_path, request, resolver) as (
+        proxy,
+        session,
+        collection,
+        a,
+        sync_a,
+        b,
+        sync_b,
+    ):
+        await live_and_warm(a, sync_a, b, sync_b)
+        reads = len(proxy.requests(GET_REPO))
+        seen: list[tuple[Any, Any]] = []
 
-            def remember(frame: StreamFrame) -> bool:
-                assert frame.body is not None
-                seen.append((frame.body["since"], frame.body["prevData"]))
-                return True
+        def remember(frame: StreamFrame) -> bool:
+            assert frame.body is not None
+            seen.append((frame.body["since"], frame.body["prevData"]))
+            return True
 
-            def follow_the_dropped_one(body: dict[str, Any]) -> dict[str, Any]:
-                since, prev_data = seen[-2]
-                return {**body, "since": since, "prevData": prev_data}
+        def follow_the_dropped_one(body: dict[str, Any]) -> dict[str, Any]:
+            since, prev_data = seen[-2]
+            return {**body, "since": since, "prevData": prev_data}
 
-            mine = {"type": "#commit", "repo": session.did, "path": f"{collection}/"}
-            proxy.add_frame(DropFrame(), **mine, when=remember, nth=2)
-            proxy.add_frame(RewriteFrame(rewrite_body(follow_the_dropped_one)), **mine, nth=3)
-            await write_each(a, sync_a, ["f1", "f2", "f3", "f4"])
-            await converged(a, b, sync_b, session, collection)
-            ((_, reason, detail),) = rejected(b)
-            assert reason == "VerificationError" and "#commit event" in detail
-            assert len(proxy.requests(GET_REPO)) == reads + 1
+        mine = {"type": "#commit", "repo": session.did, "path": f"{collection}/"}
+        proxy.add_frame(DropFrame(), **mine, when=remember, nth=2)
+        proxy.add_frame(RewriteFrame(rewrite_body(follow_the_dropped_one)), **mine, nth=3)
+        await write_each(a, sync_a, ["f1", "f2", "f3", "f4"])
+        await converged(a, b, sync_b, session, collection)
+        ((_, reason, detail),) = rejected(b)
+        assert reason == "VerificationError" and "#commit event" in detail
+        assert len(proxy.requests(GET_REPO)) == reads + 1
 
 
 async def test_a_commit_whose_ops_hide_a_delete_is_rejected(
@@ -626,67 +636,63 @@ async def test_a_commit_whose_ops_hide_a_delete_is_rejected(
 ) -> None:
     """The ops list is not signed: one that leaves a delete out does not invert to
     ``prevData``; B rejects the event, reads the repository, and the delete arrives."""
-    collection = collection_for(request)
-    session = await alice(dev_pds)
-    async with FaultProxy(dev_pds.pds_url) as proxy:
-        b_session = proxied_session(session, proxy.url)
-        async with (
-            device(tmp_path / "a.db", collection, session, resolver) as (a, sync_a),
-            device(tmp_path / "b.db", collection, b_session, resolver, pull=Live()) as (
-                b,
-                sync_b,
-            ),
-        ):
-            await live_and_warm(a, sync_a, b, sync_b)
-            await write_each(a, sync_a, ["h1"])
-            await converged(a, b, sync_b, session, collection)
-            reads = len(proxy.requests(GET_REPO))
+    async with live_pair(dev_pds, tmp_path, request, resolver) as (
+        proxy,
+        session,
+        collection,
+        a,
+        sync_a,
+        b,
+        sync_b,
+    ):
+        await live_and_warm(a, sync_a, b, sync_b)
+        await write_each(a, sync_a, ["h1"])
+        await converged(a, b, sync_b, session, collection)
+        reads = len(proxy.requests(GET_REPO))
 
-            def without_deletes(body: dict[str, Any]) -> dict[str, Any]:
-                return {**body, "ops": [op for op in body["ops"] if op["action"] != "delete"]}
+        def without_deletes(body: dict[str, Any]) -> dict[str, Any]:
+            return {**body, "ops": [op for op in body["ops"] if op["action"] != "delete"]}
 
-            hide = proxy.add_frame(
-                RewriteFrame(rewrite_body(without_deletes)), path=f"{collection}/h1", times=1
-            )
-            with a.batch():
-                a.actions.drop("h1")
-                a.actions.put("h2", "beside the delete")
-            with anyio.fail_after(30):
-                await sync_a.wait_for_idle()
-            await converged(a, b, sync_b, session, collection)
-            assert hide.fired == 1 and "h1" not in rows(b)
-            ((_, reason, detail),) = rejected(b)
-            assert reason == "VerificationError" and "#commit event" in detail
-            assert len(proxy.requests(GET_REPO)) == reads + 1
+        hide = proxy.add_frame(
+            RewriteFrame(rewrite_body(without_deletes)), path=f"{collection}/h1", times=1
+        )
+        with a.batch():
+            a.actions.drop("h1")
+            a.actions.put("h2", "beside the delete")
+        with anyio.fail_after(30):
+            await sync_a.wait_for_idle()
+        await converged(a, b, sync_b, session, collection)
+        assert hide.fired == 1 and "h1" not in rows(b)
+        ((_, reason, detail),) = rejected(b)
+        assert reason == "VerificationError" and "#commit event" in detail
+        assert len(proxy.requests(GET_REPO)) == reads + 1
 
 
 async def test_a_transient_error_frame_reconnects_from_the_cursor(
     dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
 ) -> None:
-    collection = collection_for(request)
-    session = await alice(dev_pds)
-    async with FaultProxy(dev_pds.pds_url) as proxy:
-        b_session = proxied_session(session, proxy.url)
-        async with (
-            device(tmp_path / "a.db", collection, session, resolver) as (a, sync_a),
-            device(tmp_path / "b.db", collection, b_session, resolver, pull=Live()) as (
-                b,
-                sync_b,
-            ),
-        ):
-            await live_and_warm(a, sync_a, b, sync_b)
-            reads = len(proxy.requests(GET_REPO))
-            proxy.add_frame(
-                ErrorFrame("ConsumerTooSlow", "injected"),
-                type="#commit",
-                path=f"{collection}/",
-                nth=2,
-            )
-            await write_each(a, sync_a, ["s1", "s2", "s3"])
-            await converged(a, b, sync_b, session, collection)
-            assert proxy.streams[0].ended == "error frame"
-            assert len(proxy.streams) == 2 and proxy.streams[1].cursor is not None
-            assert len(proxy.requests(GET_REPO)) == reads
+    async with live_pair(dev_pds, tmp_path, request, resolver) as (
+        proxy,
+        session,
+        collection,
+        a,
+        sync_a,
+        b,
+        sync_b,
+    ):
+        await live_and_warm(a, sync_a, b, sync_b)
+        reads = len(proxy.requests(GET_REPO))
+        proxy.add_frame(
+            ErrorFrame("ConsumerTooSlow", "injected"),
+            type="#commit",
+            path=f"{collection}/",
+            nth=2,
+        )
+        await write_each(a, sync_a, ["s1", "s2", "s3"])
+        await converged(a, b, sync_b, session, collection)
+        assert proxy.streams[0].ended == "error frame"
+        assert len(proxy.streams) == 2 and proxy.streams[1].cursor is not None
+        assert len(proxy.requests(GET_REPO)) == reads
 
 
 async def test_a_future_cursor_is_dropped_and_the_repository_read(
@@ -754,28 +760,26 @@ async def test_a_restart_replays_through_a_slow_handshake_and_a_cut(
 async def test_a_frame_that_never_decodes_does_not_stop_live_following(
     dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
 ) -> None:
-    collection = collection_for(request)
-    session = await alice(dev_pds)
-    async with FaultProxy(dev_pds.pds_url) as proxy:
-        b_session = proxied_session(session, proxy.url)
-        async with (
-            device(tmp_path / "a.db", collection, session, resolver) as (a, sync_a),
-            device(tmp_path / "b.db", collection, b_session, resolver, pull=Live()) as (
-                b,
-                sync_b,
-            ),
-        ):
-            await live_and_warm(a, sync_a, b, sync_b)
-            # Every copy of one event is damaged (the replays after a reconnect too).
-            proxy.add_frame(RewriteFrame(corrupt_cbor), path=f"{collection}/poison")
-            await write_each(a, sync_a, ["poison", "next"])
-            await converged(a, b, sync_b, session, collection)  # (by polling: it does)
-            reads = len(proxy.requests(GET_REPO))
-            await write_each(a, sync_a, ["later1", "later2"])
-            await converged(a, b, sync_b, session, collection)
-            # Followed from the stream again: nothing read whole, the cursor past the poison.
-            assert len(proxy.requests(GET_REPO)) == reads
-            poison = max(f.seq or 0 for f in proxy.frames("#commit") if f.fault == "rewrite")
-            assert (stream_cursor(b) or 0) > poison
-            reasons = {r for (r,) in b.model_db.execute("select reason from _atsync_rejected")}
-            assert "MalformedFrame" in reasons  # said, with its reason
+    async with live_pair(dev_pds, tmp_path, request, resolver) as (
+        proxy,
+        session,
+        collection,
+        a,
+        sync_a,
+        b,
+        sync_b,
+    ):
+        await live_and_warm(a, sync_a, b, sync_b)
+        # Every copy of one event is damaged (the replays after a reconnect too).
+        proxy.add_frame(RewriteFrame(corrupt_cbor), path=f"{collection}/poison")
+        await write_each(a, sync_a, ["poison", "next"])
+        await converged(a, b, sync_b, session, collection)  # (by polling: it does)
+        reads = len(proxy.requests(GET_REPO))
+        await write_each(a, sync_a, ["later1", "later2"])
+        await converged(a, b, sync_b, session, collection)
+        # Followed from the stream again: nothing read whole, the cursor past the poison.
+        assert len(proxy.requests(GET_REPO)) == reads
+        poison = max(f.seq or 0 for f in proxy.frames("#commit") if f.fault == "rewrite")
+        assert (stream_cursor(b) or 0) > poison
+        reasons = {r for (r,) in b.model_db.execute("select reason from _atsync_rejected")}
+        assert "MalformedFrame" in reasons  # said, with its reason
