@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from atsync._errors import VerificationError
-from atsync.app import ActionContext, App, Contract
+from atsync._errors import TransactionError, VerificationError
+from atsync.app import REMOTE_ACTION, ActionContext, App, Contract
 from atsync.atproto._crypto import verify_signature
 
 contract = Contract(models={"items": {"id": "primary", "v": "integer"}})
@@ -105,3 +105,50 @@ def test_log_reads_page_and_filter(tmp_path: Path) -> None:
         ]
         assert len(list(app.log.entries(limit=501))) == 501
         assert list(app.log.entries(name="other")) == []
+
+
+remote_contract = Contract(
+    models={"files": {"id": "primary", "name": "string", "data": "bytes?", "note": "string?"}}
+)
+
+
+@remote_contract.action
+def annotate(ctx: ActionContext, key: str, note: str) -> None:
+    ctx.db.update("files", {"id": key, "note": note})
+
+
+def test_remote_changes_are_logged_chained_and_replayed(tmp_path: Path) -> None:
+    did = "did:plc:ewvi7nxzyoun6zhxrhs64oiz"
+    with App.open(tmp_path / "r.db", remote_contract, seal_interval=0) as app:
+        db = app.model_db
+        with db.transaction():
+            db.set("files", {"id": "a", "name": "a.bin", "data": b"\x00\xff"})
+            db.set("files", {"id": "b", "name": "b.bin"})
+            entry_id = app.log_remote(
+                did,
+                [
+                    ("files", "a", {"id": "a", "name": "a.bin", "data": b"\x00\xff"}),
+                    ("files", "b", {"id": "b", "name": "b.bin"}),
+                ],
+            )
+        app.actions.annotate("a", "local note")  # a local-only property, set here
+        with db.transaction():
+            db.update("files", {"id": "a", "name": "renamed"})
+            db.delete("files", "b")
+            app.log_remote(did, [("files", "a", {"id": "a", "name": "renamed"})])
+            app.log_remote(did, [("files", "b", None)])
+            assert app.log_remote(did, []) is None
+        entry = app.log.get(entry_id or "")
+        assert entry is not None and (entry.name, entry.author) == (REMOTE_ACTION, did)
+        assert entry.args[0][0] == [
+            "files",
+            "a",
+            {"id": "a", "name": "a.bin", "data": {"$bytes": "AP8="}},
+        ]
+        state = [dict(r) for r in app.db.query("files")]
+        assert state == [{"id": "a", "name": "renamed", "data": b"\x00\xff", "note": "local note"}]
+        assert app.log.verify() == 4
+        assert app.rebuild() == 4
+        assert [dict(r) for r in app.db.query("files")] == state
+        with pytest.raises(TransactionError, match="inside the transaction"):
+            app.log_remote(did, [("files", "a", None)])

@@ -75,6 +75,7 @@ EXPECTED: dict[str, list[str]] = {
         "__version__",
     ],
     "atsync.app": [
+        "REMOTE_ACTION",
         "ATPSigner",
         "ActionContext",
         "ActionLog",
@@ -85,6 +86,7 @@ EXPECTED: dict[str, list[str]] = {
         "LocalSigner",
         "LogEntry",
         "ReadOnlyDB",
+        "RemoteChange",
         "Signer",
         "key_path_for",
         "writer_lock",

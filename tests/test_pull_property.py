@@ -453,6 +453,11 @@ async def run_example(
                     snapshot = [(d.rows(), d.pending(), d.sync_counts(), d.held()) for d in devices]
                     for d in devices:
                         await d.detach()
+                # Pulled changes are in each device's action log: a rebuild gives it back.
+                for d, app in zip(devices, apps, strict=True):
+                    before = d.rows()
+                    app.rebuild()
+                    assert d.rows() == before, f"{d.name}: a rebuild from its log differs"
             finally:
                 for app in apps:
                     app.close()

@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import pytest
 
-from atsync.app import ActionContext, App, Contract
+from atsync.app import REMOTE_ACTION, ActionContext, App, Contract
 from atsync.atproto import IdentityResolver, Session, XrpcClient, login
 from atsync.sync import ATSync, Binding, Immediate, Live, Manual, SyncStatus
 from sync_devices import as_rows, remote, rows, wait_status
@@ -196,6 +196,40 @@ async def test_two_devices_converge_and_merge_field_by_field(
     assert listed.returncode == 0, listed.stderr
     (entry,) = [json.loads(line) for line in listed.stdout.splitlines()]
     assert (entry["key"], entry["fields"], entry["resolution"]) == ("n2", "n", "local")
+
+
+async def test_pulled_changes_are_in_the_action_log_and_a_rebuild_reproduces_them(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    collection = collection_for(request)
+    session = await alice(dev_pds)
+    async with (
+        device(tmp_path / "a.db", collection, session, resolver) as (a, sync_a),
+        device(tmp_path / "b.db", collection, session, resolver, push=Manual()) as (b, sync_b),
+    ):
+        for i in range(3):
+            a.actions.put(f"n{i}", f"note {i}", None, i)
+        await settle(sync_a, sync_b)
+        b.actions.edit("n1", body="body from b")  # queued on b, not pushed yet
+        a.actions.edit("n1", title="title from a")
+        a.actions.drop("n2")
+        await settle(sync_a)
+        with anyio.fail_after(30):
+            await sync_b.wait_pulled()  # merges n1, deletes n2
+        state = rows(b)
+        assert (state["n1"]["title"], state["n1"]["body"]) == ("title from a", "body from b")
+        assert set(state) == {"n0", "n1"}
+        remote_entries = [e for e in b.log if e.name == REMOTE_ACTION]
+        assert remote_entries and {e.author for e in remote_entries} == {session.did}
+        changes = [tuple(change[:2]) for e in remote_entries for change in e.args[0]]
+        assert ("notes", "n0") in changes and ("notes", "n2") in changes
+        deleted = [c for e in remote_entries for c in e.args[0] if c[2] is None]
+        assert deleted == [["notes", "n2", None]]
+        assert b.log.verify() == len(b.log)
+        # The log alone gives the same state back: local actions and pulled rows, in order.
+        assert b.rebuild() == len(b.log)
+        assert rows(b) == state
+        assert sync_b.status.pending == 1  # the rebuild queued nothing more
 
 
 async def test_the_remote_policy_and_a_callable_decide_conflicts(

@@ -10,6 +10,7 @@ app.rebuild()                                 # replay the log into empty tables
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import hashlib
 import os
@@ -21,12 +22,12 @@ from typing import Any
 
 from .._errors import ActionError, TransactionError
 from ..atproto import Tid, format_tid
-from ..db import Durability, ModelDB, Row, Subscription
+from ..db import Durability, Model, ModelDB, Row, Subscription
 from ._contract import ActionContext, ActionResult, Contract
 from ._log import AUTHORIZATIONS, ActionLog, LogEntry, create_log_table, encode_args
 from ._signers import LocalSigner, Signer
 
-__all__ = ["Actions", "App", "ReadOnlyDB", "writer_lock"]
+__all__ = ["REMOTE_ACTION", "Actions", "App", "ReadOnlyDB", "RemoteChange", "writer_lock"]
 
 _B32 = "234567abcdefghijklmnopqrstuvwxyz"  # the TID alphabet (base32-sortable)
 _B32_PAIRS = tuple(a + b for a in _B32 for b in _B32)  # two characters (10 bits) at a time
@@ -259,14 +260,7 @@ class App:
                 f"action {name!r} was called from inside another action; call its "
                 "function directly instead (nested actions would replay twice)"
             )
-        # time.time_ns looked up per call, so tests can patch it.
-        now = time.time_ns() // 1000
-        now = now if now > self._last_us else self._last_us + 1
-        self._last_us = now
-        high = self._id_high
-        if high[0] != now >> 20:
-            high = self._id_high = (now >> 20, format_tid(now, self._clock_id)[:7])
-        action_id = high[1] + _B32_PAIRS[(now >> 10) & 1023] + _B32_PAIRS[now & 1023] + self._id_low
+        now, action_id = self._next_id()
         did = self.signer.did
         ctx = ActionContext(self._db, did, now, self._clock_id, action_id)
         # Logged before it runs, so entries are appended in id order.
@@ -285,6 +279,41 @@ class App:
                 # ctx.tid() handed out timestamps after the action's own: skip past them.
                 self._last_us = max(self._last_us, now + ctx.tids_used)
         return _new_tuple(ActionResult, (action_id, result))
+
+    def _next_id(self) -> tuple[int, str]:
+        """The next (timestamp in µs, TID) of the action clock; called inside a transaction."""
+        # time.time_ns looked up per call, so tests can patch it.
+        now = time.time_ns() // 1000
+        now = now if now > self._last_us else self._last_us + 1
+        self._last_us = now
+        high = self._id_high
+        if high[0] != now >> 20:
+            high = self._id_high = (now >> 20, format_tid(now, self._clock_id)[:7])
+        return now, high[1] + _B32_PAIRS[(now >> 10) & 1023] + _B32_PAIRS[now & 1023] + self._id_low
+
+    def log_remote(self, author: str, changes: Sequence[RemoteChange]) -> str | None:
+        """Log changes that came from outside this app's actions — rows the sync layer applied
+        from a repository — as one ``$remote`` entry attributed to ``author`` (the
+        repository's DID), in the caller's transaction; returns its id (None: no changes).
+
+        Each change is ``(model, key, row)``: the values written (``None``: the row was
+        deleted). ``rebuild()`` writes them again at their place in the log, so a rebuild
+        reproduces the state the pull left.
+        """
+        if not changes:
+            return None
+        db = self._db
+        if not db.in_transaction:
+            raise TransactionError("log_remote() runs inside the transaction that applied them")
+        encoded = [
+            [model, key, None if row is None else _row_to_json(db.schema.models[model], row)]
+            for model, key, row in changes
+        ]
+        _, entry_id = self._next_id()
+        self._log_pending.append(
+            (entry_id, REMOTE_ACTION, encode_args(REMOTE_ACTION, (encoded,), {}), author)
+        )
+        return entry_id
 
     @contextmanager
     def batch(self) -> Iterator[App]:
@@ -357,6 +386,10 @@ class App:
                 for model in db.schema.models:
                     db.clear(model)
                 for entry in self.log.entries():
+                    if entry.name == REMOTE_ACTION:
+                        _replay_remote(db, entry.args[0])
+                        replayed += 1
+                        continue
                     fn = self.contract.actions.get(entry.name)
                     if fn is None:
                         raise ActionError(
@@ -371,6 +404,43 @@ class App:
                 self._in_action = False
                 self.replaying = False
         return replayed
+
+
+REMOTE_ACTION = (
+    "$remote"  # the log entry of changes applied from a repository (never an action name)
+)
+RemoteChange = tuple[str, str, Mapping[str, Any] | None]  # model, key, row written (None: deleted)
+
+
+def _row_to_json(model: Model, row: Mapping[str, Any]) -> dict[str, Any]:
+    """A row as JSON values: bytes properties as ``{"$bytes": base64}`` (JSON has no bytes)."""
+    out = dict(row)
+    for name, value in row.items():
+        prop = model.by_name.get(name)
+        if prop is not None and prop.kind == "bytes" and isinstance(value, bytes):
+            out[name] = {"$bytes": base64.b64encode(value).decode("ascii")}
+    return out
+
+
+def _row_from_json(model: Model, row: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(row)
+    for name, value in row.items():
+        prop = model.by_name.get(name)
+        if prop is not None and prop.kind == "bytes" and isinstance(value, dict):
+            out[name] = base64.b64decode(value["$bytes"])
+    return out
+
+
+def _replay_remote(db: ModelDB, changes: list[Any]) -> None:
+    """Write a ``$remote`` entry's rows again as the pull wrote them: a row that exists is
+    updated (its local-only properties stay), a new one created, a ``None`` one deleted."""
+    for model_name, key, row in changes:
+        if row is None:
+            db.delete(model_name, key)
+        elif db.get(model_name, key) is not None:
+            db.update(model_name, _row_from_json(db.schema.models[model_name], row))
+        else:
+            db.set(model_name, _row_from_json(db.schema.models[model_name], row))
 
 
 def _writer_lock(path: str | Path) -> int | None:

@@ -149,7 +149,7 @@ class ATSync(StatusKeeper, PullEvents):
         self._puller: Puller | None = Puller(
             db, self.outbox, bound, applying_remote=self._capture.applying_remote,
             validate=validate, policy=check_policy(conflicts), on_pds_action=on_pds_action,
-            watch=watch, lexicons=self.lexicons,
+            watch=watch, lexicons=self.lexicons, log_remote=app.log_remote,
         )  # fmt: skip
         self._pusher.pulled = frozenset(self._puller.collections)
         signer = app.signer

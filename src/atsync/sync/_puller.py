@@ -32,6 +32,7 @@ import anyio
 import anyio.lowlevel
 
 from .._errors import AtsyncError, RecordError, VerificationError
+from ..app import RemoteChange
 from ..atproto import (
     RepoFile,
     VerifiedCommit,
@@ -123,8 +124,13 @@ class Puller:
         on_pds_action: OnPdsAction | None = None,
         watch: Iterable[str] = (),
         lexicons: LexiconSet | None = None,
+        log_remote: Callable[[str, list[RemoteChange]], object] | None = None,
     ) -> None:
         self._db = db
+        # The app's action log takes the rows written, per transaction, attributed to the
+        # repository's DID: a rebuild reproduces them (App.log_remote).
+        self._log_remote = log_remote
+        self._written: list[RemoteChange] = []
         self._outbox = outbox
         self._by_collection = {b.collection: b for b in bindings.values() if b.direction != "push"}
         # Collections read for on_pds_action alone (no binding, no rows).
@@ -264,9 +270,12 @@ class Puller:
         known: dict[tuple[str, str], _Known],
         result: PullResult,
     ) -> None:
-        """Apply changes inside the caller's transaction, each in a savepoint of its own."""
+        """Apply changes inside the caller's transaction, each in a savepoint of its own;
+        log the rows written as one entry attributed to ``did``."""
+        written = self._written = []
         for collection, rkey, change_cid, change in changes:
             key = (collection, rkey)
+            mark = len(written)
             try:
                 with self._db.transaction():  # a savepoint: a bad record alone is undone
                     self._apply_one(
@@ -274,6 +283,7 @@ class Puller:
                         self._queued(collection, rkey), result,
                     )  # fmt: skip
             except AtsyncError as exc:
+                del written[mark:]  # undone with the savepoint
                 # The row the record makes does not fit the model (its type, a required
                 # local-only property): not applied, kept with the reason.
                 self._reject(
@@ -281,6 +291,8 @@ class Puller:
                     change,
                 )  # fmt: skip
                 result.rejected += 1
+        if written and self._log_remote is not None:
+            self._log_remote(did, written)
 
     def _known(self, keys: list[tuple[str, str]] | None = None) -> dict[tuple[str, str], _Known]:
         """What was last synced, per record of the pulled collections (or of ``keys``)."""
@@ -490,7 +502,9 @@ class Puller:
             if row is None:
                 if self._db.get(model, key) is not None:
                     self._db.delete(model, key)
+                    self._written.append((model, key, None))
                 return
+            self._written.append((model, key, row))
             if self._db.get(model, key) is not None:
                 self._db.update(model, row)  # local-only properties stay as they are
             else:
