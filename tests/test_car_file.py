@@ -27,6 +27,7 @@ from atsync.atproto import (
     login,
     read_car,
 )
+from atsync.atproto import _car_file as car_file
 from atsync.atproto._car import CarWriter
 from atsync.atproto._car_file import CarFile
 from atsync.atproto._cbor import encode_dag_cbor
@@ -72,13 +73,23 @@ def _write_repo(path: Path, blocks: Iterable[tuple[CID, bytes]], root: CID | Non
     return path
 
 
+@pytest.fixture(autouse=True, params=["memory", "disk"])
+def index_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs on both indexes: in memory (files up to the limit) and on disk."""
+    if request.param == "disk":
+        monkeypatch.setattr(car_file, "MEMORY_LIMIT", 0)
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
 def small_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("repo") / "repo.car"
     return _write_repo(path, _blocks_of_repo(300, other=40))
 
 
-def test_the_same_records_as_the_in_memory_path(small_repo: Path, tmp_path: Path) -> None:
+def test_the_same_records_as_the_in_memory_path(
+    small_repo: Path, tmp_path: Path, index_mode: str
+) -> None:
     expected = list(iter_repo_records(small_repo.read_bytes(), did=DID, signing_key=KEY.did))
     with RepoFile(small_repo, did=DID, signing_key=KEY.did, index_dir=tmp_path) as repo:
         assert repo.commit.did == DID and repo.commit.cid == read_car(small_repo.read_bytes()).root
@@ -95,7 +106,10 @@ def test_the_same_records_as_the_in_memory_path(small_repo: Path, tmp_path: Path
         some = next(iter(car.blocks))
         assert some in repo.blocks and repo.blocks[some] == car.blocks[some]
         assert CID.for_data(b"absent") not in repo.blocks and "x" not in repo.blocks
-        assert next(p.name for p in tmp_path.iterdir()).startswith("atsync-car-index-")
+        if index_mode == "disk":
+            assert next(p.name for p in tmp_path.iterdir()).startswith("atsync-car-index-")
+        else:
+            assert list(tmp_path.iterdir()) == []  # nothing on disk: the file is in memory
     assert list(tmp_path.iterdir()) == []  # the index went with close()
     with pytest.raises(ClosedError):
         next(repo.records())
@@ -137,7 +151,7 @@ def test_a_flipped_byte_is_caught_while_indexing(tmp_path: Path) -> None:
     path = _tampered(tmp_path, _flip_last_record)
     with pytest.raises(VerificationError, match="CID mismatch at block"):
         RepoFile(path, did=DID, signing_key=KEY.did, index_dir=tmp_path / "idx")
-    assert list((tmp_path / "idx").iterdir()) == []
+    assert not (tmp_path / "idx").exists() or list((tmp_path / "idx").iterdir()) == []
 
 
 def test_a_dropped_record_or_node_is_caught_while_walking(tmp_path: Path) -> None:
@@ -164,7 +178,7 @@ def test_truncated_file(small_repo: Path, tmp_path: Path) -> None:
 
 def test_a_file_changed_after_indexing_is_caught_on_read(tmp_path: Path) -> None:
     path = _write_repo(tmp_path / "repo.car", _blocks_of_repo(60))
-    with RepoFile(path, did=DID, signing_key=KEY.did) as repo:
+    with RepoFile(path, did=DID, signing_key=KEY.did, memory_limit=0) as repo:
         data = bytearray(path.read_bytes())
         data[-2] ^= 1  # inside the last record
         path.write_bytes(bytes(data))
@@ -227,8 +241,10 @@ _MEASURE = textwrap.dedent(
     except OSError:
         before = peak()
     n = 0
-    if mode == "file":
-        with RepoFile(path, did=did, signing_key=key) as repo:
+    if mode in ("file", "default"):
+        # "file": the on-disk index; "default": what RepoFile chooses (memory up to 32 MiB).
+        limit = 0 if mode == "file" else None
+        with RepoFile(path, did=did, signing_key=key, memory_limit=limit) as repo:
             for record in repo.records():
                 n += 1
     else:
@@ -275,6 +291,10 @@ def test_memory_does_not_grow_with_the_repository(
     # page cache and one path of the tree.
     assert file_growth < 8 * 1024 * 1024
     assert memory_growth > 2 * file_growth
+    # Under its memory limit (32 MiB) RepoFile holds the file and a dict of offsets: bounded
+    # by the limit, whatever the repository's size (a larger file takes the disk index).
+    n, default_growth = peak_rss_growth(path, "default", DID, KEY.did)
+    assert n == 20_000 and default_growth < 48 * 1024 * 1024
 
 
 # --- the real reference PDS: 20,000 records written, downloaded with getRepo, read back --------

@@ -10,7 +10,7 @@ from typing import Any
 
 import libipld
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from atsync._errors import RecordError, VerificationError
@@ -22,6 +22,7 @@ from atsync.atproto._cbor import (
     data_from_json,
     data_to_json,
     decode_dag_cbor,
+    decode_plain_record,
     decode_record,
     encode_dag_cbor,
 )
@@ -265,3 +266,81 @@ def test_plain_values_encode_identically_with_the_fast_path() -> None:
 def test_cid_for_dag_cbor_names_the_block(fx: dict[str, Any]) -> None:
     cbor = _b64(fx["cbor_base64"])
     assert cid_for_dag_cbor(cbor) == fx["cid"] == str(CID.for_data(cbor))
+
+
+# --- the fast paths (libipld) give the strict decoder's answer, or step aside -----------------
+
+_record_values = st.recursive(
+    _scalars | st.binary(max_size=40) | _cids | st.floats(allow_nan=False) | st.integers(),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(["$type", "$link", "$bytes", "ref", "a", "é", "text"])
+            | st.text(max_size=6),
+            inner,
+            max_size=4,
+        )
+    ),
+    max_leaves=20,
+)
+
+
+def _strict_record(data: bytes) -> tuple[dict[str, Any], str] | Exception:
+    try:
+        value = decode_record(data)
+    except (VerificationError, RecordError) as exc:
+        return exc
+    return value, json.dumps(data_to_json(value), ensure_ascii=False, separators=(",", ":"))
+
+
+def _mutations(data: bytes, draw: Any) -> bytes:
+    """``data`` with a few bytes changed, inserted or dropped (hostile input)."""
+    out = bytearray(data)
+    for _ in range(draw(st.integers(0, 3))):
+        if not out:
+            break
+        i = draw(st.integers(0, len(out) - 1))
+        kind = draw(st.sampled_from(["flip", "insert", "drop"]))
+        if kind == "flip":
+            out[i] = draw(st.integers(0, 255))
+        elif kind == "insert":
+            out.insert(i, draw(st.integers(0, 255)))
+        else:
+            del out[i]
+    return bytes(out)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.data())
+def test_decode_plain_record_agrees_with_the_strict_decoder(data: st.DataObject) -> None:
+    values = _plain if data.draw(st.booleans()) else _record_values
+    value = data.draw(st.dictionaries(st.sampled_from(["$type", "text", "n", "x"]), values))
+    try:
+        encoded = (
+            libipld.encode_dag_cbor(value) if data.draw(st.booleans()) else encode_dag_cbor(value)
+        )
+    except (ValueError, TypeError, OverflowError, RecordError):
+        return
+    encoded = _mutations(encoded, data.draw)
+    fast = decode_plain_record(encoded)
+    event("fast path" if fast is not None else "strict path")
+    if fast is not None:
+        # Whatever the fast path accepts, the strict one decodes to the same value and JSON.
+        assert _strict_record(encoded) == fast
+
+
+def test_decode_plain_record_steps_aside_for_what_it_cannot_prove() -> None:
+    plain = {"$type": "a.b.c", "text": "é ; \x1b", "n": -(2**63), "l": [True, None]}
+    fast = decode_plain_record(encode_dag_cbor(plain))
+    assert fast is not None and fast[0] == plain and json.loads(fast[1]) == plain
+    for value in (
+        {"$type": "a.b.c", "b": b"\x01\x71\x12\x20" + bytes(32)},  # bytes that look like a link
+        {"$type": "a.b.c", "c": CID.for_data(b"x")},
+        {"$type": "blob", "ref": CID.for_data(b"x"), "mimeType": "a/b", "size": 1},
+        {"$type": ""},
+    ):
+        assert decode_plain_record(encode_dag_cbor(value)) is None
+    assert decode_plain_record(bytes.fromhex("a1616118 01")) is None  # not minimal
+    assert decode_plain_record(bytes.fromhex("a16161fb3ff0000000000000")) is None  # float
+    assert decode_plain_record(bytes.fromhex("a161613bffffffffffffffff")) is None  # < -2**63
+    assert decode_plain_record(b"\x81" * 200 + b"\x01") is None  # not a map, deep

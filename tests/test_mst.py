@@ -8,12 +8,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 from atsync._errors import VerificationError
 from atsync.atproto._cbor import CID, decode_dag_cbor, encode_dag_cbor
 from atsync.atproto._mst import (
     MstEntry,
     MstNode,
+    _decode_node_fast,
+    _decode_node_strict,
     build_mst,
     common_prefix_len,
     covering_proof,
@@ -226,3 +230,21 @@ def test_root_with_only_a_subtree_is_not_canonical() -> None:
     blocks[wrapper_cid] = wrapper
     with pytest.raises(VerificationError, match="root has no entries"):
         list(iter_leaves(blocks, wrapper_cid))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_the_fast_node_decoder_agrees_with_the_strict_one(data: st.DataObject) -> None:
+    keys = data.draw(
+        st.lists(
+            st.from_regex(r"\Acom\.example\.[a-z]{1,3}/[a-z0-9]{1,12}\Z"), min_size=1, max_size=40
+        )
+    )
+    _, blocks = build_mst({k: CID.for_data(k.encode()) for k in keys})
+    node = bytearray(data.draw(st.sampled_from(sorted(blocks.values()))))
+    for _ in range(data.draw(st.integers(0, 3))):  # hostile: bytes changed
+        node[data.draw(st.integers(0, len(node) - 1))] = data.draw(st.integers(0, 255))
+    fast = _decode_node_fast(bytes(node))
+    event("fast path" if fast is not None else "strict path")
+    if fast is not None:
+        assert fast == _decode_node_strict(bytes(node), None)

@@ -11,6 +11,7 @@ CIDs that are not CIDv1 + sha256 + dag-cbor/raw, and headers that are not CAR v1
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,12 +28,14 @@ from ._cbor import (
     decode_dag_cbor,
     encode_dag_cbor,
     encode_uvarint,
+    read_uvarint,
 )
 
 __all__ = [
     "Car",
     "CarReader",
     "CarWriter",
+    "index_car",
     "read_car",
     "write_car",
 ]
@@ -173,6 +176,70 @@ class CarReader:
             data = section[end:]
             _check_block(cid, data)
             yield cid, s.offset - len(data), data
+
+
+_SHA256_DAG_CBOR = bytes((1, CODEC_DAG_CBOR, HASH_SHA256, 32))
+_SHA256_RAW = bytes((1, CODEC_RAW, HASH_SHA256, 32))
+
+
+def index_car(
+    buf: bytes, *, max_block_size: int = DEFAULT_MAX_BLOCK_SIZE
+) -> tuple[list[CID], dict[bytes, tuple[int, int]]]:
+    """Check a whole CAR held in ``buf`` as ``CarReader`` does and index it: its roots, and
+    each block's CID bytes -> ``(offset, length)`` of its data in ``buf``.
+
+    The same checks, an order of magnitude faster for a repository: no copies and no CID
+    objects for the usual sha2-256 CIDs (their hash is compared straight from ``buf``).
+    """
+    reader = CarReader(io.BytesIO(buf[: MAX_HEADER_SIZE + 16]), max_block_size=max_block_size)
+    pos = reader._stream.offset
+    limit = max_block_size + _CID_MAX_OVERHEAD
+    view = memoryview(buf)
+    index: dict[bytes, tuple[int, int]] = {}
+    sha256 = hashlib.sha256
+    end_of_car = len(buf)
+    while pos < end_of_car:
+        start = pos
+        size, pos = _varint_at(buf, pos, "section length")
+        if size == 0:
+            raise VerificationError(f"empty CAR section at offset {start}")
+        if size > limit:
+            raise VerificationError(
+                f"CAR section at offset {start} claims {size} bytes, over the "
+                f"{max_block_size}-byte block limit"
+            )
+        end = pos + size
+        if end > end_of_car:
+            raise VerificationError(
+                f"truncated CAR: block section needs {size} bytes at offset {pos}, only "
+                f"{end_of_car - pos} left"
+            )
+        prefix = buf[pos : pos + 4]
+        if size >= 36 and prefix in (_SHA256_DAG_CBOR, _SHA256_RAW):
+            raw = buf[pos : pos + 36]
+            if sha256(view[pos + 36 : end]).digest() != raw[4:]:
+                _check_block(CID.from_raw(raw), buf[pos + 36 : end])  # raises, naming it
+            data_at = pos + 36
+        else:
+            try:
+                data_at = _parse_cid(view[pos:end], 0) + pos
+            except ValueError as e:
+                raise VerificationError(
+                    f"malformed CID in CAR section at offset {start}: {e}"
+                ) from e
+            cid = CID(buf[pos:data_at])
+            _check_block(cid, buf[data_at:end])
+            raw = bytes(cid)
+        index.setdefault(raw, (data_at, end - data_at))
+        pos = end
+    return reader.roots, index
+
+
+def _varint_at(buf: bytes, pos: int, what: str) -> tuple[int, int]:
+    try:
+        return read_uvarint(buf, pos)
+    except (ValueError, IndexError) as e:
+        raise VerificationError(f"bad varint for {what} at offset {pos}: {e}") from e
 
 
 @dataclass

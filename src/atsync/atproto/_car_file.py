@@ -1,15 +1,16 @@
-"""Read a full-repository CAR from a file without holding its blocks in memory.
+"""Read a full-repository CAR from a file in bounded memory, whatever its size.
 
-``read_car`` keeps every block in a dict: fine for a proof or a firehose slice, not for a
-repository of a million records. ``RepoFile`` reads the file once to index it — each block's
-CID, hash-checked, goes with its offset and length into a temporary SQLite file — and then
-walks the MST reading each node and record from the file by offset. What stays in memory is
-SQLite's page cache (a few MB, whatever the repository's size), the path from the root to the
-current node, and one record at a time.
+``read_car`` keeps every block in a dict of ``CID`` objects: fine for a proof or a firehose
+slice, not for a repository of a million records. ``RepoFile`` reads the file once to index
+it and then walks the MST reading each node and record by offset. A file up to 32 MiB is
+held in memory with a dict of offsets (the fast path: most repositories); a larger one stays
+on disk, each block's CID, hash-checked, going with its offset and length into a temporary
+SQLite file, so what stays in memory is SQLite's page cache (a few MB), the path from the
+root to the current node, and one record at a time.
 
 The checks are those of ``iter_repo_records``: every block's hash (when indexed, and again
-when read back, so a file changed in between is caught), the whole MST's structure, the
-commit's shape, and with a DID and key its signature.
+when read back), the whole MST's structure, the commit's shape, and with a DID and key its
+signature.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import BinaryIO, Self
 
 from atsync._errors import ClosedError, VerificationError
 
-from ._car import DEFAULT_MAX_BLOCK_SIZE, CarReader
+from ._car import DEFAULT_MAX_BLOCK_SIZE, CarReader, index_car
 from ._cbor import CID
 from ._mst import get_block, iter_leaves
 from ._verify import (
@@ -42,21 +43,40 @@ from ._verify import (
 __all__ = ["CarFile", "RepoFile"]
 
 _BATCH = 2000  # index rows per executemany
+MEMORY_LIMIT = 32 * 1024 * 1024  # files up to this size are read into memory
 
 
-def _cleanup(db: sqlite3.Connection, file: BinaryIO, tmp_dir: str) -> None:
-    db.close()
-    file.close()
-    shutil.rmtree(tmp_dir, ignore_errors=True)
+class _Held:
+    """What a ``CarFile`` holds open, apart from it so its finalizer can close it all."""
+
+    __slots__ = ("buf", "db", "file", "offsets", "tmp_dir")
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.buf: bytes | None = None
+        self.offsets: dict[bytes, tuple[int, int]] = {}
+        self.db: sqlite3.Connection | None = None
+        self.tmp_dir: str | None = None
+
+
+def _cleanup(held: _Held) -> None:
+    if held.db is not None:
+        held.db.close()
+    held.file.close()
+    held.buf, held.offsets = None, {}
+    if held.tmp_dir is not None:
+        shutil.rmtree(held.tmp_dir, ignore_errors=True)
 
 
 class CarFile(Mapping[CID, bytes]):
-    """A CAR v1 file as a read-only ``CID → bytes`` mapping whose blocks stay on disk.
+    """A CAR v1 file as a read-only ``CID → bytes`` mapping, read once and hash-checked.
 
-    Constructing it reads the whole file once: every block is hash-checked (the checks of
-    ``CarReader``) and its offset recorded in a SQLite index in a temporary directory
-    (``index_dir``, default the system's), removed by ``close()``. Not for concurrent use
-    from several threads; one thread after another is fine.
+    A file up to ``memory_limit`` bytes (32 MiB: a repository of ~100,000 small records) is
+    read into memory and indexed in a dict (``index_car``). A larger one stays on disk: every
+    block is hash-checked as it streams by (the checks of ``CarReader``) and its offset
+    recorded in a SQLite index in a temporary directory (``index_dir``, default the
+    system's), removed by ``close()``. Memory is bounded either way, whatever the file's
+    size. Not for concurrent use from several threads; one thread after another is fine.
     """
 
     def __init__(
@@ -65,36 +85,33 @@ class CarFile(Mapping[CID, bytes]):
         *,
         max_block_size: int = DEFAULT_MAX_BLOCK_SIZE,
         index_dir: str | os.PathLike[str] | None = None,
+        memory_limit: int | None = None,
     ) -> None:
         self.path = Path(path)
-        if index_dir is not None:
-            os.makedirs(index_dir, exist_ok=True)
-        self._file: BinaryIO = open(self.path, "rb")  # noqa: SIM115 - closed by close()
-        try:
-            self._tmp_dir = tempfile.mkdtemp(prefix="atsync-car-index-", dir=index_dir)
-        except BaseException:
-            self._file.close()
-            raise
-        try:
-            self._db = sqlite3.connect(
-                os.path.join(self._tmp_dir, "index.sqlite"),
-                check_same_thread=False,
-                isolation_level=None,
-            )
-        except BaseException:
-            self._file.close()
-            shutil.rmtree(self._tmp_dir, ignore_errors=True)
-            raise
+        held = self._held = _Held(open(self.path, "rb"))  # noqa: SIM115 - closed by close()
         # Runs on close(), or when the object is collected, or at exit: the index never stays.
-        self._closer = weakref.finalize(self, _cleanup, self._db, self._file, self._tmp_dir)
+        self._closer = weakref.finalize(self, _cleanup, held)
         try:
-            self.roots = self._index(max_block_size)
+            limit = MEMORY_LIMIT if memory_limit is None else memory_limit
+            if os.fstat(held.file.fileno()).st_size <= limit:
+                held.buf = held.file.read()
+                self.roots, held.offsets = index_car(held.buf, max_block_size=max_block_size)
+            else:
+                self.roots = self._index(max_block_size, index_dir)
         except BaseException:
             self.close()
             raise
 
-    def _index(self, max_block_size: int) -> list[CID]:
-        db = self._db
+    def _index(self, max_block_size: int, index_dir: str | os.PathLike[str] | None) -> list[CID]:
+        if index_dir is not None:
+            os.makedirs(index_dir, exist_ok=True)
+        held = self._held
+        held.tmp_dir = tempfile.mkdtemp(prefix="atsync-car-index-", dir=index_dir)
+        db = held.db = sqlite3.connect(
+            os.path.join(held.tmp_dir, "index.sqlite"),
+            check_same_thread=False,
+            isolation_level=None,
+        )
         # A throwaway index: no journal, no fsync; if the process dies the directory is junk.
         db.execute("PRAGMA journal_mode = OFF")
         db.execute("PRAGMA synchronous = OFF")
@@ -102,7 +119,7 @@ class CarFile(Mapping[CID, bytes]):
             "CREATE TABLE blocks (cid BLOB PRIMARY KEY, offset INTEGER NOT NULL,"
             " length INTEGER NOT NULL) WITHOUT ROWID"
         )
-        reader = CarReader(self._file, max_block_size=max_block_size)
+        reader = CarReader(held.file, max_block_size=max_block_size)
         insert = "INSERT OR IGNORE INTO blocks VALUES (?, ?, ?)"  # a repeated block is the same
         db.execute("BEGIN")
         batch: list[tuple[bytes, int, int]] = []
@@ -122,7 +139,10 @@ class CarFile(Mapping[CID, bytes]):
     def _where(self, cid: CID) -> tuple[int, int] | None:
         if not self._closer.alive:
             raise ClosedError(f"the CAR file {self.path} was closed")
-        row = self._db.execute(
+        held = self._held
+        if held.db is None:
+            return held.offsets.get(bytes(cid))
+        row = held.db.execute(
             "SELECT offset, length FROM blocks WHERE cid = ?", (bytes(cid),)
         ).fetchone()
         return None if row is None else (int(row[0]), int(row[1]))
@@ -132,8 +152,11 @@ class CarFile(Mapping[CID, bytes]):
         if where is None:
             raise KeyError(cid)
         offset, length = where
-        self._file.seek(offset)
-        data = self._file.read(length)
+        buf, file = self._held.buf, self._held.file
+        if buf is not None:
+            return buf[offset : offset + length]
+        file.seek(offset)
+        data = file.read(length)
         if len(data) != length:
             raise VerificationError(f"the CAR file {self.path} was truncated after indexing")
         return data
@@ -144,13 +167,20 @@ class CarFile(Mapping[CID, bytes]):
     def __iter__(self) -> Iterator[CID]:
         if not self._closer.alive:
             raise ClosedError(f"the CAR file {self.path} was closed")
-        for (raw,) in self._db.execute("SELECT cid FROM blocks"):
+        held = self._held
+        if held.db is None:
+            yield from map(CID.from_raw, list(held.offsets))
+            return
+        for (raw,) in held.db.execute("SELECT cid FROM blocks"):
             yield CID(bytes(raw))
 
     def __len__(self) -> int:
         if not self._closer.alive:
             raise ClosedError(f"the CAR file {self.path} was closed")
-        return int(self._db.execute("SELECT count(*) FROM blocks").fetchone()[0])
+        held = self._held
+        if held.db is None:
+            return len(held.offsets)
+        return int(held.db.execute("SELECT count(*) FROM blocks").fetchone()[0])
 
     def close(self) -> None:
         """Close the file and delete the index (safe to call twice)."""
@@ -187,10 +217,13 @@ class RepoFile:
         signing_key: SigningKey | None = None,
         index_dir: str | os.PathLike[str] | None = None,
         max_block_size: int = DEFAULT_MAX_BLOCK_SIZE,
+        memory_limit: int | None = None,
     ) -> None:
         if signing_key is not None and did is None:
             raise VerificationError("verifying a repo's signature needs its DID")
-        self._car = CarFile(path, max_block_size=max_block_size, index_dir=index_dir)
+        self._car = CarFile(
+            path, max_block_size=max_block_size, index_dir=index_dir, memory_limit=memory_limit
+        )
         try:
             self.commit = self._check_commit(did, signing_key)
         except BaseException:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,6 +34,7 @@ __all__ = [
     "data_to_json",
     "decode_dag_cbor",
     "decode_dag_cbor_prefix",
+    "decode_plain_record",
     "decode_record",
     "encode_dag_cbor",
 ]
@@ -39,6 +42,10 @@ __all__ = [
 CODEC_DAG_CBOR = 0x71
 CODEC_RAW = 0x55
 HASH_SHA256 = 0x12
+_DAG_CBOR_SHA256 = bytes((1, CODEC_DAG_CBOR, HASH_SHA256, 32))
+_SHA256_PREFIXES = (_DAG_CBOR_SHA256, bytes((1, CODEC_RAW, HASH_SHA256, 32)))
+# JSON as the record tables store it (ensure_ascii=False, no spaces).
+_plain_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 MAX_DEPTH = 128  # nesting beyond this is hostile, not data (and would exhaust the C stack)
 _INT_MIN = -(1 << 63)
 _INT_MAX = (1 << 63) - 1
@@ -114,6 +121,18 @@ class CID:
         if str(cid) != s:  # non-zero padding bits would give two spellings of one CID
             raise VerificationError(f"CID {s!r:.70} is not canonically encoded")
         return cid
+
+    @classmethod
+    def from_raw(cls, raw: bytes) -> CID:
+        """``CID(raw)``, without parsing when ``raw`` is a CIDv1 of dag-cbor or raw data with
+        a sha2-256 digest — what every repository block is named by (walks build one per
+        record)."""
+        if len(raw) == 36 and raw[:4] in _SHA256_PREFIXES:
+            cid = cls.__new__(cls)
+            cid._raw = bytes(raw)
+            cid.codec, cid.hash_code, cid.digest = raw[1], HASH_SHA256, cid._raw[4:]
+            return cid
+        return cls(raw)
 
     @classmethod
     def for_data(cls, data: bytes, codec: int = CODEC_DAG_CBOR) -> CID:
@@ -416,6 +435,44 @@ def decode_record(data: bytes) -> dict[str, Any]:
     return value
 
 
+# Bytes that rule out the fast path of decode_plain_record: a float head (0xf9-0xfb never occur
+# in UTF-8), or a 64-bit integer head whose value is beyond int64. They may also be part of
+# some other item (a false alarm only costs the strict decoder).
+_NOT_PLAIN_CBOR = re.compile(rb"[\xf9-\xfb]|[\x1b\x3b][\x80-\xff]")
+# In the JSON text: keys and $type values check_data_model looks at (a string that merely
+# contains them is a false alarm, as above).
+_NOT_PLAIN_JSON = re.compile(r'"\$(?:link|bytes)"|"\$type":(?!"[^"])|"\$type":"blob"')
+
+
+def decode_plain_record(data: bytes) -> tuple[dict[str, Any], str] | None:
+    """A record block decoded with libipld, with its JSON text, when the fast path can prove
+    what ``decode_record`` would: canonical DAG-CBOR within the data model, and *plain* (no
+    bytes, no links: libipld cannot tell those apart, so they take the strict decoder).
+
+    Returns None when it cannot — then call ``decode_record``, which either decodes the
+    value or says what is wrong with it. libipld itself refuses non-string or unsorted keys,
+    invalid UTF-8, other tags, indefinite lengths and trailing data; the re-encoding below
+    refuses non-minimal heads; ``_NOT_PLAIN_*`` catch floats, integers beyond 64 bits and
+    the map shapes ``check_data_model`` refuses.
+    """
+    if _NOT_PLAIN_CBOR.search(data) is not None:
+        return None
+    try:
+        value = libipld.decode_dag_cbor(data)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(value, dict) or libipld.encode_dag_cbor(value) != data:
+        return None
+    try:
+        text = _plain_json(value)
+    except (TypeError, ValueError, RecursionError):  # bytes or a link
+        return None
+    # Nesting is at most the number of opening brackets; beyond MAX_DEPTH, ask the strict one.
+    if _NOT_PLAIN_JSON.search(text) is not None or text.count("[") + text.count("{") > MAX_DEPTH:
+        return None
+    return value, text
+
+
 # --- data model --------------------------------------------------------------------------------
 
 
@@ -491,9 +548,6 @@ def cid_for_record(record: Mapping[str, Any]) -> str:
     """The CID string a PDS computes for ``record`` (CIDv1, dag-cbor, sha256, base32)."""
     check_data_model(record)
     return str(CID.for_data(encode_dag_cbor(record)))
-
-
-_DAG_CBOR_SHA256 = bytes((1, CODEC_DAG_CBOR, HASH_SHA256, 32))
 
 
 def cid_for_dag_cbor(data: bytes) -> str:

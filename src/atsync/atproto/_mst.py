@@ -18,6 +18,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import libipld
+
 from atsync._errors import VerificationError
 
 from ._cbor import CID, CODEC_DAG_CBOR, decode_dag_cbor, encode_dag_cbor
@@ -37,6 +39,10 @@ __all__ = [
 ]
 
 MAX_KEY_BYTES = 1024
+_NODE_KEYS = frozenset({"e", "l"})
+_ENTRY_KEYS = frozenset({"k", "p", "t", "v"})
+# CIDv1, sha2-256, of dag-cbor (nodes, records) or raw data (what a record link may name).
+_SHA256_PREFIXES = (bytes((1, CODEC_DAG_CBOR, 0x12, 32)), bytes((1, 0x55, 0x12, 32)))
 Blocks = Mapping[CID, bytes]
 
 
@@ -93,8 +99,58 @@ def _node_link(value: Any, cid: CID | None, field: str) -> CID | None:
     return value
 
 
+def _decode_node_fast(data: bytes) -> MstNode | None:
+    """The node decoded with libipld, when it is certainly what the strict path would give;
+    otherwise None (the strict path then decodes it or says what is wrong).
+
+    libipld returns links as plain bytes, but re-encodes bytes that parse as a CID as a
+    link: so when the re-encoding equals ``data`` (which also proves it canonical), a value
+    that looks like a CID was a link and one that does not was bytes. A key that could look
+    like one (a CID starts with a byte below 0x20: 0x01, or 0x12 for v0; keys are printable
+    ASCII) and links other than the usual sha2-256 CIDs take the strict path.
+    """
+    try:
+        raw = libipld.decode_dag_cbor(data)
+    except (ValueError, RecursionError):
+        return None
+    if type(raw) is not dict or raw.keys() != _NODE_KEYS or type(raw["e"]) is not list:
+        return None
+    left = raw["l"]
+    if left is not None and not _is_node_link(left):
+        return None
+    entries: list[MstEntry] = []
+    prev = b""
+    for item in raw["e"]:
+        if type(item) is not dict or item.keys() != _ENTRY_KEYS:
+            return None
+        p, k, v, t = item["p"], item["k"], item["v"], item["t"]
+        if type(p) is not int or not 0 <= p <= len(prev) or (not entries and p != 0):
+            return None
+        if type(k) is not bytes or k[:1] < b" " or type(v) is not bytes or len(v) != 36:
+            return None
+        if v[:4] not in _SHA256_PREFIXES or (t is not None and not _is_node_link(t)):
+            return None
+        key = prev[:p] + k
+        if not key or len(key) > MAX_KEY_BYTES or key <= prev:
+            return None
+        entries.append(MstEntry(key, CID.from_raw(v), None if t is None else CID.from_raw(t)))
+        prev = key
+    if libipld.encode_dag_cbor(raw) != data:
+        return None
+    return MstNode(None if left is None else CID.from_raw(left), tuple(entries))
+
+
+def _is_node_link(value: object) -> bool:
+    return type(value) is bytes and len(value) == 36 and value[:4] == _SHA256_PREFIXES[0]
+
+
 def decode_node(data: bytes, cid: CID | None = None) -> MstNode:
     """Decode one MST node strictly; ``VerificationError`` "malformed node" otherwise."""
+    fast = _decode_node_fast(data)
+    return fast if fast is not None else _decode_node_strict(data, cid)
+
+
+def _decode_node_strict(data: bytes, cid: CID | None) -> MstNode:
     try:
         raw = decode_dag_cbor(data)
     except VerificationError as e:
