@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import json.encoder
 import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from itertools import chain
 from typing import Any
 
 from .._errors import ActionError, VerificationError
+from .._json import compact_json
 from ..atproto import verify_signature
 from ..db import ModelDB
 
@@ -54,34 +54,6 @@ _CHUNK = 200
 _LAST_LINK = (
     f"SELECT id, hash, sig FROM {LOG_TABLE} WHERE hash IS NOT NULL ORDER BY id DESC LIMIT 1"
 )
-_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
-
-
-def _refuse(value: object) -> object:
-    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
-
-
-def _args_encoder() -> Callable[[object], str]:
-    """``_json``, built once: ``JSONEncoder.encode`` builds a C encoder on every call, which
-    was a tenth of an action's cost.
-
-    No cycle check (a shared marker table would not be thread-safe, and actions run on any
-    thread): a cyclic argument recurses until ``RecursionError``, which ``encode_args``
-    reports like any other argument that is not JSON.
-    """
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:  # not CPython's C accelerator
-        return _json
-    basestring = json.encoder.encode_basestring  # ensure_ascii=False
-    encode = make(None, _refuse, basestring, None, ":", ",", False, False, False)
-
-    def encode_json(value: object) -> str:
-        return "".join(encode(value, 0))
-
-    return encode_json
-
-
-_encode_json = _args_encoder()
 
 Pending = tuple[str, str, str, str]  # id, name, args, author
 
@@ -107,7 +79,7 @@ def create_log_table(conn: sqlite3.Connection) -> None:
 def encode_args(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     """The JSON stored for an action's arguments; replay passes them back (tuples as lists)."""
     try:
-        return _encode_json([args, kwargs])
+        return compact_json([args, kwargs])
     except (TypeError, ValueError, RecursionError) as exc:
         raise ActionError(
             f"action {name!r}: arguments must be JSON values (str, int, float, bool, None, "

@@ -14,7 +14,8 @@ docs/api.md.
 - keys and signatures: ``generate_keypair``, ``load_keypair``, ``Keypair``, ``KeyAlgorithm``,
   ``verify_signature``, ``parse_did_key`` (ed25519, p256, k256; low-S only)
 - data: ``check_data_model`` (whose answer ``encode_dag_cbor(value, plain=...)`` may reuse),
-  ``encode_dag_cbor``/``decode_dag_cbor``, ``data_from_json``/``data_to_json`` (the JSON form
+  ``encode_dag_cbor``/``decode_dag_cbor`` (``decode_plain_record``: libipld's speed where it
+  provably agrees), ``data_from_json``/``data_to_json`` (the JSON form
   with ``$link``/``$bytes``), ``CID``, ``cid_for_record``, ``cid_for_dag_cbor`` (of encoded
   bytes), ``read_car``/``CarReader``/``write_car``
 - proofs: ``verify_commit`` (→ ``Commit``), ``verify_record_proof``, ``iter_repo_records``
@@ -60,6 +61,7 @@ from ._cbor import (
     data_from_json,
     data_to_json,
     decode_dag_cbor,
+    decode_plain_record,
     encode_dag_cbor,
 )
 from ._commit_event import RepoOp, VerifiedCommit, verify_commit_event
@@ -180,6 +182,7 @@ __all__ = [
     "data_from_json",
     "data_to_json",
     "decode_dag_cbor",
+    "decode_plain_record",
     "encode_dag_cbor",
     "ensure_installed",
     "format_tid",

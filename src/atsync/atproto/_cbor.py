@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import libipld
 
 from atsync._errors import RecordError, VerificationError
+from atsync._json import compact_json
 
 __all__ = [
     "CID",
@@ -44,8 +44,7 @@ CODEC_RAW = 0x55
 HASH_SHA256 = 0x12
 _DAG_CBOR_SHA256 = bytes((1, CODEC_DAG_CBOR, HASH_SHA256, 32))
 _SHA256_PREFIXES = (_DAG_CBOR_SHA256, bytes((1, CODEC_RAW, HASH_SHA256, 32)))
-# JSON as the record tables store it (ensure_ascii=False, no spaces).
-_plain_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
 MAX_DEPTH = 128  # nesting beyond this is hostile, not data (and would exhaust the C stack)
 _INT_MIN = -(1 << 63)
 _INT_MAX = (1 << 63) - 1
@@ -464,7 +463,7 @@ def decode_plain_record(data: bytes) -> tuple[dict[str, Any], str] | None:
     if not isinstance(value, dict) or libipld.encode_dag_cbor(value) != data:
         return None
     try:
-        text = _plain_json(value)
+        text = compact_json(value)
     except (TypeError, ValueError, RecursionError):  # bytes or a link
         return None
     # Nesting is at most the number of opening brackets; beyond MAX_DEPTH, ask the strict one.

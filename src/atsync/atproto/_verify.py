@@ -9,6 +9,7 @@ truncated CAR, malformed node or commit, a record that breaks the data model.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -137,12 +138,18 @@ def verify_record_proof(
     return value, _decode_record_block(c.blocks, value, path)
 
 
+@functools.lru_cache(maxsize=256)
+def _valid_collection(collection: str) -> str:
+    # A repository has few collections and many records: each is checked once.
+    return validate_nsid(collection)
+
+
 def _split_path(key: str) -> tuple[str, str]:
     collection, sep, rkey = key.partition("/")
     try:
         if not sep:
             raise InvalidSyntaxError("no '/'")
-        validate_nsid(collection)
+        _valid_collection(collection)
         validate_record_key(rkey)
     except InvalidSyntaxError as e:
         raise VerificationError(f"malformed repo path {key!r} in the MST: {e}") from e

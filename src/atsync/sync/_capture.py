@@ -15,8 +15,6 @@ nothing can see the outbox without them.
 
 from __future__ import annotations
 
-import json
-import json.encoder
 import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -26,6 +24,7 @@ from itertools import chain
 from typing import Any, Literal
 
 from .._errors import RecordError
+from .._json import compact_json
 from ..app import ActionContext, App
 from ..atproto import (
     TidClock,
@@ -62,33 +61,6 @@ class ActionCall:
     ctx: ActionContext
 
 
-_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-
-
-def _refuse(value: object) -> object:
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-def _plain_json_encoder() -> Callable[[Mapping[str, Any]], str]:
-    """The same text as ``_json`` for a record built from a row, at half the cost.
-
-    ``JSONEncoder.encode`` builds a new C encoder on every call; this one is built once. It
-    skips the cycle check: a record made of a row's values cannot contain itself.
-    """
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:  # not CPython's C accelerator
-        return _json
-    encode = make(None, _refuse, json.encoder.encode_basestring, None, ":", ",", False, False, True)
-
-    def plain_json(record: Mapping[str, Any]) -> str:
-        return "".join(encode(record, 0))
-
-    return plain_json
-
-
-_plain_json = _plain_json_encoder()
-
-
 OnAction = Callable[[ActionCall], Sequence[RecordWrite] | None]
 Validator = Callable[[str, str, Mapping[str, Any]], None]  # (collection, rkey, record)
 
@@ -105,7 +77,7 @@ def encode_record(
     data = encode_dag_cbor(record, plain=plain)
     if len(data) > MAX_RECORD_BYTES:
         raise _too_big(collection, data)
-    as_json = _plain_json(record) if plain else _json(data_to_json(record))
+    as_json = compact_json(record if plain else data_to_json(record))
     return as_json, cid_for_dag_cbor(data)
 
 
@@ -123,7 +95,7 @@ def encode_trusted(
     data = encode_dag_cbor(record, plain=True)
     if len(data) > MAX_RECORD_BYTES:
         raise _too_big(collection, data)
-    return _plain_json(record), cid_for_dag_cbor(data)
+    return compact_json(record), cid_for_dag_cbor(data)
 
 
 def _too_big(collection: str, data: bytes) -> RecordError:

@@ -15,12 +15,11 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
+from .._json import compact_json
 from ..atproto import cid_for_record, data_from_json
 from ._outbox import Outbox, PendingWrite
 
 __all__ = ["carry_unmapped"]
-
-_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def carry_unmapped(
@@ -55,7 +54,7 @@ def carry_unmapped(
             send.append(w)
             continue
         full = {**mine, **extra}
-        record_json = _json(full)
+        record_json = compact_json(full)
         cid = str(cid_for_record(data_from_json(full)))
         if not outbox.replace_record(w, record_json, cid):
             continue  # changed meanwhile: the next batch carries the newer state

@@ -19,6 +19,7 @@ CID).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import time
@@ -32,16 +33,17 @@ import anyio
 import anyio.lowlevel
 
 from .._errors import AtsyncError, RecordError, VerificationError
+from .._json import compact_json
 from ..app import RemoteChange
 from ..atproto import (
     RepoFile,
     VerifiedCommit,
     XrpcClient,
     check_data_model,
-    cid_for_dag_cbor,
     data_from_json,
     data_to_json,
     decode_dag_cbor,
+    decode_plain_record,
 )
 from ..db import ModelDB
 from ..lexicon import LexiconSet
@@ -54,7 +56,6 @@ from ._outbox import CONFLICTS, OUTBOX, RECORDS, Outbox
 __all__ = ["OnPdsAction", "PullResult", "Puller", "RemoteRecord"]
 
 CHUNK = 200  # remote changes applied per transaction
-_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 @dataclass
@@ -107,6 +108,13 @@ class _Queued:
 
 
 Progress = Callable[[int, int], None]
+# One change to apply: collection, rkey, CID and record (None: deleted), and the record's
+# JSON when decode_plain_record proved its data model (None: not yet checked).
+Change = tuple[str, str, str | None, dict[str, Any] | None, str | None]
+
+
+def _nothing_queued(collection: str, rkey: str) -> None:
+    return None
 
 
 class Puller:
@@ -169,12 +177,13 @@ class Puller:
                 self._read, path, did, signing_key, known_cids
             )
         result.commit, result.rev = commit, rev
-        changes: list[tuple[str, str, str | None, dict[str, Any] | None]] = [
-            (collection, rkey, cid, record) for (collection, rkey), (cid, record) in changed.items()
+        changes: list[Change] = [
+            (collection, rkey, cid, record, text)
+            for (collection, rkey), (cid, record, text) in changed.items()
         ]
         for (collection, rkey), was in known.items():
             if was.cid is not None and (collection, rkey) not in present:
-                changes.append((collection, rkey, None, None))  # gone from the repo
+                changes.append((collection, rkey, None, None, None))  # gone from the repo
         await self._apply(did, rev, changes, known, result, progress)
         self._finish(commit, rev, data)
         return result
@@ -191,16 +200,16 @@ class Puller:
         # Only the records the event touches: a live event costs the same in a repository
         # of twenty records or twenty thousand.
         known = self._known([(op.collection, op.rkey) for op in event.ops])
-        changes: list[tuple[str, str, str | None, dict[str, Any] | None]] = []
+        changes: list[Change] = []
         for op in event.ops:
             if op.collection not in self.collections:
                 continue
             was = known.get((op.collection, op.rkey))
             if op.cid is None:
                 if was is not None and was.cid is not None:
-                    changes.append((op.collection, op.rkey, None, None))
+                    changes.append((op.collection, op.rkey, None, None, None))
             elif was is None or was.cid != str(op.cid):
-                changes.append((op.collection, op.rkey, str(op.cid), op.record))
+                changes.append((op.collection, op.rkey, str(op.cid), op.record, None))
         with self._db.transaction():
             self._apply_chunk(did, event.rev, changes, known, result)
             self._finish(str(event.commit), event.rev, str(event.data), cursor=event.seq)
@@ -218,28 +227,35 @@ class Puller:
         str,
         str,
         str,
-        dict[tuple[str, str], tuple[str, dict[str, Any]]],
+        dict[tuple[str, str], tuple[str, dict[str, Any], str | None]],
         set[tuple[str, str]],
     ]:
         """Index and verify the CAR on disk (memory does not grow with its size), and read
         only the records of bound collections whose CID differs from what we hold."""
-        changed: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
+        changed: dict[tuple[str, str], tuple[str, dict[str, Any], str | None]] = {}
         present: set[tuple[str, str]] = set()
+        collections = self.collections
         with RepoFile(path, did=did, signing_key=signing_key) as repo:
+            blocks = repo.blocks
             for collection, rkey, cid in repo.leaves():
-                if collection not in self.collections:
+                if collection not in collections:
                     continue
                 present.add((collection, rkey))
                 text = str(cid)
                 if known.get((collection, rkey)) == text:
                     continue  # unchanged, or our own write coming back: not even read
-                data = repo.blocks[cid]
-                if cid_for_dag_cbor(data) != text:
+                data = blocks[cid]
+                if not cid.matches(data):
                     raise VerificationError(f"{collection}/{rkey}: block does not match {text}")
+                # Plain records (most) decode fast, their data model proven, with their JSON.
+                plain = decode_plain_record(data)
+                if plain is not None:
+                    changed[(collection, rkey)] = (text, plain[0], plain[1])
+                    continue
                 record = decode_dag_cbor(data)
                 if not isinstance(record, dict):
                     raise VerificationError(f"{collection}/{rkey}: the record is not a map")
-                changed[(collection, rkey)] = (text, record)
+                changed[(collection, rkey)] = (text, record, None)
             commit = repo.commit
             return str(commit.cid), commit.rev, str(commit.data), changed, present
 
@@ -249,7 +265,7 @@ class Puller:
         self,
         did: str,
         rev: str,
-        changes: list[tuple[str, str, str | None, dict[str, Any] | None]],
+        changes: list[Change],
         known: dict[tuple[str, str], _Known],
         result: PullResult,
         progress: Progress | None,
@@ -266,21 +282,55 @@ class Puller:
         self,
         did: str,
         rev: str,
-        changes: list[tuple[str, str, str | None, dict[str, Any] | None]],
+        changes: list[Change],
         known: dict[tuple[str, str], _Known],
         result: PullResult,
     ) -> None:
-        """Apply changes inside the caller's transaction, each in a savepoint of its own;
-        log the rows written as one entry attributed to ``did``."""
+        """Apply changes inside the caller's transaction and log the rows written as one
+        entry attributed to ``did``. First all in one savepoint; if one of them fails, again
+        one savepoint per change, so that one alone is rejected."""
+        if self._on_pds_action is not None:
+            # The app's hook sees each change once: no attempt that might be rolled back.
+            self._apply_changes(did, rev, changes, known, result, savepoints=True)
+        else:
+            before = dataclasses.replace(result)
+            try:
+                with self._db.transaction():
+                    self._apply_changes(did, rev, changes, known, result, savepoints=False)
+            except AtsyncError:
+                for field in dataclasses.fields(result):
+                    setattr(result, field.name, getattr(before, field.name))
+                self._apply_changes(did, rev, changes, known, result, savepoints=True)
+        if self._written and self._log_remote is not None:
+            self._log_remote(did, self._written)
+
+    def _apply_changes(
+        self,
+        did: str,
+        rev: str,
+        changes: list[Change],
+        known: dict[tuple[str, str], _Known],
+        result: PullResult,
+        *,
+        savepoints: bool,
+    ) -> None:
         written = self._written = []
-        for collection, rkey, change_cid, change in changes:
+        # Nothing queued at all (a restore, a device that is up to date): no lookup per record.
+        queued = self._queued if self._outbox_has_rows() else _nothing_queued
+        for collection, rkey, change_cid, change, change_json in changes:
             key = (collection, rkey)
+            if not savepoints:
+                self._apply_one(
+                    did, rev, collection, rkey, change_cid, change, change_json, known.get(key),
+                    queued(collection, rkey), result,
+                )  # fmt: skip
+                continue
             mark = len(written)
             try:
                 with self._db.transaction():  # a savepoint: a bad record alone is undone
                     self._apply_one(
-                        did, rev, collection, rkey, change_cid, change, known.get(key),
-                        self._queued(collection, rkey), result,
+                        did, rev, collection, rkey, change_cid, change, change_json,
+                        known.get(key), queued(collection, rkey), result,
                     )  # fmt: skip
             except AtsyncError as exc:
                 del written[mark:]  # undone with the savepoint
@@ -291,8 +341,9 @@ class Puller:
                     change,
                 )  # fmt: skip
                 result.rejected += 1
-        if written and self._log_remote is not None:
-            self._log_remote(did, written)
+
+    def _outbox_has_rows(self) -> bool:
+        return self._db.connection.execute(f"SELECT 1 FROM {OUTBOX} LIMIT 1").fetchone() is not None
 
     def _known(self, keys: list[tuple[str, str]] | None = None) -> dict[tuple[str, str], _Known]:
         """What was last synced, per record of the pulled collections (or of ``keys``)."""
@@ -338,24 +389,27 @@ class Puller:
         rkey: str,
         cid: str | None,
         record: dict[str, Any] | None,
+        record_json: str | None,
         was: _Known | None,
         mine: _Queued | None,
         result: PullResult,
     ) -> None:
+        """One change; ``record_json`` is the record's JSON when its data model is proven."""
         if self._on_pds_action is not None:
             self._tell_app(did, rev, collection, rkey, cid, record, was)
         binding = self._by_collection.get(collection)
         if binding is None:  # watched for on_pds_action only
             if cid is not None and record is not None:
-                self._check_record(collection, rkey, record)
-            self._note(collection, rkey, f"@{collection}", rkey, cid, record)
+                self._check_record(collection, rkey, record, record_json is not None)
+            self._note(collection, rkey, f"@{collection}", rkey, cid, record, record_json)
             return
         model = binding.model.name
         key = was.key if was is not None else rkey
         remote_row: dict[str, Any] | None = None
         if record is not None and cid is not None:
             try:
-                remote_row = self._checked_row(binding, collection, rkey, record, key)
+                self._check_record(collection, rkey, record, record_json is not None)
+                remote_row = binding.from_record(record, key)
             except AtsyncError as exc:
                 self._reject(did, rev, collection, rkey, cid, type(exc).__name__, str(exc), record)
                 result.rejected += 1
@@ -375,7 +429,7 @@ class Puller:
             return
         if mine is None:
             self._write_row(model, key, remote_row)
-            self._note(collection, rkey, model, key, cid, record)
+            self._note(collection, rkey, model, key, cid, record, record_json)
             if remote_row is None:
                 result.deleted += 1
             else:
@@ -407,27 +461,19 @@ class Puller:
         except Exception as exc:
             raise RecordError(f"on_pds_action raised {exc!r}") from exc
 
-    def _check_record(self, collection: str, rkey: str, record: dict[str, Any]) -> None:
+    def _check_record(
+        self, collection: str, rkey: str, record: dict[str, Any], data_model_checked: bool
+    ) -> None:
         """Its ``$type``, the data model, the binding's Lexicon (``VerificationError`` or
         ``RecordError`` saying which)."""
         if record.get("$type") != collection:
             raise VerificationError(
                 f"$type is {record.get('$type')!r}, not the collection {collection!r}"
             )
-        check_data_model(record)
+        if not data_model_checked:
+            check_data_model(record)
         if self._validate is not None:
             self._validate(collection, rkey, record)
-
-    def _checked_row(
-        self,
-        binding: BoundBinding,
-        collection: str,
-        rkey: str,
-        record: dict[str, Any],
-        key: str,
-    ) -> dict[str, Any]:
-        self._check_record(collection, rkey, record)
-        return binding.from_record(record, key)
 
     def _merge(
         self,
@@ -518,6 +564,7 @@ class Puller:
         key: str,
         cid: str | None,
         record: dict[str, Any] | None,
+        record_json: str | None = None,
     ) -> None:
         conn = self._db.connection
         if cid is None:
@@ -529,7 +576,7 @@ class Puller:
             f"INSERT INTO {RECORDS} (collection, rkey, model, key, cid, record) "
             "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (collection, rkey) DO UPDATE SET "
             "cid = excluded.cid, record = excluded.record",
-            (collection, rkey, model, key, cid, _dump_record(record)),
+            (collection, rkey, model, key, cid, record_json or _dump_record(record)),
         )
 
     def _reject(
@@ -590,8 +637,8 @@ def _row_of(binding: BoundBinding, record_json: str | None, key: str) -> dict[st
 
 
 def _dump(row: Mapping[str, Any] | None) -> str | None:
-    return None if row is None else _json(data_to_json(dict(row)))
+    return None if row is None else compact_json(data_to_json(dict(row)))
 
 
 def _dump_record(record: Mapping[str, Any] | None) -> str | None:
-    return None if record is None else _json(data_to_json(dict(record)))
+    return None if record is None else compact_json(data_to_json(dict(record)))
