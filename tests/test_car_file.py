@@ -4,6 +4,7 @@ repository (measured against the in-memory path, here and on the real reference 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,10 +15,13 @@ from typing import Any
 
 import anyio
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from atsync._errors import ClosedError, VerificationError
 from atsync.atproto import (
     CID,
+    CarStream,
     Create,
     IdentityResolver,
     RepoFile,
@@ -27,7 +31,7 @@ from atsync.atproto import (
     login,
     read_car,
 )
-from atsync.atproto import _car_file as car_file
+from atsync.atproto import _car_stream as car_stream
 from atsync.atproto._car import CarWriter
 from atsync.atproto._car_file import CarFile
 from atsync.atproto._cbor import encode_dag_cbor
@@ -77,7 +81,7 @@ def _write_repo(path: Path, blocks: Iterable[tuple[CID, bytes]], root: CID | Non
 def index_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test runs on both indexes: in memory (files up to the limit) and on disk."""
     if request.param == "disk":
-        monkeypatch.setattr(car_file, "MEMORY_LIMIT", 0)
+        monkeypatch.setattr(car_stream, "MEMORY_LIMIT", 0)
     return str(request.param)
 
 
@@ -348,3 +352,82 @@ async def test_a_20000_record_repository_from_the_reference_pds(
     with capsys.disabled():
         print("\n" + _report("reference PDS repo", size, n, file_growth, memory_growth))
     assert file_growth < 8 * 1024 * 1024 and memory_growth > 2 * file_growth
+
+
+# --- CarStream: the same index fed in any chunks, decoded ahead, bounded ---------------------
+
+
+def _feed(data: bytes, cuts: list[int], **options: Any) -> CarStream:
+    stream = CarStream(**options)
+    last = 0
+    for cut in sorted(cuts):
+        stream.feed(data[last:cut])
+        last = cut
+    stream.feed(data[last:])
+    stream.finish()
+    return stream
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.lists(st.integers(0, 1 << 30), max_size=30))
+def test_a_stream_fed_in_any_chunks_reads_the_same_repository(
+    small_repo_bytes: bytes, tmp_path_factory: pytest.TempPathFactory, cuts: list[int]
+) -> None:
+    data = small_repo_bytes
+    stream = _feed(data, [c % len(data) for c in cuts], decode={"com.example.note"})
+    assert stream.in_memory and stream.data == data
+    car = read_car(data)
+    assert stream.roots == car.roots
+    assert {
+        CID.from_raw(raw): data[o : o + n] for raw, (o, n) in stream.offsets.items()
+    } == car.blocks
+    path = tmp_path_factory.mktemp("stream") / "repo.car"
+    path.write_bytes(data)
+    expected = list(iter_repo_records(data, did=DID, signing_key=KEY.did))
+    with RepoFile(path, did=DID, signing_key=KEY.did, stream=stream) as repo:
+        assert list(repo.records()) == expected
+        ahead_count = 0
+        for record in expected:  # decoded ahead: the notes, not the other collection
+            ahead = repo.decoded_record(record.cid)
+            if ahead is not None:  # None: left to the strict decoder (e.g. n = 0xf9 looks
+                ahead_count += 1  # like a float head to the fast path's byte scan)
+                assert record.collection == "com.example.note"
+                assert ahead[0] == record.record and json.loads(ahead[1]) == record.record
+        assert ahead_count >= 290
+    assert (
+        len(stream.nodes)
+        == sum(1 for raw in stream.offsets if raw not in {bytes(r.cid) for r in expected}) - 1
+    )
+
+
+@pytest.fixture(scope="module")
+def small_repo_bytes(small_repo: Path) -> bytes:
+    return small_repo.read_bytes()
+
+
+def test_a_stream_refuses_what_the_reader_refuses(small_repo_bytes: bytes) -> None:
+    data = small_repo_bytes
+    with pytest.raises(VerificationError, match="truncated CAR"):
+        _feed(data[:-10], [100, 5000])
+    with pytest.raises(VerificationError, match="truncated CAR: empty input"):
+        _feed(b"", [])
+    flipped = bytearray(data)
+    flipped[-1] ^= 1
+    with pytest.raises(VerificationError, match="CID mismatch at block"):
+        _feed(bytes(flipped), [len(data) // 2])
+    with pytest.raises(VerificationError, match="over the 100-byte block limit"):
+        _feed(data, [], max_block_size=100)
+
+
+def test_a_stream_over_its_memory_limit_gives_up_and_the_file_is_indexed_on_disk(
+    small_repo: Path, small_repo_bytes: bytes, tmp_path: Path
+) -> None:
+    stream = _feed(small_repo_bytes, [1000, 20000], memory_limit=len(small_repo_bytes) - 1)
+    assert not stream.in_memory and stream.offsets == {} and stream.nodes == {}
+    with RepoFile(
+        small_repo, did=DID, signing_key=KEY.did, stream=stream, index_dir=tmp_path
+    ) as repo:
+        assert repo.count() == 340
+        assert next(p.name for p in tmp_path.iterdir()).startswith("atsync-car-index-")

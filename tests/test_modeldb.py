@@ -186,3 +186,28 @@ def test_in_memory_database_works_for_every_operation() -> None:
         mem.set("notes", note())
         assert [r["id"] for r in mem.iterate("notes")] == ["n1"]
         assert mem.count("notes") == 1
+
+
+@pytest.mark.parametrize("model", ["users", "notes"])  # one statement / one set() per row
+def test_set_many_is_set_for_each_all_or_nothing(tmp_path: Path, model: str) -> None:
+    def rows(prefix: str) -> list[dict[str, Any]]:
+        if model == "users":
+            return [{"id": f"{prefix}{i}", "name": f"user {i}"} for i in range(5)]
+        return [note(f"{prefix}{i}", n=i, meta={"i": i}, raw=b"\x01") for i in range(5)]
+
+    with (
+        ModelDB.open(tmp_path / "a.db", MODELS) as one,
+        ModelDB.open(tmp_path / "b.db", MODELS) as many,
+    ):
+        seen: dict[str, list[tuple[str, str, Any]]] = {"one": [], "many": []}
+        one.write_listeners.append(lambda m, k, row: seen["one"].append((m, k, row)))
+        many.write_listeners.append(lambda m, k, row: seen["many"].append((m, k, row)))
+        for row in rows("k"):
+            one.set(model, row)
+        assert many.set_many(model, rows("k")) == 5
+        assert many.query(model) == one.query(model)
+        assert seen["many"] == seen["one"] and len(seen["one"]) == 5
+        bad = [*rows("x"), {"id": "bad", "name": 5, "title": 5}]
+        with pytest.raises(ValidationError):
+            many.set_many(model, bad)
+        assert many.count(model) == 5  # the good rows before it were not written either

@@ -115,6 +115,7 @@ EXPECTED: dict[str, list[str]] = {
         "CID",
         "Car",
         "CarReader",
+        "CarStream",
         "Commit",
         "CommitMeta",
         "Create",

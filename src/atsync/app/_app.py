@@ -305,8 +305,9 @@ class App:
         db = self._db
         if not db.in_transaction:
             raise TransactionError("log_remote() runs inside the transaction that applied them")
+        models = db.schema.models
         encoded = [
-            [model, key, None if row is None else _row_to_json(db.schema.models[model], row)]
+            (model, key, None if row is None else _row_to_json(models[model], row))
             for model, key, row in changes
         ]
         _, entry_id = self._next_id()
@@ -412,12 +413,15 @@ REMOTE_ACTION = (
 RemoteChange = tuple[str, str, Mapping[str, Any] | None]  # model, key, row written (None: deleted)
 
 
-def _row_to_json(model: Model, row: Mapping[str, Any]) -> dict[str, Any]:
+def _row_to_json(model: Model, row: Mapping[str, Any]) -> Mapping[str, Any]:
     """A row as JSON values: bytes properties as ``{"$bytes": base64}`` (JSON has no bytes)."""
+    binary = [p.name for p in model.properties if p.kind == "bytes" and p.name in row]
+    if not binary:
+        return row
     out = dict(row)
-    for name, value in row.items():
-        prop = model.by_name.get(name)
-        if prop is not None and prop.kind == "bytes" and isinstance(value, bytes):
+    for name in binary:
+        value = row[name]
+        if isinstance(value, bytes):
             out[name] = {"$bytes": base64.b64encode(value).decode("ascii")}
     return out
 

@@ -20,7 +20,8 @@ docs/api.md.
   bytes), ``read_car``/``CarReader``/``write_car``
 - proofs: ``verify_commit`` (→ ``Commit``), ``verify_record_proof``, ``iter_repo_records``
   (→ ``RepoRecord``, from a CAR in memory); ``RepoFile``, the same for a ``getRepo`` CAR in a
-  file, indexed on disk so memory does not grow with the repository; a firehose
+  file, in bounded memory whatever the repository's size (``CarStream`` indexes and decodes
+  it while it downloads: ``sync_get_repo(..., on_chunk=stream.feed)``); a firehose
   ``#commit`` checked as sync 1.1 defines it (signature, records, ops inverted back to
   ``prevData``): ``verify_commit_event`` → ``VerifiedCommit`` of ``RepoOp``; a session key's
   authorization record: ``authorize_session_key``, ``revoke_session_key``, ``verify_session``
@@ -53,6 +54,7 @@ from ._blocking_client import (
 )
 from ._car import Car, CarReader, read_car, write_car
 from ._car_file import RepoFile
+from ._car_stream import CarStream
 from ._cbor import (
     CID,
     check_data_model,
@@ -137,6 +139,7 @@ __all__ = [
     "BlockingXrpcClient",
     "Car",
     "CarReader",
+    "CarStream",
     "Commit",
     "CommitMeta",
     "Create",

@@ -13,7 +13,7 @@ session and the clients that share it, so they run on the same loop:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from types import TracebackType
 from typing import Any, BinaryIO, Self
@@ -299,8 +299,16 @@ class BlockingXrpcClient:
         *,
         since: str | None = None,
         max_size: int | None = None,
+        on_chunk: Callable[[bytes], None] | None = None,
     ) -> Download:
-        call = partial(self._client.sync_get_repo, did, dest, since=since, max_size=max_size)
+        call = partial(
+            self._client.sync_get_repo,
+            did,
+            dest,
+            since=since,
+            max_size=max_size,
+            on_chunk=on_chunk,
+        )
         return self.portal.call(call)
 
     def sync_get_blob(

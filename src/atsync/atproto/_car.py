@@ -11,7 +11,6 @@ CIDs that are not CIDv1 + sha256 + dag-cbor/raw, and headers that are not CAR v1
 
 from __future__ import annotations
 
-import hashlib
 import io
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,14 +27,12 @@ from ._cbor import (
     decode_dag_cbor,
     encode_dag_cbor,
     encode_uvarint,
-    read_uvarint,
 )
 
 __all__ = [
     "Car",
     "CarReader",
     "CarWriter",
-    "index_car",
     "read_car",
     "write_car",
 ]
@@ -43,7 +40,7 @@ __all__ = [
 # Records are at most 1,000,000 bytes and MST nodes far smaller; 2 MiB leaves headroom.
 DEFAULT_MAX_BLOCK_SIZE = 2 * 1024 * 1024
 MAX_HEADER_SIZE = 64 * 1024
-_CID_MAX_OVERHEAD = 4 * 9 + 64  # four varints and the largest digest _parse_cid accepts
+CID_MAX_OVERHEAD = 4 * 9 + 64  # four varints and the largest digest _parse_cid accepts
 _CHUNK = 64 * 1024
 
 
@@ -99,7 +96,29 @@ class _Stream:
         raise VerificationError(f"bad varint for {what} at offset {start}: longer than 9 bytes")
 
 
-def _check_block(cid: CID, data: bytes) -> None:
+def check_header_size(size: int) -> None:
+    if size == 0 or size > MAX_HEADER_SIZE:
+        raise VerificationError(f"CAR header length {size} is outside 1..{MAX_HEADER_SIZE}")
+
+
+def parse_header(data: bytes) -> list[CID]:
+    """The roots of a CAR v1 header (its bytes, after the length)."""
+    try:
+        header = decode_dag_cbor(data)
+    except VerificationError as e:
+        raise VerificationError(f"malformed CAR header: {e}") from e
+    if not isinstance(header, dict):
+        raise VerificationError("malformed CAR header: not a map")
+    if header.get("version") != 1:
+        raise VerificationError(f"unsupported CAR version {header.get('version')!r}")
+    roots = header.get("roots")
+    if not isinstance(roots, list) or not roots or not all(isinstance(r, CID) for r in roots):
+        raise VerificationError("malformed CAR header: 'roots' must be a non-empty CID list")
+    return roots
+
+
+def check_block(cid: CID, data: bytes) -> None:
+    """Refuse a block whose CID is not sha2-256 of dag-cbor or raw, or does not match it."""
     if cid.codec not in (CODEC_DAG_CBOR, CODEC_RAW):
         raise VerificationError(f"block {cid}: codec 0x{cid.codec:x} is not dag-cbor or raw")
     if cid.hash_code != HASH_SHA256 or len(cid.digest) != 32:
@@ -131,20 +150,8 @@ class CarReader:
         if s.at_eof():
             raise VerificationError("truncated CAR: empty input")
         size = s.read_varint("header length")
-        if size == 0 or size > MAX_HEADER_SIZE:
-            raise VerificationError(f"CAR header length {size} is outside 1..{MAX_HEADER_SIZE}")
-        try:
-            header = decode_dag_cbor(s.read_exact(size, "header"))
-        except VerificationError as e:
-            raise VerificationError(f"malformed CAR header: {e}") from e
-        if not isinstance(header, dict):
-            raise VerificationError("malformed CAR header: not a map")
-        if header.get("version") != 1:
-            raise VerificationError(f"unsupported CAR version {header.get('version')!r}")
-        roots = header.get("roots")
-        if not isinstance(roots, list) or not roots or not all(isinstance(r, CID) for r in roots):
-            raise VerificationError("malformed CAR header: 'roots' must be a non-empty CID list")
-        return roots
+        check_header_size(size)
+        return parse_header(s.read_exact(size, "header"))
 
     def __iter__(self) -> Iterator[tuple[CID, bytes]]:
         for cid, _, data in self.iter_with_offsets():
@@ -154,7 +161,7 @@ class CarReader:
         """``(cid, offset, bytes)``: ``offset`` is where the block's bytes start in the source
         (from its first byte), so a file can be indexed in one pass and read back by offset."""
         s = self._stream
-        limit = self._max_block_size + _CID_MAX_OVERHEAD
+        limit = self._max_block_size + CID_MAX_OVERHEAD
         while not s.at_eof():
             start = s.offset
             size = s.read_varint("section length")
@@ -174,72 +181,8 @@ class CarReader:
                 ) from e
             cid = CID(section[:end])
             data = section[end:]
-            _check_block(cid, data)
+            check_block(cid, data)
             yield cid, s.offset - len(data), data
-
-
-_SHA256_DAG_CBOR = bytes((1, CODEC_DAG_CBOR, HASH_SHA256, 32))
-_SHA256_RAW = bytes((1, CODEC_RAW, HASH_SHA256, 32))
-
-
-def index_car(
-    buf: bytes, *, max_block_size: int = DEFAULT_MAX_BLOCK_SIZE
-) -> tuple[list[CID], dict[bytes, tuple[int, int]]]:
-    """Check a whole CAR held in ``buf`` as ``CarReader`` does and index it: its roots, and
-    each block's CID bytes -> ``(offset, length)`` of its data in ``buf``.
-
-    The same checks, an order of magnitude faster for a repository: no copies and no CID
-    objects for the usual sha2-256 CIDs (their hash is compared straight from ``buf``).
-    """
-    reader = CarReader(io.BytesIO(buf[: MAX_HEADER_SIZE + 16]), max_block_size=max_block_size)
-    pos = reader._stream.offset
-    limit = max_block_size + _CID_MAX_OVERHEAD
-    view = memoryview(buf)
-    index: dict[bytes, tuple[int, int]] = {}
-    sha256 = hashlib.sha256
-    end_of_car = len(buf)
-    while pos < end_of_car:
-        start = pos
-        size, pos = _varint_at(buf, pos, "section length")
-        if size == 0:
-            raise VerificationError(f"empty CAR section at offset {start}")
-        if size > limit:
-            raise VerificationError(
-                f"CAR section at offset {start} claims {size} bytes, over the "
-                f"{max_block_size}-byte block limit"
-            )
-        end = pos + size
-        if end > end_of_car:
-            raise VerificationError(
-                f"truncated CAR: block section needs {size} bytes at offset {pos}, only "
-                f"{end_of_car - pos} left"
-            )
-        prefix = buf[pos : pos + 4]
-        if size >= 36 and prefix in (_SHA256_DAG_CBOR, _SHA256_RAW):
-            raw = buf[pos : pos + 36]
-            if sha256(view[pos + 36 : end]).digest() != raw[4:]:
-                _check_block(CID.from_raw(raw), buf[pos + 36 : end])  # raises, naming it
-            data_at = pos + 36
-        else:
-            try:
-                data_at = _parse_cid(view[pos:end], 0) + pos
-            except ValueError as e:
-                raise VerificationError(
-                    f"malformed CID in CAR section at offset {start}: {e}"
-                ) from e
-            cid = CID(buf[pos:data_at])
-            _check_block(cid, buf[data_at:end])
-            raw = bytes(cid)
-        index.setdefault(raw, (data_at, end - data_at))
-        pos = end
-    return reader.roots, index
-
-
-def _varint_at(buf: bytes, pos: int, what: str) -> tuple[int, int]:
-    try:
-        return read_uvarint(buf, pos)
-    except (ValueError, IndexError) as e:
-        raise VerificationError(f"bad varint for {what} at offset {pos}: {e}") from e
 
 
 @dataclass
@@ -285,7 +228,7 @@ class CarWriter:
     def write_block(self, cid: CID, data: bytes, *, check: bool = True) -> None:
         """``check=False`` skips the CID check: only for building deliberately bad CARs."""
         if check:
-            _check_block(cid, data)
+            check_block(cid, data)
         raw = bytes(cid)
         self._out.write(encode_uvarint(len(raw) + len(data)) + raw + data)
 

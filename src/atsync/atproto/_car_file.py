@@ -23,11 +23,13 @@ import weakref
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, Self
+from typing import Any, BinaryIO, Self
 
 from atsync._errors import ClosedError, VerificationError
 
-from ._car import DEFAULT_MAX_BLOCK_SIZE, CarReader, index_car
+from . import _car_stream
+from ._car import DEFAULT_MAX_BLOCK_SIZE, CarReader
+from ._car_stream import CarStream
 from ._cbor import CID
 from ._mst import get_block, iter_leaves
 from ._verify import (
@@ -43,13 +45,13 @@ from ._verify import (
 __all__ = ["CarFile", "RepoFile"]
 
 _BATCH = 2000  # index rows per executemany
-MEMORY_LIMIT = 32 * 1024 * 1024  # files up to this size are read into memory
+_READ_CHUNK = 1024 * 1024
 
 
 class _Held:
     """What a ``CarFile`` holds open, apart from it so its finalizer can close it all."""
 
-    __slots__ = ("buf", "db", "file", "offsets", "tmp_dir")
+    __slots__ = ("buf", "db", "file", "offsets", "stream", "tmp_dir")
 
     def __init__(self, file: BinaryIO) -> None:
         self.file = file
@@ -57,13 +59,14 @@ class _Held:
         self.offsets: dict[bytes, tuple[int, int]] = {}
         self.db: sqlite3.Connection | None = None
         self.tmp_dir: str | None = None
+        self.stream: CarStream | None = None
 
 
 def _cleanup(held: _Held) -> None:
     if held.db is not None:
         held.db.close()
     held.file.close()
-    held.buf, held.offsets = None, {}
+    held.buf, held.offsets, held.stream = None, {}, None
     if held.tmp_dir is not None:
         shutil.rmtree(held.tmp_dir, ignore_errors=True)
 
@@ -72,7 +75,8 @@ class CarFile(Mapping[CID, bytes]):
     """A CAR v1 file as a read-only ``CID → bytes`` mapping, read once and hash-checked.
 
     A file up to ``memory_limit`` bytes (32 MiB: a repository of ~100,000 small records) is
-    read into memory and indexed in a dict (``index_car``). A larger one stays on disk: every
+    read into memory and indexed in a dict (``CarStream``; or give the ``stream`` that saw the
+    file as it was written, which has done that already). A larger one stays on disk: every
     block is hash-checked as it streams by (the checks of ``CarReader``) and its offset
     recorded in a SQLite index in a temporary directory (``index_dir``, default the
     system's), removed by ``close()``. Memory is bounded either way, whatever the file's
@@ -86,16 +90,23 @@ class CarFile(Mapping[CID, bytes]):
         max_block_size: int = DEFAULT_MAX_BLOCK_SIZE,
         index_dir: str | os.PathLike[str] | None = None,
         memory_limit: int | None = None,
+        stream: CarStream | None = None,
     ) -> None:
         self.path = Path(path)
         held = self._held = _Held(open(self.path, "rb"))  # noqa: SIM115 - closed by close()
         # Runs on close(), or when the object is collected, or at exit: the index never stays.
         self._closer = weakref.finalize(self, _cleanup, held)
         try:
-            limit = MEMORY_LIMIT if memory_limit is None else memory_limit
-            if os.fstat(held.file.fileno()).st_size <= limit:
-                held.buf = held.file.read()
-                self.roots, held.offsets = index_car(held.buf, max_block_size=max_block_size)
+            limit = _car_stream.MEMORY_LIMIT if memory_limit is None else memory_limit
+            if stream is None and os.fstat(held.file.fileno()).st_size <= limit:
+                stream = CarStream(decode=(), memory_limit=limit, max_block_size=max_block_size)
+                while chunk := held.file.read(_READ_CHUNK):
+                    stream.feed(chunk)
+                stream.finish()
+            if stream is not None and stream.in_memory:
+                stream.finish()
+                self.roots, held.buf, held.offsets = stream.roots, stream.data, stream.offsets
+                held.stream = stream
             else:
                 self.roots = self._index(max_block_size, index_dir)
         except BaseException:
@@ -135,6 +146,11 @@ class CarFile(Mapping[CID, bytes]):
     @property
     def root(self) -> CID:
         return self.roots[0]
+
+    @property
+    def stream(self) -> CarStream | None:
+        """The ``CarStream`` that indexed the file in memory (None: indexed on disk)."""
+        return self._held.stream
 
     def _where(self, cid: CID) -> tuple[int, int] | None:
         if not self._closer.alive:
@@ -203,8 +219,9 @@ class RepoFile:
             for record in repo.records({"com.example.note"}):
                 ...
 
-    Opening indexes the file (see ``CarFile``) and checks the commit: its shape always, its
-    DID when ``did`` is given, its signature with ``signing_key`` (a ``did:key`` or
+    Opening indexes the file (see ``CarFile``; ``stream``: the ``CarStream`` that saw it
+    downloading, with its nodes and records decoded ahead) and checks the commit: its shape
+    always, its DID when ``did`` is given, its signature with ``signing_key`` (a ``did:key`` or
     ``(alg, public key)``; then ``did`` is required). ``VerificationError`` says what failed.
     Memory does not grow with the repository's size.
     """
@@ -218,12 +235,18 @@ class RepoFile:
         index_dir: str | os.PathLike[str] | None = None,
         max_block_size: int = DEFAULT_MAX_BLOCK_SIZE,
         memory_limit: int | None = None,
+        stream: CarStream | None = None,
     ) -> None:
         if signing_key is not None and did is None:
             raise VerificationError("verifying a repo's signature needs its DID")
         self._car = CarFile(
-            path, max_block_size=max_block_size, index_dir=index_dir, memory_limit=memory_limit
+            path,
+            max_block_size=max_block_size,
+            index_dir=index_dir,
+            memory_limit=memory_limit,
+            stream=stream,
         )
+        self._nodes = self._car.stream.nodes if self._car.stream is not None else None
         try:
             self.commit = self._check_commit(did, signing_key)
         except BaseException:
@@ -248,13 +271,19 @@ class RepoFile:
     def leaves(self) -> Iterator[tuple[str, str, CID]]:
         """``(collection, rkey, record CID)`` of every record, in key order, reading only MST
         nodes: what a comparison of the repository with a local copy needs."""
-        for key, cid in iter_leaves(self._car, self.commit.data):
+        for key, cid in iter_leaves(self._car, self.commit.data, self._nodes):
             collection, rkey = _split_path(key)
             yield collection, rkey, cid
 
     def count(self) -> int:
         """How many records the repository holds (walks the MST, reads no record)."""
-        return sum(1 for _ in iter_leaves(self._car, self.commit.data))
+        return sum(1 for _ in iter_leaves(self._car, self.commit.data, self._nodes))
+
+    def decoded_record(self, cid: CID) -> tuple[dict[str, Any], str] | None:
+        """The record ``cid`` names and its JSON, if the ``stream`` decoded it ahead (its hash
+        and data model checked); None: read ``blocks[cid]`` and decode it."""
+        stream = self._car.stream
+        return None if stream is None else stream.records.get(bytes(cid))
 
     def records(self, collections: Collection[str] | None = None) -> Iterator[RepoRecord]:
         """Every record, in key order, decoded and checked; with ``collections``, only those

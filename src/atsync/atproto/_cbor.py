@@ -37,6 +37,7 @@ __all__ = [
     "decode_plain_record",
     "decode_record",
     "encode_dag_cbor",
+    "plain_record_from_libipld",
 ]
 
 CODEC_DAG_CBOR = 0x71
@@ -454,13 +455,18 @@ def decode_plain_record(data: bytes) -> tuple[dict[str, Any], str] | None:
     refuses non-minimal heads; ``_NOT_PLAIN_*`` catch floats, integers beyond 64 bits and
     the map shapes ``check_data_model`` refuses.
     """
-    if _NOT_PLAIN_CBOR.search(data) is not None:
-        return None
     try:
         value = libipld.decode_dag_cbor(data)
     except (ValueError, RecursionError):
         return None
-    if not isinstance(value, dict) or libipld.encode_dag_cbor(value) != data:
+    return plain_record_from_libipld(value, data)
+
+
+def plain_record_from_libipld(value: Any, data: bytes) -> tuple[dict[str, Any], str] | None:
+    """``decode_plain_record(data)``, given ``value = libipld.decode_dag_cbor(data)``."""
+    if type(value) is not dict or _NOT_PLAIN_CBOR.search(data) is not None:
+        return None
+    if libipld.encode_dag_cbor(value) != data:
         return None
     try:
         text = compact_json(value)

@@ -25,17 +25,21 @@ from atsync._errors import VerificationError
 from ._cbor import CID, CODEC_DAG_CBOR, decode_dag_cbor, encode_dag_cbor
 
 __all__ = [
+    "CompactNode",
     "MstEntry",
     "MstNode",
     "build_mst",
     "common_prefix_len",
+    "compact_node_from_libipld",
     "covering_proof",
     "decode_node",
     "encode_node",
+    "expand_node",
     "get_block",
     "iter_leaves",
     "key_height",
     "mst_lookup",
+    "node_from_libipld",
 ]
 
 MAX_KEY_BYTES = 1024
@@ -113,12 +117,30 @@ def _decode_node_fast(data: bytes) -> MstNode | None:
         raw = libipld.decode_dag_cbor(data)
     except (ValueError, RecursionError):
         return None
+    return node_from_libipld(raw, data)
+
+
+def node_from_libipld(raw: Any, data: bytes) -> MstNode | None:
+    """The node ``data`` holds, given ``libipld.decode_dag_cbor(data)`` — for a reader that
+    decoded a block once to learn what it is (see ``_decode_node_fast``)."""
+    compact = compact_node_from_libipld(raw, data)
+    return None if compact is None else expand_node(compact)
+
+
+# A node as plain tuples of bytes: (left, ((key, value, right), ...)), CIDs as their bytes.
+# Tuples of bytes are untracked by the cyclic GC, so holding thousands of them (a repository
+# being read) costs no full collections, as MstNode/CID objects would.
+CompactNode = tuple[bytes | None, tuple[tuple[bytes, bytes, bytes | None], ...]]
+
+
+def compact_node_from_libipld(raw: Any, data: bytes) -> CompactNode | None:
+    """``node_from_libipld``, as a ``CompactNode`` (``expand_node`` makes it an ``MstNode``)."""
     if type(raw) is not dict or raw.keys() != _NODE_KEYS or type(raw["e"]) is not list:
         return None
     left = raw["l"]
     if left is not None and not _is_node_link(left):
         return None
-    entries: list[MstEntry] = []
+    entries: list[tuple[bytes, bytes, bytes | None]] = []
     prev = b""
     for item in raw["e"]:
         if type(item) is not dict or item.keys() != _ENTRY_KEYS:
@@ -133,11 +155,22 @@ def _decode_node_fast(data: bytes) -> MstNode | None:
         key = prev[:p] + k
         if not key or len(key) > MAX_KEY_BYTES or key <= prev:
             return None
-        entries.append(MstEntry(key, CID.from_raw(v), None if t is None else CID.from_raw(t)))
+        entries.append((key, v, t))
         prev = key
     if libipld.encode_dag_cbor(raw) != data:
         return None
-    return MstNode(None if left is None else CID.from_raw(left), tuple(entries))
+    return left, tuple(entries)
+
+
+def expand_node(compact: CompactNode) -> MstNode:
+    left, entries = compact
+    return MstNode(
+        None if left is None else CID.from_raw(left),
+        tuple(
+            MstEntry(key, CID.from_raw(v), None if t is None else CID.from_raw(t))
+            for key, v, t in entries
+        ),
+    )
 
 
 def _is_node_link(value: object) -> bool:
@@ -223,17 +256,23 @@ def build_mst(items: Mapping[str, CID] | Mapping[bytes, CID]) -> tuple[CID, dict
 
 
 class _Walker:
-    """Shared checks for lookups and full walks."""
+    """Shared checks for lookups and full walks; ``nodes`` holds nodes already decoded from
+    these blocks (by CID bytes)."""
 
-    def __init__(self, blocks: Blocks) -> None:
+    def __init__(self, blocks: Blocks, nodes: Mapping[bytes, CompactNode] | None = None) -> None:
         self.blocks = blocks
+        self.nodes = nodes or {}
 
     def load(
         self, cid: CID, layer: int | None, lo: bytes | None, hi: bytes | None, is_root: bool
     ) -> tuple[MstNode, int]:
         """Load a node expected at ``layer`` (None: the root, layer taken from its keys) whose
         keys must lie strictly between ``lo`` and ``hi``. Returns the node and its layer."""
-        node = decode_node(get_block(self.blocks, cid, "MST node"), cid)
+        compact = self.nodes.get(bytes(cid))
+        if compact is not None:
+            node = expand_node(compact)
+        else:
+            node = decode_node(get_block(self.blocks, cid, "MST node"), cid)
         if not node.entries:
             if is_root and node.left is not None:
                 raise VerificationError(f"malformed node {cid}: root has no entries but a subtree")
@@ -294,9 +333,12 @@ def mst_lookup(blocks: Blocks, root: CID, key: str | bytes) -> tuple[CID | None,
     return None, path
 
 
-def iter_leaves(blocks: Blocks, root: CID) -> Iterator[tuple[str, CID]]:
-    """Every ``(key, value CID)`` in key order, checking the whole tree's structure."""
-    walker = _Walker(blocks)
+def iter_leaves(
+    blocks: Blocks, root: CID, nodes: Mapping[bytes, CompactNode] | None = None
+) -> Iterator[tuple[str, CID]]:
+    """Every ``(key, value CID)`` in key order, checking the whole tree's structure
+    (``nodes``: nodes already decoded from ``blocks``, by CID bytes)."""
+    walker = _Walker(blocks, nodes)
 
     def walk(
         cid: CID, layer: int | None, lo: bytes | None, hi: bytes | None

@@ -505,12 +505,15 @@ class XrpcClient:
         *,
         since: str | None = None,
         max_size: int | None = None,
+        on_chunk: Callable[[bytes], None] | None = None,
     ) -> Download:
         """Stream the repository CAR (``since``: only what changed after that rev) to ``dest``,
         a path (written to ``<path>.part``, fsynced, then renamed: a complete file or none) or
-        a binary file object. The CAR is never held in memory."""
+        a binary file object. The CAR is never held in memory. ``on_chunk`` sees each chunk
+        as it arrives (e.g. ``CarStream.feed``, to index it meanwhile); its exception stops
+        the download."""
         return await self._download(
-            "com.atproto.sync.getRepo", {"did": did, "since": since}, dest, max_size
+            "com.atproto.sync.getRepo", {"did": did, "since": since}, dest, max_size, on_chunk
         )
 
     async def sync_get_blob(

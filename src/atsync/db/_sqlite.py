@@ -223,6 +223,40 @@ class ModelDB(Transactions):
             with self.transaction():
                 self._write(plan, params, relations, given)
 
+    def set_many(self, model: str, values: Iterable[Mapping[str, Any]]) -> int:
+        """``set`` each value, all in one transaction; returns how many. The same checks and
+        listeners as ``set``, with one statement for the whole batch unless a live query
+        watches the model or it has relations (then one ``set`` each)."""
+        plan = self._plan(model)
+        with self.transaction():
+            if plan.has_relations or model in self._watched:
+                count = 0
+                for value in values:
+                    self.set(model, value)
+                    count += 1
+                return count
+            rows = [value if type(value) is dict else dict(value) for value in values]
+            batch = [self._encode(plan, row) for row in rows]
+            try:
+                self._cursor.executemany(plan.upsert, batch)
+            except UnicodeEncodeError as exc:
+                raise ValidationError(
+                    f"{model}: a string is not valid Unicode ({exc.reason}): {exc.object!r}"
+                ) from None
+            listeners = self.write_listeners
+            if listeners:
+                key_index = plan.key_index
+                for row, params in zip(rows, batch, strict=True):
+                    if not (plan.passes_through and len(row) == len(params)):
+                        row = (
+                            dict(zip(plan.names, params, strict=True))
+                            if plan.stored_as_is
+                            else self._decode(plan, params, plan.names, ())
+                        )
+                    for listener in listeners:
+                        listener(model, str(params[key_index]), row)
+            return len(batch)
+
     def update(self, model: str, value: Mapping[str, Any]) -> None:
         """Change some properties of an existing record (shallow); ``NotFoundError`` if none."""
         self._modify(model, value, deep=False)

@@ -36,6 +36,7 @@ from .._errors import AtsyncError, RecordError, VerificationError
 from .._json import compact_json
 from ..app import RemoteChange
 from ..atproto import (
+    CarStream,
     RepoFile,
     VerifiedCommit,
     XrpcClient,
@@ -55,7 +56,7 @@ from ._outbox import CONFLICTS, OUTBOX, RECORDS, Outbox
 
 __all__ = ["OnPdsAction", "PullResult", "Puller", "RemoteRecord"]
 
-CHUNK = 200  # remote changes applied per transaction
+CHUNK = 1000  # remote changes applied per transaction
 
 
 @dataclass
@@ -113,6 +114,17 @@ Progress = Callable[[int, int], None]
 Change = tuple[str, str, str | None, dict[str, Any] | None, str | None]
 
 
+_Note = tuple[str, str, str, str, str, str | None]  # a row of _atsync_records
+_UPSERT_RECORD = (
+    f"INSERT INTO {RECORDS} (collection, rkey, model, key, cid, record) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (collection, rkey) DO UPDATE SET "
+    "cid = excluded.cid, record = excluded.record"
+)
+
+
+_NOT_HELD = object()
+
+
 def _nothing_queued(collection: str, rkey: str) -> None:
     return None
 
@@ -139,6 +151,10 @@ class Puller:
         # repository's DID: a rebuild reproduces them (App.log_remote).
         self._log_remote = log_remote
         self._written: list[RemoteChange] = []
+        # While a chunk is applied all or nothing: the rows that exist, the records to note.
+        self._rows_present: set[tuple[str, str]] | None = None
+        self._notes: list[_Note] | None = None
+        self._creates: dict[str, list[dict[str, Any]]] | None = None
         self._outbox = outbox
         self._by_collection = {b.collection: b for b in bindings.values() if b.direction != "push"}
         # Collections read for on_pds_action alone (no binding, no rows).
@@ -172,18 +188,13 @@ class Puller:
         known_cids = {key: was.cid for key, was in known.items()}
         with tempfile.TemporaryDirectory(prefix="atsync-pull-") as tmp:
             path = Path(tmp) / "repo.car"
-            await client.sync_get_repo(did, path)
-            commit, rev, data, changed, present = await anyio.to_thread.run_sync(
-                self._read, path, did, signing_key, known_cids
+            # Blocks are hash-checked and decoded as they arrive, while the network is slow.
+            stream = CarStream(decode=self.collections)
+            await client.sync_get_repo(did, path, on_chunk=stream.feed)
+            commit, rev, data, changes = await anyio.to_thread.run_sync(
+                self._read, path, did, signing_key, known_cids, stream
             )
         result.commit, result.rev = commit, rev
-        changes: list[Change] = [
-            (collection, rkey, cid, record, text)
-            for (collection, rkey), (cid, record, text) in changed.items()
-        ]
-        for (collection, rkey), was in known.items():
-            if was.cid is not None and (collection, rkey) not in present:
-                changes.append((collection, rkey, None, None, None))  # gone from the repo
         await self._apply(did, rev, changes, known, result, progress)
         self._finish(commit, rev, data)
         return result
@@ -223,41 +234,48 @@ class Puller:
         did: str,
         signing_key: str | None,
         known: Mapping[tuple[str, str], str | None],
-    ) -> tuple[
-        str,
-        str,
-        str,
-        dict[tuple[str, str], tuple[str, dict[str, Any], str | None]],
-        set[tuple[str, str]],
-    ]:
-        """Index and verify the CAR on disk (memory does not grow with its size), and read
-        only the records of bound collections whose CID differs from what we hold."""
-        changed: dict[tuple[str, str], tuple[str, dict[str, Any], str | None]] = {}
-        present: set[tuple[str, str]] = set()
+        stream: CarStream,
+    ) -> tuple[str, str, str, list[Change]]:
+        """Verify the CAR (memory bounded whatever its size) and list the changes: records of
+        bound collections whose CID differs from what we hold, and records we hold that the
+        repository no longer has (a whole comparison: no delete is missed)."""
+        changes: list[Change] = []
+        seen: set[tuple[str, str]] = set()  # of the records we hold: few on a new device
         collections = self.collections
-        with RepoFile(path, did=did, signing_key=signing_key) as repo:
+        with RepoFile(path, did=did, signing_key=signing_key, stream=stream) as repo:
             blocks = repo.blocks
             for collection, rkey, cid in repo.leaves():
                 if collection not in collections:
                     continue
-                present.add((collection, rkey))
                 text = str(cid)
-                if known.get((collection, rkey)) == text:
-                    continue  # unchanged, or our own write coming back: not even read
+                if known:
+                    key = (collection, rkey)
+                    held = known.get(key, _NOT_HELD)
+                    if held is not _NOT_HELD:
+                        seen.add(key)
+                        if held == text:
+                            continue  # unchanged, or our own write coming back: not read
+                decoded = repo.decoded_record(cid)
+                if decoded is not None:
+                    changes.append((collection, rkey, text, decoded[0], decoded[1]))
+                    continue
                 data = blocks[cid]
                 if not cid.matches(data):
                     raise VerificationError(f"{collection}/{rkey}: block does not match {text}")
                 # Plain records (most) decode fast, their data model proven, with their JSON.
                 plain = decode_plain_record(data)
                 if plain is not None:
-                    changed[(collection, rkey)] = (text, plain[0], plain[1])
+                    changes.append((collection, rkey, text, plain[0], plain[1]))
                     continue
                 record = decode_dag_cbor(data)
                 if not isinstance(record, dict):
                     raise VerificationError(f"{collection}/{rkey}: the record is not a map")
-                changed[(collection, rkey)] = (text, record, None)
+                changes.append((collection, rkey, text, record, None))
             commit = repo.commit
-            return str(commit.cid), commit.rev, str(commit.data), changed, present
+            for (collection, rkey), cid_held in known.items():
+                if cid_held is not None and (collection, rkey) not in seen:
+                    changes.append((collection, rkey, None, None, None))  # gone from the repo
+            return str(commit.cid), commit.rev, str(commit.data), changes
 
     # -- applying ---------------------------------------------------------------------------
 
@@ -317,14 +335,30 @@ class Puller:
         written = self._written = []
         # Nothing queued at all (a restore, a device that is up to date): no lookup per record.
         queued = self._queued if self._outbox_has_rows() else _nothing_queued
+        if not savepoints:
+            # All or nothing: which rows exist is asked once, and the records table is written
+            # in one statement at the end (a failure discards both with the savepoint).
+            self._rows_present = self._present_rows(changes, known)
+            notes: list[_Note] = []
+            creates: dict[str, list[dict[str, Any]]] = {}
+            self._notes, self._creates = notes, creates
+            try:
+                # No on_pds_action here (its writes are the app's own): every write of the
+                # chunk comes from the PDS.
+                with self._applying_remote():
+                    for collection, rkey, change_cid, change, change_json in changes:
+                        self._apply_one(
+                            did, rev, collection, rkey, change_cid, change, change_json,
+                            known.get((collection, rkey)), queued(collection, rkey), result,
+                        )  # fmt: skip
+                    for model, rows in creates.items():
+                        self._db.set_many(model, rows)
+            finally:
+                self._notes = self._rows_present = self._creates = None
+            self._db.connection.executemany(_UPSERT_RECORD, notes)
+            return
         for collection, rkey, change_cid, change, change_json in changes:
             key = (collection, rkey)
-            if not savepoints:
-                self._apply_one(
-                    did, rev, collection, rkey, change_cid, change, change_json, known.get(key),
-                    queued(collection, rkey), result,
-                )  # fmt: skip
-                continue
             mark = len(written)
             try:
                 with self._db.transaction():  # a savepoint: a bad record alone is undone
@@ -341,6 +375,23 @@ class Puller:
                     change,
                 )  # fmt: skip
                 result.rejected += 1
+
+    def _present_rows(
+        self, changes: list[Change], known: dict[tuple[str, str], _Known]
+    ) -> set[tuple[str, str]]:
+        """Which rows the changes would write already exist: ``(model, key)``."""
+        keys: dict[str, list[str]] = {}
+        for collection, rkey, *_ in changes:
+            binding = self._by_collection.get(collection)
+            if binding is not None:
+                was = known.get((collection, rkey))
+                keys.setdefault(binding.model.name, []).append(was.key if was else rkey)
+        present: set[tuple[str, str]] = set()
+        for model, model_keys in keys.items():
+            for key, row in zip(model_keys, self._db.get_many(model, model_keys), strict=True):
+                if row is not None:
+                    present.add((model, key))
+        return present
 
     def _outbox_has_rows(self) -> bool:
         return self._db.connection.execute(f"SELECT 1 FROM {OUTBOX} LIMIT 1").fetchone() is not None
@@ -429,7 +480,7 @@ class Puller:
             return
         if mine is None:
             self._write_row(model, key, remote_row)
-            self._note(collection, rkey, model, key, cid, record, record_json)
+            self._note(collection, rkey, model, key, cid, record, record_json, defer=True)
             if remote_row is None:
                 result.deleted += 1
             else:
@@ -544,17 +595,31 @@ class Puller:
         )
 
     def _write_row(self, model: str, key: str, row: dict[str, Any] | None) -> None:
-        with self._applying_remote():
-            if row is None:
-                if self._db.get(model, key) is not None:
-                    self._db.delete(model, key)
-                    self._written.append((model, key, None))
-                return
-            self._written.append((model, key, row))
-            if self._db.get(model, key) is not None:
-                self._db.update(model, row)  # local-only properties stay as they are
-            else:
-                self._db.set(model, row)
+        present = self._rows_present
+        if present is None:
+            with self._applying_remote():
+                self._write(model, key, row, self._db.get(model, key) is not None)
+            return
+        # Applying a chunk all or nothing, already inside applying_remote().
+        self._write(model, key, row, (model, key) in present)
+        if row is None:
+            present.discard((model, key))
+        else:
+            present.add((model, key))
+
+    def _write(self, model: str, key: str, row: dict[str, Any] | None, exists: bool) -> None:
+        if row is None:
+            if exists:
+                self._db.delete(model, key)
+                self._written.append((model, key, None))
+            return
+        self._written.append((model, key, row))
+        if exists:
+            self._db.update(model, row)  # local-only properties stay as they are
+        elif self._creates is not None:
+            self._creates.setdefault(model, []).append(row)  # one statement per chunk
+        else:
+            self._db.set(model, row)
 
     def _note(
         self,
@@ -565,19 +630,23 @@ class Puller:
         cid: str | None,
         record: dict[str, Any] | None,
         record_json: str | None = None,
+        *,
+        defer: bool = False,
     ) -> None:
+        """Record what was last synced; ``defer``: with the chunk's other notes, at its end
+        (only where nothing in between reads it: the outbox compares a queued record with
+        it, so a merge notes at once)."""
         conn = self._db.connection
         if cid is None:
             conn.execute(
                 f"DELETE FROM {RECORDS} WHERE collection = ? AND rkey = ?", (collection, rkey)
             )
             return
-        conn.execute(
-            f"INSERT INTO {RECORDS} (collection, rkey, model, key, cid, record) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (collection, rkey) DO UPDATE SET "
-            "cid = excluded.cid, record = excluded.record",
-            (collection, rkey, model, key, cid, record_json or _dump_record(record)),
-        )
+        values = (collection, rkey, model, key, cid, record_json or _dump_record(record))
+        if defer and self._notes is not None:
+            self._notes.append(values)
+        else:
+            conn.execute(_UPSERT_RECORD, values)
 
     def _reject(
         self,
