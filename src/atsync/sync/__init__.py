@@ -7,6 +7,7 @@ async with sync:
     ...
 """
 
+from ._apply import RemoteRecord
 from ._backoff import Backoff
 from ._binding import Binding, Transform
 from ._blocking import SyncThread
@@ -15,7 +16,6 @@ from ._capture import ActionCall, RecordWrite
 from ._engine import ATSync
 from ._merge import ConflictPolicy
 from ._outbox import DeadLetter, Outbox, PendingWrite, QueuedWrite
-from ._puller import RemoteRecord
 from ._status import RowState, State, SyncStatus, WaitReason
 from ._strategies import (
     Batch,

@@ -31,6 +31,7 @@ from ..app import App
 from ..atproto import FirehoseFrame, IdentityResolver, XrpcClient
 from ..db import ModelDB
 from ..lexicon import LexiconSet
+from ._apply import OnPdsAction
 from ._backoff import Backoff
 from ._binding import Binding, BoundBinding
 from ._budget import RateBudget, is_hosted
@@ -42,7 +43,7 @@ from ._live import listen
 from ._merge import ConflictPolicy, check_policy
 from ._migrate import upgrade_sync_tables
 from ._outbox import Outbox, create_sync_tables
-from ._puller import OnPdsAction, Puller
+from ._puller import Puller
 from ._pusher import Pusher
 from ._status import RowState, State, SyncStatus, WaitReason
 from ._steps import StepRunner, lexicon_set, lexicon_validator

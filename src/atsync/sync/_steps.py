@@ -33,9 +33,9 @@ from ..atproto import (
     verify_commit_event,
 )
 from ..lexicon import LexiconSet, validate_record
+from ._apply import PullResult
 from ._binding import BoundBinding
 from ._capture import Validator
-from ._puller import PullResult
 from ._pusher import PushResult, RepoMoved
 from ._resync import ResyncScan
 from ._status import State, WaitReason
