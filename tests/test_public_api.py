@@ -6,8 +6,8 @@
 - blocking and async variants follow the rule of docs/api.md;
 - examples/, benchmarks/, README.md and docs/*.md import only public names;
 - one layer of src uses another only through that package's public names (tests may reach
-  inside; same-layer private imports are fine; ``atsync._errors``, ``atsync._blocking`` and
-  ``atsync._json`` are shared by all layers).
+  inside; same-layer private imports are fine; ``atsync._errors``, ``atsync._blocking``,
+  ``atsync._json`` and ``atsync._gc`` are shared by all layers).
 """
 
 from __future__ import annotations
@@ -249,7 +249,7 @@ EXPECTED: dict[str, list[str]] = {
 
 PACKAGES = list(EXPECTED)
 LAYERS = sorted(p.parent.name for p in SRC.glob("*/__init__.py"))
-SHARED_PRIVATE = {"atsync._errors", "atsync._blocking", "atsync._json"}
+SHARED_PRIVATE = {"atsync._errors", "atsync._blocking", "atsync._json", "atsync._gc"}
 
 # Exceptions that are defined under src/ but never reach a caller, and why.
 INTERNAL_EXCEPTIONS = {

@@ -283,7 +283,11 @@ class RepoFile:
         """The record ``cid`` names and its JSON, if the ``stream`` decoded it ahead (its hash
         and data model checked); None: read ``blocks[cid]`` and decode it."""
         stream = self._car.stream
-        return None if stream is None else stream.records.get(bytes(cid))
+        if stream is None:
+            return None
+        raw = bytes(cid)
+        record = stream.records.get(raw)
+        return None if record is None else (record, stream.record_json[raw])
 
     def records(self, collections: Collection[str] | None = None) -> Iterator[RepoRecord]:
         """Every record, in key order, decoded and checked; with ``collections``, only those

@@ -29,6 +29,7 @@ from typing import Any
 import libipld
 
 from atsync._errors import VerificationError
+from atsync._gc import gc_paused
 
 from ._car import (
     CID_MAX_OVERHEAD,
@@ -58,8 +59,10 @@ _SHA256_RAW = bytes((1, CODEC_RAW, HASH_SHA256, 32))
 class CarStream:
     """Feed a CAR's bytes in order; ``finish()`` at the end. Then, while ``in_memory``:
     ``roots``, ``data`` (the whole CAR), ``offsets`` (CID bytes -> (offset, length) of each
-    block's data in ``data``), ``nodes`` (CID bytes -> ``CompactNode``) and ``records`` (CID bytes
-    -> ``(record, its JSON)``, records of the ``decode`` collections, data model proven)."""
+    block's data in ``data``), ``nodes`` (CID bytes -> ``CompactNode``), ``records`` and
+    ``record_json`` (CID bytes -> the record, and its JSON: records of the ``decode``
+    collections, data model proven; two dicts, not one of pairs, because the collector never
+    stops tracking a pair that holds a dict)."""
 
     def __init__(
         self,
@@ -73,7 +76,8 @@ class CarStream:
         self.data = b""
         self.offsets: dict[bytes, tuple[int, int]] = {}
         self.nodes: dict[bytes, CompactNode] = {}
-        self.records: dict[bytes, tuple[dict[str, Any], str]] = {}
+        self.records: dict[bytes, dict[str, Any]] = {}
+        self.record_json: dict[bytes, str] = {}
         self._decode = frozenset(decode) if decode is not None else None
         self._predecode_left = PREDECODE_LIMIT
         self._memory_limit = memory_limit
@@ -90,7 +94,8 @@ class CarStream:
             self._give_up()
             return
         self._buf += chunk
-        self._parse()
+        with gc_paused():  # decoded blocks are containers that all last
+            self._parse()
 
     def finish(self) -> None:
         """The CAR is complete: ``VerificationError`` if it ended inside a header or block."""
@@ -112,7 +117,7 @@ class CarStream:
     def _give_up(self) -> None:
         self.in_memory = False
         self._buf = bytearray()
-        self.offsets, self.nodes, self.records = {}, {}, {}
+        self.offsets, self.nodes, self.records, self.record_json = {}, {}, {}, {}
 
     def _varint(self, pos: int, what: str) -> tuple[int, int] | None:
         """(value, position after it), or None if the buffer ends inside it."""
@@ -201,5 +206,5 @@ class CarStream:
         if kind in self._decode and self._predecode_left >= len(data):
             plain = plain_record_from_libipld(value, data)
             if plain is not None:
-                self.records[raw] = plain
+                self.records[raw], self.record_json[raw] = plain
                 self._predecode_left -= len(data)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._errors import AtsyncError, RecordError, VerificationError
+from .._gc import gc_paused
 from .._json import compact_json
 from ..app import RemoteChange
 from ..atproto import check_data_model, data_from_json, data_to_json
@@ -146,6 +147,19 @@ class Applier:
         """Apply changes inside the caller's transaction and log the rows written as one
         entry attributed to ``did``. First all in one savepoint; if one of them fails, again
         one savepoint per change, so that one alone is rejected."""
+        with gc_paused():  # rows, records and log entries: containers that all last
+            self._apply_all(did, rev, changes, known, result)
+        if self._written and self._log_remote is not None:
+            self._log_remote(did, self._written)
+
+    def _apply_all(
+        self,
+        did: str,
+        rev: str,
+        changes: list[Change],
+        known: dict[tuple[str, str], Known],
+        result: PullResult,
+    ) -> None:
         if self._on_pds_action is not None:
             # The app's hook sees each change once: no attempt that might be rolled back.
             self._apply_changes(did, rev, changes, known, result, savepoints=True)
@@ -158,8 +172,6 @@ class Applier:
                 for field in dataclasses.fields(result):
                     setattr(result, field.name, getattr(before, field.name))
                 self._apply_changes(did, rev, changes, known, result, savepoints=True)
-        if self._written and self._log_remote is not None:
-            self._log_remote(did, self._written)
 
     def _apply_changes(
         self,

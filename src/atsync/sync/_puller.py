@@ -29,6 +29,7 @@ import anyio
 import anyio.lowlevel
 
 from .._errors import VerificationError
+from .._gc import gc_paused
 from ..app import RemoteChange
 from ..atproto import (
     CarStream,
@@ -158,7 +159,7 @@ class Puller:
         changes: list[Change] = []
         seen: set[tuple[str, str]] = set()  # of the records we hold: few on a new device
         collections = self.collections
-        with RepoFile(path, did=did, signing_key=signing_key, stream=stream) as repo:
+        with gc_paused(), RepoFile(path, did=did, signing_key=signing_key, stream=stream) as repo:
             blocks = repo.blocks
             for collection, rkey, cid in repo.leaves():
                 if collection not in collections:
