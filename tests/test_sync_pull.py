@@ -18,7 +18,7 @@ import pytest
 
 from atsync.app import REMOTE_ACTION, ActionContext, App, Contract
 from atsync.atproto import IdentityResolver, Session, XrpcClient, login
-from atsync.sync import ATSync, Binding, Immediate, Live, Manual, SyncStatus
+from atsync.sync import ATSync, Binding, Immediate, Live, Manual, OnStart, SyncStatus
 from sync_devices import as_rows, remote, rows, wait_status
 
 pytestmark = pytest.mark.anyio
@@ -292,6 +292,37 @@ async def test_deletes_made_while_a_device_was_off_reach_it(
             await settle(sync_b)
             assert set(rows(b)) == {"x", "z"} and rows(b)["z"]["title"] == "z2"
             assert sync_b.status.pending == 0
+
+
+two_models = Contract(
+    models={
+        "notes": {"id": "primary", "title": "string", "body": "string?", "n": "integer"},
+        "tasks": {"id": "primary", "title": "string"},
+    }
+)
+
+
+async def test_a_binding_added_later_brings_the_collections_existing_records(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    """Version 2 of an app binds a second collection: its records already on the PDS arrive,
+    although the repository has not changed since the last pull."""
+    notes, tasks = collection_for(request) + ".notes", collection_for(request) + ".tasks"
+    session = await alice(dev_pds)
+    await put_record(session, notes, "n1", title="a note", n=1)
+    await put_record(session, tasks, "t1", title="a task")
+    common: dict[str, Any] = {"session": session, "identity": resolver, "pull": OnStart()}
+    with App.open(tmp_path / "app.db", two_models) as app:
+        async with ATSync(app, bindings={"notes": Binding(notes)}, **common) as sync:
+            with anyio.fail_after(30):
+                await sync.wait_pulled()
+        assert [r["id"] for r in app.db.query("notes")] == ["n1"]
+        assert app.db.query("tasks") == []
+        bindings = {"notes": Binding(notes), "tasks": Binding(tasks)}
+        async with ATSync(app, bindings=bindings, **common) as sync:
+            with anyio.fail_after(30):
+                await sync.wait_pulled()
+        assert [(r["id"], r["title"]) for r in app.db.query("tasks")] == [("t1", "a task")]
 
 
 async def test_live_pull_sees_another_devices_write_quickly(

@@ -98,7 +98,7 @@ class Puller:
         ``VerificationError`` (then nothing of this pull is applied)."""
         result = PullResult()
         latest = await client.sync_get_latest_commit(did)
-        if latest.cid == self._outbox.get_state("pulled_commit"):
+        if self.covers_collections() and latest.cid == self._outbox.get_state("pulled_commit"):
             result.commit, result.rev, result.unchanged = latest.cid, latest.rev, True
             return result
         known = self._known()
@@ -113,8 +113,14 @@ class Puller:
             )
         result.commit, result.rev = commit, rev
         await self._apply(did, rev, changes, known, result, progress)
-        self._finish(commit, rev, data)
+        self._finish(commit, rev, data, whole=True)
         return result
+
+    def covers_collections(self) -> bool:
+        """Whether the last whole read included every collection pulled now: a binding added
+        since (a new version of the app) needs one, or its records were never read."""
+        held = self._outbox.get_state("pulled_collections")
+        return held is not None and self.collections <= set(held.split(","))
 
     def position(self) -> tuple[str | None, str | None]:
         """The rev and MST root (``data``) the local state includes."""
@@ -243,9 +249,17 @@ class Puller:
         """The whole pull was refused (a forged or damaged repository): say so once."""
         self._applier.reject_all(did, reason, detail)
 
-    def _finish(self, commit: str, rev: str, data: str, *, cursor: int | None = None) -> None:
+    def _finish(
+        self, commit: str, rev: str, data: str, *, cursor: int | None = None, whole: bool = False
+    ) -> None:
         with self._db.transaction():
             conn = self._db.connection
+            if whole:  # every record of these collections was read
+                conn.execute(
+                    "INSERT OR REPLACE INTO _atsync_sync_state (key, value) "
+                    "VALUES ('pulled_collections', ?)",
+                    (",".join(sorted(self.collections)),),
+                )
             if cursor is not None:
                 conn.execute(
                     "INSERT OR REPLACE INTO _atsync_sync_state (key, value) "

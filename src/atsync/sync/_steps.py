@@ -251,8 +251,8 @@ class StepRunner:
         puller = self.engine._puller
         assert puller is not None
         rev, data = puller.position()
-        if rev is None:
-            return False  # never pulled in full: nothing to follow from
+        if rev is None or not puller.covers_collections():
+            return False  # never pulled in full (or not these collections): nothing to follow
         for frame in frames:
             try:
                 event = verify_commit_event(frame, key, did=did)
