@@ -439,7 +439,8 @@ def main() -> int:
         whole = statistics.median(b["seconds"] for b in backfills)
         print(
             f"  atsync's time: {to_first:.2f} s to the first applied chunk (download, "
-            f"verification, 200 rows), {whole - to_first:.2f} s applying the rest (medians)"
+            f"verification, the first chunk of rows), {whole - to_first:.2f} s applying the rest "
+            "(medians)"
         )
     reset = "reset via clear_refs" if all(b["peak_reset"] for b in backfills) else "not reset"
     print(

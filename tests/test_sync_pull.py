@@ -730,3 +730,46 @@ async def test_a_push_refused_by_another_devices_commit_merges_instead_of_overwr
         assert rows(b)["n"]["title"] == "a's title" and status.conflicts == 0
         await settle(sync_a)
         assert rows(a) == rows(b)
+
+
+class ForgetfulResolver(IdentityResolver):
+    """An identity resolver that says when the engine drops an account's cached identity."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.forgotten: list[str] = []
+        self.forgot = anyio.Event()
+
+    def invalidate(self, identifier: str) -> None:
+        super().invalidate(identifier)
+        self.forgotten.append(identifier)
+        self.forgot.set()
+
+
+async def test_an_identity_event_drops_the_cached_key_and_pulling_goes_on(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    collection = collection_for(request)
+    account = dev_pds.accounts["bob.test"]
+    session = await login(account.did, account.password, dev_pds.pds_url)
+    async with ForgetfulResolver(plc_url=dev_pds.plc_url, allow_insecure_localhost=True) as r:
+        async with device(tmp_path / "b.db", collection, session, r, pull=Live()) as (b, sync):
+            await wait_status(sync, lambda s: s.live, within=30)
+            async with XrpcClient(session=session) as client:
+                try:
+                    # A new handle: the PDS emits #identity for the account.
+                    await client.procedure(
+                        "com.atproto.identity.updateHandle", {"handle": "bob-renamed.test"},
+                        auth=True,
+                    )  # fmt: skip
+                    with anyio.fail_after(30):
+                        await r.forgot.wait()
+                    assert account.did in r.forgotten
+                    # Commits after it are verified against the key resolved afresh.
+                    await put_record(session, collection, "after", title="after", n=1)
+                    status = await wait_status(sync, lambda _: "after" in rows(b), within=30)
+                    assert status.rejected == 0
+                finally:
+                    await client.procedure(
+                        "com.atproto.identity.updateHandle", {"handle": "bob.test"}, auth=True
+                    )

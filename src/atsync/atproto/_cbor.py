@@ -435,13 +435,14 @@ def decode_record(data: bytes) -> dict[str, Any]:
     return value
 
 
-# Bytes that rule out the fast path of decode_plain_record: a float head (0xf9-0xfb never occur
-# in UTF-8), or a 64-bit integer head whose value is beyond int64. They may also be part of
-# some other item (a false alarm only costs the strict decoder).
-_NOT_PLAIN_CBOR = re.compile(rb"[\xf9-\xfb]|[\x1b\x3b][\x80-\xff]")
-# In the JSON text: keys and $type values check_data_model looks at (a string that merely
-# contains them is a false alarm, as above).
-_NOT_PLAIN_JSON = re.compile(r'"\$(?:link|bytes)"|"\$type":(?!"[^"])|"\$type":"blob"')
+# What rules out the fast path of decode_plain_record, found in the record's JSON text: the map
+# shapes check_data_model looks at ($link/$bytes keys, an empty or non-string $type, a blob), a
+# float (its JSON always has a "." or an exponent after a digit) and an integer that may not fit
+# in 64 bits (19 digits or more). A string that merely contains such text is a false alarm,
+# which only costs the strict decoder.
+_NOT_PLAIN_JSON = re.compile(
+    r'"\$(?:link|bytes)"|"\$type":(?!"[^"])|"\$type":"blob"|\d[.eE]|\d{19}'
+)
 
 
 def decode_plain_record(data: bytes) -> tuple[dict[str, Any], str] | None:
@@ -452,8 +453,8 @@ def decode_plain_record(data: bytes) -> tuple[dict[str, Any], str] | None:
     Returns None when it cannot — then call ``decode_record``, which either decodes the
     value or says what is wrong with it. libipld itself refuses non-string or unsorted keys,
     invalid UTF-8, other tags, indefinite lengths and trailing data; the re-encoding below
-    refuses non-minimal heads; ``_NOT_PLAIN_*`` catch floats, integers beyond 64 bits and
-    the map shapes ``check_data_model`` refuses.
+    refuses non-minimal heads; ``_NOT_PLAIN_JSON`` catches floats, integers beyond 64 bits
+    and the map shapes ``check_data_model`` refuses.
     """
     try:
         value = libipld.decode_dag_cbor(data)
@@ -464,9 +465,7 @@ def decode_plain_record(data: bytes) -> tuple[dict[str, Any], str] | None:
 
 def plain_record_from_libipld(value: Any, data: bytes) -> tuple[dict[str, Any], str] | None:
     """``decode_plain_record(data)``, given ``value = libipld.decode_dag_cbor(data)``."""
-    if type(value) is not dict or _NOT_PLAIN_CBOR.search(data) is not None:
-        return None
-    if libipld.encode_dag_cbor(value) != data:
+    if type(value) is not dict or libipld.encode_dag_cbor(value) != data:
         return None
     try:
         text = compact_json(value)

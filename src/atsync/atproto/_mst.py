@@ -339,24 +339,35 @@ def iter_leaves(
     """Every ``(key, value CID)`` in key order, checking the whole tree's structure
     (``nodes``: nodes already decoded from ``blocks``, by CID bytes)."""
     walker = _Walker(blocks, nodes)
-
-    def walk(
-        cid: CID, layer: int | None, lo: bytes | None, hi: bytes | None
-    ) -> Iterator[tuple[str, CID]]:
+    # An explicit stack rather than recursion: a leaf then passes through no chain of
+    # generators (a tree of 20,000 keys is five levels deep). Items are a subtree to visit
+    # (cid, layer, lo, hi) or a leaf to yield (key, value).
+    stack: list[tuple[CID, int | None, bytes | None, bytes | None] | tuple[str, CID]] = [
+        (root, None, None, None)
+    ]
+    pop, push = stack.pop, stack.append
+    while stack:
+        item = pop()
+        if len(item) == 2:
+            yield item
+            continue
+        cid, layer, lo, hi = item
         node, layer = walker.load(cid, layer, lo, hi, layer is None)
-        if node.left is not None:
-            yield from walk(node.left, layer - 1, lo, node.entries[0].key if node.entries else hi)
-        for i, e in enumerate(node.entries):
+        entries = node.entries
+        # Pushed in reverse: the left subtree first, then each key and the subtree after it.
+        for i in range(len(entries) - 1, -1, -1):
+            e = entries[i]
+            if e.right is not None:
+                push(
+                    (e.right, layer - 1, e.key, entries[i + 1].key if i + 1 < len(entries) else hi)
+                )
             try:
                 key = e.key.decode("ascii")
             except UnicodeDecodeError:
                 raise VerificationError(f"malformed node {cid}: non-ASCII key {e.key!r}") from None
-            yield key, e.value
-            if e.right is not None:
-                nxt = node.entries[i + 1].key if i + 1 < len(node.entries) else hi
-                yield from walk(e.right, layer - 1, e.key, nxt)
-
-    yield from walk(root, None, None, None)
+            push((key, e.value))
+        if node.left is not None:
+            push((node.left, layer - 1, lo, entries[0].key if entries else hi))
 
 
 def covering_proof(blocks: Blocks, root: CID, key: str | bytes) -> set[CID]:
