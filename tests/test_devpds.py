@@ -353,3 +353,24 @@ def test_cli_stops_when_its_parent_exits(tmp_path: Path) -> None:
     shell.wait(DEADLINE_S)
     assert _wait_gone(cli_pid), "dev-pds outlived its parent"
     assert all(_wait_gone(pid) for pid in nodes)
+
+
+def test_a_second_host_joins_the_first_ones_plc_directory(
+    dev_pds: DevPDS, make_pds: MakePDS
+) -> None:
+    second = make_pds(plc_url=dev_pds.plc_url, accounts=[("dan.test", "dan-pw-1")])
+    assert second.plc_url == dev_pds.plc_url and second.pds_url != dev_pds.pds_url
+    # Both hosts' accounts are in the one directory, each pointing at its own PDS.
+    for pds, handle in ((dev_pds, "alice.test"), (second, "dan.test")):
+        doc = httpx.get(f"{dev_pds.plc_url}/{pds.accounts[handle].did}").json()
+        assert doc["alsoKnownAs"] == [f"at://{handle}"]
+        assert doc["service"][0]["serviceEndpoint"] == pds.pds_url
+    session = _session(second, "dan.test", "dan-pw-1")
+    assert _put_note(second, session, "on-the-second-host", "hi")
+    assert second.pid is not None
+    assert len(_listening(second.pid)) == 1  # the PDS alone: no PLC of its own
+
+
+def test_plc_url_must_be_loopback() -> None:
+    with pytest.raises(DevPDSError, match="loopback"):
+        DevPDS(plc_url="https://plc.directory")

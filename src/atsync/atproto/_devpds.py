@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.parse
 import weakref
 from collections import deque
 from collections.abc import Iterable
@@ -123,8 +124,16 @@ def _finalize(proc: subprocess.Popen[str] | None, temp_dir: Path | None) -> None
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def _is_loopback_url(url: str) -> bool:
+    parsed = urllib.parse.urlsplit(url)
+    return parsed.scheme == "http" and parsed.hostname in ("127.0.0.1", "localhost", "::1")
+
+
 class DevPDS:
     """The reference PDS and a PLC directory on loopback, with ``.test`` accounts.
+
+    ``plc_url`` joins the PLC directory another dev PDS runs (its ``plc_url``) instead of
+    starting one: several PDS hosts whose accounts all resolve through one directory.
 
     Use ``start()``/``stop()`` (``start_async()``/``stop_async()`` in async code),
     ``with DevPDS() as pds:``, or ``async with DevPDS() as pds:``.
@@ -145,9 +154,15 @@ class DevPDS:
         startup_timeout: float = 60.0,
         log: bool = False,
         replay_window_ms: int | None = None,
+        plc_url: str | None = None,
     ) -> None:
         if replay_window_ms is not None and replay_window_ms < 0:
             raise DevPDSError(f"replay_window_ms must be >= 0, got {replay_window_ms}")
+        if plc_url is not None and not _is_loopback_url(plc_url):
+            raise DevPDSError(f"plc_url must be a loopback http URL, got {plc_url!r}")
+        # Join another dev PDS's PLC directory instead of running one: two PDS hosts whose
+        # accounts resolve through one directory (following someone on another host).
+        self._joined_plc = plc_url.rstrip("/") if plc_url is not None else None
         self._replay_window_ms = replay_window_ms
         self._requested = [(h.lower(), pw) for h, pw in accounts]
         for handle, _ in self._requested:
@@ -189,6 +204,8 @@ class DevPDS:
 
     @property
     def plc_url(self) -> str:
+        if self._joined_plc is not None:
+            return self._joined_plc
         if self._plc_port is None:
             raise DevPDSError("the dev PDS is not running")
         return f"http://{_LOOPBACK}:{self._plc_port}"
@@ -329,6 +346,7 @@ class DevPDS:
             ATSYNC_DEVPDS_INSTALL_DIR=str(install.install_dir),
             ATSYNC_DEVPDS_PLC_LOG=str(run_dir / _PLC_LOG),
             ATSYNC_DEVPDS_PLC_PORT="0",
+            ATSYNC_DEVPDS_PLC_URL=self._joined_plc or "",
             PDS_HOSTNAME="localhost",
             PDS_PORT=str(port),
             PDS_DEV_MODE="true",
@@ -388,7 +406,8 @@ class DevPDS:
                 raise self._error(f"the PDS did not start within {self._startup_timeout:.0f} s")
             self._join_readers()
             raise self._error(f"the PDS process exited with code {proc.returncode}")
-        self._plc_port = int(self._ready["plc_port"])
+        plc_port = self._ready.get("plc_port")
+        self._plc_port = int(plc_port) if plc_port is not None else None
         self._state["pds_port"] = int(self._ready["pds_port"])
         self._port = self._state["pds_port"]
         self._save_state()

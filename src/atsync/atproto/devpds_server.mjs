@@ -3,6 +3,7 @@
 //   ATSYNC_DEVPDS_INSTALL_DIR  directory whose node_modules holds @atproto/pds and @did-plc/server
 //   ATSYNC_DEVPDS_PLC_LOG      JSON-lines file of PLC operations (kept in the data directory)
 //   ATSYNC_DEVPDS_PLC_PORT     port for the PLC (0 = any free port)
+//   ATSYNC_DEVPDS_PLC_URL      join this PLC directory instead of running one (empty: run one)
 //   ATSYNC_DEVPDS_TEMP_DIR     temporary data directory to delete on exit (unset: data is kept)
 //   PDS_*                      the PDS's own configuration (readEnv() reads it)
 // When both servers listen it prints one line `ATSYNC-DEVPDS {"plc_port":…,"pds_port":…}`
@@ -98,16 +99,22 @@ async function main() {
   const pdsModule = await import(pathToFileURL(requireFromInstall.resolve('@atproto/pds')).href)
   const { PDS, envToCfg, envToSecrets, readEnv } = pdsModule
 
-  const db = plc.Database.mock()
-  const replayed = await persistPlcOperations(db)
-  plcServer = plc.PlcServer.create({ db, port: plcPort })
-  bindToLoopback(plcServer.app)
-  const plcHttp = await plcServer.start()
-  const actualPlcPort = plcHttp.address().port
+  let actualPlcPort = null
+  let replayed = 0
+  let didPlcUrl = process.env.ATSYNC_DEVPDS_PLC_URL || ''
+  if (!didPlcUrl) {
+    const db = plc.Database.mock()
+    replayed = await persistPlcOperations(db)
+    plcServer = plc.PlcServer.create({ db, port: plcPort })
+    bindToLoopback(plcServer.app)
+    const plcHttp = await plcServer.start()
+    actualPlcPort = plcHttp.address().port
+    didPlcUrl = `http://${LOOPBACK}:${actualPlcPort}`
+  }
   if (stopping) return
 
   const env = readEnv()
-  env.didPlcUrl = `http://${LOOPBACK}:${actualPlcPort}`
+  env.didPlcUrl = didPlcUrl
   pdsServer = await PDS.create(envToCfg(env), envToSecrets(env))
   bindToLoopback(pdsServer.app)
   const pdsHttp = await pdsServer.start()

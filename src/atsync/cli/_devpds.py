@@ -63,6 +63,12 @@ class _StopDuringStart(Exception):
     help="How far back the event stream replays from a cursor (default: one day); older "
     "cursors get #info OutdatedCursor.",
 )
+@click.option(
+    "--plc-url",
+    metavar="URL",
+    help="Join the PLC directory of another dev PDS (its plc_url) instead of running one: "
+    "two PDS hosts whose accounts resolve through one directory.",
+)
 def dev_pds(
     accounts: tuple[str, ...],
     port: int | None,
@@ -71,6 +77,7 @@ def dev_pds(
     cache_dir: Path | None,
     log: bool,
     replay_window_ms: int | None,
+    plc_url: str | None,
 ) -> None:
     """Run a real reference PDS (+ PLC) on 127.0.0.1 for development and tests.
 
@@ -103,6 +110,7 @@ def dev_pds(
             progress=say,
             log=log,
             replay_window_ms=replay_window_ms,
+            plc_url=plc_url,
         )
         try:
             pds.start()
