@@ -306,8 +306,12 @@ class App:
         if not db.in_transaction:
             raise TransactionError("log_remote() runs inside the transaction that applied them")
         models = db.schema.models
+        binary: dict[str, list[str]] = {}  # bytes properties, per model: asked once per call
+        for model, _, _ in changes:
+            if model not in binary:
+                binary[model] = [p.name for p in models[model].properties if p.kind == "bytes"]
         encoded = [
-            (model, key, None if row is None else _row_to_json(models[model], row))
+            (model, key, None if row is None else _row_to_json(binary[model], row))
             for model, key, row in changes
         ]
         _, entry_id = self._next_id()
@@ -413,14 +417,13 @@ REMOTE_ACTION = (
 RemoteChange = tuple[str, str, Mapping[str, Any] | None]  # model, key, row written (None: deleted)
 
 
-def _row_to_json(model: Model, row: Mapping[str, Any]) -> Mapping[str, Any]:
-    """A row as JSON values: bytes properties as ``{"$bytes": base64}`` (JSON has no bytes)."""
-    binary = [p.name for p in model.properties if p.kind == "bytes" and p.name in row]
+def _row_to_json(binary: list[str], row: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A row as JSON values: its ``binary`` (bytes) properties as ``{"$bytes": base64}``."""
     if not binary:
         return row
     out = dict(row)
     for name in binary:
-        value = row[name]
+        value = row.get(name)
         if isinstance(value, bytes):
             out[name] = {"$bytes": base64.b64encode(value).decode("ascii")}
     return out

@@ -135,6 +135,7 @@ class Applier:
         self._rows_present: set[tuple[str, str]] | None = None
         self._notes: list[_Note] | None = None
         self._creates: dict[str, list[dict[str, Any]]] | None = None
+        self._fresh: frozenset[str] = frozenset()  # see restoring()
 
     def apply_chunk(
         self,
@@ -189,7 +190,8 @@ class Applier:
         if not savepoints:
             # All or nothing: which rows exist is asked once, and the records table is written
             # in one statement at the end (a failure discards both with the savepoint).
-            self._rows_present = self._present_rows(changes, known)
+            fresh = self._fresh if queued is _nothing_queued else frozenset()
+            self._rows_present = self._present_rows(changes, known, fresh)
             notes: list[_Note] = []
             creates: dict[str, list[dict[str, Any]]] = {}
             self._notes, self._creates = notes, creates
@@ -227,14 +229,25 @@ class Applier:
                 )  # fmt: skip
                 result.rejected += 1
 
+    def restoring(self, models: frozenset[str]) -> None:
+        """``models`` were empty when this pull began (frozenset(): over): until it ends, a
+        chunk applied with nothing queued can only meet rows this pull created itself, under
+        other keys, so which rows exist need not be asked. Only models whose local writes
+        are queued (not ``direction="pull"``): any row the app adds meanwhile shows."""
+        self._fresh = frozenset(
+            m for m in models if any(
+                b.model.name == m and b.direction != "pull" for b in self._by_collection.values()
+            )
+        )  # fmt: skip
+
     def _present_rows(
-        self, changes: list[Change], known: dict[tuple[str, str], Known]
+        self, changes: list[Change], known: dict[tuple[str, str], Known], fresh: frozenset[str]
     ) -> set[tuple[str, str]]:
         """Which rows the changes would write already exist: ``(model, key)``."""
         keys: dict[str, list[str]] = {}
         for collection, rkey, *_ in changes:
             binding = self._by_collection.get(collection)
-            if binding is not None:
+            if binding is not None and binding.model.name not in fresh:
                 was = known.get((collection, rkey))
                 keys.setdefault(binding.model.name, []).append(was.key if was else rkey)
         present: set[tuple[str, str]] = set()

@@ -212,12 +212,18 @@ class Puller:
         progress: Progress | None,
     ) -> None:
         total = len(changes)
-        for start in range(0, total, CHUNK):
-            with self._db.transaction():
-                self._applier.apply_chunk(did, rev, changes[start : start + CHUNK], known, result)
-            if progress is not None:
-                progress(min(total, start + CHUNK), total)
-            await anyio.lowlevel.checkpoint()  # the app's writes go between two chunks
+        models = {b.model.name for b in self._by_collection.values()}
+        self._applier.restoring(frozenset(m for m in models if not self._db.query(m, limit=1)))
+        try:
+            for start in range(0, total, CHUNK):
+                with self._db.transaction():
+                    chunk = changes[start : start + CHUNK]
+                    self._applier.apply_chunk(did, rev, chunk, known, result)
+                if progress is not None:
+                    progress(min(total, start + CHUNK), total)
+                await anyio.lowlevel.checkpoint()  # the app's writes go between two chunks
+        finally:
+            self._applier.restoring(frozenset())
 
     def _known(self, keys: list[tuple[str, str]] | None = None) -> dict[tuple[str, str], Known]:
         """What was last synced, per record of the pulled collections (or of ``keys``)."""
