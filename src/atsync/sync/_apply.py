@@ -30,7 +30,8 @@ from ._binding import BoundBinding
 from ._capture import Validator, encode_record
 from ._merge import ConflictPolicy, merge_rows
 from ._migrate import REJECTED
-from ._outbox import CONFLICTS, OUTBOX, RECORDS, Outbox
+from ._outbox import CONFLICTS, OUTBOX, Outbox
+from ._repo import OWN, Repo
 
 __all__ = ["Applier", "Change", "Known", "OnPdsAction", "PullResult", "RemoteRecord"]
 
@@ -89,12 +90,7 @@ class _Queued:
 Change = tuple[str, str, str | None, dict[str, Any] | None, str | None]
 
 
-_Note = tuple[str, str, str, str, str, str | None]  # a row of _atsync_records
-_UPSERT_RECORD = (
-    f"INSERT INTO {RECORDS} (collection, rkey, model, key, cid, record) "
-    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (collection, rkey) DO UPDATE SET "
-    "cid = excluded.cid, record = excluded.record"
-)
+_Note = tuple[str | None, ...]  # a row of _atsync_records (or _atsync_followed)
 
 
 def _nothing_queued(collection: str, rkey: str) -> None:
@@ -117,8 +113,10 @@ class Applier:
         on_pds_action: OnPdsAction | None,
         lexicons: LexiconSet | None,
         log_remote: Callable[[str, list[RemoteChange]], object] | None,
+        repo: Repo = OWN,
     ) -> None:
         self._db = db
+        self._repo = repo
         self._outbox = outbox
         self._by_collection = by_collection  # pulled collections; others: watched only
         self._pushes = pushes
@@ -186,7 +184,8 @@ class Applier:
     ) -> None:
         written = self._written = []
         # Nothing queued at all (a restore, a device that is up to date): no lookup per record.
-        queued = self._queued if self._outbox_has_rows() else _nothing_queued
+        # (A followed repository's rows are never edited here: nothing of it is queued.)
+        queued = self._queued if self._repo.own and self._outbox_has_rows() else _nothing_queued
         if not savepoints:
             # All or nothing: which rows exist is asked once, and the records table is written
             # in one statement at the end (a failure discards both with the savepoint).
@@ -208,7 +207,7 @@ class Applier:
                         self._db.set_many(model, rows)
             finally:
                 self._notes = self._rows_present = self._creates = None
-            self._db.connection.executemany(_UPSERT_RECORD, notes)
+            self._db.connection.executemany(self._repo.upsert, notes)
             return
         for collection, rkey, change_cid, change, change_json in changes:
             key = (collection, rkey)
@@ -249,7 +248,8 @@ class Applier:
             binding = self._by_collection.get(collection)
             if binding is not None and binding.model.name not in fresh:
                 was = known.get((collection, rkey))
-                keys.setdefault(binding.model.name, []).append(was.key if was else rkey)
+                key = was.key if was else self._repo.key(collection, rkey)
+                keys.setdefault(binding.model.name, []).append(key)
         present: set[tuple[str, str]] = set()
         for model, model_keys in keys.items():
             for key, row in zip(model_keys, self._db.get_many(model, model_keys), strict=True):
@@ -293,7 +293,7 @@ class Applier:
             self._note(collection, rkey, f"@{collection}", rkey, cid, record, record_json)
             return
         model = binding.model.name
-        key = was.key if was is not None else rkey
+        key = was.key if was is not None else self._repo.key(collection, rkey)
         remote_row: dict[str, Any] | None = None
         if record is not None and cid is not None:
             try:
@@ -475,16 +475,18 @@ class Applier:
         (only where nothing in between reads it: the outbox compares a queued record with
         it, so a merge notes at once)."""
         conn = self._db.connection
+        repo = self._repo
         if cid is None:
-            conn.execute(
-                f"DELETE FROM {RECORDS} WHERE collection = ? AND rkey = ?", (collection, rkey)
-            )
+            sql, params = repo.delete()
+            conn.execute(sql, (*params, collection, rkey))
             return
-        values = (collection, rkey, model, key, cid, record_json or _dump_record(record))
+        values = repo.upsert_values(
+            collection, rkey, model, key, cid, record_json or _dump_record(record)
+        )
         if defer and self._notes is not None:
             self._notes.append(values)
         else:
-            conn.execute(_UPSERT_RECORD, values)
+            conn.execute(repo.upsert, values)
 
     def _reject(
         self,

@@ -3,6 +3,8 @@
     1  the push half: outbox, records, dead letters, sync state, conflicts, sent CIDs
     2  the pull half: each synced record's content (the base of a three-way merge), the three
        versions of every conflict, and ``_atsync_rejected`` (remote input not applied, and why)
+    3  following: ``_atsync_follows`` (the repositories followed) and ``_atsync_followed``
+       (what was last pulled from each: the ``_atsync_records`` of other people's records)
 
 ``upgrade_sync_tables`` runs inside the caller's transaction after ``create_sync_tables``;
 it only adds (columns, tables), so a database written by an older release keeps every
@@ -15,9 +17,11 @@ import sqlite3
 
 from ._outbox import CONFLICTS, RECORDS, REJECTED, STATE
 
-__all__ = ["REJECTED", "TABLES_VERSION", "upgrade_sync_tables"]
+__all__ = ["FOLLOWED", "FOLLOWS", "REJECTED", "TABLES_VERSION", "upgrade_sync_tables"]
 
-TABLES_VERSION = 2
+TABLES_VERSION = 3
+FOLLOWS = "_atsync_follows"
+FOLLOWED = "_atsync_followed"
 
 _ADDED_COLUMNS = {
     RECORDS: ("record TEXT",),
@@ -45,6 +49,19 @@ def upgrade_sync_tables(conn: sqlite3.Connection) -> None:
             reason TEXT NOT NULL, detail TEXT, record TEXT, seen_at REAL NOT NULL
         )"""
     )
+    conn.execute(
+        f"""CREATE TABLE IF NOT EXISTS {FOLLOWS} (
+            did TEXT PRIMARY KEY NOT NULL, handle TEXT, added_at REAL NOT NULL
+        )"""
+    )
+    conn.execute(
+        f"""CREATE TABLE IF NOT EXISTS {FOLLOWED} (
+            did TEXT NOT NULL, collection TEXT NOT NULL, rkey TEXT NOT NULL,
+            model TEXT NOT NULL, key TEXT NOT NULL, cid TEXT, record TEXT,
+            PRIMARY KEY (did, collection, rkey)
+        ) WITHOUT ROWID"""
+    )
+    conn.execute(f"CREATE INDEX IF NOT EXISTS {FOLLOWED}__by__model_key ON {FOLLOWED} (model, key)")
     conn.execute(
         f"INSERT OR REPLACE INTO {STATE} (key, value) VALUES ('tables_version', ?)",
         (str(TABLES_VERSION),),

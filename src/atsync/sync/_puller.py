@@ -45,7 +45,8 @@ from ._apply import Applier, Change, Known, OnPdsAction, PullResult
 from ._binding import BoundBinding
 from ._capture import Validator
 from ._merge import ConflictPolicy
-from ._outbox import RECORDS, Outbox
+from ._outbox import Outbox
+from ._repo import OWN, Repo
 
 __all__ = ["Puller"]
 
@@ -70,8 +71,10 @@ class Puller:
         watch: Iterable[str] = (),
         lexicons: LexiconSet | None = None,
         log_remote: Callable[[str, list[RemoteChange]], object] | None = None,
+        repo: Repo = OWN,
     ) -> None:
         self._db = db
+        self._repo = repo
         self._outbox = outbox
         self._by_collection = {b.collection: b for b in bindings.values() if b.direction != "push"}
         # Collections read for on_pds_action alone (no binding, no rows).
@@ -80,7 +83,7 @@ class Puller:
             db, outbox, self._by_collection,
             {b.collection for b in bindings.values() if b.direction != "pull"},
             applying_remote=applying_remote, validate=validate, policy=policy,
-            on_pds_action=on_pds_action, lexicons=lexicons, log_remote=log_remote,
+            on_pds_action=on_pds_action, lexicons=lexicons, log_remote=log_remote, repo=repo,
         )  # fmt: skip
 
     @property
@@ -98,7 +101,8 @@ class Puller:
         ``VerificationError`` (then nothing of this pull is applied)."""
         result = PullResult()
         latest = await client.sync_get_latest_commit(did)
-        if self.covers_collections() and latest.cid == self._outbox.get_state("pulled_commit"):
+        pulled = self._outbox.get_state(self._repo.state("pulled_commit"))
+        if self.covers_collections() and latest.cid == pulled:
             result.commit, result.rev, result.unchanged = latest.cid, latest.rev, True
             return result
         known = self._known()
@@ -119,12 +123,15 @@ class Puller:
     def covers_collections(self) -> bool:
         """Whether the last whole read included every collection pulled now: a binding added
         since (a new version of the app) needs one, or its records were never read."""
-        held = self._outbox.get_state("pulled_collections")
+        held = self._outbox.get_state(self._repo.state("pulled_collections"))
         return held is not None and self.collections <= set(held.split(","))
 
     def position(self) -> tuple[str | None, str | None]:
         """The rev and MST root (``data``) the local state includes."""
-        return self._outbox.get_state("pulled_rev"), self._outbox.get_state("pulled_data")
+        state = self._repo.state
+        return self._outbox.get_state(state("pulled_rev")), self._outbox.get_state(
+            state("pulled_data")
+        )
 
     def apply_commit(self, did: str, event: VerifiedCommit) -> PullResult:
         """Apply one verified ``#commit`` that directly follows ``position()`` — its
@@ -229,11 +236,12 @@ class Puller:
         """What was last synced, per record of the pulled collections (or of ``keys``)."""
         if keys is not None:
             found: dict[tuple[str, str], Known] = {}
+            where, params = self._repo.where()
             for collection, rkey in keys:
                 row = self._db.execute(
-                    f"SELECT model, key, cid, record FROM {RECORDS} "
-                    "WHERE collection = ? AND rkey = ?",
-                    (collection, rkey),
+                    f"SELECT model, key, cid, record FROM {self._repo.table} "
+                    f"WHERE {where} AND collection = ? AND rkey = ?",
+                    (*params, collection, rkey),
                 ).fetchone()
                 if row is not None:
                     found[(collection, rkey)] = Known(*row)
@@ -242,12 +250,13 @@ class Puller:
         if not collections:
             return {}
         marks = ", ".join("?" * len(collections))
+        where, params = self._repo.where()
         return {
             (c, r): Known(m, k, cid, rec)
             for c, r, m, k, cid, rec in self._db.execute(
-                f"SELECT collection, rkey, model, key, cid, record FROM {RECORDS} "
-                f"WHERE collection IN ({marks})",
-                collections,
+                f"SELECT collection, rkey, model, key, cid, record FROM {self._repo.table} "
+                f"WHERE {where} AND collection IN ({marks})",
+                (*params, *collections),
             ).fetchall()
         }
 
@@ -258,32 +267,26 @@ class Puller:
     def _finish(
         self, commit: str, rev: str, data: str, *, cursor: int | None = None, whole: bool = False
     ) -> None:
-        with self._db.transaction():
-            conn = self._db.connection
-            if whole:  # every record of these collections was read
-                conn.execute(
-                    "INSERT OR REPLACE INTO _atsync_sync_state (key, value) "
-                    "VALUES ('pulled_collections', ?)",
-                    (",".join(sorted(self.collections)),),
-                )
-            if cursor is not None:
-                conn.execute(
-                    "INSERT OR REPLACE INTO _atsync_sync_state (key, value) "
-                    "VALUES ('stream_cursor', ?)",
-                    (str(cursor),),
-                )
-            for key, value in (
-                ("pulled_commit", commit),
-                ("pulled_rev", rev),
-                ("pulled_data", data),
-                ("last_pulled_at", repr(time.time())),
+        state = self._repo.state
+        values: list[tuple[str, str]] = [
+            (state("pulled_commit"), commit),
+            (state("pulled_rev"), rev),
+            (state("pulled_data"), data),
+            (state("last_pulled_at"), repr(time.time())),
+        ]
+        if whole:  # every record of these collections was read
+            values.append((state("pulled_collections"), ",".join(sorted(self.collections))))
+        if cursor is not None:
+            values.append((state("stream_cursor"), str(cursor)))
+        if self._repo.own:
+            values += [
                 ("has_synced", "1"),
                 # The next push is sent against the commit we now include: another device's
                 # commit costs no InvalidSwap and no record-by-record reconcile.
                 ("commit_cid", commit),
                 ("commit_rev", rev),
-            ):
-                conn.execute(
-                    "INSERT OR REPLACE INTO _atsync_sync_state (key, value) VALUES (?, ?)",
-                    (key, value),
-                )
+            ]
+        with self._db.transaction():
+            self._db.connection.executemany(
+                "INSERT OR REPLACE INTO _atsync_sync_state (key, value) VALUES (?, ?)", values
+            )
