@@ -228,6 +228,7 @@ EXPECTED: dict[str, list[str]] = {
         "Live",
         "Manual",
         "OnStart",
+        "Origin",
         "Outbox",
         "PendingWrite",
         "Poll",

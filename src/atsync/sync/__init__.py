@@ -14,6 +14,7 @@ from ._blocking import SyncThread
 from ._budget import RateBudget
 from ._capture import ActionCall, RecordWrite
 from ._engine import ATSync
+from ._follows import Origin
 from ._merge import ConflictPolicy
 from ._outbox import DeadLetter, Outbox, PendingWrite, QueuedWrite
 from ._status import RowState, State, SyncStatus, WaitReason
@@ -44,6 +45,7 @@ __all__ = [
     "Live",
     "Manual",
     "OnStart",
+    "Origin",
     "Outbox",
     "PendingWrite",
     "Poll",

@@ -21,6 +21,7 @@ import anyio
 from .._blocking import Portal
 from ..app import App
 from ._engine import ATSync
+from ._follows import Origin
 from ._status import RowState, SyncStatus
 
 __all__ = ["SyncThread"]
@@ -105,6 +106,25 @@ class SyncThread:
                 return await self.engine.wait_pulled()
 
         return self._portal.call(wait)
+
+    def follow(self, who: str) -> str:
+        """Follow a repository by DID or handle (``ATSync.follow``); returns its DID."""
+        return self._portal.call(self.engine.follow, who)
+
+    def unfollow(self, who: str) -> bool:
+        """Stop following (``ATSync.unfollow``), on the engine's thread."""
+
+        async def unfollow() -> bool:
+            return self.engine.unfollow(who)
+
+        return self._portal.call(unfollow)
+
+    @property
+    def following(self) -> list[str]:
+        return self.engine.following
+
+    def origin(self, model: str, key: str) -> Origin | None:
+        return self.engine.origin(model, key)
 
     def start_fresh(self) -> None:
         self.engine.start_fresh()

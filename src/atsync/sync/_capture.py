@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Literal
 
-from .._errors import RecordError
+from .._errors import ActionError, RecordError
 from .._json import compact_json
 from ..app import ActionContext, App
 from ..atproto import (
@@ -163,6 +163,9 @@ class Capture:
         self._app = app
         self._db = app.model_db
         self._outbox = outbox
+        # (model, key) -> the DID of the followed repository the row came from, or None:
+        # such rows are read-only (set by the engine; see _engine_follow).
+        self.read_only: Callable[[str, str], str | None] | None = None
         self._bindings = {m: b for m, b in bindings.items() if b.direction != "pull"}
         self._on_action = on_action
         self._validate = validate
@@ -231,6 +234,14 @@ class Capture:
             return
         if self._remote_threads and getattr(self._remote, "depth", 0) > 0:
             return
+        if key.startswith("at://") and self.read_only is not None:
+            owner = self.read_only(model, key)
+            if owner is not None:
+                raise ActionError(
+                    f"{model}/{key} came from {owner}'s repository, which this device "
+                    "follows: it is read-only here (nobody writes into someone else's "
+                    "repository); the action was not applied and nothing was queued"
+                )
         collection = binding.collection
         if not binding.by_primary_key:
             known = self._outbox.rkey_for(collection, model, key)

@@ -37,6 +37,7 @@ from ._binding import Binding, BoundBinding
 from ._budget import RateBudget, is_hosted
 from ._capture import Capture, OnAction, Validator
 from ._decide import Facts, Fence, Pull, Push, Reconcile, Resync, Wait, decide
+from ._engine_follow import FollowRepos, follow_options
 from ._engine_pull import PullEvents
 from ._engine_status import StatusKeeper, as_dict
 from ._live import listen
@@ -85,7 +86,7 @@ class SessionLike(Protocol):
 SessionSource = Callable[[], SessionLike | None]
 
 
-class ATSync(StatusKeeper, PullEvents):
+class ATSync(StatusKeeper, PullEvents, FollowRepos):
     """Syncs an ``App``'s bound models with the user's repository, both ways.
 
     ``push`` / ``pull``: when writes go out and when the repository is read (see
@@ -100,7 +101,9 @@ class ATSync(StatusKeeper, PullEvents):
     ``clock`` (monotonic seconds) is what the schedule is computed with. ``on_pds_action``:
     the seed's hook, called with a ``RemoteRecord`` for every pulled change, in the
     transaction that applies it (bound collections, and the collections in ``watch`` that
-    have no binding: read for the hook alone).
+    have no binding: read for the hook alone). ``follow``: DIDs of other people's
+    repositories to follow besides those the database already follows (``follow()``): their
+    bound records arrive read-only, keyed by AT URI (see ``_engine_follow``).
     """
 
     def __init__(
@@ -122,6 +125,7 @@ class ATSync(StatusKeeper, PullEvents):
         identity: IdentityResolver | None = None,
         on_pds_action: OnPdsAction | None = None,
         watch: Iterable[str] = (),
+        follow: Iterable[str] = (),
     ) -> None:
         db = app.model_db
         self.app: App | None = app
@@ -147,11 +151,12 @@ class ATSync(StatusKeeper, PullEvents):
         self.pull_strategy: PullStrategy = pull if pull is not None else Live()
         self.verify = verify
         self._identity = identity
-        self._puller: Puller | None = Puller(
-            db, self.outbox, bound, applying_remote=self._capture.applying_remote,
-            validate=validate, policy=check_policy(conflicts), on_pds_action=on_pds_action,
-            watch=watch, lexicons=self.lexicons, log_remote=app.log_remote,
+        options = follow_options(
+            bound, self.outbox, self._capture, validate, check_policy(conflicts), on_pds_action,
+            watch, self.lexicons, app.log_remote,
         )  # fmt: skip
+        self._puller: Puller | None = Puller(db, **options)
+        self._setup_follows(db, bound, follow, options)
         self._pusher.pulled = frozenset(self._puller.collections)
         signer = app.signer
         self._signer_hooks = (
@@ -186,6 +191,7 @@ class ATSync(StatusKeeper, PullEvents):
         self.verify = True
         self._identity = None
         self._puller = None
+        self._setup_follows(db, {}, (), {})
         self._signer_hooks = (None, None)
         return self
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..atproto import FirehoseFrame
+from ._follows import Follows
 from ._outbox import Outbox
 from ._puller import Puller
 from ._strategies import Live, PullStrategy
@@ -37,6 +38,7 @@ class PullEvents:
     _events: deque[FirehoseFrame]
     _events_lost: bool
     _account_inactive: str | None
+    _follows: Follows
     _wake: Callable[[], None]
     _refresh_status: Callable[..., None]
 
@@ -47,6 +49,10 @@ class PullEvents:
         if not self._pulls():
             return math.inf
         at = self.pull_strategy.pull_at(self._last_pull, self._stream_up)
+        strategy = self.pull_strategy
+        if isinstance(strategy, Live) and self._last_pull is not None and self._follows.dids():
+            # The stream carries the user's own repository only: followed ones are polled.
+            at = min(at, self._last_pull + strategy.fallback)
         if runner.pull_retry_at is not None:
             at = max(at, runner.pull_retry_at) if at < math.inf else runner.pull_retry_at
         return at

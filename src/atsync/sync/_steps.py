@@ -243,6 +243,7 @@ class StepRunner:
                 result.rejected,
             )  # fmt: skip
         engine._refresh_status(download_error=None, pull_progress=None)
+        await engine._pull_follows(self, client, engine.verify)
         return True
 
     async def _apply_events(self, did: str, key: str, frames: list[FirehoseFrame]) -> bool:
@@ -292,6 +293,12 @@ class StepRunner:
 
     async def _signing_key(self, did: str, client: XrpcClient) -> str:
         """The account's current signing key, from its DID document."""
+        identity = await self.resolver(client).resolve(did)
+        return identity.signing_key
+
+    def resolver(self, client: XrpcClient) -> IdentityResolver:
+        """The engine's identity resolver (made on first use for the PDS ``client`` talks
+        to)."""
         if self._resolver is None:
             if self.engine._identity is not None:
                 self._resolver = self.engine._identity
@@ -304,8 +311,7 @@ class StepRunner:
                     allow_insecure_localhost=local,
                 )
                 self._own_resolver = True
-        identity = await self._resolver.resolve(did)
-        return identity.signing_key
+        return self._resolver
 
     async def push(self, collections: frozenset[str] | None) -> None:
         engine = self.engine

@@ -1,0 +1,115 @@
+"""Following other people's repositories: who is followed, and where a row came from.
+
+    await sync.follow("dan.test")        # or a DID; kept in the database
+    sync.following                       # ["did:plc:…"]
+    sync.origin("notes", key)            # Origin(did, uri, cid)
+    sync.unfollow("dan.test")            # its rows and its pull position go
+
+A followed repository is pulled like the user's own (verified against *its* key, deletes by
+whole comparison), into the same bound models; its rows are keyed by their AT URI, since a
+record key is unique only within one repository, and are read-only (``Capture`` refuses an
+action that edits or deletes one).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+from ..app import RemoteChange
+from ..db import ModelDB
+from ._migrate import FOLLOWED, FOLLOWS
+from ._outbox import RECORDS, STATE
+
+__all__ = ["Follows", "Origin"]
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a row came from: the repository's DID, the record's AT URI and its CID (as
+    last synced)."""
+
+    did: str
+    uri: str
+    cid: str | None
+
+
+class Follows:
+    """The followed repositories of one database (``_atsync_follows``)."""
+
+    def __init__(self, db: ModelDB) -> None:
+        self._db = db
+
+    def dids(self) -> list[str]:
+        return [did for (did,) in self._db.execute(f"SELECT did FROM {FOLLOWS} ORDER BY added_at")]
+
+    def did_for(self, who: str) -> str | None:
+        """The DID of a followed repository named by its DID or by the handle it was
+        followed by."""
+        row = self._db.execute(
+            f"SELECT did FROM {FOLLOWS} WHERE did = ? OR handle = ?", (who, who.lower())
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def add(self, did: str, handle: str | None) -> bool:
+        """Follow ``did``; False if it already was."""
+        with self._db.transaction():
+            cursor = self._db.connection.execute(
+                f"INSERT OR IGNORE INTO {FOLLOWS} (did, handle, added_at) VALUES (?, ?, ?)",
+                (did, handle.lower() if handle else None, time.time()),
+            )
+            return cursor.rowcount > 0
+
+    def remove(
+        self,
+        did: str,
+        applying_remote: Callable[[], AbstractContextManager[None]],
+        log_remote: Callable[[str, list[RemoteChange]], object] | None,
+    ) -> int:
+        """Stop following ``did``: delete its rows, what was synced of it and its pull
+        position, in one transaction (logged like a pull that deleted them). Returns the
+        rows deleted."""
+        db = self._db
+        with db.transaction():
+            conn = db.connection
+            rows = conn.execute(f"SELECT model, key FROM {FOLLOWED} WHERE did = ?", (did,))
+            deleted: list[RemoteChange] = []
+            with applying_remote():
+                for model, key in rows.fetchall():
+                    if model in db.schema.models and db.get(model, key) is not None:
+                        db.delete(model, key)
+                        deleted.append((model, key, None))
+            if deleted and log_remote is not None:
+                log_remote(did, deleted)
+            conn.execute(f"DELETE FROM {FOLLOWED} WHERE did = ?", (did,))
+            conn.execute(f"DELETE FROM {STATE} WHERE key LIKE ?", (f"follow:{did}:%",))
+            conn.execute(f"DELETE FROM {FOLLOWS} WHERE did = ?", (did,))
+        return len(deleted)
+
+    def followed_row(self, model: str, key: str) -> str | None:
+        """The DID whose repository the row ``model``/``key`` came from, if followed."""
+        row = self._db.connection.execute(
+            f"SELECT did FROM {FOLLOWED} WHERE model = ? AND key = ?", (model, key)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def origin(self, model: str, key: str, own_did: str | None) -> Origin | None:
+        row = self._db.execute(
+            f"SELECT did, collection, rkey, cid FROM {FOLLOWED} WHERE model = ? AND key = ?",
+            (model, key),
+        ).fetchone()
+        if row is not None:
+            did, collection, rkey, cid = row
+            return Origin(did, f"at://{did}/{collection}/{rkey}", cid)
+        if own_did is None:
+            return None
+        row = self._db.execute(
+            f"SELECT collection, rkey, cid FROM {RECORDS} WHERE model = ? AND key = ?",
+            (model, key),
+        ).fetchone()
+        if row is None or row[2] is None:
+            return None  # not synced (yet): it has no record
+        collection, rkey, cid = row
+        return Origin(own_did, f"at://{own_did}/{collection}/{rkey}", cid)

@@ -1,0 +1,209 @@
+"""Following other people's repositories, against the real reference PDS: their records arrive
+read-only under AT URI keys, with their origin; their edits and deletes follow; an edit here
+fails and reaches no repository; a forged repository is refused; unfollow removes the rows; an
+account on a second PDS host (sharing the PLC directory) works like one on the first."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from atsync import ActionError
+from atsync.app import ActionContext, App, Contract
+from atsync.atproto import IdentityResolver, Session, XrpcClient, generate_keypair, login
+from atsync.sync import ATSync, Binding, Immediate, Manual, Origin
+from pds_fixtures import MakePDS
+from sync_devices import remote
+
+contract = Contract(
+    models={"notes": {"id": "primary", "title": "string", "body": "string?", "n": "integer"}}
+)
+
+
+@contract.action
+def put(ctx: ActionContext, key: str, title: str) -> None:
+    ctx.db.set("notes", {"id": key, "title": title, "n": 0})
+
+
+@contract.action
+def edit(ctx: ActionContext, key: str, title: str) -> None:
+    ctx.db.update("notes", {"id": key, "title": title})
+
+
+@contract.action
+def drop(ctx: ActionContext, key: str) -> None:
+    ctx.db.delete("notes", key)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def collection_for(request: pytest.FixtureRequest) -> str:
+    name = "".join(c for c in request.node.name if c.isalnum())[:40]
+    return f"test.atsync.follow.{name.lower()}"
+
+
+async def session_of(pds: Any, handle: str) -> Session:
+    account = pds.accounts[handle]
+    return await login(account.did, account.password, pds.pds_url)
+
+
+async def write(session: Session, collection: str, rkey: str, **fields: Any) -> str:
+    async with XrpcClient(session=session) as client:
+        result = await client.put_record(
+            session.did, collection, rkey, {"$type": collection, "n": 0, **fields}
+        )
+        return str(result.cid)
+
+
+async def delete(session: Session, collection: str, rkey: str) -> None:
+    async with XrpcClient(session=session) as client:
+        await client.delete_record(session.did, collection, rkey)
+
+
+@asynccontextmanager
+async def device(
+    path: Path, collection: str, session: Session, identity: Any, **options: Any
+) -> AsyncIterator[tuple[App, ATSync]]:
+    with App.open(path, contract) as app:
+        sync = ATSync(
+            app,
+            bindings={"notes": Binding(collection)},
+            session=session,
+            push=Immediate(),
+            pull=Manual(),
+            identity=identity,
+            **options,
+        )
+        async with sync:
+            yield app, sync
+        sync.close()
+
+
+def rows(app: App) -> dict[str, dict[str, Any]]:
+    return {r["id"]: dict(r) for r in app.db.query("notes")}
+
+
+async def pulled(sync: ATSync) -> None:
+    with anyio.fail_after(30):
+        await sync.wait_pulled()
+        await sync.wait_for_idle()
+
+
+@pytest.fixture
+async def resolver(dev_pds: Any) -> AsyncIterator[IdentityResolver]:
+    async with IdentityResolver(plc_url=dev_pds.plc_url, allow_insecure_localhost=True) as r:
+        yield r
+
+
+@pytest.mark.anyio
+async def test_a_followed_repository_arrives_read_only_and_follows_its_edits(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    collection = collection_for(request)
+    alice, bob = await session_of(dev_pds, "alice.test"), await session_of(dev_pds, "bob.test")
+    cids = {rkey: await write(bob, collection, rkey, title=f"bob {rkey}") for rkey in ("a", "b")}
+    async with device(tmp_path / "alice.db", collection, alice, resolver) as (app, sync):
+        app.actions.put("mine", "alice's own")
+        assert await sync.follow(bob.did) == bob.did
+        assert sync.following == [bob.did]
+        await pulled(sync)
+        uri = f"at://{bob.did}/{collection}/a"
+        state = rows(app)
+        assert set(state) == {"mine", uri, f"at://{bob.did}/{collection}/b"}
+        assert state[uri]["title"] == "bob a"
+        assert sync.origin("notes", uri) == Origin(bob.did, uri, cids["a"])
+        own = sync.origin("notes", "mine")
+        assert own is not None and own.did == alice.did
+        assert own.uri == f"at://{alice.did}/{collection}/mine"
+
+        # Bob edits one, deletes the other: both reach alice's database.
+        cids["a"] = await write(bob, collection, "a", title="bob a, edited")
+        await delete(bob, collection, "b")
+        sync.pull_now()
+        await pulled(sync)
+        assert set(rows(app)) == {"mine", uri}
+        assert rows(app)[uri]["title"] == "bob a, edited"
+        assert sync.origin("notes", uri) == Origin(bob.did, uri, cids["a"])
+
+        # Alice cannot edit or delete bob's row: refused in the action, nothing queued.
+        for attempt in (lambda: app.actions.edit(uri, "hijacked"), lambda: app.actions.drop(uri)):
+            with pytest.raises(ActionError, match="read-only"):
+                attempt()
+        assert rows(app)[uri]["title"] == "bob a, edited"
+        assert sync.status.pending == 0
+        mine = await remote(alice, collection)
+        assert set(mine) == {"mine"}  # nothing of bob's went into alice's repository
+
+        # The log holds bob's rows too: a rebuild gives the same state.
+        state = rows(app)
+        assert app.rebuild() == len(app.log) and rows(app) == state
+
+        assert sync.unfollow(bob.did) is True and sync.following == []
+        assert set(rows(app)) == {"mine"}
+        assert sync.origin("notes", uri) is None
+        assert sync.unfollow(bob.did) is False
+        assert app.rebuild() == len(app.log) and set(rows(app)) == {"mine"}
+
+
+@pytest.mark.anyio
+async def test_a_forged_followed_repository_is_refused_and_nothing_applied(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    collection = collection_for(request)
+    alice, bob = await session_of(dev_pds, "alice.test"), await session_of(dev_pds, "bob.test")
+    await write(bob, collection, "x", title="bob x")
+    impostor = generate_keypair("k256").did
+
+    class ImpostorForBob:
+        """Bob's DID document as an attacker would serve it: another signing key."""
+
+        async def resolve(self, did: str) -> Any:
+            identity = await resolver.resolve(did)
+            return replace(identity, signing_key=impostor) if did == bob.did else identity
+
+    async with device(
+        tmp_path / "alice.db", collection, alice, ImpostorForBob(), follow=[bob.did]
+    ) as (app, sync):
+        await pulled(sync)
+        assert rows(app) == {}
+        assert "verification" in sync.follow_errors[bob.did]
+        rejected = app.model_db.execute(
+            "select did, reason from _atsync_rejected where did = ?", (bob.did,)
+        ).fetchall()
+        assert rejected == [(bob.did, "VerificationError")]
+        assert sync.status.download_error is None  # alice's own sync is not affected
+
+
+@pytest.mark.anyio
+async def test_an_account_on_a_second_host_is_followed_like_one_on_the_first(
+    dev_pds: Any,
+    make_pds: MakePDS,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    resolver: IdentityResolver,
+) -> None:
+    collection = collection_for(request)
+    second = make_pds(plc_url=dev_pds.plc_url, accounts=[("dan.test", "dan-pw-1")])
+    dan = await session_of(second, "dan.test")
+    alice = await session_of(dev_pds, "alice.test")
+    await write(dan, collection, "d1", title="dan's note")
+    async with device(tmp_path / "alice.db", collection, alice, resolver) as (app, sync):
+        await sync.follow(dan.did)
+        await pulled(sync)
+        uri = f"at://{dan.did}/{collection}/d1"
+        assert rows(app)[uri]["title"] == "dan's note"
+        origin = sync.origin("notes", uri)
+        assert origin is not None and origin.did == dan.did
+        await write(dan, collection, "d1", title="dan's note, edited")
+        sync.pull_now()
+        await pulled(sync)
+        assert rows(app)[uri]["title"] == "dan's note, edited"
