@@ -17,7 +17,7 @@ import pytest
 from atsync import ActionError
 from atsync.app import ActionContext, App, Contract
 from atsync.atproto import IdentityResolver, Session, XrpcClient, generate_keypair, login
-from atsync.sync import ATSync, Binding, Immediate, Manual, Origin
+from atsync.sync import ATSync, Binding, Immediate, Live, Manual, Origin
 from pds_fixtures import MakePDS
 from sync_devices import remote
 
@@ -74,12 +74,12 @@ async def device(
     path: Path, collection: str, session: Session, identity: Any, **options: Any
 ) -> AsyncIterator[tuple[App, ATSync]]:
     with App.open(path, contract) as app:
+        options.setdefault("pull", Manual())
         sync = ATSync(
             app,
             bindings={"notes": Binding(collection)},
             session=session,
             push=Immediate(),
-            pull=Manual(),
             identity=identity,
             **options,
         )
@@ -207,3 +207,40 @@ async def test_an_account_on_a_second_host_is_followed_like_one_on_the_first(
         sync.pull_now()
         await pulled(sync)
         assert rows(app)[uri]["title"] == "dan's note, edited"
+
+
+async def wait_for(app: App, predicate: Any, within: float) -> None:
+    """Until ``predicate(rows(app))`` holds: checked after every change to the notes."""
+    changed = [anyio.Event()]
+    with app.db.subscribe("notes", lambda _rows: changed[0].set()):
+        with anyio.fail_after(within):
+            while not predicate(rows(app)):
+                await changed[0].wait()
+                changed[0] = anyio.Event()
+
+
+@pytest.mark.anyio
+async def test_followed_repositories_are_live_on_the_users_host_and_on_another(
+    dev_pds: Any,
+    make_pds: MakePDS,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    resolver: IdentityResolver,
+) -> None:
+    """With Live(fallback=60) nothing is polled within the test: what arrives, the event
+    streams brought — alice's own host's (bob lives there) and the second host's (dan)."""
+    collection = collection_for(request)
+    second = make_pds(plc_url=dev_pds.plc_url, accounts=[("dan.test", "dan-pw-1")])
+    alice, bob = await session_of(dev_pds, "alice.test"), await session_of(dev_pds, "bob.test")
+    dan = await session_of(second, "dan.test")
+    live = {"pull": Live(fallback=60)}
+    async with device(tmp_path / "alice.db", collection, alice, resolver, **live) as (app, sync):
+        await sync.follow(bob.did)
+        await sync.follow(dan.did)
+        await pulled(sync)
+        for session, rkey in ((bob, "from-bob"), (dan, "from-dan")):
+            await write(session, collection, rkey, title=rkey)
+            uri = f"at://{session.did}/{collection}/{rkey}"
+            await wait_for(app, lambda state, uri=uri: uri in state, within=15)
+        await delete(dan, collection, "from-dan")
+        await wait_for(app, lambda state: f"at://{dan.did}/{collection}/from-dan" not in state, 15)

@@ -308,7 +308,8 @@ class ATSync(StatusKeeper, PullEvents, FollowRepos):
                 if isinstance(self.pull_strategy, Live) and self._pulls():
                     tg.start_soon(listen, self._stream_session, self._on_repo_event,
                                   self._on_stream, self._stream_cursor,
-                                  self._on_bad_frame)  # fmt: skip
+                                  self._on_bad_frame, self._on_own_host_event)  # fmt: skip
+                    tg.start_soon(self._watch_follow_hosts, self._own_host)
                 task_status.started()
                 await self._loop()
         finally:

@@ -2,10 +2,14 @@
 
 Each followed repository gets a ``Puller`` of its own (``Repo(did)``): resolved to its PDS and
 signing key — its PDS may be another host than the user's — and read with a client that sends
-no credentials. Every pull step of the engine pulls the followed repositories after the
-user's own one; with ``Live()`` that is at least every ``fallback`` seconds (their events are
-not followed yet). A followed repository that fails (offline host, forged data) is reported
-and retried with the next step; it never holds back the others or the user's own sync.
+no credentials. A pull step pulls the followed repositories after the user's own one. With
+``Live()`` the event streams say when: the user's own host's stream (already open) and one
+stream per other host where followed accounts live, shared by all of them; an event about a
+followed account, or a stream's reconnect, makes the next step pull that repository (a
+verified whole comparison: the events are hints, never applied as such). While a host's
+stream is down its repositories are polled every ``fallback`` seconds. A followed
+repository that fails (offline host, forged data) is reported in ``follow_errors`` and
+retried with the next step; it never holds back the others or the user's own sync.
 """
 
 from __future__ import annotations
@@ -14,15 +18,19 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 from .._errors import NetworkError, ValidationError, VerificationError
 from ..app import App
 from ..atproto import XrpcClient, is_valid_did
 from ..db import ModelDB
 from ._binding import BoundBinding
 from ._follows import Follows, Origin
+from ._live import listen_for_others
 from ._merge import ConflictPolicy
 from ._puller import Puller
 from ._repo import Repo
+from ._strategies import Live, PullStrategy
 
 if TYPE_CHECKING:
     from ._apply import OnPdsAction
@@ -44,6 +52,7 @@ class FollowRepos:
     _pull_forced: bool
     _wake: Callable[[], None]
     _puller: Puller | None
+    pull_strategy: PullStrategy
 
     def _setup_follows(
         self,
@@ -58,6 +67,13 @@ class FollowRepos:
         self._follow_options = puller_options
         self._followed_pullers: dict[str, Puller] = {}
         self.follow_errors: dict[str, str] = {}  # DID -> the last failure of its pull
+        # Live: which host each followed DID is on, the event streams of those hosts, and
+        # the followed repositories their events (or a reconnect) said changed.
+        self._follow_hosts: dict[str, str] = {}
+        self._host_streams: dict[str, bool] = {}
+        self._hosts_changed = anyio.Event()
+        self._follow_due: set[str] = set()
+        self._follow_pulled: set[str] = set()  # pulled at least once in this run
         for who in follow:
             if not is_valid_did(who):
                 raise ValidationError(
@@ -105,6 +121,8 @@ class FollowRepos:
             return False
         self._followed_pullers.pop(did, None)
         self.follow_errors.pop(did, None)
+        if self._follow_hosts.pop(did, None) is not None:
+            self._hosts_changed.set()
         app = self.app
         capture = self._capture
         assert capture is not None, "an engine without its app follows nobody"
@@ -132,11 +150,69 @@ class FollowRepos:
             self._followed_pullers[did] = puller
         return puller
 
+    def _follow_streams_up(self) -> bool:
+        """Every followed repository's host has its event stream up (Live needs no poll)."""
+        hosts = {self._follow_hosts.get(did) for did in self._follows.dids()}
+        return None not in hosts and all(self._host_streams.get(h or "") for h in hosts)
+
+    def _on_other(self, did: str | None, host: str) -> None:
+        """An event on ``host`` about ``did`` (None: the stream reconnected)."""
+        followed = self._follows.dids()
+        if did is None:
+            due = {d for d in followed if self._follow_hosts.get(d) == host}
+        else:
+            due = {did} if did in followed else set()
+        if due:
+            self._follow_due |= due
+            self._pull_forced = True
+            self._wake()
+
+    def _on_host_stream(self, host: str, up: bool) -> None:
+        self._host_streams[host] = up
+        self._wake()
+
+    async def _watch_follow_hosts(self, own_host: Callable[[], str | None]) -> None:
+        """Run until cancelled: one event stream per host of followed repositories (the
+        user's own host is already listened to), started and stopped as follows change."""
+        running: dict[str, anyio.CancelScope] = {}
+        async with anyio.create_task_group() as tg:
+            while True:
+                self._hosts_changed = anyio.Event()
+                own = own_host()
+                wanted = set(self._follow_hosts.values()) - {own}
+                for host in wanted - set(running):
+                    scope = running[host] = anyio.CancelScope()
+                    tg.start_soon(self._host_stream, host, scope)
+                for host in set(running) - wanted:
+                    running.pop(host).cancel()
+                    self._host_streams.pop(host, None)
+                await self._hosts_changed.wait()
+
+    async def _host_stream(self, host: str, scope: anyio.CancelScope) -> None:
+        with scope:
+            await listen_for_others(
+                host,
+                lambda did: self._on_other(did, host),
+                lambda up: self._on_host_stream(host, up),
+            )
+
     async def _pull_follows(self, runner: StepRunner, client: XrpcClient, verify: bool) -> None:
-        """Pull every followed repository once; a failure is kept in ``follow_errors``."""
+        """Pull the followed repositories that are due: all of them unless Live has every
+        host's stream up, else those whose events said they changed. A failure is kept in
+        ``follow_errors``."""
+        live = isinstance(self.pull_strategy, Live)
         for did in self._follows.dids():
+            host = self._follow_hosts.get(did)
+            streamed = live and host is not None and self._host_streams.get(host, False)
+            if streamed and did in self._follow_pulled and did not in self._follow_due:
+                continue
+            self._follow_due.discard(did)
             try:
                 identity = await runner.resolver(client).resolve(did)
+                pds = identity.pds.rstrip("/")
+                if self._follow_hosts.get(did) != pds:
+                    self._follow_hosts[did] = pds  # a new host to listen to (or it moved)
+                    self._hosts_changed.set()
                 puller = self._followed_puller(did)
                 async with XrpcClient(identity.pds) as theirs:
                     key = identity.signing_key if verify else None
@@ -149,6 +225,7 @@ class FollowRepos:
                 self.follow_errors[did] = str(exc)
                 log.info("pulling followed repository %s failed: %s", did, exc)
             else:
+                self._follow_pulled.add(did)
                 self.follow_errors.pop(did, None)
                 if result.applied or result.deleted:
                     log.info(

@@ -39,6 +39,9 @@ class PullEvents:
     _events_lost: bool
     _account_inactive: str | None
     _follows: Follows
+    _follow_streams_up: Callable[[], bool]
+    _on_host_stream: Callable[[str, bool], None]
+    _on_other: Callable[[str | None, str], None]
     _wake: Callable[[], None]
     _refresh_status: Callable[..., None]
 
@@ -50,8 +53,13 @@ class PullEvents:
             return math.inf
         at = self.pull_strategy.pull_at(self._last_pull, self._stream_up)
         strategy = self.pull_strategy
-        if isinstance(strategy, Live) and self._last_pull is not None and self._follows.dids():
-            # The stream carries the user's own repository only: followed ones are polled.
+        if (
+            isinstance(strategy, Live)
+            and self._last_pull is not None
+            and self._follows.dids()
+            and not self._follow_streams_up()
+        ):
+            # A followed repository whose host's stream is down (or not open yet): polled.
             at = min(at, self._last_pull + strategy.fallback)
         if runner.pull_retry_at is not None:
             at = max(at, runner.pull_retry_at) if at < math.inf else runner.pull_retry_at
@@ -101,5 +109,17 @@ class PullEvents:
 
     def _on_stream(self, up: bool) -> None:
         self._stream_up = up
+        host = self._own_host()
+        if host is not None:
+            self._on_host_stream(host, up)  # it carries followed accounts on this host too
         self._refresh_status(live=up)
         self._wake()
+
+    def _own_host(self) -> str | None:
+        session = self._stream_session()
+        return None if session is None else str(session.pds_url).rstrip("/")
+
+    def _on_own_host_event(self, did: str | None) -> None:
+        host = self._own_host()
+        if host is not None:
+            self._on_other(did, host)
