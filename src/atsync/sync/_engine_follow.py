@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = ["FollowRepos"]
 
 log = logging.getLogger("atsync.sync")
+FOLLOW_PULLS = 4  # followed repositories pulled at once
 
 
 class FollowRepos:
@@ -197,16 +198,32 @@ class FollowRepos:
             )
 
     async def _pull_follows(self, runner: StepRunner, client: XrpcClient, verify: bool) -> None:
-        """Pull the followed repositories that are due: all of them unless Live has every
-        host's stream up, else those whose events said they changed. A failure is kept in
-        ``follow_errors``."""
+        """Pull the followed repositories that are due — all of them unless Live has every
+        host's stream up, else those whose events said they changed — ``FOLLOW_PULLS`` at a
+        time (their downloads overlap). A failure is kept in ``follow_errors``."""
         live = isinstance(self.pull_strategy, Live)
+        due = []
         for did in self._follows.dids():
             host = self._follow_hosts.get(did)
             streamed = live and host is not None and self._host_streams.get(host, False)
             if streamed and did in self._follow_pulled and did not in self._follow_due:
                 continue
             self._follow_due.discard(did)
+            due.append(did)
+        limiter = anyio.CapacityLimiter(FOLLOW_PULLS)
+        async with anyio.create_task_group() as tg:
+            for did in due:
+                tg.start_soon(self._pull_followed, runner, client, verify, did, limiter)
+
+    async def _pull_followed(
+        self,
+        runner: StepRunner,
+        client: XrpcClient,
+        verify: bool,
+        did: str,
+        limiter: anyio.CapacityLimiter,
+    ) -> None:
+        async with limiter:
             try:
                 identity = await runner.resolver(client).resolve(did)
                 pds = identity.pds.rstrip("/")

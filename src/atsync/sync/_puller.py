@@ -219,7 +219,7 @@ class Puller:
         progress: Progress | None,
     ) -> None:
         total = len(changes)
-        models = {b.model.name for b in self._by_collection.values()}
+        models = {b.model.name for b in self._by_collection.values()} if self._repo.own else ()
         self._applier.restoring(frozenset(m for m in models if not self._db.query(m, limit=1)))
         try:
             for start in range(0, total, CHUNK):
