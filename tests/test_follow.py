@@ -93,9 +93,9 @@ def rows(app: App) -> dict[str, dict[str, Any]]:
 
 
 async def pulled(sync: ATSync) -> None:
+    """``wait_pulled()`` alone: it includes the followed repositories (as a user writes it)."""
     with anyio.fail_after(30):
         await sync.wait_pulled()
-        await sync.wait_for_idle()
 
 
 @pytest.fixture
@@ -121,9 +121,6 @@ async def test_a_followed_repository_arrives_read_only_and_follows_its_edits(
         assert set(state) == {"mine", uri, f"at://{bob.did}/{collection}/b"}
         assert state[uri]["title"] == "bob a"
         assert sync.origin("notes", uri) == Origin(bob.did, uri, cids["a"])
-        own = sync.origin("notes", "mine")
-        assert own is not None and own.did == alice.did
-        assert own.uri == f"at://{alice.did}/{collection}/mine"
 
         # Bob edits one, deletes the other: both reach alice's database.
         cids["a"] = await write(bob, collection, "a", title="bob a, edited")
@@ -139,7 +136,12 @@ async def test_a_followed_repository_arrives_read_only_and_follows_its_edits(
             with pytest.raises(ActionError, match="read-only"):
                 attempt()
         assert rows(app)[uri]["title"] == "bob a, edited"
+        with anyio.fail_after(30):
+            await sync.wait_for_idle()  # alice's own note is pushed; nothing else was queued
         assert sync.status.pending == 0
+        own = sync.origin("notes", "mine")
+        assert own is not None and own.did == alice.did
+        assert own.uri == f"at://{alice.did}/{collection}/mine"
         mine = await remote(alice, collection)
         assert set(mine) == {"mine"}  # nothing of bob's went into alice's repository
 

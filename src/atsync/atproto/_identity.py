@@ -52,6 +52,7 @@ from ._did_doc import (
     validate_did_plc,
 )
 from ._syntax import is_valid_did, validate_at_identifier, validate_did, validate_handle
+from ._tls import tls_context
 from ._ttl_cache import TtlCache
 from ._xrpc_errors import retry_at
 
@@ -170,7 +171,7 @@ class IdentityResolver:
         self._plc_url = plc_url.rstrip("/")
         self._own_http = http_client is None
         self._http = http_client or httpx.AsyncClient(
-            max_redirects=_MAX_REDIRECTS, headers={"User-Agent": "atsync"}
+            verify=tls_context(), max_redirects=_MAX_REDIRECTS, headers={"User-Agent": "atsync"}
         )
         self._nameservers = list(dns_nameservers) if dns_nameservers is not None else None
         self._use_dns = use_dns

@@ -53,6 +53,7 @@ from atsync._errors import (
 
 from ._cbor import CID, CODEC_RAW, data_from_json
 from ._firehose import DEFAULT_MAX_FRAME_SIZE, FirehoseFrame, FirehoseSubscription
+from ._tls import tls_context
 from ._xrpc_errors import (
     RateLimitInfo,
     classify_response,
@@ -171,6 +172,7 @@ class XrpcClient:
         self.rate_limit: RateLimitInfo | None = None
         self._closed = False
         self._http = httpx.AsyncClient(
+            verify=tls_context(),
             timeout=timeout,
             headers={"User-Agent": USER_AGENT, **(headers or {})},
             transport=transport,

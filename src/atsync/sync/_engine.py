@@ -317,6 +317,7 @@ class ATSync(StatusKeeper, PullEvents, FollowRepos):
             self._waker = None
             with anyio.CancelScope(shield=True):
                 await runner.aclose()
+                await self._close_follow_clients()
             try:
                 self._refresh_status(
                     state=State.STOPPED, waiting_reason=None, resumes_at=None, did=None

@@ -75,6 +75,7 @@ class FollowRepos:
         self._hosts_changed = anyio.Event()
         self._follow_due: set[str] = set()
         self._follow_pulled: set[str] = set()  # pulled at least once in this run
+        self._follow_clients: dict[str, XrpcClient] = {}  # by host, no credentials
         for who in follow:
             if not is_valid_did(who):
                 raise ValidationError(
@@ -150,6 +151,11 @@ class FollowRepos:
             puller = Puller(self._follow_db, **self._follow_options, repo=Repo(did))
             self._followed_pullers[did] = puller
         return puller
+
+    async def _close_follow_clients(self) -> None:
+        clients, self._follow_clients = self._follow_clients, {}
+        for client in clients.values():
+            await client.aclose()
 
     def _follow_streams_up(self) -> bool:
         """Every followed repository's host has its event stream up (Live needs no poll)."""
@@ -231,9 +237,11 @@ class FollowRepos:
                     self._follow_hosts[did] = pds  # a new host to listen to (or it moved)
                     self._hosts_changed.set()
                 puller = self._followed_puller(did)
-                async with XrpcClient(identity.pds) as theirs:
-                    key = identity.signing_key if verify else None
-                    result = await puller.pull(did, theirs, key)
+                theirs = self._follow_clients.get(pds)
+                if theirs is None:  # one client per host: its connections are reused
+                    theirs = self._follow_clients[pds] = XrpcClient(pds)
+                key = identity.signing_key if verify else None
+                result = await puller.pull(did, theirs, key)
             except VerificationError as exc:
                 self._followed_puller(did).reject_all(did, "VerificationError", str(exc))
                 self.follow_errors[did] = f"the repository failed verification: {exc}"

@@ -232,6 +232,8 @@ class StepRunner:
             self._pull_failed(str(exc), None, offline=isinstance(exc, TransientError)
                               and exc.status is None)  # fmt: skip
             return False
+        # The followed repositories too, before the pull counts as done (wait_pulled).
+        await engine._pull_follows(self, client, engine.verify)
         engine._backoff.succeeded()
         self.pull_retry_at = None
         engine._last_pull = engine._clock()
@@ -243,7 +245,6 @@ class StepRunner:
                 result.rejected,
             )  # fmt: skip
         engine._refresh_status(download_error=None, pull_progress=None)
-        await engine._pull_follows(self, client, engine.verify)
         return True
 
     async def _apply_events(self, did: str, key: str, frames: list[FirehoseFrame]) -> bool:

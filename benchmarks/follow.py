@@ -1,0 +1,246 @@
+"""Following many repositories on two hosts: backfill and live fan-in, atsync vs the SDK.
+
+    .venv/bin/python benchmarks/follow.py [--repos 50] [--records 1000] [--rounds 3] [--live 30]
+
+One run: two local reference PDS hosts sharing one PLC directory, ``--repos`` accounts split
+between them with ``--records`` records each (``applyWrites`` batches of 200), and a follower
+account on the first host. Then:
+
+(i) backfill, records/s (median of ``--rounds``, each into a fresh database):
+
+    atsync  the follower's device: ``ATSync(..., follow=[every DID], pull=Manual())``, timed
+            from entering ``async with sync`` to ``wait_pulled()`` returning — each
+            repository resolved to its host and key, its CAR downloaded and verified (commit
+            signature, every block, the MST), its records applied as rows keyed by AT URI.
+    (a)     the ``atproto`` SDK: for each repository, a ``com.atproto.repo.listRecords`` loop
+            (limit 100, cursor) against its host, each record inserted into a plain
+            ``sqlite3`` table (WAL, synchronous=NORMAL; one transaction per page). Nothing
+            verified.
+
+(ii) live fan-in: the follower's device with ``pull=Live()``; a record written to one of the
+    followed repositories (round robin over both hosts) until its row is in the follower's
+    database — p50 and p99 (nearest rank) over ``--live`` writes after 4 warm-up writes (two
+    per host: the second host's stream opens once its repositories' host is known).
+
+Targets (issue #10): atsync >= 2x (a) in records/s; live fan-in p50 < 300 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from atsync.app import App, Contract
+from atsync.atproto import Create, DevPDS, IdentityResolver, TidClock, XrpcClient, login
+from atsync.sync import ATSync, Binding, Live, Manual
+
+TARGET_SDK, TARGET_P50 = 2.0, 0.300
+WARM_UP = 4  # writes not measured: two per host, while the second host's stream opens
+PASSWORD = "follow-pw-1"
+FOLLOWER = "erin.test"
+COLLECTION = "bench.follow.note"
+
+contract = Contract(models={"notes": {"id": "primary", "text": "string", "n": "integer"}})
+
+
+def record(n: int) -> dict[str, Any]:
+    return {"$type": COLLECTION, "text": f"a note shared with the people I work with, #{n}", "n": n}
+
+
+async def fill(pds: DevPDS, handle: str, records: int) -> None:
+    account = pds.accounts[handle]
+    clock = TidClock()
+    async with XrpcClient(session=await login(account.did, PASSWORD, pds.pds_url)) as client:
+        for first in range(0, records, 200):
+            batch = range(first, min(records, first + 200))
+            writes = [Create(COLLECTION, record(i), rkey=clock.next()) for i in batch]
+            await client.apply_writes(account.did, writes)
+
+
+async def atsync_backfill(first: DevPDS, dids: list[str], db: Path) -> tuple[float, int]:
+    follower = first.accounts[FOLLOWER]
+    session = await login(follower.did, PASSWORD, first.pds_url)
+    async with IdentityResolver(plc_url=first.plc_url, allow_insecure_localhost=True) as r:
+        with App.open(db, contract) as app:
+            sync = ATSync(
+                app,
+                bindings={"notes": Binding(COLLECTION)},
+                session=session,
+                pull=Manual(),
+                push=Manual(),
+                identity=r,
+                follow=dids,
+            )
+            start = time.perf_counter()
+            async with sync:
+                await sync.wait_pulled()
+            seconds = time.perf_counter() - start
+            sync.close()
+            errors = dict(sync.follow_errors)
+            rows = app.model_db.execute("SELECT count(*) FROM notes").fetchone()[0]
+    if errors:
+        raise SystemExit(f"followed repositories failed: {errors}")
+    return seconds, int(rows)
+
+
+def sdk_backfill(hosts: dict[str, str], db: Path) -> tuple[float, int]:
+    from atproto import Client  # the Python AT Protocol SDK
+
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute(
+        "CREATE TABLE notes (uri TEXT PRIMARY KEY, text TEXT NOT NULL, n INTEGER NOT NULL)"
+    )
+    clients = {url: Client(base_url=url) for url in set(hosts.values())}
+    start = time.perf_counter()
+    for did, url in hosts.items():
+        cursor: str | None = None
+        while True:
+            params: dict[str, Any] = {"repo": did, "collection": COLLECTION, "limit": 100}
+            if cursor:
+                params["cursor"] = cursor
+            page = clients[url].com.atproto.repo.list_records(params)
+            conn.execute("BEGIN")
+            for r in page.records:
+                conn.execute(
+                    "INSERT OR REPLACE INTO notes (uri, text, n) VALUES (?, ?, ?)",
+                    (r.uri, r.value["text"], r.value["n"]),
+                )
+            conn.execute("COMMIT")
+            cursor = page.cursor
+            if not cursor or not page.records:
+                break
+    seconds = time.perf_counter() - start
+    (rows,) = conn.execute("SELECT count(*) FROM notes").fetchone()
+    conn.close()
+    return seconds, int(rows)
+
+
+async def live_fan_in(
+    first: DevPDS, writers: list[tuple[DevPDS, str]], dids: list[str], writes: int, db: Path
+) -> list[float]:
+    follower = first.accounts[FOLLOWER]
+    session = await login(follower.did, PASSWORD, first.pds_url)
+    sessions = [await login(p.accounts[h].did, PASSWORD, p.pds_url) for p, h in writers]
+    latencies: list[float] = []
+    async with IdentityResolver(plc_url=first.plc_url, allow_insecure_localhost=True) as r:
+        with App.open(db, contract) as app:
+            sync = ATSync(
+                app,
+                bindings={"notes": Binding(COLLECTION)},
+                session=session,
+                pull=Live(),
+                push=Manual(),
+                identity=r,
+                follow=dids,
+            )
+            async with sync:
+                with anyio.fail_after(300):
+                    await sync.wait_pulled()
+                    async for status in sync.status_changes():
+                        if status.live:
+                            break
+                clock = TidClock()
+                for i in range(writes + WARM_UP):
+                    author = sessions[i % len(sessions)]
+                    rkey = clock.next()
+                    uri = f"at://{author.did}/{COLLECTION}/{rkey}"
+                    arrived = anyio.Event()
+
+                    def seen(found: list[Any], arrived: anyio.Event = arrived) -> None:
+                        if found:
+                            arrived.set()
+
+                    sub = app.db.subscribe("notes", seen, where={"id": uri}, initial=False)
+                    async with XrpcClient(session=author) as client:
+                        start = time.perf_counter()
+                        await client.create_record(author.did, COLLECTION, record(i), rkey=rkey)
+                        with anyio.fail_after(30):
+                            await arrived.wait()
+                        if i >= WARM_UP:
+                            latencies.append(time.perf_counter() - start)
+                    sub.cancel()
+            sync.close()
+    return latencies
+
+
+def nearest_rank(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repos", type=int, default=50)
+    parser.add_argument("--records", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--live", type=int, default=30)
+    args = parser.parse_args()
+    handles = [f"f{i:02d}.test" for i in range(args.repos)]
+    on_first, on_second = handles[: args.repos // 2], handles[args.repos // 2 :]
+    print(f"two hosts, {args.repos} accounts with {args.records} records each …", flush=True)
+    first = DevPDS(accounts=[(h, PASSWORD) for h in [FOLLOWER, *on_first]]).start()
+    try:
+        with DevPDS(plc_url=first.plc_url, accounts=[(h, PASSWORD) for h in on_second]) as second:
+            owners = [(first, h) for h in on_first] + [(second, h) for h in on_second]
+            start = time.perf_counter()
+
+            async def fill_all() -> None:
+                async with anyio.create_task_group() as tg:
+                    for pds, handle in owners:
+                        tg.start_soon(fill, pds, handle, args.records)
+
+            anyio.run(fill_all, backend="asyncio")
+            print(f"  filled in {time.perf_counter() - start:.1f} s", flush=True)
+            dids = [pds.accounts[h].did for pds, h in owners]
+            hosts = {pds.accounts[h].did: pds.pds_url for pds, h in owners}
+            ours, sdk = [], []
+            with tempfile.TemporaryDirectory() as tmp:
+                for n in range(args.rounds):
+                    print(f"round {n + 1}/{args.rounds}: atsync …", flush=True)
+                    seconds, rows = anyio.run(
+                        atsync_backfill, first, dids, Path(tmp) / f"a{n}.db", backend="asyncio"
+                    )
+                    assert rows == args.repos * args.records, rows
+                    ours.append(rows / seconds)
+                    print("  (a) SDK listRecords loops …", flush=True)
+                    seconds, rows = sdk_backfill(hosts, Path(tmp) / f"s{n}.db")
+                    assert rows == args.repos * args.records, rows
+                    sdk.append(rows / seconds)
+                print(f"live fan-in, {args.live} writes …", flush=True)
+                latencies = anyio.run(
+                    live_fan_in, first, owners, dids, args.live, Path(tmp) / "live.db",
+                    backend="asyncio",
+                )  # fmt: skip
+    finally:
+        first.stop()
+    a, s = statistics.median(ours), statistics.median(sdk)
+    p50, p99 = nearest_rank(latencies, 0.5), nearest_rank(latencies, 0.99)
+    ok_sdk, ok_live = a / s >= TARGET_SDK, p50 < TARGET_P50
+    print(f"following {args.repos} repositories of {args.records} records on two hosts")
+    print("(i) backfill, records/s, median (runs)")
+    runs = ", ".join(f"{v:,.0f}" for v in ours)
+    print(f"  atsync, verified, into its database : {a:9,.0f}   ({runs})")
+    runs = ", ".join(f"{v:,.0f}" for v in sdk)
+    print(f"  (a) atproto SDK listRecords loops   : {s:9,.0f}   ({runs})")
+    print(
+        f"  atsync / (a) = {a / s:5.2f}x   target >= {TARGET_SDK}x   {'PASS' if ok_sdk else 'FAIL'}"
+    )
+    print(f"(ii) live fan-in, write -> the follower's row, {len(latencies)} writes")
+    print(f"  p50 {p50 * 1000:7.1f} ms   p99 {p99 * 1000:7.1f} ms   target p50 < 300 ms   "
+          f"{'PASS' if ok_live else 'FAIL'}")  # fmt: skip
+    return 0 if ok_sdk and ok_live else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
