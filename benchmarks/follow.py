@@ -34,6 +34,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,7 @@ import anyio
 
 from atsync.app import App, Contract
 from atsync.atproto import Create, DevPDS, IdentityResolver, TidClock, XrpcClient, login
-from atsync.sync import ATSync, Binding, Live, Manual
+from atsync.sync import ATSync, Binding, Live, Manual, PullStrategy
 
 TARGET_SDK, TARGET_P50 = 2.0, 0.300
 WARM_UP = 4  # writes not measured: two per host, while the second host's stream opens
@@ -66,27 +68,30 @@ async def fill(pds: DevPDS, handle: str, records: int) -> None:
             await client.apply_writes(account.did, writes)
 
 
-async def atsync_backfill(first: DevPDS, dids: list[str], db: Path) -> tuple[float, int]:
+@asynccontextmanager
+async def follower_device(
+    first: DevPDS, dids: list[str], db: Path, pull: PullStrategy
+) -> AsyncIterator[tuple[App, ATSync]]:
+    """The follower's app and engine (not started), following ``dids``."""
     follower = first.accounts[FOLLOWER]
     session = await login(follower.did, PASSWORD, first.pds_url)
     async with IdentityResolver(plc_url=first.plc_url, allow_insecure_localhost=True) as r:
         with App.open(db, contract) as app:
-            sync = ATSync(
-                app,
-                bindings={"notes": Binding(COLLECTION)},
-                session=session,
-                pull=Manual(),
-                push=Manual(),
-                identity=r,
-                follow=dids,
-            )
-            start = time.perf_counter()
-            async with sync:
-                await sync.wait_pulled()
-            seconds = time.perf_counter() - start
-            sync.close()
-            errors = dict(sync.follow_errors)
-            rows = app.model_db.execute("SELECT count(*) FROM notes").fetchone()[0]
+            bindings = {"notes": Binding(COLLECTION)}
+            sync = ATSync(app, bindings=bindings, session=session, identity=r, follow=dids,
+                          pull=pull, push=Manual())  # fmt: skip
+            yield app, sync
+
+
+async def atsync_backfill(first: DevPDS, dids: list[str], db: Path) -> tuple[float, int]:
+    async with follower_device(first, dids, db, Manual()) as (app, sync):
+        start = time.perf_counter()
+        async with sync:
+            await sync.wait_pulled()
+        seconds = time.perf_counter() - start
+        sync.close()
+        errors = dict(sync.follow_errors)
+        rows = app.model_db.execute("SELECT count(*) FROM notes").fetchone()[0]
     if errors:
         raise SystemExit(f"followed repositories failed: {errors}")
     return seconds, int(rows)
@@ -129,48 +134,36 @@ def sdk_backfill(hosts: dict[str, str], db: Path) -> tuple[float, int]:
 async def live_fan_in(
     first: DevPDS, writers: list[tuple[DevPDS, str]], dids: list[str], writes: int, db: Path
 ) -> list[float]:
-    follower = first.accounts[FOLLOWER]
-    session = await login(follower.did, PASSWORD, first.pds_url)
     sessions = [await login(p.accounts[h].did, PASSWORD, p.pds_url) for p, h in writers]
     latencies: list[float] = []
-    async with IdentityResolver(plc_url=first.plc_url, allow_insecure_localhost=True) as r:
-        with App.open(db, contract) as app:
-            sync = ATSync(
-                app,
-                bindings={"notes": Binding(COLLECTION)},
-                session=session,
-                pull=Live(),
-                push=Manual(),
-                identity=r,
-                follow=dids,
-            )
-            async with sync:
-                with anyio.fail_after(300):
-                    await sync.wait_pulled()
-                    async for status in sync.status_changes():
-                        if status.live:
-                            break
-                clock = TidClock()
-                for i in range(writes + WARM_UP):
-                    author = sessions[i % len(sessions)]
-                    rkey = clock.next()
-                    uri = f"at://{author.did}/{COLLECTION}/{rkey}"
-                    arrived = anyio.Event()
+    async with follower_device(first, dids, db, Live()) as (app, sync):
+        async with sync:
+            with anyio.fail_after(300):
+                await sync.wait_pulled()
+                async for status in sync.status_changes():
+                    if status.live:
+                        break
+            clock = TidClock()
+            for i in range(writes + WARM_UP):
+                author = sessions[i % len(sessions)]
+                rkey = clock.next()
+                uri = f"at://{author.did}/{COLLECTION}/{rkey}"
+                arrived = anyio.Event()
 
-                    def seen(found: list[Any], arrived: anyio.Event = arrived) -> None:
-                        if found:
-                            arrived.set()
+                def seen(found: list[Any], arrived: anyio.Event = arrived) -> None:
+                    if found:
+                        arrived.set()
 
-                    sub = app.db.subscribe("notes", seen, where={"id": uri}, initial=False)
-                    async with XrpcClient(session=author) as client:
-                        start = time.perf_counter()
-                        await client.create_record(author.did, COLLECTION, record(i), rkey=rkey)
-                        with anyio.fail_after(30):
-                            await arrived.wait()
-                        if i >= WARM_UP:
-                            latencies.append(time.perf_counter() - start)
-                    sub.cancel()
-            sync.close()
+                sub = app.db.subscribe("notes", seen, where={"id": uri}, initial=False)
+                async with XrpcClient(session=author) as client:
+                    start = time.perf_counter()
+                    await client.create_record(author.did, COLLECTION, record(i), rkey=rkey)
+                    with anyio.fail_after(30):
+                        await arrived.wait()
+                    if i >= WARM_UP:
+                        latencies.append(time.perf_counter() - start)
+                sub.cancel()
+        sync.close()
     return latencies
 
 
