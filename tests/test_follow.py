@@ -5,6 +5,8 @@ account on a second PDS host (sharing the PLC directory) works like one on the f
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -121,6 +123,12 @@ async def test_a_followed_repository_arrives_read_only_and_follows_its_edits(
         assert set(state) == {"mine", uri, f"at://{bob.did}/{collection}/b"}
         assert state[uri]["title"] == "bob a"
         assert sync.origin("notes", uri) == Origin(bob.did, uri, cids["a"])
+        shown = await anyio.run_process(
+            [sys.executable, "-m", "atsync", "status", "--db", str(tmp_path / "alice.db"), "--json"]
+        )
+        (followed,) = json.loads(shown.stdout)["following"]
+        assert (followed["did"], followed["records"]) == (bob.did, 2)
+        assert followed["rev"] is not None and followed["last_pulled_at"] is not None
 
         # Bob edits one, deletes the other: both reach alice's database.
         cids["a"] = await write(bob, collection, "a", title="bob a, edited")

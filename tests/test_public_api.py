@@ -223,6 +223,7 @@ EXPECTED: dict[str, list[str]] = {
         "ConflictPolicy",
         "DeadLetter",
         "Debounce",
+        "FollowedRepo",
         "Immediate",
         "Interval",
         "Live",
@@ -244,6 +245,7 @@ EXPECTED: dict[str, list[str]] = {
         "SyncThread",
         "Transform",
         "WaitReason",
+        "followed_repositories",
     ],
     "atsync.cli": ["main"],
 }

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,15 @@ from .._errors import AtsyncError, TransactionError
 from ..app import App, ATPSigner, LocalSigner, key_path_for, writer_lock
 from ..atproto import FileSessionStore, Session, login
 from ..db import ModelDB
-from ..sync import ATSync, Manual, Outbox, State, SyncStatus, WaitReason
+from ..sync import (
+    ATSync,
+    Manual,
+    Outbox,
+    State,
+    SyncStatus,
+    WaitReason,
+    followed_repositories,
+)
 from ._main import main
 
 DB_OPTION = click.option(
@@ -96,6 +105,7 @@ def status(db_path: Path, session_dir: Path | None, as_json: bool) -> None:
             "has_synced": outbox.get_state("has_synced") == "1",
             "commit": outbox.get_state("commit_rev"),
             "engine": _engine_status(db_path, outbox.get_state("engine")),
+            "following": [asdict(f) for f in followed_repositories(db)],
         }
         last_push = _when(outbox.get_state("last_pushed_at"))
         last_pull = _when(outbox.get_state("last_pulled_at"))
@@ -118,6 +128,13 @@ def status(db_path: Path, session_dir: Path | None, as_json: bool) -> None:
     click.echo(f"last pull   {last_pull}" + (f"  (rev {info['rev']})" if info["rev"] else ""))
     click.echo(f"has synced  {'yes' if info['has_synced'] else 'no'}")
     click.echo(f"engine      {_describe_engine(info['engine'])}")
+    for followed in info["following"]:
+        name = followed["handle"] or followed["did"]
+        pulled = _when(str(followed["last_pulled_at"]) if followed["last_pulled_at"] else None)
+        click.echo(
+            f"following   {name}: {followed['records']} records, last pull {pulled}"
+            + (f" (rev {followed['rev']})" if followed["rev"] else "")
+        )
 
 
 def _engine_status(db_path: Path, saved: str | None) -> dict[str, Any]:

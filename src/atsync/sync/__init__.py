@@ -14,7 +14,7 @@ from ._blocking import SyncThread
 from ._budget import RateBudget
 from ._capture import ActionCall, RecordWrite
 from ._engine import ATSync
-from ._follows import Origin
+from ._follows import FollowedRepo, Origin, followed_repositories
 from ._merge import ConflictPolicy
 from ._outbox import DeadLetter, Outbox, PendingWrite, QueuedWrite
 from ._status import RowState, State, SyncStatus, WaitReason
@@ -40,6 +40,7 @@ __all__ = [
     "ConflictPolicy",
     "DeadLetter",
     "Debounce",
+    "FollowedRepo",
     "Immediate",
     "Interval",
     "Live",
@@ -61,4 +62,5 @@ __all__ = [
     "SyncThread",
     "Transform",
     "WaitReason",
+    "followed_repositories",
 ]

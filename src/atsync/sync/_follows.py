@@ -23,7 +23,7 @@ from ..db import ModelDB
 from ._migrate import FOLLOWED, FOLLOWS
 from ._outbox import RECORDS, STATE
 
-__all__ = ["Follows", "Origin"]
+__all__ = ["FollowedRepo", "Follows", "Origin", "followed_repositories"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +34,45 @@ class Origin:
     did: str
     uri: str
     cid: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class FollowedRepo:
+    """One followed repository as the database holds it (``atsync status`` shows these)."""
+
+    did: str
+    handle: str | None
+    rev: str | None  # the revision last pulled
+    last_pulled_at: float | None
+    records: int  # its records held in the bound models
+
+
+def followed_repositories(db: ModelDB) -> list[FollowedRepo]:
+    """The repositories a database follows, read straight from its tables (no engine needed;
+    empty for a database from before following existed)."""
+    present = db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (FOLLOWS,)
+    ).fetchone()
+    if present is None:
+        return []
+    out = []
+    rows = db.execute(f"SELECT did, handle FROM {FOLLOWS} ORDER BY added_at").fetchall()
+    for did, handle in rows:
+        state = dict(
+            db.execute(f"SELECT key, value FROM {STATE} WHERE key LIKE ?", (f"follow:{did}:%",))
+        )
+        (count,) = db.execute(f"SELECT count(*) FROM {FOLLOWED} WHERE did = ?", (did,)).fetchone()
+        pulled_at = state.get(f"follow:{did}:last_pulled_at")
+        out.append(
+            FollowedRepo(
+                did,
+                handle,
+                state.get(f"follow:{did}:pulled_rev"),
+                float(pulled_at) if pulled_at else None,
+                int(count),
+            )
+        )
+    return out
 
 
 class Follows:
