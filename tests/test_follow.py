@@ -254,3 +254,46 @@ async def test_followed_repositories_are_live_on_the_users_host_and_on_another(
             await wait_for(app, lambda state, uri=uri: uri in state, within=15)
         await delete(dan, collection, "from-dan")
         await wait_for(app, lambda state: f"at://{dan.did}/{collection}/from-dan" not in state, 15)
+
+
+@pytest.mark.anyio
+async def test_a_host_that_hangs_delays_only_its_own_repositories(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    """A followed account whose host accepts connections and never answers: bob's records
+    still arrive, and alice's own writes still reach her repository, meanwhile."""
+    collection = collection_for(request)
+    alice, bob = await session_of(dev_pds, "alice.test"), await session_of(dev_pds, "bob.test")
+    await write(bob, collection, "b1", title="bob's")
+    stuck = "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa"
+
+    async def hold(stream: Any) -> None:
+        async with stream:
+            await anyio.sleep_forever()  # accepted, never answered
+
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+
+        class StuckHost:
+            """Resolves ``stuck`` to the silent host, everyone else as usual."""
+
+            async def resolve(self, did: str) -> Any:
+                if did == stuck:
+                    bob_identity = await resolver.resolve(bob.did)
+                    return replace(bob_identity, did=stuck, pds=f"http://127.0.0.1:{port}")
+                return await resolver.resolve(did)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, hold)
+            identity = StuckHost()
+            async with device(
+                tmp_path / "alice.db", collection, alice, identity, follow=[stuck, bob.did],
+                pull=Live(fallback=60),
+            ) as (app, sync):  # fmt: skip
+                app.actions.put("mine", "alice's own")
+                await wait_for(app, lambda state: f"at://{bob.did}/{collection}/b1" in state, 15)
+                with anyio.fail_after(15):
+                    await sync.wait_for_idle()
+                assert set(await remote(alice, collection)) == {"mine"}
+                assert stuck not in sync.follow_errors  # still waiting on its host
+            tg.cancel_scope.cancel()

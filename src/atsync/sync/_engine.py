@@ -309,7 +309,8 @@ class ATSync(StatusKeeper, PullEvents, FollowRepos):
                     tg.start_soon(listen, self._stream_session, self._on_repo_event,
                                   self._on_stream, self._stream_cursor,
                                   self._on_bad_frame, self._on_own_host_event)  # fmt: skip
-                    tg.start_soon(self._watch_follow_hosts, self._own_host)
+                if self._pulls():
+                    tg.start_soon(self._run_follows, self._own_host)
                 task_status.started()
                 await self._loop()
         finally:
@@ -495,6 +496,7 @@ class ATSync(StatusKeeper, PullEvents, FollowRepos):
         """Pull as soon as possible (whatever the pull strategy says)."""
         self._pull_wanted += 1
         self._pull_forced = True
+        self._ask_follows()
         runner = self._runner
         if runner is not None:
             runner.pull_retry_at = None
@@ -502,15 +504,18 @@ class ATSync(StatusKeeper, PullEvents, FollowRepos):
 
     async def wait_pulled(self) -> SyncStatus:
         """Pull, and wait until the local state includes the repository's head as of this
-        call (a pull that started after it has completed). Bound it with ``anyio.fail_after``."""
+        call (a pull that started after it has completed), and each followed repository's
+        (a pull of it finished, or failed: see ``follow_errors``). Bound it with
+        ``anyio.fail_after``."""
         if not self._pulls():
             return self.status  # no binding pulls: the local state includes all it can
         self.pull_now()
-        target = self._pull_wanted
-        async for status in self.status_changes():
+        target, followed = self._pull_wanted, self._follow_asked
+        async for _ in self.status_changes():
             if self._pull_done >= target:
-                return status
-        raise AssertionError("unreachable")
+                break
+        await self._wait_follows(followed)  # and every followed repository's
+        return self.status
 
     def start_fresh(self) -> None:
         """Forget this database's sync state — the account, what was synced, conflicts, dead

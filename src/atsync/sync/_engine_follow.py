@@ -2,19 +2,24 @@
 
 Each followed repository gets a ``Puller`` of its own (``Repo(did)``): resolved to its PDS and
 signing key — its PDS may be another host than the user's — and read with a client that sends
-no credentials. A pull step pulls the followed repositories after the user's own one. With
-``Live()`` the event streams say when: the user's own host's stream (already open) and one
-stream per other host where followed accounts live, shared by all of them; an event about a
-followed account, or a stream's reconnect, makes the next step pull that repository (a
-verified whole comparison: the events are hints, never applied as such). While a host's
-stream is down its repositories are polled every ``fallback`` seconds. A followed
-repository that fails (offline host, forged data) is reported in ``follow_errors`` and
-retried with the next step; it never holds back the others or the user's own sync.
+no credentials (following works before the user logs in). Each one is pulled by a task of its
+own in the engine's task group, so a host that is down or hangs delays only its own
+repositories: never the user's own sync, nor the other hosts (at most ``HOST_PULLS`` pulls at
+once per host). When: at start (``Manual``: only when asked), on ``pull_now()`` /
+``wait_pulled()`` / ``follow()``, every ``Poll`` interval, and with ``Live()`` when the event
+streams say so — the user's own host's stream (already open) and one stream per other host
+where followed accounts live, shared by all of them; an event about a followed account, or a
+stream's (re)connect, makes its task pull that repository (a verified whole comparison: the
+events are hints, never applied as such). While a host's stream is down its repositories are
+polled every ``fallback`` seconds. A followed repository that fails (offline host, forged
+data) is reported in ``follow_errors`` and retried with its next pull.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +27,7 @@ import anyio
 
 from .._errors import NetworkError, ValidationError, VerificationError
 from ..app import App
-from ..atproto import XrpcClient, is_valid_did
+from ..atproto import DEFAULT_PLC_URL, IdentityResolver, XrpcClient, is_valid_did
 from ..db import ModelDB
 from ._binding import BoundBinding
 from ._follows import Follows, Origin
@@ -30,7 +35,7 @@ from ._live import listen_for_others
 from ._merge import ConflictPolicy
 from ._puller import Puller
 from ._repo import Repo
-from ._strategies import Live, PullStrategy
+from ._strategies import Live, Manual, Poll, PullStrategy
 
 if TYPE_CHECKING:
     from ._apply import OnPdsAction
@@ -40,7 +45,7 @@ if TYPE_CHECKING:
 __all__ = ["FollowRepos"]
 
 log = logging.getLogger("atsync.sync")
-FOLLOW_PULLS = 4  # followed repositories pulled at once
+HOST_PULLS = 4  # followed repositories of one host pulled at once
 
 
 class FollowRepos:
@@ -50,10 +55,9 @@ class FollowRepos:
     _capture: Capture | None
     _identity: Any
     _runner: StepRunner | None
-    _pull_forced: bool
-    _wake: Callable[[], None]
     _puller: Puller | None
     pull_strategy: PullStrategy
+    verify: bool
 
     def _setup_follows(
         self,
@@ -64,18 +68,21 @@ class FollowRepos:
     ) -> None:
         self._follows = Follows(db)
         self._follow_db = db
-        self._follow_bound = dict(bound)
         self._follow_options = puller_options
         self._followed_pullers: dict[str, Puller] = {}
         self.follow_errors: dict[str, str] = {}  # DID -> the last failure of its pull
-        # Live: which host each followed DID is on, the event streams of those hosts, and
-        # the followed repositories their events (or a reconnect) said changed.
-        self._follow_hosts: dict[str, str] = {}
-        self._host_streams: dict[str, bool] = {}
+        self._follow_hosts: dict[str, str] = {}  # DID -> its PDS, as last resolved
+        self._host_streams: dict[str, bool] = {}  # host -> its event stream is up
         self._hosts_changed = anyio.Event()
-        self._follow_due: set[str] = set()
-        self._follow_pulled: set[str] = set()  # pulled at least once in this run
+        self._follows_changed = anyio.Event()
+        self._follow_wake: dict[str, anyio.Event] = {}  # DID -> wakes its task
+        self._follow_new: set[str] = set()  # followed while running: pull at once
+        self._follow_asked = 0  # pull_now() generations, and what each task has done
+        self._follow_done: dict[str, int] = {}
+        self._follow_progress = anyio.Event()
         self._follow_clients: dict[str, XrpcClient] = {}  # by host, no credentials
+        self._host_limits: dict[str, anyio.CapacityLimiter] = {}
+        self._follow_resolver: IdentityResolver | None = None  # made here: closed here
         for who in follow:
             if not is_valid_did(who):
                 raise ValidationError(
@@ -98,21 +105,13 @@ class FollowRepos:
         did = who
         if not is_valid_did(who):
             handle = who
-            resolver = self._identity
-            if resolver is None and self._runner is not None:
-                resolver = self._runner._resolver
-            if resolver is None:
-                raise ValidationError(
-                    f"cannot resolve the handle {who!r} before the engine has an identity "
-                    "resolver: give ATSync(identity=…) or follow by DID"
-                )
-            did = (await resolver.resolve(who)).did
+            did = (await self._resolver().resolve(who)).did
         own = self._own_did()
         if did == own:
             raise ValidationError(f"{who!r} is this account's own repository")
         if self._follows.add(did, handle):
-            self._pull_forced = True
-            self._wake()
+            self._follow_new.add(did)
+            self._follows_changed.set()  # its task starts, and pulls at once
         return did
 
     def unfollow(self, who: str) -> bool:
@@ -123,8 +122,10 @@ class FollowRepos:
             return False
         self._followed_pullers.pop(did, None)
         self.follow_errors.pop(did, None)
+        self._follow_done.pop(did, None)
         if self._follow_hosts.pop(did, None) is not None:
             self._hosts_changed.set()
+        self._follows_changed.set()  # its task stops
         app = self.app
         capture = self._capture
         assert capture is not None, "an engine without its app follows nobody"
@@ -152,31 +153,111 @@ class FollowRepos:
             self._followed_pullers[did] = puller
         return puller
 
+    def _resolver(self) -> Any:
+        """``identity=``, or one made for the PLC directory at ``$ATSYNC_PLC_URL`` (a
+        loopback one is a development set-up whose documents name http:// endpoints)."""
+        if self._identity is not None:
+            return self._identity
+        if self._follow_resolver is None:
+            plc = os.environ.get("ATSYNC_PLC_URL", DEFAULT_PLC_URL)
+            local = plc.startswith(("http://localhost", "http://127.0.0.1"))
+            self._follow_resolver = IdentityResolver(plc_url=plc, allow_insecure_localhost=local)
+        return self._follow_resolver
+
     async def _close_follow_clients(self) -> None:
         clients, self._follow_clients = self._follow_clients, {}
         for client in clients.values():
             await client.aclose()
+        resolver, self._follow_resolver = self._follow_resolver, None
+        if resolver is not None:
+            await resolver.aclose()
 
-    def _follow_streams_up(self) -> bool:
-        """Every followed repository's host has its event stream up (Live needs no poll)."""
-        hosts = {self._follow_hosts.get(did) for did in self._follows.dids()}
-        return None not in hosts and all(self._host_streams.get(h or "") for h in hosts)
+    # -- when: asked, polled, or told by an event stream ----------------------------------------
+
+    def _kick_follows(self, dids: Iterable[str] | None = None) -> None:
+        for did in self._follows.dids() if dids is None else dids:
+            wake = self._follow_wake.get(did)
+            if wake is not None:
+                wake.set()
+
+    def _ask_follows(self) -> int:
+        """``pull_now()``: every followed repository is pulled; returns the generation a
+        ``wait_pulled()`` waits for."""
+        self._follow_asked += 1
+        self._kick_follows()
+        return self._follow_asked
+
+    async def _wait_follows(self, generation: int) -> None:
+        """Until every followed repository finished a pull asked at ``generation`` (or
+        later); a failed pull counts (its error is in ``follow_errors``)."""
+        while any(self._follow_done.get(did, 0) < generation for did in self._follows.dids()):
+            await self._follow_progress.wait()
+
+    def _poll_delay(self, did: str) -> float:
+        strategy = self.pull_strategy
+        if isinstance(strategy, Poll):
+            return strategy.seconds
+        if isinstance(strategy, Live):
+            host = self._follow_hosts.get(did)
+            streamed = host is not None and self._host_streams.get(host, False)
+            return math.inf if streamed else strategy.fallback
+        return math.inf  # OnStart, Manual: when asked
 
     def _on_other(self, did: str | None, host: str) -> None:
-        """An event on ``host`` about ``did`` (None: the stream reconnected)."""
-        followed = self._follows.dids()
+        """An event on ``host`` about ``did`` (None: the stream (re)connected)."""
         if did is None:
-            due = {d for d in followed if self._follow_hosts.get(d) == host}
-        else:
-            due = {did} if did in followed else set()
-        if due:
-            self._follow_due |= due
-            self._pull_forced = True
-            self._wake()
+            self._kick_follows(d for d, h in self._follow_hosts.items() if h == host)
+        elif did in self._follow_wake:
+            self._follow_wake[did].set()
 
     def _on_host_stream(self, host: str, up: bool) -> None:
         self._host_streams[host] = up
-        self._wake()
+        if not up:  # its repositories go back to polling
+            self._kick_follows(d for d, h in self._follow_hosts.items() if h == host)
+
+    # -- the tasks -------------------------------------------------------------------------------
+
+    async def _run_follows(self, own_host: Callable[[], str | None]) -> None:
+        """Run until cancelled (in the engine's task group): a task per followed repository,
+        and with ``Live()`` an event stream per host of followed accounts."""
+        running: dict[str, anyio.CancelScope] = {}
+        starting = True
+        async with anyio.create_task_group() as tg:
+            if isinstance(self.pull_strategy, Live):
+                tg.start_soon(self._watch_follow_hosts, own_host)
+            while True:
+                self._follows_changed = anyio.Event()
+                dids = set(self._follows.dids())
+                for did in dids - set(running):
+                    scope = running[did] = anyio.CancelScope()
+                    at_once = did in self._follow_new or (
+                        starting and not isinstance(self.pull_strategy, Manual)
+                    )
+                    self._follow_new.discard(did)
+                    tg.start_soon(self._follow_task, did, scope, at_once)
+                for did in set(running) - dids:
+                    running.pop(did).cancel()
+                    self._follow_wake.pop(did, None)
+                starting = False
+                await self._follows_changed.wait()
+
+    async def _follow_task(self, did: str, scope: anyio.CancelScope, at_once: bool) -> None:
+        with scope:
+            wake = self._follow_wake[did] = anyio.Event()
+            pending = at_once
+            while True:
+                # Asked before this task ran (or since its last pull): no waiting.
+                if not pending and self._follow_done.get(did, 0) >= self._follow_asked:
+                    with anyio.move_on_after(self._poll_delay(did)):
+                        await wake.wait()
+                pending = False
+                # A new event before the pull: what is asked meanwhile makes another one.
+                wake = self._follow_wake[did] = anyio.Event()
+                generation = self._follow_asked
+                await self._pull_followed(did)
+                self._follow_done[did] = max(self._follow_done.get(did, 0), generation)
+                progress, self._follow_progress = self._follow_progress, anyio.Event()
+                progress.set()
 
     async def _watch_follow_hosts(self, own_host: Callable[[], str | None]) -> None:
         """Run until cancelled: one event stream per host of followed repositories (the
@@ -203,60 +284,35 @@ class FollowRepos:
                 lambda up: self._on_host_stream(host, up),
             )
 
-    async def _pull_follows(self, runner: StepRunner, client: XrpcClient, verify: bool) -> None:
-        """Pull the followed repositories that are due — all of them unless Live has every
-        host's stream up, else those whose events said they changed — ``FOLLOW_PULLS`` at a
-        time (their downloads overlap). A failure is kept in ``follow_errors``."""
-        live = isinstance(self.pull_strategy, Live)
-        due = []
-        for did in self._follows.dids():
-            host = self._follow_hosts.get(did)
-            streamed = live and host is not None and self._host_streams.get(host, False)
-            if streamed and did in self._follow_pulled and did not in self._follow_due:
-                continue
-            self._follow_due.discard(did)
-            due.append(did)
-        limiter = anyio.CapacityLimiter(FOLLOW_PULLS)
-        async with anyio.create_task_group() as tg:
-            for did in due:
-                tg.start_soon(self._pull_followed, runner, client, verify, did, limiter)
-
-    async def _pull_followed(
-        self,
-        runner: StepRunner,
-        client: XrpcClient,
-        verify: bool,
-        did: str,
-        limiter: anyio.CapacityLimiter,
-    ) -> None:
-        async with limiter:
-            try:
-                identity = await runner.resolver(client).resolve(did)
-                pds = identity.pds.rstrip("/")
-                if self._follow_hosts.get(did) != pds:
-                    self._follow_hosts[did] = pds  # a new host to listen to (or it moved)
-                    self._hosts_changed.set()
-                puller = self._followed_puller(did)
+    async def _pull_followed(self, did: str) -> None:
+        """One pull of a followed repository; a failure goes to ``follow_errors``."""
+        try:
+            identity = await self._resolver().resolve(did)
+            pds = identity.pds.rstrip("/")
+            if self._follow_hosts.get(did) != pds:
+                self._follow_hosts[did] = pds  # a new host to listen to (or it moved)
+                self._hosts_changed.set()
+            limit = self._host_limits.setdefault(pds, anyio.CapacityLimiter(HOST_PULLS))
+            async with limit:
                 theirs = self._follow_clients.get(pds)
                 if theirs is None:  # one client per host: its connections are reused
                     theirs = self._follow_clients[pds] = XrpcClient(pds)
-                key = identity.signing_key if verify else None
-                result = await puller.pull(did, theirs, key)
-            except VerificationError as exc:
-                self._followed_puller(did).reject_all(did, "VerificationError", str(exc))
-                self.follow_errors[did] = f"the repository failed verification: {exc}"
-                log.warning("followed repository %s failed verification: %s", did, exc)
-            except (NetworkError, OSError) as exc:
-                self.follow_errors[did] = str(exc)
-                log.info("pulling followed repository %s failed: %s", did, exc)
-            else:
-                self._follow_pulled.add(did)
-                self.follow_errors.pop(did, None)
-                if result.applied or result.deleted:
-                    log.info(
-                        "pulled %s at rev %s: %d applied, %d deleted",
-                        did, result.rev, result.applied, result.deleted,
-                    )  # fmt: skip
+                key = identity.signing_key if self.verify else None
+                result = await self._followed_puller(did).pull(did, theirs, key)
+        except VerificationError as exc:
+            self._followed_puller(did).reject_all(did, "VerificationError", str(exc))
+            self.follow_errors[did] = f"the repository failed verification: {exc}"
+            log.warning("followed repository %s failed verification: %s", did, exc)
+        except (NetworkError, OSError) as exc:
+            self.follow_errors[did] = str(exc)
+            log.info("pulling followed repository %s failed: %s", did, exc)
+        else:
+            self.follow_errors.pop(did, None)
+            if result.applied or result.deleted:
+                log.info(
+                    "pulled %s at rev %s: %d applied, %d deleted",
+                    did, result.rev, result.applied, result.deleted,
+                )  # fmt: skip
 
 
 def follow_options(

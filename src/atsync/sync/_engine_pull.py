@@ -10,7 +10,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..atproto import FirehoseFrame
-from ._follows import Follows
 from ._outbox import Outbox
 from ._puller import Puller
 from ._strategies import Live, PullStrategy
@@ -38,8 +37,6 @@ class PullEvents:
     _events: deque[FirehoseFrame]
     _events_lost: bool
     _account_inactive: str | None
-    _follows: Follows
-    _follow_streams_up: Callable[[], bool]
     _on_host_stream: Callable[[str, bool], None]
     _on_other: Callable[[str | None, str], None]
     _wake: Callable[[], None]
@@ -52,15 +49,6 @@ class PullEvents:
         if not self._pulls():
             return math.inf
         at = self.pull_strategy.pull_at(self._last_pull, self._stream_up)
-        strategy = self.pull_strategy
-        if (
-            isinstance(strategy, Live)
-            and self._last_pull is not None
-            and self._follows.dids()
-            and not self._follow_streams_up()
-        ):
-            # A followed repository whose host's stream is down (or not open yet): polled.
-            at = min(at, self._last_pull + strategy.fallback)
         if runner.pull_retry_at is not None:
             at = max(at, runner.pull_retry_at) if at < math.inf else runner.pull_retry_at
         return at

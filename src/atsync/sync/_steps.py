@@ -232,8 +232,6 @@ class StepRunner:
             self._pull_failed(str(exc), None, offline=isinstance(exc, TransientError)
                               and exc.status is None)  # fmt: skip
             return False
-        # The followed repositories too, before the pull counts as done (wait_pulled).
-        await engine._pull_follows(self, client, engine.verify)
         engine._backoff.succeeded()
         self.pull_retry_at = None
         engine._last_pull = engine._clock()
