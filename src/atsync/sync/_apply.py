@@ -32,6 +32,7 @@ from ._merge import ConflictPolicy, merge_rows
 from ._migrate import REJECTED
 from ._outbox import CONFLICTS, OUTBOX, Outbox
 from ._repo import OWN, Repo
+from ._shared import CLOCKS, DELETED, Hlc, merge_shared, shared_records
 
 __all__ = ["Applier", "Change", "Known", "OnPdsAction", "PullResult", "RemoteRecord"]
 
@@ -114,9 +115,11 @@ class Applier:
         lexicons: LexiconSet | None,
         log_remote: Callable[[str, list[RemoteChange]], object] | None,
         repo: Repo = OWN,
+        hlc: Hlc | None = None,
     ) -> None:
         self._db = db
         self._repo = repo
+        self._hlc = hlc  # shared bindings' clock (the engine's, shared with capture)
         self._outbox = outbox
         self._by_collection = by_collection  # pulled collections; others: watched only
         self._pushes = pushes
@@ -248,7 +251,10 @@ class Applier:
             binding = self._by_collection.get(collection)
             if binding is not None and binding.model.name not in fresh:
                 was = known.get((collection, rkey))
-                key = was.key if was else self._repo.key(collection, rkey)
+                if binding.shared:
+                    key = rkey  # one row per key, whoever wrote it
+                else:
+                    key = was.key if was else self._repo.key(collection, rkey)
                 keys.setdefault(binding.model.name, []).append(key)
         present: set[tuple[str, str]] = set()
         for model, model_keys in keys.items():
@@ -292,6 +298,10 @@ class Applier:
                 self._check_record(collection, rkey, record, record_json is not None)
             self._note(collection, rkey, f"@{collection}", rkey, cid, record, record_json)
             return
+        if binding.shared:
+            change = (collection, rkey, cid, record, record_json)
+            self._apply_shared(did, rev, binding, change, result)
+            return
         model = binding.model.name
         key = was.key if was is not None else self._repo.key(collection, rkey)
         remote_row: dict[str, Any] | None = None
@@ -325,6 +335,45 @@ class Applier:
                 result.applied += 1
             return
         self._merge(did, binding, collection, rkey, key, cid, record, remote_row, was, mine, result)
+
+    def _apply_shared(
+        self,
+        did: str,
+        rev: str,
+        binding: BoundBinding,
+        change: Change,
+        result: PullResult,
+    ) -> None:
+        """A shared binding's record: kept as this repository's version of the key, and the
+        row made again from every repository's version (``_shared.merge_shared``)."""
+        collection, rkey, cid, record, record_json = change
+        model = binding.model.name
+        if record is not None and cid is not None:
+            try:
+                self._check_record(collection, rkey, record, record_json is not None)
+            except AtsyncError as exc:
+                self._reject(did, rev, collection, rkey, cid, type(exc).__name__, str(exc), record)
+                result.rejected += 1
+                return
+        self._note(collection, rkey, model, rkey, cid, record, record_json)
+        records = shared_records(self._db.connection, collection, rkey)
+        hlc = self._hlc
+        if hlc is not None:  # an edit here must order after what was seen
+            for held in records:
+                for stamp in [*(held.get(CLOCKS) or {}).values(), held.get(DELETED)]:
+                    if isinstance(stamp, str):
+                        hlc.observe(stamp)
+            self._db.connection.execute(
+                "INSERT OR REPLACE INTO _atsync_sync_state (key, value) VALUES ('hlc', ?)",
+                (hlc.state,),
+            )
+        merged, _ = merge_shared(records, binding.data_fields)
+        row = None if merged is None else binding.from_record({"$type": collection, **merged}, rkey)
+        self._write_row(model, rkey, row)
+        if row is None:
+            result.deleted += 1
+        else:
+            result.applied += 1
 
     def _tell_app(
         self,

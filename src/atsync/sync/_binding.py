@@ -6,7 +6,9 @@
             transforms={"score": Transform(str, float)})         # floats cannot be records
 
 The record key is the model's primary key (``rkey="primary"``, checked as an atproto record
-key), or a TID chosen when the row is first synced (``rkey="tid"``). Records get ``$type``;
+key), or a TID chosen when the row is first synced (``rkey="tid"``). ``shared=True``: every
+participant writes the whole row into their own repository with a stamp per field, and the
+row is their merge (see ``_shared``). Records get ``$type``;
 null properties are left out of the record, and absent fields read back as null.
 """
 
@@ -25,6 +27,7 @@ from ._strategies import Strategy
 __all__ = ["MAX_RECORD_BYTES", "Binding", "BoundBinding", "Direction", "Transform"]
 
 Direction = Literal["push", "pull", "both"]
+_STAMP_FIELDS = ("syncClocks", "syncDeleted")  # a shared binding's own (see _shared)
 MAX_RECORD_BYTES = 1_000_000
 # Kinds whose values ModelDB has already checked to be atproto data-model values that
 # libipld encodes exactly: strings (SQLite refused lone surrogates before any listener
@@ -68,6 +71,8 @@ class Binding:
     local: Sequence[str] = ()
     direction: Direction = "both"
     strategy: Strategy | None = None  # a push strategy for this binding; None: the engine's
+    # Written by the user and the repositories they follow: merged per field (see _shared).
+    shared: bool = False
 
     def bind(self, model: Model) -> BoundBinding:
         """Check the binding against the model and compile its conversions."""
@@ -89,8 +94,11 @@ class BoundBinding:
         unknown = sorted(n for n in named if n not in model.by_name)
         if unknown:
             raise SchemaError(f"{where}: {unknown} are not properties of {model.name}")
+        if binding.shared and binding.rkey != "primary":
+            raise SchemaError(f"{where}: a shared binding's record key is the model's key")
         self.binding = binding
         self.model = model
+        self.shared = binding.shared
         self.collection = binding.collection
         self.direction = binding.direction
         self.by_primary_key = binding.rkey == "primary"
@@ -101,7 +109,7 @@ class BoundBinding:
             if prop.kind == "primary" or prop.name in binding.local:
                 continue
             name = binding.fields.get(prop.name, prop.name)
-            if name.startswith("$") or not name:
+            if name.startswith("$") or not name or (binding.shared and name in _STAMP_FIELDS):
                 raise SchemaError(f"{where}: {prop.name} cannot become record field {name!r}")
             if name in used:
                 raise SchemaError(f"{where}: {used[name]} and {prop.name} both map to {name!r}")
@@ -138,6 +146,11 @@ class BoundBinding:
             for prop, name, _, _ in pairs
             if self.trusted
         )
+
+    @property
+    def data_fields(self) -> tuple[str, ...]:
+        """The record fields this binding maps, ``$type`` left out."""
+        return tuple(name for _, name, _, _ in self._fields)
 
     @property
     def record_fields(self) -> frozenset[str]:

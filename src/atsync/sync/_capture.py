@@ -37,6 +37,7 @@ from ..atproto import (
 )
 from ._binding import MAX_RECORD_BYTES, BoundBinding
 from ._outbox import _ENQUEUE_PUT, DEAD, OUTBOX, RECORDS, Outbox
+from ._shared import CLOCKS, DELETED, Hlc, merge_shared, shared_records, stamp_record
 
 __all__ = ["ActionCall", "Capture", "RecordWrite"]
 
@@ -166,6 +167,7 @@ class Capture:
         # (model, key) -> the DID of the followed repository the row came from, or None:
         # such rows are read-only (set by the engine; see _engine_follow).
         self.read_only: Callable[[str, str], str | None] | None = None
+        self.hlc: Hlc | None = None  # the clock of shared bindings' stamps (engine's)
         self._bindings = {m: b for m, b in bindings.items() if b.direction != "pull"}
         self._on_action = on_action
         self._validate = validate
@@ -243,6 +245,9 @@ class Capture:
                     "repository); the action was not applied and nothing was queued"
                 )
         collection = binding.collection
+        if binding.shared:
+            self._write_shared(binding, model, key, row)
+            return
         if not binding.by_primary_key:
             known = self._outbox.rkey_for(collection, model, key)
             if known is None and row is None:
@@ -278,6 +283,34 @@ class Capture:
         self._queued_in_txn.add(collection)
         if len(held) >= _CHUNK:
             self._write_held()
+
+    def _write_shared(
+        self, binding: BoundBinding, model: str, key: str, row: dict[str, Any] | None
+    ) -> None:
+        """A write to a shared row: the whole merged row goes into the user's repository, each
+        field changed here stamped anew and the others with the stamps they won with; a
+        delete goes as a record too (its tombstone stamp), so the others see it."""
+        collection, rkey = binding.collection, binding.rkey_of(key)
+        hlc = self.hlc
+        assert hlc is not None, "the engine gives a shared binding its clock"
+        self._write_held()  # this key's queued record must be in the outbox to be read
+        conn = self._db.connection
+        records = shared_records(conn, collection, rkey)
+        for record in records:  # the clock never runs behind a stamp it has seen
+            for stamp in [*(record.get(CLOCKS) or {}).values(), record.get(DELETED)]:
+                if isinstance(stamp, str):
+                    hlc.observe(stamp)
+        fields = binding.data_fields
+        merged, stamps = merge_shared(records, fields)
+        after = binding.to_record(row) if row is not None else None
+        author = self._app.did
+        record = stamp_record(
+            after if after is not None else {"$type": collection}, after, merged, stamps,
+            fields, lambda: hlc.now(author),
+        )  # fmt: skip
+        record_json, cid = encode_record(collection, rkey, record, self._validate)
+        self._queue(collection, rkey, model, key, record_json, cid)
+        self._outbox._set_state(conn, "hlc", hlc.state)
 
     def _write_held(self) -> None:
         """Queue the held puts (in the open transaction), ``_CHUNK`` per statement."""

@@ -46,6 +46,7 @@ from ._migrate import upgrade_sync_tables
 from ._outbox import Outbox, create_sync_tables
 from ._puller import Puller
 from ._pusher import Pusher
+from ._shared import Hlc
 from ._status import RowState, State, SyncStatus, WaitReason
 from ._steps import StepRunner, lexicon_set, lexicon_validator
 from ._strategies import Debounce, Live, Manual, PullStrategy, Queue, Strategy
@@ -151,9 +152,12 @@ class ATSync(StatusKeeper, PullEvents, FollowRepos):
         self.pull_strategy: PullStrategy = pull if pull is not None else Live()
         self.verify = verify
         self._identity = identity
+        # The clock of shared bindings' stamps: one per database, kept between runs.
+        hlc = Hlc(state=self.outbox.get_state("hlc") or Hlc().state)
+        self._capture.hlc = hlc
         options = follow_options(
             bound, self.outbox, self._capture, validate, check_policy(conflicts), on_pds_action,
-            watch, self.lexicons, app.log_remote,
+            watch, self.lexicons, app.log_remote, hlc,
         )  # fmt: skip
         self._puller: Puller | None = Puller(db, **options)
         self._setup_follows(db, bound, follow, options)

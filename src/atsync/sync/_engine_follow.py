@@ -325,9 +325,11 @@ def follow_options(
     watch: Iterable[str],
     lexicons: Any,
     log_remote: Any,
+    hlc: Any,
 ) -> dict[str, Any]:
     """The arguments every ``Puller`` of this engine shares (the user's own and followed)."""
     return {
+        "hlc": hlc,
         "outbox": outbox,
         "bindings": bound,
         "applying_remote": capture.applying_remote,

@@ -47,6 +47,7 @@ from ._capture import Validator
 from ._merge import ConflictPolicy
 from ._outbox import Outbox
 from ._repo import OWN, Repo
+from ._shared import Hlc
 
 __all__ = ["Puller"]
 
@@ -72,6 +73,7 @@ class Puller:
         lexicons: LexiconSet | None = None,
         log_remote: Callable[[str, list[RemoteChange]], object] | None = None,
         repo: Repo = OWN,
+        hlc: Hlc | None = None,
     ) -> None:
         self._db = db
         self._repo = repo
@@ -84,6 +86,7 @@ class Puller:
             {b.collection for b in bindings.values() if b.direction != "pull"},
             applying_remote=applying_remote, validate=validate, policy=policy,
             on_pds_action=on_pds_action, lexicons=lexicons, log_remote=log_remote, repo=repo,
+            hlc=hlc,
         )  # fmt: skip
 
     @property

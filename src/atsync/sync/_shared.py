@@ -25,12 +25,18 @@ after seeing someone else's orders after it even when the device's clock is behi
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CLOCKS", "DELETED", "Hlc", "merge_shared", "stamp_record"]
+from ..atproto import data_from_json
+from ._migrate import FOLLOWED
+from ._outbox import OUTBOX, RECORDS
+
+__all__ = ["CLOCKS", "DELETED", "Hlc", "merge_shared", "shared_records", "stamp_record"]
 
 CLOCKS = "syncClocks"
 DELETED = "syncDeleted"
@@ -140,3 +146,31 @@ def stamp_record(
     elif DELETED in stamps:
         out[DELETED] = stamps[DELETED]  # the delete this row came back after
     return out
+
+
+def shared_records(conn: sqlite3.Connection, collection: str, rkey: str) -> list[dict[str, Any]]:
+    """Every repository's record for one shared key as this device holds it: its own (the
+    write still queued, if any, else what was last synced) and each followed repository's."""
+    found: list[dict[str, Any]] = []
+    queued = conn.execute(
+        f"SELECT record FROM {OUTBOX} WHERE collection = ? AND rkey = ?", (collection, rkey)
+    ).fetchone()
+    if queued is not None and queued[0] is not None:
+        found.append(_loads(queued[0]))
+    else:
+        row = conn.execute(
+            f"SELECT record FROM {RECORDS} WHERE collection = ? AND rkey = ?", (collection, rkey)
+        ).fetchone()
+        if row is not None and row[0] is not None:
+            found.append(_loads(row[0]))
+    for (text,) in conn.execute(
+        f"SELECT record FROM {FOLLOWED} WHERE collection = ? AND rkey = ? AND record IS NOT NULL",
+        (collection, rkey),
+    ):
+        found.append(_loads(text))
+    return found
+
+
+def _loads(text: str) -> dict[str, Any]:
+    value = data_from_json(json.loads(text))
+    return value if isinstance(value, dict) else {}
