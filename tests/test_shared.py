@@ -123,6 +123,15 @@ async def test_three_accounts_on_two_hosts_converge_on_a_shared_document(
         for _, sync in devices:
             assert sync.status.pending == 0 and sync.status.rejected == 0
 
+        # Carol stops following bob: the document stays, made from alice's and her records.
+        (_, sync_c) = devices[2]
+        assert sync_c.unfollow(dids[1]) is True
+        assert row(c, "d1") == {**expected, "body": "first body"}  # bob's body was his
+        await sync_c.follow(dids[1])
+        with anyio.fail_after(30):
+            await sync_c.wait_pulled()
+        assert row(c, "d1") == expected
+
         # A delete by bob reaches everyone (his record carries the tombstone).
         b.actions.remove("d1")
         await sync_all(devices)

@@ -68,6 +68,7 @@ class FollowRepos:
     ) -> None:
         self._follows = Follows(db)
         self._follow_db = db
+        self._follow_bound = dict(bound)
         self._follow_options = puller_options
         self._followed_pullers: dict[str, Puller] = {}
         self.follow_errors: dict[str, str] = {}  # DID -> the last failure of its pull
@@ -130,8 +131,9 @@ class FollowRepos:
         capture = self._capture
         assert capture is not None, "an engine without its app follows nobody"
         removed = self._follows.remove(
-            did, capture.applying_remote, app.log_remote if app is not None else None
-        )
+            did, capture.applying_remote, app.log_remote if app is not None else None,
+            {m: b for m, b in self._follow_bound.items() if b.shared},
+        )  # fmt: skip
         log.info("unfollowed %s: %d rows removed", did, removed)
         return True
 

@@ -14,14 +14,16 @@ action that edits or deletes one).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from ..app import RemoteChange
 from ..db import ModelDB
+from ._binding import BoundBinding
 from ._migrate import FOLLOWED, FOLLOWS
 from ._outbox import RECORDS, STATE
+from ._shared import merge_shared, shared_records
 
 __all__ = ["FollowedRepo", "Follows", "Origin", "followed_repositories"]
 
@@ -106,26 +108,42 @@ class Follows:
         did: str,
         applying_remote: Callable[[], AbstractContextManager[None]],
         log_remote: Callable[[str, list[RemoteChange]], object] | None,
+        shared: Mapping[str, BoundBinding],
     ) -> int:
-        """Stop following ``did``: delete its rows, what was synced of it and its pull
-        position, in one transaction (logged like a pull that deleted them). Returns the
-        rows deleted."""
+        """Stop following ``did``: delete its rows (a row of a ``shared`` binding is made
+        again from the repositories still held instead), what was synced of it and its pull
+        position, in one transaction (logged like a pull). Returns the rows written."""
         db = self._db
         with db.transaction():
             conn = db.connection
-            rows = conn.execute(f"SELECT model, key FROM {FOLLOWED} WHERE did = ?", (did,))
-            deleted: list[RemoteChange] = []
-            with applying_remote():
-                for model, key in rows.fetchall():
-                    if model in db.schema.models and db.get(model, key) is not None:
-                        db.delete(model, key)
-                        deleted.append((model, key, None))
-            if deleted and log_remote is not None:
-                log_remote(did, deleted)
+            rows = conn.execute(
+                f"SELECT model, key, collection, rkey FROM {FOLLOWED} WHERE did = ?", (did,)
+            ).fetchall()
             conn.execute(f"DELETE FROM {FOLLOWED} WHERE did = ?", (did,))
+            written: list[RemoteChange] = []
+            with applying_remote():
+                for model, key, collection, rkey in rows:
+                    if model not in db.schema.models:
+                        continue
+                    binding = shared.get(model)
+                    if binding is not None:
+                        # A shared row stays, made again from the repositories still held.
+                        merged, _ = merge_shared(
+                            shared_records(conn, collection, rkey), binding.data_fields
+                        )
+                        if merged is not None:
+                            row = binding.from_record({"$type": collection, **merged}, key)
+                            db.update(model, row)
+                            written.append((model, key, row))
+                            continue
+                    if db.get(model, key) is not None:
+                        db.delete(model, key)
+                        written.append((model, key, None))
+            if written and log_remote is not None:
+                log_remote(did, written)
             conn.execute(f"DELETE FROM {STATE} WHERE key LIKE ?", (f"follow:{did}:%",))
             conn.execute(f"DELETE FROM {FOLLOWS} WHERE did = ?", (did,))
-        return len(deleted)
+        return len(written)
 
     def followed_row(self, model: str, key: str) -> str | None:
         """The DID whose repository the row ``model``/``key`` came from, if followed."""
