@@ -297,3 +297,51 @@ async def test_a_host_that_hangs_delays_only_its_own_repositories(
                 assert set(await remote(alice, collection)) == {"mine"}
                 assert stuck not in sync.follow_errors  # still waiting on its host
             tg.cancel_scope.cancel()
+
+
+class ForgetfulResolver(IdentityResolver):
+    """Says when the engine drops an account's cached identity."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.forgot = anyio.Event()
+        self.forgotten: list[str] = []
+
+    def invalidate(self, identifier: str) -> None:
+        super().invalidate(identifier)
+        self.forgotten.append(identifier)
+        self.forgot.set()
+
+
+@pytest.mark.anyio
+async def test_an_identity_event_of_a_followed_account_is_followed(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Bob changes his handle: alice's engine drops his cached identity (a new key or host
+    would be resolved afresh) and goes on pulling him."""
+    collection = collection_for(request)
+    alice, bob = await session_of(dev_pds, "alice.test"), await session_of(dev_pds, "bob.test")
+    async with ForgetfulResolver(plc_url=dev_pds.plc_url, allow_insecure_localhost=True) as r:
+        async with device(
+            tmp_path / "alice.db", collection, alice, r, pull=Live(fallback=60), follow=[bob.did]
+        ) as (app, sync):  # fmt: skip
+            await pulled(sync)
+            async for status in sync.status_changes():
+                if status.live:
+                    break
+            async with XrpcClient(session=bob) as client:
+                try:
+                    await client.procedure(
+                        "com.atproto.identity.updateHandle", {"handle": "bob-moved.test"},
+                        auth=True,
+                    )  # fmt: skip
+                    with anyio.fail_after(15):
+                        await r.forgot.wait()
+                    assert bob.did in r.forgotten
+                    await write(bob, collection, "later", title="after the move")
+                    uri = f"at://{bob.did}/{collection}/later"
+                    await wait_for(app, lambda state: uri in state, within=15)
+                finally:
+                    await client.procedure(
+                        "com.atproto.identity.updateHandle", {"handle": "bob.test"}, auth=True
+                    )

@@ -205,11 +205,15 @@ class FollowRepos:
             return math.inf if streamed else strategy.fallback
         return math.inf  # OnStart, Manual: when asked
 
-    def _on_other(self, did: str | None, host: str) -> None:
+    def _on_other(self, did: str | None, host: str, kind: str) -> None:
         """An event on ``host`` about ``did`` (None: the stream (re)connected)."""
         if did is None:
             self._kick_follows(d for d, h in self._follow_hosts.items() if h == host)
         elif did in self._follow_wake:
+            if kind == "#identity":  # a new key or host: resolved afresh by its next pull
+                invalidate = getattr(self._resolver(), "invalidate", None)
+                if invalidate is not None:
+                    invalidate(did)
             self._follow_wake[did].set()
 
     def _on_host_stream(self, host: str, up: bool) -> None:
@@ -282,7 +286,7 @@ class FollowRepos:
         with scope:
             await listen_for_others(
                 host,
-                lambda did: self._on_other(did, host),
+                lambda did, kind: self._on_other(did, host, kind),
                 lambda up: self._on_host_stream(host, up),
             )
 

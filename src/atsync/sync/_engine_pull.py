@@ -38,7 +38,7 @@ class PullEvents:
     _events_lost: bool
     _account_inactive: str | None
     _on_host_stream: Callable[[str, bool], None]
-    _on_other: Callable[[str | None, str], None]
+    _on_other: Callable[[str | None, str, str], None]
     _wake: Callable[[], None]
     _refresh_status: Callable[..., None]
 
@@ -107,7 +107,7 @@ class PullEvents:
         session = self._stream_session()
         return None if session is None else str(session.pds_url).rstrip("/")
 
-    def _on_own_host_event(self, did: str | None) -> None:
+    def _on_own_host_event(self, did: str | None, kind: str) -> None:
         host = self._own_host()
         if host is not None:
-            self._on_other(did, host)
+            self._on_other(did, host, kind)

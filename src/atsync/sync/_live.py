@@ -46,15 +46,16 @@ async def listen(
     on_stream: Callable[[bool], None],
     cursor: Callable[[], int | None],
     on_bad_frame: Callable[[str], None],
-    on_other: Callable[[str | None], None] | None = None,
+    on_other: Callable[[str | None, str], None] | None = None,
 ) -> None:
     """Run until cancelled: keep a stream open to the current session's PDS, from
     ``cursor()`` (the last applied event) when there is one; call ``on_event(frame)`` for
     every event about its account and ``on_event(None)`` whenever what happened meanwhile is
     unknown (connected without a cursor, the PDS no longer has the cursor's events, or it
     refused the cursor), and ``on_stream(up)`` when the stream comes up or goes down.
-    ``on_other(did)``: every event about another account on the same host (followed ones
-    are pulled then), and ``on_other(None)`` at each connect (anything may have changed)."""
+    ``on_other(did, kind)``: every event about another account on the same host (followed
+    ones are pulled then; ``kind`` is the frame's type, e.g. ``#identity``), and
+    ``on_other(None, "")`` at each connect (anything may have changed)."""
     backoff = Backoff(base=1.0, cap=30.0)
     refused = False
     failed_at: int | None = None  # the cursor from which a malformed frame came
@@ -71,7 +72,7 @@ async def listen(
                 if since is None:
                     on_event(None)  # whatever happened while we were not listening
                 if on_other is not None:
-                    on_other(None)
+                    on_other(None, "")
                 refused = False
                 async for frame in stream:
                     backoff.succeeded()
@@ -85,7 +86,7 @@ async def listen(
                     elif on_other is not None:
                         other = body.get("repo") or body.get("did")
                         if isinstance(other, str):
-                            on_other(other)
+                            on_other(other, frame.type or "")
         except PermanentError as exc:
             # E.g. FutureCursor: this cursor will never work; connect without one.
             refused = since is not None
@@ -111,24 +112,25 @@ async def listen(
 
 async def listen_for_others(
     pds_url: str,
-    on_other: Callable[[str | None], None],
+    on_other: Callable[[str | None, str], None],
     on_stream: Callable[[bool], None],
 ) -> None:
     """Run until cancelled: keep a stream open to another host (one where followed accounts
-    live) and call ``on_other(did)`` for every event about an account there, ``on_other(None)``
-    at each connect. A hint only: the engine then pulls those repositories (verified, whole
-    comparison), so no cursor is kept and nothing here is trusted."""
+    live) and call ``on_other(did, kind)`` for every event about an account there,
+    ``on_other(None, "")`` at each connect. A hint only: the engine then pulls those
+    repositories (verified, whole comparison), so no cursor is kept and nothing here is
+    trusted."""
     backoff = Backoff(base=1.0, cap=30.0)
     while True:
         try:
             async with FirehoseSubscription(stream_url(pds_url)) as stream:
                 on_stream(True)
-                on_other(None)  # whatever happened while we were not listening
+                on_other(None, "")  # whatever happened while we were not listening
                 async for frame in stream:
                     backoff.succeeded()
                     other = frame.body.get("repo") or frame.body.get("did")
                     if isinstance(other, str):
-                        on_other(other)
+                        on_other(other, frame.type or "")
         except Exception as exc:  # a hint: any failure means "poll meanwhile"
             log.info("event stream of %s is down: %s", pds_url, exc)
         finally:
