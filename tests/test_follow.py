@@ -345,3 +345,30 @@ async def test_an_identity_event_of_a_followed_account_is_followed(
                     await client.procedure(
                         "com.atproto.identity.updateHandle", {"handle": "bob.test"}, auth=True
                     )
+
+
+@pytest.mark.anyio
+async def test_follow_takes_handles_resolved_when_the_engine_starts(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    collection = collection_for(request)
+    alice, bob = await session_of(dev_pds, "alice.test"), await session_of(dev_pds, "bob.test")
+    await write(bob, collection, "h1", title="by handle")
+    handles = IdentityResolver(
+        plc_url=dev_pds.plc_url,
+        use_dns=False,
+        web_origin=lambda _handle: dev_pds.pds_url,
+        allow_test_handles=True,
+        allow_insecure_localhost=True,
+    )
+    async with handles:
+        follow = ["bob.test", "nobody.test"]
+        async with device(tmp_path / "a.db", collection, alice, handles, follow=follow) as (
+            app,
+            sync,
+        ):
+            await pulled(sync)
+            assert sync.following == [bob.did]
+            assert set(rows(app)) == {f"at://{bob.did}/{collection}/h1"}
+            assert "nobody.test" in sync.follow_errors
+            assert sync.unfollow("bob.test") is True  # by the handle it was followed by

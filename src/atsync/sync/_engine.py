@@ -102,9 +102,10 @@ class ATSync(StatusKeeper, PullEvents, FollowRepos):
     ``clock`` (monotonic seconds) is what the schedule is computed with. ``on_pds_action``:
     the seed's hook, called with a ``RemoteRecord`` for every pulled change, in the
     transaction that applies it (bound collections, and the collections in ``watch`` that
-    have no binding: read for the hook alone). ``follow``: DIDs of other people's
-    repositories to follow besides those the database already follows (``follow()``): their
-    bound records arrive read-only, keyed by AT URI (see ``_engine_follow``).
+    have no binding: read for the hook alone). ``follow``: DIDs or handles of other
+    people's repositories to follow besides those the database already follows (``follow()``;
+    handles are resolved with ``identity`` when the engine starts): their bound records arrive
+    read-only, keyed by AT URI, or merged into ``shared`` bindings (see ``_engine_follow``).
     """
 
     def __init__(

@@ -84,13 +84,15 @@ class FollowRepos:
         self._follow_clients: dict[str, XrpcClient] = {}  # by host, no credentials
         self._host_limits: dict[str, anyio.CapacityLimiter] = {}
         self._follow_resolver: IdentityResolver | None = None  # made here: closed here
+        # Handles are resolved when the engine starts (a failure goes to follow_errors).
+        self._follow_handles: list[str] = []
         for who in follow:
-            if not is_valid_did(who):
-                raise ValidationError(
-                    f"follow=[…] takes DIDs ({who!r} is not one); follow a handle with "
-                    "await sync.follow(handle), which resolves it"
-                )
-            self._follows.add(who, None)
+            if is_valid_did(who):
+                self._follows.add(who, None)
+            elif isinstance(who, str) and "." in who:
+                self._follow_handles.append(who)
+            else:
+                raise ValidationError(f"follow=[…] takes DIDs and handles, not {who!r}")
         if self._capture is not None:
             self._capture.read_only = self._follows.followed_row
 
@@ -228,6 +230,12 @@ class FollowRepos:
         and with ``Live()`` an event stream per host of followed accounts."""
         running: dict[str, anyio.CancelScope] = {}
         starting = True
+        for handle in self._follow_handles:
+            try:
+                await self.follow(handle)
+            except (ValidationError, NetworkError, VerificationError) as exc:
+                self.follow_errors[handle] = f"cannot follow {handle!r}: {exc}"
+                log.warning("cannot follow %s: %s", handle, exc)
         async with anyio.create_task_group() as tg:
             if isinstance(self.pull_strategy, Live):
                 tg.start_soon(self._watch_follow_hosts, own_host)
