@@ -9,10 +9,10 @@ from typing import Any
 import anyio
 
 from atsync.app import App
-from atsync.atproto import Session, XrpcClient
+from atsync.atproto import IdentityResolver, Session, XrpcClient
 from atsync.sync import ATSync, SyncStatus
 
-__all__ = ["as_rows", "remote", "rows", "wait_status"]
+__all__ = ["ForgetfulResolver", "as_rows", "remote", "rows", "wait_status"]
 
 
 async def wait_status(
@@ -43,3 +43,17 @@ def as_rows(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         k: {"id": k, "title": v["title"], "body": v.get("body"), "n": v["n"]}
         for k, v in records.items()
     }
+
+
+class ForgetfulResolver(IdentityResolver):
+    """An identity resolver that says when the engine drops an account's cached identity."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.forgotten: list[str] = []
+        self.forgot = anyio.Event()
+
+    def invalidate(self, identifier: str) -> None:
+        super().invalidate(identifier)
+        self.forgotten.append(identifier)
+        self.forgot.set()

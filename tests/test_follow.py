@@ -21,7 +21,7 @@ from atsync.app import ActionContext, App, Contract
 from atsync.atproto import IdentityResolver, Session, XrpcClient, generate_keypair, login
 from atsync.sync import ATSync, Binding, Immediate, Live, Manual, Origin
 from pds_fixtures import MakePDS
-from sync_devices import remote
+from sync_devices import ForgetfulResolver, remote
 
 contract = Contract(
     models={"notes": {"id": "primary", "title": "string", "body": "string?", "n": "integer"}}
@@ -297,20 +297,6 @@ async def test_a_host_that_hangs_delays_only_its_own_repositories(
                 assert set(await remote(alice, collection)) == {"mine"}
                 assert stuck not in sync.follow_errors  # still waiting on its host
             tg.cancel_scope.cancel()
-
-
-class ForgetfulResolver(IdentityResolver):
-    """Says when the engine drops an account's cached identity."""
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self.forgot = anyio.Event()
-        self.forgotten: list[str] = []
-
-    def invalidate(self, identifier: str) -> None:
-        super().invalidate(identifier)
-        self.forgotten.append(identifier)
-        self.forgot.set()
 
 
 @pytest.mark.anyio

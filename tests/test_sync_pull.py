@@ -19,7 +19,7 @@ import pytest
 from atsync.app import REMOTE_ACTION, ActionContext, App, Contract
 from atsync.atproto import IdentityResolver, Session, XrpcClient, login
 from atsync.sync import ATSync, Binding, Immediate, Live, Manual, OnStart, SyncStatus
-from sync_devices import as_rows, remote, rows, wait_status
+from sync_devices import ForgetfulResolver, as_rows, remote, rows, wait_status
 
 pytestmark = pytest.mark.anyio
 
@@ -730,20 +730,6 @@ async def test_a_push_refused_by_another_devices_commit_merges_instead_of_overwr
         assert rows(b)["n"]["title"] == "a's title" and status.conflicts == 0
         await settle(sync_a)
         assert rows(a) == rows(b)
-
-
-class ForgetfulResolver(IdentityResolver):
-    """An identity resolver that says when the engine drops an account's cached identity."""
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self.forgotten: list[str] = []
-        self.forgot = anyio.Event()
-
-    def invalidate(self, identifier: str) -> None:
-        super().invalidate(identifier)
-        self.forgotten.append(identifier)
-        self.forgot.set()
 
 
 async def test_an_identity_event_drops_the_cached_key_and_pulling_goes_on(
