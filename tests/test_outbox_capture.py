@@ -276,13 +276,17 @@ def test_bad_records_still_fail_their_action(app: App) -> None:
         app.actions.put_note({"id": "big", "title": "x" * 1_000_001, "n": 1, "tags": []})
     with pytest.raises(RecordError, match="float"):
         app.actions.put_loose("k", {"nested": 1.5}, 2.5)
-    with pytest.raises(RecordError, match="reserved"):
-        app.actions.put_loose("k", {"$bytes": "AAAA"}, 2.5)
+    with pytest.raises(RecordError, match="CIDv1"):  # a json property holds the JSON form
+        app.actions.put_loose("k", {"$link": "not-a-cid"}, 2.5)
     assert app.db.count("notes") == 0 and app.db.count("loose") == 0
     assert sync.outbox.counts() == (0, 0, 0)
-    app.actions.put_loose("k", {"nested": [1, "two"]}, 2.5)
+    app.actions.put_loose("k", {"nested": [1, "two"], "raw": {"$bytes": "AAAA"}}, 2.5)
     record = json.loads(app.model_db.execute(f"SELECT record FROM {OUTBOX}").fetchone()[0])
-    assert record == {"$type": "test.atsync.loose", "data": {"nested": [1, "two"]}, "score": "2.5"}
+    assert record == {
+        "$type": "test.atsync.loose",
+        "data": {"nested": [1, "two"], "raw": {"$bytes": "AAAA"}},  # bytes in the record
+        "score": "2.5",
+    }
     sync.close()
 
 

@@ -207,9 +207,11 @@ EXPECTED: dict[str, list[str]] = {
     "atsync.lexicon": [
         "LexiconDoc",
         "LexiconSet",
+        "check_model_against_lexicon",
         "check_record_key",
         "load_lexicon",
         "load_lexicons",
+        "model_from_lexicon",
         "parse_lexicon",
         "validate_record",
         "validate_record_json",

@@ -20,7 +20,14 @@ from json.encoder import encode_basestring
 from typing import Any, Literal
 
 from .._errors import RecordError, SchemaError
-from ..atproto import check_data_model, encode_dag_cbor, is_valid_nsid, is_valid_record_key
+from ..atproto import (
+    check_data_model,
+    data_from_json,
+    data_to_json,
+    encode_dag_cbor,
+    is_valid_nsid,
+    is_valid_record_key,
+)
 from ..db import Model
 from ._strategies import Strategy
 
@@ -57,6 +64,9 @@ class Transform:
 
     to_record: Callable[[Any], Any]
     from_record: Callable[[Any], Any]
+
+
+_JSON_FORM = Transform(data_from_json, data_to_json)
 
 
 @dataclass(frozen=True)
@@ -115,6 +125,10 @@ class BoundBinding:
                 raise SchemaError(f"{where}: {used[name]} and {prop.name} both map to {name!r}")
             used[name] = prop.name
             transform = binding.transforms.get(prop.name)
+            if transform is None and prop.kind == "json":
+                # A json property holds the atproto JSON form: {"$link": …} is a link in the
+                # record, {"$bytes": …} bytes (a blob's "ref" too), and back again.
+                transform = _JSON_FORM
             if transform is None and prop.kind in ("float", "number"):
                 raise SchemaError(
                     f"{where}: {model.name}.{prop.name} is a {prop.kind}, and atproto records "
@@ -146,6 +160,15 @@ class BoundBinding:
             for prop, name, _, _ in pairs
             if self.trusted
         )
+
+    @property
+    def field_map(self) -> dict[str, str]:
+        """Property -> record field, for every property the binding maps."""
+        return {prop: name for prop, name, _, _ in self._fields}
+
+    @property
+    def transformed(self) -> frozenset[str]:
+        return frozenset(self.binding.transforms)
 
     @property
     def data_fields(self) -> tuple[str, ...]:

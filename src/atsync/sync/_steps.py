@@ -32,7 +32,7 @@ from ..atproto import (
     outcome_unknown,
     verify_commit_event,
 )
-from ..lexicon import LexiconSet, validate_record
+from ..lexicon import LexiconSet, check_model_against_lexicon, validate_record
 from ._apply import PullResult
 from ._binding import BoundBinding
 from ._capture import Validator
@@ -479,6 +479,13 @@ def lexicon_validator(
 ) -> Validator:
     """Every pushed binding needs its record Lexicon; records of other collections (from
     ``on_action``) are checked when their Lexicon is in the set."""
+    bindings = list(bindings)
+    for binding in bindings:  # a model that cannot hold the records: said before anything runs
+        if binding.collection in lexicons:
+            check_model_against_lexicon(
+                lexicons, binding.collection, binding.model, binding.field_map,
+                binding.transformed,
+            )  # fmt: skip
     pushed = [b.collection for b in bindings if b.direction != "pull"]
     for collection in pushed:
         if collection not in lexicons:
