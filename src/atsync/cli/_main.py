@@ -16,6 +16,7 @@ def _register() -> None:
     # single place that lists what the CLI offers.
     from . import (
         _devpds,  # noqa: F401
+        _lexicon,  # noqa: F401
         _sync_commands,  # noqa: F401
     )
 
