@@ -122,6 +122,9 @@ async def test_three_accounts_on_two_hosts_converge_on_a_shared_document(
         assert merged == {k: v for k, v in expected.items() if k != "id"}
         for _, sync in devices:
             assert sync.status.pending == 0 and sync.status.rejected == 0
+        # A shared row's origin is this device's own record once it wrote the row.
+        origin = devices[2][1].origin("docs", "d1")
+        assert origin is not None and origin.did == dids[2] and origin.uri.endswith("/d1")
 
         # Carol stops following bob: the document stays, made from alice's and her records.
         (_, sync_c) = devices[2]

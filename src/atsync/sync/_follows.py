@@ -153,20 +153,23 @@ class Follows:
         return None if row is None else str(row[0])
 
     def origin(self, model: str, key: str, own_did: str | None) -> Origin | None:
+        """A followed row's record, by its AT URI key; any other row's own record (a shared
+        row's too, once this device wrote it), else the first followed repository's."""
+        own = None
+        if own_did is not None and not key.startswith("at://"):
+            own = self._db.execute(
+                f"SELECT collection, rkey, cid FROM {RECORDS} WHERE model = ? AND key = ?",
+                (model, key),
+            ).fetchone()
+        if own is not None and own[2] is not None:
+            collection, rkey, cid = own
+            return Origin(str(own_did), f"at://{own_did}/{collection}/{rkey}", cid)
         row = self._db.execute(
-            f"SELECT did, collection, rkey, cid FROM {FOLLOWED} WHERE model = ? AND key = ?",
+            f"SELECT did, collection, rkey, cid FROM {FOLLOWED} WHERE model = ? AND key = ? "
+            "ORDER BY did LIMIT 1",
             (model, key),
         ).fetchone()
-        if row is not None:
-            did, collection, rkey, cid = row
-            return Origin(did, f"at://{did}/{collection}/{rkey}", cid)
-        if own_did is None:
-            return None
-        row = self._db.execute(
-            f"SELECT collection, rkey, cid FROM {RECORDS} WHERE model = ? AND key = ?",
-            (model, key),
-        ).fetchone()
-        if row is None or row[2] is None:
+        if row is None:
             return None  # not synced (yet): it has no record
-        collection, rkey, cid = row
-        return Origin(own_did, f"at://{own_did}/{collection}/{rkey}", cid)
+        did, collection, rkey, cid = row
+        return Origin(did, f"at://{did}/{collection}/{rkey}", cid)
