@@ -196,4 +196,10 @@ def test_demo_script_runs(tmp_path: Path) -> None:
     assert "laptop restored 4 notes" in done.stdout and "rejected: 0" in done.stdout
     assert done.stdout.count("phone == laptop: True") == 2
     assert "laptop: title='Plan the trip to Lisbon', body='book the train'" in done.stdout
+    # Another account follows: read-only notes with their author; a shared draft converges.
+    assert "bob sees 4 of alice's notes" in done.stdout
+    assert "bob edits it: refused, it is read-only here" in done.stdout
+    draft = "title='Lisbon trip, May', body='day 1: Alfama; day 2: Belem'"
+    assert f"alice: {draft}" in done.stdout and f"bob: {draft}" in done.stdout
+    assert "alice == bob: True" in done.stdout
     assert (tmp_path / "notes.db").exists()

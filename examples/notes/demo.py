@@ -8,7 +8,8 @@ Part 2 (sync): starts the reference PDS on loopback (`atsync dev-pds`; installed
 use, ~90 s), logs in — deferred auth — and pushes every queued change exactly once. Shows
 the records on the PDS; a second device of the same account restoring them, verified; an
 edit on each device merged field by field; the session-key authorization verified offline;
-and `atsync status`.
+another account following it (read-only notes with their author), a draft in a shared
+collection edited by both accounts and converging, and `atsync status`.
 
     python examples/notes/demo.py [--data DIR] [--offline]
 """
@@ -31,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import anyio
 from notes_app import contract
 
-from atsync import App, ATPSigner, Binding, Debounce, SyncThread
+from atsync import ActionError, App, ATPSigner, Binding, Debounce, SyncThread
+from atsync.app import REMOTE_ACTION
 from atsync.atproto import (
     DevPDS,
     FileSessionStore,
@@ -42,7 +44,13 @@ from atsync.atproto import (
 )
 
 COLLECTION = "com.example.notes.note"
+DRAFTS = "com.example.notes.draft"  # a shared collection
 HANDLE, PASSWORD = "alice.test", "demo-password-1"
+BOB = "bob.test"
+
+
+def bindings() -> dict[str, Binding]:
+    return {"notes": Binding(COLLECTION), "drafts": Binding(DRAFTS, shared=True)}
 
 
 def step(text: str) -> None:
@@ -121,7 +129,7 @@ def offline_part(app: App, sync: SyncThread, db_path: Path) -> None:
 def sync_part(app: App, sync: SyncThread, signer: ATPSigner, data: Path, db_path: Path) -> None:
     step("Start a real PDS on loopback (atsync dev-pds)")
     ensure_installed(progress=lambda line: print(f"   {line}", flush=True))
-    with DevPDS(accounts=[(HANDLE, PASSWORD)]) as pds:
+    with DevPDS(accounts=[(HANDLE, PASSWORD), (BOB, PASSWORD)]) as pds:
         did = pds.accounts[HANDLE].did
         print(f"   PDS {pds.pds_url}, PLC {pds.plc_url}, account {HANDLE} = {did}")
 
@@ -160,6 +168,7 @@ def sync_part(app: App, sync: SyncThread, signer: ATPSigner, data: Path, db_path
         print(f"   local notes == remote records: {local == set(records)}")
 
         second_device(app, sync, data, pds.pds_url, did)
+        another_person(app, sync, data, pds.pds_url, did, pds.accounts[BOB].did)
 
         step("The session key's authorization, verified offline from its proof")
         found = app.authorization(signer.key_did)
@@ -181,7 +190,7 @@ def sync_part(app: App, sync: SyncThread, signer: ATPSigner, data: Path, db_path
         print(f"   at {collection}/{auth.rkey} ({len(proof)}-byte proof: commit + MST path)")
         print(
             f"   earlier offline actions are attributed to: "
-            f"{sorted({app.author_of(e) for e in app.log})}"
+            f"{sorted({app.author_of(e) for e in app.log if e.name != REMOTE_ACTION})}"
         )
 
         step("atsync status")
@@ -207,7 +216,7 @@ def second_device(app: App, sync: SyncThread, data: Path, pds_url: str, did: str
     laptop.mkdir(exist_ok=True)
     signer2 = ATPSigner(store=FileSessionStore(laptop / "sessions"))
     with App.open(laptop / "notes.db", contract, signer=signer2) as app2:
-        sync2 = SyncThread(app2, bindings={"notes": Binding(COLLECTION)}, push=Debounce(0.2))
+        sync2 = SyncThread(app2, bindings=bindings(), push=Debounce(0.2))
         with sync2:
             signer2.login(HANDLE, PASSWORD, pds_url)
             status2 = sync2.wait_pulled(timeout=60)
@@ -236,6 +245,51 @@ def second_device(app: App, sync: SyncThread, data: Path, pds_url: str, did: str
         sync2.close()
 
 
+def another_person(
+    app: App, sync: SyncThread, data: Path, pds_url: str, did: str, bob_did: str
+) -> None:
+    step(f"{BOB} follows {HANDLE}: her notes arrive in his database, read-only, with their author")
+    home = data / "bob"
+    home.mkdir(exist_ok=True)
+    bob_signer = ATPSigner(store=FileSessionStore(home / "sessions"))
+    with App.open(home / "notes.db", contract, signer=bob_signer) as bob:
+        bob_sync = SyncThread(bob, bindings=bindings(), push=Debounce(0.2))
+        with bob_sync:
+            bob_signer.login(BOB, PASSWORD, pds_url)
+            bob_sync.follow(did)
+            bob_sync.wait_pulled(timeout=60)
+            hers = [r for r in bob.db.query("notes") if r["id"].startswith(f"at://{did}/")]
+            print(f"   bob sees {len(hers)} of alice's notes, keyed by AT URI, e.g.")
+            origin = bob_sync.origin("notes", hers[0]["id"])
+            assert origin is not None
+            print(f"   {hers[0]['title']!r}: author {origin.did}, cid {origin.cid}")
+            try:
+                bob.actions.edit_note(hers[0]["id"], title="bob was here")
+            except ActionError as exc:
+                reason = str(exc).split("follows: ", 1)[-1].split(" (", 1)[0]
+                print(f"   bob edits it: refused, {reason}")
+
+            step("A shared draft: alice and bob both edit it, offline of each other, and converge")
+            sync.follow(bob_did)  # alice follows bob back: a shared collection needs both
+            app.actions.write_draft("trip", title="Lisbon trip", body="a first outline")
+            sync.wait_for_idle(timeout=30)
+            bob_sync.wait_pulled(timeout=60)
+            bob.actions.write_draft("trip", body="day 1: Alfama; day 2: Belem")  # bob: the body
+            app.actions.write_draft("trip", title="Lisbon trip, May")  # alice: the title
+            for each in (sync, bob_sync):
+                each.wait_for_idle(timeout=30)
+            for each in (sync, bob_sync):
+                each.wait_pulled(timeout=60)
+            for name, who in (("alice", app), ("bob", bob)):
+                draft = who.db.get("drafts", "trip")
+                assert draft is not None
+                print(f"   {name}: title={draft['title']!r}, body={draft['body']!r}")
+            print(
+                f"   alice == bob: {app.db.get('drafts', 'trip') == bob.db.get('drafts', 'trip')}"
+            )
+        bob_sync.close()
+
+
 def _notes(app: App) -> dict[str, tuple[Any, ...]]:
     return {r["id"]: (r["title"], r["body"], r["done"]) for r in app.db.query("notes")}
 
@@ -244,7 +298,7 @@ def run(data: Path, offline: bool) -> None:
     db_path = data / "notes.db"
     signer = ATPSigner(store=FileSessionStore(data / "sessions"))
     with App.open(db_path, contract, signer=signer) as app:
-        sync = SyncThread(app, bindings={"notes": Binding(COLLECTION)}, push=Debounce(0.2))
+        sync = SyncThread(app, bindings=bindings(), push=Debounce(0.2))
         with sync:
             offline_part(app, sync, db_path)
             if not offline:

@@ -22,6 +22,8 @@ contract = Contract(
             "$indexes": ["done/created_at"],
         },
         "tags": {"id": "primary", "label": "string"},
+        # Drafts are shared: written by several people, merged field by field (see the demo).
+        "drafts": {"id": "primary", "title": "string?", "body": "string?"},
     },
     nsid="com.example.notes",
 )
@@ -75,3 +77,15 @@ def complete_note(ctx: ActionContext, key: str) -> None:
 @contract.action
 def delete_note(ctx: ActionContext, key: str) -> None:
     ctx.db.delete("notes", key)
+
+
+@contract.action
+def write_draft(
+    ctx: ActionContext, key: str, title: str | None = None, body: str | None = None
+) -> None:
+    current = ctx.db.get("drafts", key)
+    changes = {k: v for k, v in (("title", title), ("body", body)) if v is not None}
+    if current is None:
+        ctx.db.set("drafts", {"id": key, **changes})
+    else:
+        ctx.db.update("drafts", {"id": key, **changes})
