@@ -92,6 +92,8 @@ EXPECTED: dict[str, list[str]] = {
         "writer_lock",
     ],
     "atsync.db": [
+        "BlobRef",
+        "BlobStore",
         "Durability",
         "Model",
         "ModelDB",

@@ -22,7 +22,7 @@ from typing import Any
 
 from .._errors import ActionError, TransactionError
 from ..atproto import Tid, format_tid
-from ..db import Durability, Model, ModelDB, Row, Subscription
+from ..db import BlobStore, Durability, Model, ModelDB, Row, Subscription
 from ._contract import ActionContext, ActionResult, Contract
 from ._log import AUTHORIZATIONS, ActionLog, LogEntry, create_log_table, encode_args
 from ._signers import LocalSigner, Signer
@@ -48,6 +48,12 @@ class ReadOnlyDB:
     @property
     def path(self) -> str:
         return self._db.path
+
+    @property
+    def blobs(self) -> BlobStore:
+        """The blobs beside the database: ``read(ref)``/``open(ref)`` give a ``BlobRef``'s
+        bytes back; an action stores them with ``ctx.db.blobs.put(data, mime_type)``."""
+        return self._db.blobs
 
     def get(self, model: str, key: str) -> Row | None:
         return self._db.get(model, key)
@@ -194,6 +200,12 @@ class App:
     @property
     def path(self) -> str:
         return self._db.path
+
+    @property
+    def blobs(self) -> BlobStore:
+        """The blobs beside the database: ``read(ref)``/``open(ref)`` give a ``BlobRef``'s
+        bytes back; an action stores them with ``ctx.db.blobs.put(data, mime_type)``."""
+        return self._db.blobs
 
     @property
     def model_db(self) -> ModelDB:

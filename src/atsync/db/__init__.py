@@ -10,8 +10,11 @@ Knows nothing of atproto or of apps; usable on its own as an offline database::
 - ``Schema``/``Model``/``Property`` and ``parse_schema``: the schema language, parsed
 - ``Query``: a compiled query over one model; ``Subscription``: a live query
 - ``Upgrade``: an upgrade step, ``(UpgradeAPI, old_version, new_version) -> None``
+- ``BlobStore``/``BlobRef``: files kept beside the database, content-addressed; a ``blob``
+  property holds a ``BlobRef`` (``db.blobs.put(data, mime)``, ``db.blobs.read(ref)``)
 """
 
+from ._blobs import BlobRef, BlobStore
 from ._migrations import Upgrade, UpgradeAPI
 from ._query import Query
 from ._query import quote as quote_identifier
@@ -20,6 +23,8 @@ from ._sqlite import Durability, ModelDB, Row
 from ._subscriptions import Subscription
 
 __all__ = [
+    "BlobRef",
+    "BlobStore",
     "Durability",
     "Model",
     "ModelDB",

@@ -27,12 +27,13 @@ Kind = Literal[
     "boolean",
     "json",
     "bytes",
+    "blob",
     "reference",
     "relation",
 ]
 
 _SCALAR_KINDS: frozenset[str] = frozenset(
-    {"string", "integer", "float", "number", "boolean", "json", "bytes"}
+    {"string", "integer", "float", "number", "boolean", "json", "bytes", "blob"}
 )
 # Names become SQL identifiers (always quoted) and Python keys; keeping them to this
 # alphabet makes raw SQL on the database pleasant and rules out quoting surprises.

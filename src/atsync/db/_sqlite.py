@@ -26,6 +26,7 @@ from .._errors import (
     UnknownModelError,
     ValidationError,
 )
+from ._blobs import BlobStore
 from ._migrations import META_TABLE, Upgrade, prepare_schema
 from ._query import Query, compile_query, quote
 from ._schema import Model, Property, Schema, parse_schema, relation_table
@@ -107,6 +108,9 @@ class ModelDB(Transactions):
         super().__init__(conn, path, self._hub.pending)
         self.schema = schema
         self.durability: Durability = durability
+        # Blob properties hold references; the bytes live here, beside the database file.
+        in_memory = path == ":memory:" or path.startswith("file::memory:")
+        self.blobs = BlobStore(None if in_memory else Path(f"{path}.blobs"))
         self._plans = {name: _plan(model) for name, model in schema.models.items()}
         self._watched = self._hub.watched  # models with live queries
         # Called inside the transaction for every record written: (model, key, row) where

@@ -5,6 +5,7 @@ Each kind maps to one plain SQLite column type so raw SQL reads naturally:
     primary, string, reference -> TEXT      integer, boolean -> INTEGER (boolean as 0/1)
     float, number              -> (untyped) json            -> TEXT (JSON, json_extract works)
     bytes                      -> BLOB      relation        -> rows of "<model>__<prop>"
+    blob                       -> TEXT (the reference as JSON; the bytes in db.blobs)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .._errors import ValidationError
+from ._blobs import BlobRef
 from ._schema import Model, Property
 
 __all__ = [
@@ -39,6 +41,7 @@ _SQL_TYPES = {
     "number": "",
     "json": "TEXT",
     "bytes": "BLOB",
+    "blob": "TEXT",  # the reference as JSON: {"cid", "mimeType", "size"}
 }
 
 
@@ -151,6 +154,13 @@ def encode_column(model: Model, prop: Property, value: object) -> object:
                 f"{_where(model, prop)}: expected bytes, got {type(value).__name__} {value!r}"
             )
         return bytes(value)
+    if kind == "blob":
+        if not isinstance(value, BlobRef):
+            raise ValidationError(
+                f"{_where(model, prop)}: expected a BlobRef (from db.blobs.put), got "
+                f"{type(value).__name__} {value!r}"
+            )
+        return json.dumps(value.to_json(), separators=(",", ":"))
     if kind == "json":
         normal = _check_json(value, _where(model, prop))
         return json.dumps(normal, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
@@ -219,9 +229,14 @@ def _identity(raw: object) -> object:
     return raw
 
 
+def _decode_blob(raw: object) -> object:
+    return None if raw is None else BlobRef.from_json(json.loads(raw))  # type: ignore[arg-type]
+
+
 _DECODERS: dict[str, Callable[[object], object]] = {
     "boolean": _decode_bool,
     "json": _decode_json,
+    "blob": _decode_blob,
     "float": _decode_float,
     "number": _decode_float,
 }

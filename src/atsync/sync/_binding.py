@@ -125,6 +125,12 @@ class BoundBinding:
                 raise SchemaError(f"{where}: {used[name]} and {prop.name} both map to {name!r}")
             used[name] = prop.name
             transform = binding.transforms.get(prop.name)
+            if prop.kind == "blob" and transform is None:
+                raise SchemaError(
+                    f"{where}: {model.name}.{prop.name} is a blob, and blobs do not sync yet "
+                    "(their upload and download are not built): list it in local=, or give "
+                    "a Transform"
+                )
             if transform is None and prop.kind == "json":
                 # A json property holds the atproto JSON form: {"$link": …} is a link in the
                 # record, {"$bytes": …} bytes (a blob's "ref" too), and back again.

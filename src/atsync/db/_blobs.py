@@ -1,0 +1,125 @@
+"""Blobs: files and images kept beside the database, content-addressed.
+
+    ref = db.blobs.put(b"…png bytes…", "image/png")        # -> BlobRef(cid, mime_type, size)
+    db.set("notes", {"id": "n1", "image": ref})             # a "blob" property holds the ref
+    db.blobs.read(ref) / db.blobs.open(ref)                 # the bytes back
+
+A blob is stored once under its CID (CIDv1, raw codec, sha2-256 — the CID a PDS gives it), in
+``<database>.blobs/`` as ``<cid>``: written to a temporary file and renamed, so a crash
+leaves either the whole blob or none; putting the same bytes again writes nothing. A ``blob``
+property stores the reference (CID, MIME type, size) as JSON in its column; the bytes stay in
+the store. An in-memory database keeps its blobs in memory. Blobs are never deleted here (a
+row that no longer references one leaves it in the store: content-addressed, it may be
+referenced again).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from .._errors import NotFoundError, ValidationError
+
+__all__ = ["BlobRef", "BlobStore"]
+
+_RAW_SHA256 = bytes((1, 0x55, 0x12, 32))
+
+
+def blob_cid(data: bytes) -> str:
+    """The CID of a blob's bytes: CIDv1, raw codec, sha2-256, base32 (``bafkrei…``)."""
+    digest = hashlib.sha256(data).digest()
+    return "b" + base64.b32encode(_RAW_SHA256 + digest).decode("ascii").lower().rstrip("=")
+
+
+@dataclass(frozen=True, slots=True)
+class BlobRef:
+    """A reference to a blob in the store: its CID, MIME type and size in bytes."""
+
+    cid: str
+    mime_type: str
+    size: int
+
+    def to_json(self) -> dict[str, object]:
+        return {"cid": self.cid, "mimeType": self.mime_type, "size": self.size}
+
+    @classmethod
+    def from_json(cls, value: object) -> BlobRef:
+        if isinstance(value, dict):
+            cid, mime, size = value.get("cid"), value.get("mimeType"), value.get("size")
+            ok = isinstance(cid, str) and cid.startswith("b") and isinstance(mime, str)
+            if ok and isinstance(size, int) and not isinstance(size, bool) and size >= 0:
+                return cls(str(cid), str(mime), size)
+        raise ValidationError(f"not a blob reference: {value!r}")
+
+
+class BlobStore:
+    """The content-addressed blobs of one database (``None``: kept in memory)."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.directory = directory
+        self._memory: dict[str, bytes] = {}
+
+    def put(self, data: bytes, mime_type: str) -> BlobRef:
+        """Store ``data`` (a no-op if it is there already) and return its reference."""
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise ValidationError(f"a blob is bytes, got {type(data).__name__}")
+        if not isinstance(mime_type, str) or "/" not in mime_type:
+            raise ValidationError(f"a blob needs a MIME type such as image/png, got {mime_type!r}")
+        data = bytes(data)
+        cid = blob_cid(data)
+        if self.directory is None:
+            self._memory.setdefault(cid, data)
+        else:
+            path = self.directory / cid
+            if not path.exists():
+                self.directory.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".incoming-")
+                try:
+                    with os.fdopen(fd, "wb") as out:
+                        out.write(data)
+                        out.flush()
+                        os.fsync(out.fileno())
+                    os.replace(tmp, path)
+                except BaseException:
+                    Path(tmp).unlink(missing_ok=True)
+                    raise
+        return BlobRef(cid, mime_type, len(data))
+
+    def put_file(self, path: str | os.PathLike[str], mime_type: str) -> BlobRef:
+        """``put`` the contents of a file."""
+        return self.put(Path(path).read_bytes(), mime_type)
+
+    def has(self, ref: BlobRef | str) -> bool:
+        cid = ref.cid if isinstance(ref, BlobRef) else ref
+        if self.directory is None:
+            return cid in self._memory
+        return (self.directory / cid).is_file()
+
+    def open(self, ref: BlobRef | str) -> BinaryIO:
+        """The blob's bytes as a binary file (``NotFoundError`` if the store lacks it)."""
+        cid = ref.cid if isinstance(ref, BlobRef) else ref
+        if self.directory is None:
+            if cid not in self._memory:
+                raise NotFoundError(f"blob {cid} is not in the store")
+            return io.BytesIO(self._memory[cid])
+        try:
+            return (self.directory / _checked(cid)).open("rb")
+        except FileNotFoundError:
+            raise NotFoundError(f"blob {cid} is not in the store") from None
+
+    def read(self, ref: BlobRef | str) -> bytes:
+        with self.open(ref) as blob:
+            return blob.read()
+
+
+def _checked(cid: str) -> str:
+    # A CID names a file in the store directory: nothing that could reach outside it.
+    if not cid.isalnum():
+        raise NotFoundError(f"{cid!r} is not a blob CID")
+    return cid
