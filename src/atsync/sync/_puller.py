@@ -222,8 +222,15 @@ class Puller:
         progress: Progress | None,
     ) -> None:
         total = len(changes)
-        models = {b.model.name for b in self._by_collection.values()} if self._repo.own else ()
-        self._applier.restoring(frozenset(m for m in models if not self._db.query(m, limit=1)))
+        if self._repo.own:
+            models = {b.model.name for b in self._by_collection.values()}
+            fresh = frozenset(m for m in models if not self._db.query(m, limit=1))
+        else:
+            # Nothing held of this repository yet: no row has its AT URI keys.
+            fresh = frozenset(
+                b.model.name for b in self._by_collection.values() if not b.shared and not known
+            )
+        self._applier.restoring(fresh)
         try:
             for start in range(0, total, CHUNK):
                 with self._db.transaction():
