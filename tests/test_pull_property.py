@@ -629,3 +629,22 @@ def test_regression_edits_of_different_fields_merge_when_pushed_without_a_pull(
         ],
     )
     assert remote["ka"] == {"id": "ka", "title": "t1", "body": "b1", "n": 0}
+
+
+# Found by CI in a fresh clone (hypothesis): two devices create ka and kb with each other's
+# values; device 1's merged push then swaps the two records' contents in one commit, and the
+# reference PDS (0.5.x) deletes the blocks that commit replaces although it adds them back:
+# both records vanish from the PDS, which then serves a repository with missing blocks. The
+# pusher now sends such a write in the next commit.
+@pytest.mark.pds
+def test_regression_two_records_swapping_contents_do_not_vanish(dev_pds: Any) -> None:
+    remote = regression(
+        dev_pds,
+        [
+            ("put", 0, "ka", "t0", None, 1),
+            ("put", 0, "kb", "t0", None, 0),
+            ("put", 1, "ka", "t0", None, 0),
+            ("put", 1, "kb", "t0", None, 1),
+        ],
+    )
+    assert (remote["ka"]["n"], remote["kb"]["n"]) == (0, 1)  # device 1 merged last, local wins

@@ -101,6 +101,26 @@ class Pusher:
             return info.remaining, None
         return info.remaining, (info.reset_at if info.reset_at is not None else now + 60.0)
 
+    def _one_commit_part(self, batch: list[PendingWrite]) -> int:
+        """How much of ``batch`` can go in one commit. The reference PDS (0.5.x) deletes the
+        blocks a commit replaces even when the same commit adds them back, so a commit in
+        which one record takes the exact content another one leaves (two records swapping
+        values, say) loses that block: the repository is corrupt and the record gone. Such a
+        write waits for the next commit."""
+        removed: set[str] = set()  # CIDs this commit replaces or deletes
+        added: set[str] = set()  # CIDs it writes
+        for i, write in enumerate(batch):
+            old = self.outbox.remote_cid(write.collection, write.rkey)
+            if (write.cid is not None and write.cid in removed) or (
+                old is not None and old in added
+            ):
+                return i
+            if old is not None and old != write.cid:
+                removed.add(old)
+            if write.cid is not None:
+                added.add(write.cid)
+        return len(batch)
+
     async def push_batch(
         self,
         did: str,
@@ -127,6 +147,8 @@ class Pusher:
         writes, batch = self._writes(batch)
         if not batch:
             return True  # every row of it was damaged (now dead letters): look again
+        cut = self._one_commit_part(batch)
+        batch, writes = batch[:cut], writes[:cut]
         points = RateBudget.cost(w.op for w in batch)
         allowed, reset_at = self.server_hold(points, time.time())
         if allowed is not None and reset_at is not None:
