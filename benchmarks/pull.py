@@ -229,8 +229,7 @@ def live_latency(
 ) -> dict[str, list[float]]:
     """Seconds from device A's action to: the PDS's answer to A's applyWrites, the #commit
     frame on a raw subscriber, and the row in device B's database."""
-    frames: dict[str, float] = {}
-    rows: dict[str, float] = {}
+    seen = Arrivals()
     ws = "ws://" + pds.pds_url.removeprefix("http://") + "/xrpc/com.atproto.sync.subscribeRepos"
     # The raw subscriber is a process of its own: on the devices' event loop, or on a thread
     # of this process (the GIL), a frame would wait while device B's engine works, and be
@@ -249,11 +248,11 @@ def live_latency(
             assert child.stdout is not None
             for line in child.stdout:
                 rkey, at = line.split()
-                frames.setdefault(rkey, float(at))
+                seen.note(seen.frames, rkey, float(at))
 
         reader = threading.Thread(target=read_frames, daemon=True)
         reader.start()
-        return anyio.run(_live, pds, did, writes, b_db, a_db, frames, rows, backend="asyncio")
+        return anyio.run(_live, pds, did, writes, b_db, a_db, seen, backend="asyncio")
     finally:
         child.terminate()
         child.wait(10)
@@ -278,14 +277,32 @@ def now() -> float:
     return time.clock_gettime(time.CLOCK_MONOTONIC)
 
 
+class Arrivals:
+    """When each record's frame reached the raw subscriber and its row reached device B,
+    noted from whichever thread saw it; ``wait`` blocks until both are in."""
+
+    def __init__(self) -> None:
+        self.frames: dict[str, float] = {}
+        self.rows: dict[str, float] = {}
+        self._changed = threading.Condition()
+
+    def note(self, where: dict[str, float], key: str, at: float) -> None:
+        with self._changed:
+            where.setdefault(key, at)
+            self._changed.notify_all()
+
+    def wait(self, key: str, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: key in self.rows and key in self.frames, timeout)
+
+
 async def _live(
     pds: DevPDS,
     did: str,
     writes: int,
     b_db: Path,
     a_db: Path,
-    frames: dict[str, float],
-    rows: dict[str, float],
+    seen: Arrivals,
 ) -> dict[str, list[float]]:
     session = await login(did, PASSWORD, pds.pds_url)
     answers: list[float] = []
@@ -324,25 +341,27 @@ async def _live(
                 for i in range(writes + 3):
                     key = clock.next()
 
-                    def seen(found: list[Any], key: str = key) -> None:
+                    def row_in(found: list[Any], key: str = key) -> None:
                         if found:
-                            rows.setdefault(key, now())
+                            seen.note(seen.rows, key, now())
 
-                    sub = b.db.subscribe("posts", seen, where={"id": key}, initial=False)
+                    sub = b.db.subscribe("posts", row_in, where={"id": key}, initial=False)
                     start = now()
                     a.actions.post(key, i)
-                    with anyio.fail_after(30):
-                        # Polled: the times are taken where the events happen (the row's in
-                        # the subscription's callback, on whichever thread commits).
-                        while key not in rows or key not in frames:  # noqa: ASYNC110
-                            await anyio.sleep(0.002)
+                    # The times are taken where the events happen (the row's in the
+                    # subscription's callback, the frame's in the reader thread): a worker
+                    # thread only waits for both.
+                    arrived = await anyio.to_thread.run_sync(seen.wait, key, 30.0)
+                    assert arrived, f"{key}: no row on B or no frame within 30 s"
                     sub.cancel()
                     if i >= 3:  # three warm-up writes
-                        results["row"].append(rows[key] - start)
-                        results["frame"].append(frames[key] - start)
-                        results["added"].append(rows[key] - frames[key])
+                        row_at, frame_at = seen.rows[key], seen.frames[key]
+                        results["row"].append(row_at - start)
+                        results["frame"].append(frame_at - start)
+                        results["added"].append(row_at - frame_at)
                         results["push"].append(min(t for t in answers if t >= start) - start)
-                    await anyio.sleep(0.05)
+                    with anyio.fail_after(30):  # A settled before the next write
+                        await sync_a.wait_for_idle()
             for sync in (sync_a, sync_b):
                 sync.close()
     return results
