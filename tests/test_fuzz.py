@@ -24,6 +24,7 @@ from atsync.atproto import (
 from atsync.atproto._cbor import decode_record
 from atsync.atproto._firehose import decode_frame
 from atsync.lexicon import LexiconSet, validate_record_json
+from mutations import mutated
 from test_car_file import DID, KEY, _blocks_of_repo, _write_repo
 
 FUZZ = settings(
@@ -42,30 +43,6 @@ FRAME = encode_dag_cbor({"op": 1, "t": "#commit"}) + encode_dag_cbor(
 
 def _repo_bytes(tmp: Path) -> bytes:
     return _write_repo(tmp / "repo.car", _blocks_of_repo(12, other=3)).read_bytes()
-
-
-def mutated(data: bytes) -> st.SearchStrategy[bytes]:
-    """``data`` with up to four bytes changed, inserted or dropped, or cut short."""
-
-    @st.composite
-    def build(draw: Any) -> bytes:
-        out = bytearray(data)
-        for _ in range(draw(st.integers(1, 4))):
-            if not out:
-                break
-            i = draw(st.integers(0, len(out) - 1))
-            kind = draw(st.sampled_from(["flip", "insert", "drop", "cut"]))
-            if kind == "flip":
-                out[i] = draw(st.integers(0, 255))
-            elif kind == "insert":
-                out.insert(i, draw(st.integers(0, 255)))
-            elif kind == "drop":
-                del out[i]
-            else:
-                del out[i:]
-        return bytes(out)
-
-    return build()
 
 
 def only_ours(fn: Any, *args: Any) -> None:
