@@ -244,10 +244,14 @@ async def test_followed_repositories_are_live_on_the_users_host_and_on_another(
     alice, bob = await session_of(dev_pds, "alice.test"), await session_of(dev_pds, "bob.test")
     dan = await session_of(second, "dan.test")
     live = {"pull": Live(fallback=60)}
+    for session in (bob, dan):
+        await write(session, collection, "before", title="written before the follow")
     async with device(tmp_path / "alice.db", collection, alice, resolver, **live) as (app, sync):
+        # As the docs show it: follow(), then the records arrive (no pull_now, no wait_pulled).
         await sync.follow(bob.did)
         await sync.follow(dan.did)
-        await pulled(sync)
+        before = {f"at://{s.did}/{collection}/before" for s in (bob, dan)}
+        await wait_for(app, lambda state: before <= set(state), within=15)
         for session, rkey in ((bob, "from-bob"), (dan, "from-dan")):
             await write(session, collection, rkey, title=rkey)
             uri = f"at://{session.did}/{collection}/{rkey}"

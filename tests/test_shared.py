@@ -47,17 +47,24 @@ def anyio_backend() -> str:
 
 @asynccontextmanager
 async def device(
-    path: Path, collection: str, session: Session, resolver: IdentityResolver, others: list[str]
+    path: Path,
+    collection: str,
+    session: Session,
+    resolver: IdentityResolver,
+    others: list[str],
+    *,
+    defaults: bool = False,
 ) -> AsyncIterator[tuple[App, ATSync]]:
+    """One account's app: ``push=Manual(), pull=Manual()``, or the engine's defaults."""
+    strategies: dict[str, Any] = {} if defaults else {"push": Manual(), "pull": Manual()}
     with App.open(path, contract) as app:
         sync = ATSync(
             app,
             bindings={"docs": Binding(collection, shared=True)},
             session=session,
-            push=Manual(),
-            pull=Manual(),
             identity=resolver,
             follow=others,
+            **strategies,
         )
         async with sync:
             yield app, sync
@@ -144,3 +151,37 @@ async def test_three_accounts_on_two_hosts_converge_on_a_shared_document(
         await sync_all(devices)
         again = {"id": "d1", "title": "again", "body": "from scratch", "n": 0}
         assert row(a, "d1") == row(b, "d1") == row(c, "d1") == again
+
+
+async def until(app: App, predicate: Any, within: float) -> None:
+    """Until ``predicate(row(app, "d1"))`` holds, checked after every change to the docs."""
+    changed = [anyio.Event()]
+    with app.db.subscribe("docs", lambda _rows: changed[0].set()):
+        with anyio.fail_after(within):
+            while not predicate(row(app, "d1")):
+                await changed[0].wait()
+                changed[0] = anyio.Event()
+
+
+@pytest.mark.anyio
+async def test_a_shared_document_syncs_with_the_default_strategies(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """As the docs show it — the engine's defaults (Debounce push, Live pull), no push_now, no
+    wait_pulled: an edit on one side reaches the other within seconds."""
+    collection = "test.atsync.shared.defaults"
+    sessions = [
+        await login(dev_pds.accounts[h].did, dev_pds.accounts[h].password, dev_pds.pds_url)
+        for h in ("alice.test", "bob.test")
+    ]
+    alice, bob = sessions
+    async with (
+        IdentityResolver(plc_url=dev_pds.plc_url, allow_insecure_localhost=True) as resolver,
+        device(tmp_path / "a.db", collection, alice, resolver, [bob.did], defaults=True) as (a, _),
+        device(tmp_path / "b.db", collection, bob, resolver, [alice.did], defaults=True) as (b, _),
+    ):
+        a.actions.create("d1", "from alice", "her body")
+        await until(b, lambda doc: doc is not None and doc["title"] == "from alice", 15)
+        b.actions.edit("d1", body="bob's body")
+        await until(a, lambda doc: doc is not None and doc["body"] == "bob's body", 15)
+        assert row(a, "d1") == row(b, "d1")
