@@ -32,7 +32,9 @@ _RAW_SHA256 = bytes((1, 0x55, 0x12, 32))
 
 
 def blob_cid(data: bytes) -> str:
-    """The CID of a blob's bytes: CIDv1, raw codec, sha2-256, base32 (``bafkrei…``)."""
+    """The CID of a blob's bytes: CIDv1, raw codec, sha2-256, base32 (``bafkrei…``). Built
+    here because ``db`` sits below ``atproto`` (whose ``CID.for_data(data, CODEC_RAW)`` gives
+    the same string: tests/test_blobs.py checks it)."""
     digest = hashlib.sha256(data).digest()
     return "b" + base64.b32encode(_RAW_SHA256 + digest).decode("ascii").lower().rstrip("=")
 

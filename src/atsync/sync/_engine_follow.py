@@ -83,7 +83,7 @@ class FollowRepos:
         self._follow_progress = anyio.Event()
         self._follow_clients: dict[str, XrpcClient] = {}  # by host, no credentials
         self._host_limits: dict[str, anyio.CapacityLimiter] = {}
-        self._follow_resolver: IdentityResolver | None = None  # made here: closed here
+        self._follow_resolver: IdentityResolver | None = None  # made here, closed at stop
         # Handles are resolved when the engine starts (a failure goes to follow_errors).
         self._follow_handles: list[str] = []
         for who in follow:
@@ -157,14 +157,16 @@ class FollowRepos:
             self._followed_pullers[did] = puller
         return puller
 
-    def _resolver(self) -> Any:
-        """``identity=``, or one made for the PLC directory at ``$ATSYNC_PLC_URL`` (a
-        loopback one is a development set-up whose documents name http:// endpoints)."""
+    def _resolver(self, *, loopback: bool = False) -> Any:
+        """The engine's identity resolver, for its own account and the ones it follows:
+        ``identity=``, or one made on first use for the PLC directory at ``$ATSYNC_PLC_URL``
+        (or plc.directory). A directory or PDS on loopback (``loopback``) is a development
+        set-up whose DID documents name http:// endpoints."""
         if self._identity is not None:
             return self._identity
         if self._follow_resolver is None:
             plc = os.environ.get("ATSYNC_PLC_URL", DEFAULT_PLC_URL)
-            local = plc.startswith(("http://localhost", "http://127.0.0.1"))
+            local = loopback or plc.startswith(("http://localhost", "http://127.0.0.1"))
             self._follow_resolver = IdentityResolver(plc_url=plc, allow_insecure_localhost=local)
         return self._follow_resolver
 

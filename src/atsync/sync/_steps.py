@@ -25,7 +25,6 @@ from .._errors import (
     VerificationError,
 )
 from ..atproto import (
-    DEFAULT_PLC_URL,
     FirehoseFrame,
     IdentityResolver,
     XrpcClient,
@@ -69,8 +68,6 @@ class StepRunner:
         self.wrong_account: str | None = None  # why this session's account is refused
         self.pull_retry_at: float | None = None  # a failed pull is tried again then
         self._data_version: int | None = None
-        self._resolver: IdentityResolver | None = None
-        self._own_resolver = False
 
     # -- what the engine observes on every tick ------------------------------------------
 
@@ -132,15 +129,12 @@ class StepRunner:
 
     def forget_identity(self) -> None:
         did = self.session.did if self.session is not None else None
-        invalidate = getattr(self._resolver, "invalidate", None)
+        invalidate = getattr(self.engine._resolver(), "invalidate", None)
         if invalidate is not None and did is not None:
             invalidate(did)
 
     async def aclose(self) -> None:
         await self.drop_client()
-        resolver, self._resolver = self._resolver, None
-        if resolver is not None and self._own_resolver:
-            await resolver.aclose()
 
     # -- steps ----------------------------------------------------------------------------
 
@@ -296,21 +290,11 @@ class StepRunner:
         return identity.signing_key
 
     def resolver(self, client: XrpcClient) -> IdentityResolver:
-        """The engine's identity resolver (made on first use for the PDS ``client`` talks
-        to)."""
-        if self._resolver is None:
-            if self.engine._identity is not None:
-                self._resolver = self.engine._identity
-            else:
-                # A PDS on loopback is a development set-up: its DID documents live on a
-                # PLC directory of its own (ATSYNC_PLC_URL) and name http:// endpoints.
-                local = client.service.startswith(("http://localhost", "http://127.0.0.1"))
-                self._resolver = IdentityResolver(
-                    plc_url=os.environ.get("ATSYNC_PLC_URL", DEFAULT_PLC_URL),
-                    allow_insecure_localhost=local,
-                )
-                self._own_resolver = True
-        return self._resolver
+        """The engine's identity resolver (``_engine_follow``: one for the account and the
+        accounts it follows); a PDS on loopback is a development set-up whose DID documents
+        name http:// endpoints."""
+        local = client.service.startswith(("http://localhost", "http://127.0.0.1"))
+        return self.engine._resolver(loopback=local)  # type: ignore[no-any-return]
 
     async def push(self, collections: frozenset[str] | None) -> None:
         engine = self.engine
