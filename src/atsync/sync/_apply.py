@@ -150,30 +150,20 @@ class Applier:
         entry attributed to ``did``. First all in one savepoint; if one of them fails, again
         one savepoint per change, so that one alone is rejected."""
         with gc_paused():  # rows, records and log entries: containers that all last
-            self._apply_all(did, rev, changes, known, result)
+            if self._on_pds_action is not None:
+                # The app's hook sees each change once: no attempt that might be rolled back.
+                self._apply_changes(did, rev, changes, known, result, savepoints=True)
+            else:
+                before = dataclasses.replace(result)
+                try:
+                    with self._db.transaction():
+                        self._apply_changes(did, rev, changes, known, result, savepoints=False)
+                except AtsyncError:
+                    for field in dataclasses.fields(result):
+                        setattr(result, field.name, getattr(before, field.name))
+                    self._apply_changes(did, rev, changes, known, result, savepoints=True)
         if self._written and self._log_remote is not None:
             self._log_remote(did, self._written)
-
-    def _apply_all(
-        self,
-        did: str,
-        rev: str,
-        changes: list[Change],
-        known: dict[tuple[str, str], Known],
-        result: PullResult,
-    ) -> None:
-        if self._on_pds_action is not None:
-            # The app's hook sees each change once: no attempt that might be rolled back.
-            self._apply_changes(did, rev, changes, known, result, savepoints=True)
-        else:
-            before = dataclasses.replace(result)
-            try:
-                with self._db.transaction():
-                    self._apply_changes(did, rev, changes, known, result, savepoints=False)
-            except AtsyncError:
-                for field in dataclasses.fields(result):
-                    setattr(result, field.name, getattr(before, field.name))
-                self._apply_changes(did, rev, changes, known, result, savepoints=True)
 
     def _apply_changes(
         self,
