@@ -216,15 +216,8 @@ async def test_cut_streams_resume_from_the_stored_cursor(
 ) -> None:
     """The stream is cut three times while A writes 50 records: B reconnects each time from
     the last event it applied, the PDS replays the rest, and nothing is read whole."""
-    async with live_pair(dev_pds, tmp_path, request, resolver) as (
-        proxy,
-        session,
-        collection,
-        a,
-        sync_a,
-        b,
-        sync_b,
-    ):
+    async with live_pair(dev_pds, tmp_path, request, resolver) as pair:
+        proxy, session, collection, a, sync_a, b, sync_b = pair
         await live_and_warm(a, sync_a, b, sync_b)
         reads = len(proxy.requests(GET_REPO))
         assert reads >= 1  # the first start reads the repository
@@ -255,15 +248,8 @@ async def test_cut_streams_resume_from_the_stored_cursor(
 async def test_a_dropped_event_is_a_gap_and_the_repository_is_read_once(
     dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
 ) -> None:
-    async with live_pair(dev_pds, tmp_path, request, resolver) as (
-        proxy,
-        session,
-        collection,
-        a,
-        sync_a,
-        b,
-        sync_b,
-    ):
+    async with live_pair(dev_pds, tmp_path, request, resolver) as pair:
+        proxy, session, collection, a, sync_a, b, sync_b = pair
         await live_and_warm(a, sync_a, b, sync_b)
         reads = len(proxy.requests(GET_REPO))
         gap = proxy.add_frame(
@@ -291,15 +277,8 @@ async def test_a_dropped_event_is_a_gap_and_the_repository_is_read_once(
 async def test_malformed_and_tampered_frames_are_not_applied(
     dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
 ) -> None:
-    async with live_pair(dev_pds, tmp_path, request, resolver) as (
-        proxy,
-        session,
-        collection,
-        a,
-        sync_a,
-        b,
-        sync_b,
-    ):
+    async with live_pair(dev_pds, tmp_path, request, resolver) as pair:
+        proxy, session, collection, a, sync_a, b, sync_b = pair
         await live_and_warm(a, sync_a, b, sync_b)
         reads = len(proxy.requests(GET_REPO))
 
@@ -564,15 +543,8 @@ async def test_duplicated_and_reordered_events_are_applied_once(
 ) -> None:
     """At-least-once delivery: a repeated event changes nothing; two events swapped are a gap
     (the second arrives first), so the repository is read once."""
-    async with live_pair(dev_pds, tmp_path, request, resolver) as (
-        proxy,
-        session,
-        collection,
-        a,
-        sync_a,
-        b,
-        sync_b,
-    ):
+    async with live_pair(dev_pds, tmp_path, request, resolver) as pair:
+        proxy, session, collection, a, sync_a, b, sync_b = pair
         await live_and_warm(a, sync_a, b, sync_b)
         reads = len(proxy.requests(GET_REPO))
         mine = {"type": "#commit", "repo": session.did, "path": f"{collection}/"}
@@ -599,15 +571,8 @@ async def test_a_forged_since_hiding_a_gap_is_caught_by_the_inversion(
     """An event is dropped and the next one's unsigned ``since`` and ``prevData`` are forged
     to follow B's state: its operations inverted do not give ``prevData``, so it is
     rejected, and the repository is read."""
-    async with live_pair(dev_pds, tmp_path, request, resolver) as (
-        proxy,
-        session,
-        collection,
-        a,
-        sync_a,
-        b,
-        sync_b,
-    ):
+    async with live_pair(dev_pds, tmp_path, request, resolver) as pair:
+        proxy, session, collection, a, sync_a, b, sync_b = pair
         await live_and_warm(a, sync_a, b, sync_b)
         reads = len(proxy.requests(GET_REPO))
         seen: list[tuple[Any, Any]] = []
@@ -636,15 +601,8 @@ async def test_a_commit_whose_ops_hide_a_delete_is_rejected(
 ) -> None:
     """The ops list is not signed: one that leaves a delete out does not invert to
     ``prevData``; B rejects the event, reads the repository, and the delete arrives."""
-    async with live_pair(dev_pds, tmp_path, request, resolver) as (
-        proxy,
-        session,
-        collection,
-        a,
-        sync_a,
-        b,
-        sync_b,
-    ):
+    async with live_pair(dev_pds, tmp_path, request, resolver) as pair:
+        proxy, session, collection, a, sync_a, b, sync_b = pair
         await live_and_warm(a, sync_a, b, sync_b)
         await write_each(a, sync_a, ["h1"])
         await converged(a, b, sync_b, session, collection)
@@ -671,15 +629,8 @@ async def test_a_commit_whose_ops_hide_a_delete_is_rejected(
 async def test_a_transient_error_frame_reconnects_from_the_cursor(
     dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
 ) -> None:
-    async with live_pair(dev_pds, tmp_path, request, resolver) as (
-        proxy,
-        session,
-        collection,
-        a,
-        sync_a,
-        b,
-        sync_b,
-    ):
+    async with live_pair(dev_pds, tmp_path, request, resolver) as pair:
+        proxy, session, collection, a, sync_a, b, sync_b = pair
         await live_and_warm(a, sync_a, b, sync_b)
         reads = len(proxy.requests(GET_REPO))
         proxy.add_frame(
@@ -760,15 +711,8 @@ async def test_a_restart_replays_through_a_slow_handshake_and_a_cut(
 async def test_a_frame_that_never_decodes_does_not_stop_live_following(
     dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
 ) -> None:
-    async with live_pair(dev_pds, tmp_path, request, resolver) as (
-        proxy,
-        session,
-        collection,
-        a,
-        sync_a,
-        b,
-        sync_b,
-    ):
+    async with live_pair(dev_pds, tmp_path, request, resolver) as pair:
+        proxy, session, collection, a, sync_a, b, sync_b = pair
         await live_and_warm(a, sync_a, b, sync_b)
         # Every copy of one event is damaged (the replays after a reconnect too).
         proxy.add_frame(RewriteFrame(corrupt_cbor), path=f"{collection}/poison")
