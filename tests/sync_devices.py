@@ -9,10 +9,18 @@ from typing import Any
 import anyio
 
 from atsync.app import App
-from atsync.atproto import IdentityResolver, Session, XrpcClient
+from atsync.atproto import IdentityResolver, Session, XrpcClient, login
 from atsync.sync import ATSync, SyncStatus
 
-__all__ = ["ForgetfulResolver", "as_rows", "remote", "rows", "wait_status"]
+__all__ = [
+    "ForgetfulResolver",
+    "as_rows",
+    "collection_for",
+    "remote",
+    "rows",
+    "session_of",
+    "wait_status",
+]
 
 
 async def wait_status(
@@ -24,6 +32,17 @@ async def wait_status(
             if predicate(status):
                 return status
     raise AssertionError("unreachable")
+
+
+def collection_for(request: Any, prefix: str) -> str:
+    """A collection of the test's own (``prefix.<the test's name>``): tests share a PDS."""
+    name = "".join(c for c in request.node.name if c.isalnum())[:40]
+    return f"{prefix}.{name.lower()}"
+
+
+async def session_of(pds: Any, handle: str) -> Session:
+    account = pds.accounts[handle]
+    return await login(account.did, account.password, pds.pds_url)
 
 
 def rows(app: App) -> dict[str, dict[str, Any]]:

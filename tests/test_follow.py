@@ -18,10 +18,11 @@ import pytest
 
 from atsync import ActionError
 from atsync.app import ActionContext, App, Contract
-from atsync.atproto import IdentityResolver, Session, XrpcClient, generate_keypair, login
+from atsync.atproto import IdentityResolver, Session, XrpcClient, generate_keypair
 from atsync.sync import ATSync, Binding, Immediate, Live, Manual, Origin
 from pds_fixtures import MakePDS
-from sync_devices import ForgetfulResolver, remote
+from sync_devices import ForgetfulResolver, remote, session_of
+from sync_devices import collection_for as shared_collection_for
 
 contract = Contract(
     models={"notes": {"id": "primary", "title": "string", "body": "string?", "n": "integer"}}
@@ -49,13 +50,7 @@ def anyio_backend() -> str:
 
 
 def collection_for(request: pytest.FixtureRequest) -> str:
-    name = "".join(c for c in request.node.name if c.isalnum())[:40]
-    return f"test.atsync.follow.{name.lower()}"
-
-
-async def session_of(pds: Any, handle: str) -> Session:
-    account = pds.accounts[handle]
-    return await login(account.did, account.password, pds.pds_url)
+    return shared_collection_for(request, "test.atsync.follow")
 
 
 async def write(session: Session, collection: str, rkey: str, **fields: Any) -> str:

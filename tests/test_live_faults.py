@@ -23,7 +23,7 @@ import anyio
 import pytest
 
 from atsync.app import ActionContext, App, Contract
-from atsync.atproto import IdentityResolver, Session, login
+from atsync.atproto import IdentityResolver, Session
 from atsync.sync import ATSync, Binding, Immediate, Live, Manual
 from fault_proxy import (
     Cut,
@@ -42,7 +42,8 @@ from fault_proxy import (
     replace_in_blocks,
     rewrite_body,
 )
-from sync_devices import as_rows, remote, rows, wait_status
+from sync_devices import as_rows, remote, rows, session_of, wait_status
+from sync_devices import collection_for as shared_collection_for
 
 pytestmark = pytest.mark.anyio
 
@@ -80,13 +81,11 @@ def drop(ctx: ActionContext, key: str) -> None:
 
 
 def collection_for(request: pytest.FixtureRequest) -> str:
-    name = "".join(c for c in request.node.name if c.isalnum())[:40]
-    return f"test.atsync.livefaults.{name.lower()}"
+    return shared_collection_for(request, "test.atsync.livefaults")
 
 
 async def alice(pds: Any) -> Session:
-    account = pds.accounts["alice.test"]
-    return await login(account.did, account.password, pds.pds_url)
+    return await session_of(pds, "alice.test")
 
 
 @asynccontextmanager

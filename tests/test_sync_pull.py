@@ -19,7 +19,8 @@ import pytest
 from atsync.app import REMOTE_ACTION, ActionContext, App, Contract
 from atsync.atproto import IdentityResolver, Session, XrpcClient, login
 from atsync.sync import ATSync, Binding, Immediate, Live, Manual, OnStart, SyncStatus
-from sync_devices import ForgetfulResolver, as_rows, remote, rows, wait_status
+from sync_devices import ForgetfulResolver, as_rows, remote, rows, session_of, wait_status
+from sync_devices import collection_for as shared_collection_for
 
 pytestmark = pytest.mark.anyio
 
@@ -58,13 +59,11 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def collection_for(request: pytest.FixtureRequest) -> str:
-    name = "".join(c for c in request.node.name if c.isalnum())[:40]
-    return f"test.atsync.pull.{name.lower()}"
+    return shared_collection_for(request, "test.atsync.pull")
 
 
 async def alice(dev_pds: Any) -> Session:
-    account = dev_pds.accounts["alice.test"]
-    return await login(account.did, account.password, dev_pds.pds_url)
+    return await session_of(dev_pds, "alice.test")
 
 
 @asynccontextmanager
