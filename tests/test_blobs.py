@@ -1,20 +1,23 @@
 """Blobs beside the database: content-addressed (the CID a PDS gives them), written whole or
-not at all, held by ``blob`` properties as references, replayed by a rebuild; and refused by a
-binding until their sync is built."""
+not at all, held by ``blob`` properties as references, replayed by a rebuild; turned into blob objects by
+a binding and checked in the action against the PDS's limits (sync against the real PDS:
+test_blob_sync.py)."""
 
 from __future__ import annotations
 
 import base64
+import json
 from pathlib import Path
 
 import pytest
 
-from atsync._errors import NotFoundError, SchemaError, ValidationError
+from atsync._errors import NotFoundError, RecordError, ValidationError
 from atsync.app import ActionContext, App, Contract
-from atsync.atproto import CID
+from atsync.atproto import CID, data_to_json
 from atsync.atproto._cbor import CODEC_RAW
 from atsync.db import BlobRef, ModelDB
 from atsync.sync import ATSync, Binding, Manual
+from atsync.sync._blobsync import blob_refs
 
 MODELS = {"notes": {"id": "primary", "title": "string", "image": "blob?"}}
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
@@ -76,11 +79,86 @@ def test_actions_put_blobs_and_a_rebuild_replays_them(tmp_path: Path) -> None:
         assert app.rebuild() == 1 and [dict(r) for r in app.db.query("notes")] == state
 
 
-def test_a_blob_property_does_not_sync_yet(tmp_path: Path) -> None:
+PHOTO_LEXICON = {
+    "lexicon": 1,
+    "id": "com.example.note",
+    "defs": {
+        "main": {
+            "type": "record",
+            "key": "any",
+            "record": {
+                "type": "object",
+                "required": ["title"],
+                "properties": {
+                    "title": {"type": "string"},
+                    "image": {"type": "blob", "accept": ["image/*"], "maxSize": 2000},
+                },
+            },
+        }
+    },
+}
+
+
+def test_a_blob_property_becomes_a_blob_object_and_back() -> None:
+    binding = Binding("com.example.note").bind(contract.schema.models["notes"])
+    assert binding.blob_fields == (("image", "image"),)
+    ref = BlobRef(str(CID.for_data(PNG, codec=CODEC_RAW)), "image/png", len(PNG))
+    record = binding.to_record({"id": "n1", "title": "t", "image": ref})
+    assert record["image"] == {
+        "$type": "blob", "ref": CID.parse(ref.cid), "mimeType": "image/png", "size": len(PNG)
+    }  # fmt: skip
+    assert binding.from_record(record, "n1")["image"] == ref
+    as_json = {**record["image"], "ref": {"$link": ref.cid}}  # the JSON form reads back too
+    assert binding.from_record({**record, "image": as_json}, "n1")["image"] == ref
+    with pytest.raises(RecordError, match="not a blob object"):  # legacy form: no size
+        binding.from_record({**record, "image": {"cid": ref.cid, "mimeType": "image/png"}}, "n1")
+    queued = json.dumps({"a": [{"b": data_to_json(record["image"])}], "c": {"$link": ref.cid}})
+    assert blob_refs(queued.replace(" ", "")) == [(ref.cid, "image/png")]  # nested, links not
+    assert blob_refs('{"$type":"com.example.note","title":"no blob"}') == []
+
+
+@contract.action
+def attach_ref(ctx: ActionContext, key: str, ref_json: dict[str, object]) -> None:
+    ctx.db.set("notes", {"id": key, "title": "t", "image": BlobRef.from_json(ref_json)})
+
+
+@contract.action
+def attach_bytes(ctx: ActionContext, key: str, data_base64: str, mime: str) -> None:
+    ref = ctx.db.blobs.put(base64.b64decode(data_base64), mime)
+    ctx.db.set("notes", {"id": key, "title": "t", "image": ref})
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_a_blob_the_pds_would_refuse_fails_its_action_and_nothing_is_queued(
+    tmp_path: Path,
+) -> None:
     with App.open(tmp_path / "app.db", contract) as app:
-        with pytest.raises(SchemaError, match="blobs do not sync yet"):
-            ATSync(app, bindings={"notes": Binding("com.example.note")}, push=Manual())
-        sync = ATSync(  # kept on the device: fine
-            app, bindings={"notes": Binding("com.example.note", local=["image"])}, push=Manual()
-        )
-        sync.close()
+        sync = ATSync(
+            app, bindings={"notes": Binding("com.example.note")}, lexicons=[PHOTO_LEXICON],
+            push=Manual(), max_blob_size=1500,
+        )  # fmt: skip
+        try:
+            cases = [
+                (b"\x89PNG" + bytes(1600), "image/png", "over the PDS's limit of 1,500"),
+                (b"%PDF-1.4", "application/pdf", "not accepted"),  # the Lexicon's accept
+            ]
+            for data, mime, why in cases:
+                with pytest.raises(RecordError, match=why):
+                    app.actions.attach_bytes("n1", _b64(data), mime)
+            absent = BlobRef(str(CID.for_data(b"elsewhere", codec=CODEC_RAW)), "image/png", 9)
+            with pytest.raises(RecordError, match="not in this database's blob store"):
+                app.actions.attach_ref("n2", absent.to_json())
+            stored = app.blobs.put(b"tiny png", "image/png")
+            lying = BlobRef(stored.cid, "image/png", 3)
+            with pytest.raises(RecordError, match="says 3 bytes"):
+                app.actions.attach_ref("n3", lying.to_json())
+            assert app.db.count("notes") == 0 and sync.outbox.counts() == (0, 0, 0)
+            app.actions.attach_bytes("n4", _b64(b"\x89PNG ok"), "image/png")
+            assert sync.outbox.counts()[0] == 1
+            with pytest.raises(ValidationError, match="blobs= takes"):
+                ATSync(app, bindings={}, blobs="sometimes")  # type: ignore[arg-type]
+        finally:
+            sync.close()

@@ -49,6 +49,6 @@ def test_model_prints_the_derived_model() -> None:
     assert done.returncode == 0, done.stderr
     model = json.loads(done.stdout)
     assert model["id"] == "primary" and model["createdAt"] == "string"
-    assert model["attachment"] == "json?" and model["checksum"] == "bytes?"
+    assert model["attachment"] == "blob?" and model["checksum"] == "bytes?"
     done = atsync("model", str(NOTES), NSID, "--key", "title")
     assert done.returncode == 1 and "primary key's name" in done.stderr

@@ -38,7 +38,7 @@ def test_every_lexicon_type_has_its_property(lexicons: LexiconSet) -> None:
         "langs": "json?",
         "embed": "json?",  # union
         "outline": "json?",
-        "attachment": "json?",  # blob, in its JSON form
+        "attachment": "blob?",  # a BlobRef
         "checksum": "bytes?",
         "previous": "json?",  # cid-link, {"$link": …}
         "extra": "json?",  # unknown

@@ -103,6 +103,17 @@ class BlobStore:
             return cid in self._memory
         return (self.directory / cid).is_file()
 
+    def size(self, ref: BlobRef | str) -> int | None:
+        """The stored blob's size in bytes; None if the store lacks it."""
+        cid = ref.cid if isinstance(ref, BlobRef) else ref
+        if self.directory is None:
+            data = self._memory.get(cid)
+            return None if data is None else len(data)
+        try:
+            return (self.directory / _checked(cid)).stat().st_size
+        except (FileNotFoundError, NotFoundError):
+            return None
+
     def open(self, ref: BlobRef | str) -> BinaryIO:
         """The blob's bytes as a binary file (``NotFoundError`` if the store lacks it)."""
         cid = ref.cid if isinstance(ref, BlobRef) else ref

@@ -12,8 +12,9 @@ field of the record object, named as the field:
     integer                                       integer
     boolean                                       boolean
     bytes                                         bytes
-    cid-link, blob                                json  (the JSON form: {"$link": …}, a blob
-                                                         object with "ref": {"$link": …})
+    blob                                          blob  (a BlobRef: the bytes in db.blobs,
+                                                         uploaded and fetched by the engine)
+    cid-link                                      json  (the JSON form: {"$link": …})
     object, ref, union, unknown                   json
     array                                         json  (a list)
 
@@ -37,6 +38,7 @@ _KINDS = {
     "integer": "integer",
     "boolean": "boolean",
     "bytes": "bytes",
+    "blob": "blob",
 }
 # What each property kind can hold, by Lexicon field type (json holds any of them).
 _HOLDS = {
@@ -44,6 +46,7 @@ _HOLDS = {
     "integer": {"integer"},
     "boolean": {"boolean"},
     "bytes": {"bytes"},
+    "blob": {"blob"},
     "json": {
         "string", "integer", "boolean", "bytes", "cid-link", "blob", "object", "ref", "union",
         "unknown", "array", "null",

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from .._errors import RecordError, SchemaError
 from ..atproto import (
+    CID,
     check_data_model,
     data_from_json,
     data_to_json,
@@ -28,7 +29,7 @@ from ..atproto import (
     is_valid_nsid,
     is_valid_record_key,
 )
-from ..db import Model
+from ..db import BlobRef, Model
 from ._strategies import Strategy
 
 __all__ = ["MAX_RECORD_BYTES", "Binding", "BoundBinding", "Direction", "Transform"]
@@ -67,6 +68,26 @@ class Transform:
 
 
 _JSON_FORM = Transform(data_from_json, data_to_json)
+
+
+def blob_to_record(ref: BlobRef) -> dict[str, Any]:
+    """A ``BlobRef`` as the record's blob object (``ref`` a CID link)."""
+    return {"$type": "blob", "ref": CID.parse(ref.cid), "mimeType": ref.mime_type, "size": ref.size}
+
+
+def blob_from_record(value: Any) -> BlobRef:
+    """A record's blob object as a ``BlobRef`` (the legacy ``{cid, mimeType}`` form has no
+    size, and is refused)."""
+    if isinstance(value, dict) and value.get("$type") == "blob":
+        ref = value.get("ref")
+        if isinstance(ref, dict):  # the JSON form
+            ref = ref.get("$link")
+        if isinstance(ref, CID | str):
+            return BlobRef.from_json({**value, "cid": str(ref)})
+    raise RecordError(f"not a blob object {{$type: 'blob', ref, mimeType, size}}: {value!r}")
+
+
+_BLOB_FORM = Transform(blob_to_record, blob_from_record)
 
 
 @dataclass(frozen=True)
@@ -126,11 +147,7 @@ class BoundBinding:
             used[name] = prop.name
             transform = binding.transforms.get(prop.name)
             if prop.kind == "blob" and transform is None:
-                raise SchemaError(
-                    f"{where}: {model.name}.{prop.name} is a blob, and blobs do not sync yet "
-                    "(their upload and download are not built): list it in local=, or give "
-                    "a Transform"
-                )
+                transform = _BLOB_FORM  # uploaded before the record, fetched after it
             if transform is None and prop.kind == "json":
                 # A json property holds the atproto JSON form: {"$link": …} is a link in the
                 # record, {"$bytes": …} bytes (a blob's "ref" too), and back again.
@@ -151,6 +168,12 @@ class BoundBinding:
                 )
             )
         self._fields = tuple(pairs)
+        # (property, record field) of each blob property synced as a blob object.
+        self.blob_fields = tuple(
+            (prop, name)
+            for prop, name, to, _ in pairs
+            if model.by_name[prop].kind == "blob" and to is blob_to_record
+        )
         self._key = model.primary_key
         by_name = model.by_name
         # True when every record of this binding is valid by construction and free of bytes

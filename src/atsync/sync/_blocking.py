@@ -20,6 +20,7 @@ import anyio
 
 from .._blocking import Portal
 from ..app import App
+from ..db import BlobRef
 from ._engine import ATSync
 from ._follows import Origin
 from ._status import RowState, SyncStatus
@@ -118,6 +119,17 @@ class SyncThread:
             return self.engine.unfollow(who)
 
         return self._portal.call(unfollow)
+
+    def fetch_blob(
+        self, ref: BlobRef, *, did: str | None = None, timeout: float | None = None
+    ) -> bytes:
+        """The blob's bytes, downloaded if the store lacks them (``ATSync.fetch_blob``)."""
+
+        async def fetch() -> bytes:
+            with anyio.fail_after(timeout):
+                return await self.engine.fetch_blob(ref, did=did)
+
+        return self._portal.call(fetch)
 
     @property
     def following(self) -> list[str]:

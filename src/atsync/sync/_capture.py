@@ -39,7 +39,9 @@ from ._binding import MAX_RECORD_BYTES, BoundBinding
 from ._outbox import _ENQUEUE_PUT, DEAD, OUTBOX, RECORDS, Outbox
 from ._shared import CLOCKS, DELETED, Hlc, merge_shared, shared_records, stamp_record
 
-__all__ = ["ActionCall", "Capture", "RecordWrite"]
+__all__ = ["DEFAULT_BLOB_LIMIT", "ActionCall", "Capture", "RecordWrite"]
+
+DEFAULT_BLOB_LIMIT = 5 * 1024 * 1024  # the reference PDS's default; no PDS says its own
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +170,7 @@ class Capture:
         # such rows are read-only (set by the engine; see _engine_follow).
         self.read_only: Callable[[str, str], str | None] | None = None
         self.hlc: Hlc | None = None  # the clock of shared bindings' stamps (engine's)
+        self.blob_limit = DEFAULT_BLOB_LIMIT  # the largest blob the PDS takes (engine's)
         self._bindings = {m: b for m, b in bindings.items() if b.direction != "pull"}
         self._on_action = on_action
         self._validate = validate
@@ -245,6 +248,8 @@ class Capture:
                     "repository); the action was not applied and nothing was queued"
                 )
         collection = binding.collection
+        if row is not None and binding.blob_fields:
+            self._check_blobs(binding, key, row)
         if binding.shared:
             self._write_shared(binding, model, key, row)
             return
@@ -283,6 +288,40 @@ class Capture:
         self._queued_in_txn.add(collection)
         if len(held) >= _CHUNK:
             self._write_held()
+
+    def _check_blobs(self, binding: BoundBinding, key: str, row: Mapping[str, Any]) -> None:
+        """Refuse (in the action) a blob the PDS would refuse, or that cannot be uploaded:
+        over the size limit, or neither in the store nor already in this record on the PDS."""
+        store = self._db.blobs
+        for prop, _ in binding.blob_fields:
+            ref = row.get(prop)
+            if ref is None:
+                continue
+            where = f"{binding.model.name}/{key}.{prop}"
+            if ref.size > self.blob_limit:
+                raise RecordError(
+                    f"{where}: the blob is {ref.size:,} bytes, over the PDS's limit of "
+                    f"{self.blob_limit:,} (ATSync(max_blob_size=…) if your PDS takes more)"
+                )
+            size = store.size(ref)
+            if size is None and not self._on_pds(binding, key, ref.cid):
+                raise RecordError(
+                    f"{where}: blob {ref.cid} is not in this database's blob store "
+                    "(ctx.db.blobs.put(data, mime_type) stores one; a pulled blob not fetched "
+                    "yet comes with sync.fetch_blob(ref))"
+                )
+            if size is not None and size != ref.size:
+                raise RecordError(
+                    f"{where}: the BlobRef says {ref.size:,} bytes, blob {ref.cid} has {size:,}"
+                )
+
+    def _on_pds(self, binding: BoundBinding, key: str, cid: str) -> bool:
+        # The record as last synced with the user's repository references it: the PDS has it.
+        row = self._db.connection.execute(
+            f"SELECT record FROM {RECORDS} WHERE model = ? AND key = ?",
+            (binding.model.name, key),
+        ).fetchone()
+        return row is not None and isinstance(row[0], str) and cid in row[0]
 
     def _write_shared(
         self, binding: BoundBinding, model: str, key: str, row: dict[str, Any] | None

@@ -35,7 +35,8 @@ from ._apply import OnPdsAction
 from ._backoff import Backoff
 from ._binding import Binding, BoundBinding
 from ._budget import RateBudget, is_hosted
-from ._capture import Capture, OnAction, Validator
+from ._capture import DEFAULT_BLOB_LIMIT, Capture, OnAction, Validator
+from ._engine_blobs import BlobMode, BlobSync
 from ._decide import Facts, Fence, Pull, Push, Reconcile, Resync, Wait, decide
 from ._engine_follow import FollowRepos, follow_options
 from ._engine_pull import PullEvents
@@ -87,7 +88,7 @@ class SessionLike(Protocol):
 SessionSource = Callable[[], SessionLike | None]
 
 
-class ATSync(StatusKeeper, PullEvents, FollowRepos):
+class ATSync(StatusKeeper, PullEvents, FollowRepos, BlobSync):
     """Syncs an ``App``'s bound models with the user's repository, both ways.
 
     ``push`` / ``pull``: when writes go out and when the repository is read (see
@@ -106,6 +107,9 @@ class ATSync(StatusKeeper, PullEvents, FollowRepos):
     people's repositories to follow besides those the database already follows (``follow()``;
     handles are resolved with ``identity`` when the engine starts): their bound records arrive
     read-only, keyed by AT URI, or merged into ``shared`` bindings (see ``_engine_follow``).
+    ``blobs``: ``"eager"`` fetches the blobs pulled rows reference as they arrive, ``"lazy"``
+    when ``fetch_blob`` asks; ``max_blob_size``: the largest blob the PDS takes (the reference
+    PDS's default, 5 MiB; no PDS says its own), enforced before anything is queued.
     """
 
     def __init__(
@@ -128,6 +132,8 @@ class ATSync(StatusKeeper, PullEvents, FollowRepos):
         on_pds_action: OnPdsAction | None = None,
         watch: Iterable[str] = (),
         follow: Iterable[str] = (),
+        blobs: BlobMode = "eager",
+        max_blob_size: int = DEFAULT_BLOB_LIMIT,
     ) -> None:
         db = app.model_db
         self.app: App | None = app
@@ -162,6 +168,8 @@ class ATSync(StatusKeeper, PullEvents, FollowRepos):
         )  # fmt: skip
         self._puller: Puller | None = Puller(db, **options)
         self._setup_follows(db, bound, follow, options)
+        self._setup_blobs(db, bound, blobs, max_blob_size)
+        self._capture.blob_limit = max_blob_size
         self._pusher.pulled = frozenset(self._puller.collections)
         signer = app.signer
         self._signer_hooks = (
@@ -197,6 +205,7 @@ class ATSync(StatusKeeper, PullEvents, FollowRepos):
         self._identity = None
         self._puller = None
         self._setup_follows(db, {}, (), {})
+        self._setup_blobs(db, {}, "lazy", DEFAULT_BLOB_LIMIT)
         self._signer_hooks = (None, None)
         return self
 
@@ -316,6 +325,7 @@ class ATSync(StatusKeeper, PullEvents, FollowRepos):
                                   self._on_bad_frame, self._on_own_host_event)  # fmt: skip
                 if self._pulls():
                     tg.start_soon(self._run_follows, self._own_host)
+                    tg.start_soon(self._run_blob_fetches)
                 task_status.started()
                 await self._loop()
         finally:
@@ -510,8 +520,9 @@ class ATSync(StatusKeeper, PullEvents, FollowRepos):
     async def wait_pulled(self) -> SyncStatus:
         """Pull, and wait until the local state includes the repository's head as of this
         call (a pull that started after it has completed), and each followed repository's
-        (a pull of it finished, or failed: see ``follow_errors``). Bound it with
-        ``anyio.fail_after``."""
+        (a pull of it finished, or failed: see ``follow_errors``), and with ``blobs="eager"``
+        the blobs their rows reference (fetched, or failed: ``status.blob_error``). Bound it
+        with ``anyio.fail_after``."""
         if not self._pulls():
             return self.status  # no binding pulls: the local state includes all it can
         self.pull_now()
@@ -520,6 +531,8 @@ class ATSync(StatusKeeper, PullEvents, FollowRepos):
             if self._pull_done >= target:
                 break
         await self._wait_follows(followed)  # and every followed repository's
+        if self.blob_mode == "eager":
+            await self._wait_blobs(self._kick_blobs())
         return self.status
 
     def start_fresh(self) -> None:

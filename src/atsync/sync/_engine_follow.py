@@ -59,6 +59,10 @@ class FollowRepos:
     pull_strategy: PullStrategy
     verify: bool
 
+    if TYPE_CHECKING:  # from the other parts of ATSync
+
+        def _kick_blobs(self) -> int: ...
+
     def _setup_follows(
         self,
         db: ModelDB,
@@ -170,6 +174,14 @@ class FollowRepos:
             self._follow_resolver = IdentityResolver(plc_url=plc, allow_insecure_localhost=local)
         return self._follow_resolver
 
+    def _public_client(self, pds: str) -> XrpcClient:
+        """A client without credentials for ``pds``: one per host, its connections reused."""
+        pds = pds.rstrip("/")
+        client = self._follow_clients.get(pds)
+        if client is None:
+            client = self._follow_clients[pds] = XrpcClient(pds)
+        return client
+
     async def _close_follow_clients(self) -> None:
         clients, self._follow_clients = self._follow_clients, {}
         for client in clients.values():
@@ -272,6 +284,7 @@ class FollowRepos:
                 generation = self._follow_asked
                 await self._pull_followed(did)
                 self._follow_done[did] = max(self._follow_done.get(did, 0), generation)
+                self._kick_blobs()
                 progress, self._follow_progress = self._follow_progress, anyio.Event()
                 progress.set()
 
@@ -310,9 +323,7 @@ class FollowRepos:
                 self._hosts_changed.set()
             limit = self._host_limits.setdefault(pds, anyio.CapacityLimiter(HOST_PULLS))
             async with limit:
-                theirs = self._follow_clients.get(pds)
-                if theirs is None:  # one client per host: its connections are reused
-                    theirs = self._follow_clients[pds] = XrpcClient(pds)
+                theirs = self._public_client(pds)
                 key = identity.signing_key if self.verify else None
                 result = await self._followed_puller(did).pull(did, theirs, key)
         except VerificationError as exc:

@@ -5,6 +5,8 @@
        versions of every conflict, and ``_atsync_rejected`` (remote input not applied, and why)
     3  following: ``_atsync_follows`` (the repositories followed) and ``_atsync_followed``
        (what was last pulled from each: the ``_atsync_records`` of other people's records)
+    4  blobs: ``_atsync_blobs`` (the blobs each account's PDS holds, as far as this device
+       knows: uploaded, so not uploaded again)
 
 ``upgrade_sync_tables`` runs inside the caller's transaction after ``create_sync_tables``;
 it only adds (columns, tables), so a database written by an older release keeps every
@@ -15,11 +17,12 @@ from __future__ import annotations
 
 import sqlite3
 
+from ._blobsync import create_blob_table
 from ._outbox import CONFLICTS, RECORDS, REJECTED, STATE
 
 __all__ = ["FOLLOWED", "FOLLOWS", "REJECTED", "TABLES_VERSION", "upgrade_sync_tables"]
 
-TABLES_VERSION = 3
+TABLES_VERSION = 4
 FOLLOWS = "_atsync_follows"
 FOLLOWED = "_atsync_followed"
 
@@ -62,6 +65,7 @@ def upgrade_sync_tables(conn: sqlite3.Connection) -> None:
         ) WITHOUT ROWID"""
     )
     conn.execute(f"CREATE INDEX IF NOT EXISTS {FOLLOWED}__by__model_key ON {FOLLOWED} (model, key)")
+    create_blob_table(conn)
     conn.execute(
         f"INSERT OR REPLACE INTO {STATE} (key, value) VALUES ('tables_version', ?)",
         (str(TABLES_VERSION),),

@@ -39,6 +39,7 @@ STATE = "_atsync_sync_state"
 CONFLICTS = "_atsync_conflicts"
 SENT = "_atsync_sent"
 REJECTED = "_atsync_rejected"  # created by _migrate (tables version 2)
+BLOBS = "_atsync_blobs"  # created by _migrate (tables version 4), kept by _blobsync
 
 Op = Literal["create", "update", "delete"]
 
@@ -462,7 +463,7 @@ class Outbox:
     def forget_everything(self) -> None:
         """Drop every sync table's content (see ``ATSync.start_fresh``)."""
         with self._db.transaction():
-            for table in (OUTBOX, RECORDS, DEAD, STATE, CONFLICTS, SENT):
+            for table in (OUTBOX, RECORDS, DEAD, STATE, CONFLICTS, SENT, BLOBS):
                 self._db.connection.execute(f"DELETE FROM {table}")
 
     def dead_letter(self, write: PendingWrite, error: str | None, message: str) -> None:

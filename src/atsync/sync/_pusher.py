@@ -29,6 +29,7 @@ from ..atproto import (
     XrpcClient,
     data_from_json,
 )
+from ._blobsync import BlobUploads, blob_refs
 from ._budget import RateBudget
 from ._carry import carry_unmapped
 from ._outbox import Outbox, PendingWrite
@@ -71,6 +72,7 @@ class Pusher:
         self.sent_swap: str | None = None  # the swapCommit the last batch was sent with
         self.needs_reconcile = False  # an unknown outcome is still unsettled
         self.fence_needed = False  # an unheard request might still land: see fence()
+        self.blobs = BlobUploads(outbox.db)
 
     def _writes(self, batch: Sequence[PendingWrite]) -> tuple[list[Write], list[PendingWrite]]:
         """The batch as XRPC writes. A row that cannot be read back (a damaged file, a manual
@@ -163,6 +165,15 @@ class Pusher:
         if wait > 0:
             result.rate_wait = wait
             return False
+        kept, fresh = await self.blobs.upload_for(
+            did, client, batch, lambda w, error, why: self._refused(w, error, why, result)
+        )
+        if len(kept) < len(batch):
+            seqs = {w.seq for w in kept}
+            writes = [wr for w, wr in zip(batch, writes, strict=True) if w.seq in seqs]
+            batch = kept
+            if not batch:
+                return True
         self.last_batch = batch  # a failure from here on is noted on these rows
         swap = self.outbox.get_state("commit_cid")
         if swap is None:
@@ -184,6 +195,8 @@ class Pusher:
                     raise RepoMoved(str(exc)) from exc
                 await self.reconcile(did, client, batch, result, check=True)
                 return True
+            if exc.error == "BlobNotFound" and self.blobs.forget(did, _blobs_of(batch) - fresh):
+                return True  # the PDS forgot blobs uploaded before: upload them again, once
             if exc.error is None and max(w.attempts for w in batch) + 1 < UNREADABLE_TRIES:
                 # A refusal whose body we could not read is no proof the writes are bad (the
                 # answer may have been cut): settle against the PDS, then retry later.
@@ -212,6 +225,12 @@ class Pusher:
         if self.batch_limit < MAX_WRITES:
             self.batch_limit = min(MAX_WRITES, self.batch_limit * 2)
         return True
+
+    def _refused(
+        self, write: PendingWrite, error: str | None, why: str, result: PushResult
+    ) -> None:
+        self.outbox.dead_letter(write, error, why)
+        result.dead_letters += 1
 
     async def reconcile(
         self,
@@ -307,6 +326,10 @@ def _as_write(w: PendingWrite) -> Write:
     if w.op == "create":
         return Create(w.collection, value, w.rkey)
     return Update(w.collection, w.rkey, value)
+
+
+def _blobs_of(batch: Sequence[PendingWrite]) -> set[str]:
+    return {cid for w in batch for cid, _ in blob_refs(w.record)}
 
 
 def _prefix_within(batch: Sequence[PendingWrite], points: int) -> int:

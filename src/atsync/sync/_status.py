@@ -78,3 +78,5 @@ class SyncStatus:
     rev: str | None = None  # the repository revision the local state includes
     pull_progress: tuple[int, int] | None = None  # (changes applied, total) of a long pull
     live: bool = False  # the PDS's event stream is connected (pull=Live())
+    blobs_missing: int = 0  # blobs bound rows reference that the store lacks (not fetched yet)
+    blob_error: str | None = None  # why the last fetch of a blob failed (tried again later)

@@ -230,6 +230,7 @@ class StepRunner:
         self.pull_retry_at = None
         engine._last_pull = engine._clock()
         engine._pull_done = max(engine._pull_done, wanted)
+        engine._kick_blobs()  # rows may reference blobs the store lacks
         if result.merged or result.applied or result.deleted:
             log.info(
                 "pulled rev %s: %d applied, %d deleted, %d merged (%d conflicts), %d rejected",

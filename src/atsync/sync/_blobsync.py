@@ -1,0 +1,219 @@
+"""Blobs in sync: uploaded before the records that reference them, fetched after them.
+
+**Push.** Before a batch goes out, each blob its records reference is uploaded
+(``uploadBlob``, streamed from the store) unless this device knows the PDS holds it
+(``_atsync_blobs``: a row per (DID, CID), written once an upload succeeded). So an unchanged
+blob is not uploaded again, and the PDS never gets a record without its blob: the reference
+PDS refuses such a record (``BlobNotFound``), and the batch waits until the upload worked.
+An upload is idempotent (the PDS keys blobs by CID), so a crash between upload and record
+costs one more upload, never a duplicate. A blob the PDS refuses (too large, say) makes
+every write that references it a dead letter with the PDS's reason; nothing retries it on
+its own (no orphan uploads). The PDS forgets a blob once no record references it; a record
+that references it again gets ``BlobNotFound``: the row is forgotten and the blob uploaded
+again, once per attempt.
+
+**Pull.** Rows of bound models reference blobs by ``BlobRef``; the ones missing from the
+store are fetched (``sync.getBlob``) from the repository the row came from — the user's own
+or a followed one; a shared row's from any participant's — each checked against its CID
+before it is stored (``BlobFetcher``). The engine does it after each pull (``blobs="eager"``)
+or when asked (``fetch_blob``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from .._errors import AuthError, PermanentError
+from ..atproto import XrpcClient
+from ..db import BlobRef, BlobStore, ModelDB, quote_identifier
+from ._binding import BoundBinding
+from ._outbox import BLOBS, PendingWrite
+
+__all__ = ["BLOBS", "BlobFetcher", "BlobUploads", "blob_refs", "create_blob_table"]
+
+_BLOB_MARK = '"$type":"blob"'  # as compact_json writes it in every queued record
+
+
+def create_blob_table(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        f"""CREATE TABLE IF NOT EXISTS {BLOBS} (
+            did TEXT NOT NULL, cid TEXT NOT NULL, uploaded_at REAL NOT NULL,
+            PRIMARY KEY (did, cid)
+        ) WITHOUT ROWID"""
+    )
+
+
+def blob_refs(record_json: str | None) -> list[tuple[str, str]]:
+    """(CID, MIME type) of every blob a queued record (atproto JSON form) references,
+    nested ones included; cheap for the records that have none."""
+    if not record_json or _BLOB_MARK not in record_json:
+        return []
+    found: list[tuple[str, str]] = []
+    todo: list[Any] = [json.loads(record_json)]
+    while todo:
+        value = todo.pop()
+        if isinstance(value, dict):
+            if value.get("$type") == "blob":
+                ref, mime = value.get("ref"), value.get("mimeType")
+                link = ref.get("$link") if isinstance(ref, dict) else None
+                if isinstance(link, str) and isinstance(mime, str):
+                    found.append((link, mime))
+                continue
+            todo.extend(value.values())
+        elif isinstance(value, list):
+            todo.extend(value)
+    return found
+
+
+class BlobUploads:
+    """The push side: which blobs each account's PDS holds, and uploading the rest."""
+
+    def __init__(self, db: ModelDB) -> None:
+        self._db = db
+        self.uploaded = 0  # blobs uploaded by this engine (for the status and benchmarks)
+
+    @property
+    def store(self) -> BlobStore:
+        return self._db.blobs
+
+    def held(self, did: str, cid: str) -> bool:
+        row = self._db.connection.execute(
+            f"SELECT 1 FROM {BLOBS} WHERE did = ? AND cid = ?", (did, cid)
+        ).fetchone()
+        return row is not None
+
+    def _mark_held(self, did: str, cid: str) -> None:
+        with self._db.transaction():
+            self._db.connection.execute(
+                f"INSERT OR REPLACE INTO {BLOBS} (did, cid, uploaded_at) VALUES (?, ?, ?)",
+                (did, cid, time.time()),
+            )
+
+    def forget(self, did: str, cids: Iterable[str]) -> int:
+        """The PDS said it lacks these: upload them again next time. Returns how many of
+        them the store can upload."""
+        cids = set(cids)
+        with self._db.transaction():
+            self._db.connection.executemany(
+                f"DELETE FROM {BLOBS} WHERE did = ? AND cid = ?", [(did, c) for c in cids]
+            )
+        return sum(1 for c in cids if self.store.has(c))
+
+    async def upload_for(
+        self,
+        did: str,
+        client: XrpcClient,
+        batch: Sequence[PendingWrite],
+        dead_letter: Callable[[PendingWrite, str | None, str], None],
+    ) -> tuple[list[PendingWrite], set[str]]:
+        """Upload what ``batch`` references and the PDS may lack. Returns the writes that
+        can go (a write whose blob the PDS refused is dead-lettered) and the CIDs uploaded
+        now. Network and auth failures propagate: the batch waits and is tried again."""
+        kept: list[PendingWrite] = []
+        fresh: set[str] = set()
+        refused: dict[str, str] = {}  # CID -> why the PDS would not take it
+        for write in batch:
+            problem = None
+            for cid, mime in blob_refs(write.record):
+                if cid in refused:
+                    problem = refused[cid]
+                    break
+                if cid in fresh or self.held(did, cid) or not self.store.has(cid):
+                    # Not in the store: the record came from the PDS with it (capture lets
+                    # nothing else through); if the PDS lost it, applyWrites says so.
+                    continue
+                try:
+                    with self.store.open(cid) as data:
+                        blob = await client.upload_blob(data, mime)
+                except AuthError:
+                    raise
+                except PermanentError as exc:
+                    refused[cid] = f"the PDS refused blob {cid} ({mime}): {exc}"
+                    problem = refused[cid]
+                    break
+                got = str(blob.get("ref"))
+                if got != cid:
+                    refused[cid] = f"the PDS stored blob {cid} as {got}: not the same bytes"
+                    problem = refused[cid]
+                    break
+                self._mark_held(did, cid)
+                fresh.add(cid)
+                self.uploaded += 1
+            if problem is None:
+                kept.append(write)
+            else:
+                dead_letter(write, "BlobRefused", problem)
+        return kept, fresh
+
+
+# A row's blobs and where to look for them: the DIDs of the repositories that may hold them
+# (None: the user's own).
+Wanted = dict[str, tuple[BlobRef, set[str | None]]]
+
+
+class BlobFetcher:
+    """The pull side: the blobs bound rows reference that the store lacks, and getting them."""
+
+    def __init__(self, db: ModelDB, bindings: Mapping[str, BoundBinding]) -> None:
+        self._db = db
+        self._with_blobs = [
+            (b.model.name, b.model.primary_key, [prop for prop, _ in b.blob_fields], b.shared)
+            for b in bindings.values()
+            if b.blob_fields and b.direction != "push"
+        ]
+        self.failures: dict[str, str] = {}  # CID -> why its last fetch failed
+        self.fetched = 0
+
+    @property
+    def active(self) -> bool:
+        return bool(self._with_blobs)
+
+    def missing(self, followed: Callable[[], Iterable[str]]) -> Wanted:
+        """Every blob a bound row references that the store lacks, with where to look."""
+        wanted: Wanted = {}
+        store = self._db.blobs
+        conn = self._db.connection
+        for model, pk, props, shared in self._with_blobs:
+            columns = ", ".join(quote_identifier(p) for p in props)
+            nonnull = " OR ".join(f"{quote_identifier(p)} IS NOT NULL" for p in props)
+            sql = f"SELECT {quote_identifier(pk)}, {columns} FROM {quote_identifier(model)}"
+            for key, *raws in conn.execute(f"{sql} WHERE {nonnull}"):
+                for raw in raws:
+                    if raw is None:
+                        continue
+                    try:
+                        ref = BlobRef.from_json(json.loads(raw))
+                    except (ValueError, TypeError):
+                        continue  # a damaged column: nothing to fetch for it
+                    if ref.cid in wanted:
+                        sources = wanted[ref.cid][1]
+                    elif store.has(ref.cid):
+                        continue
+                    else:
+                        sources = wanted.setdefault(ref.cid, (ref, set()))[1]
+                    if shared:
+                        sources.add(None)
+                        sources.update(followed())
+                    elif isinstance(key, str) and key.startswith("at://"):
+                        sources.add(key[5:].split("/", 1)[0])
+                    else:
+                        sources.add(None)
+        return wanted
+
+    async def fetch(
+        self, ref: BlobRef, did: str, client: XrpcClient, max_size: int
+    ) -> bytes:
+        """Download one blob from ``did``'s PDS, check it against its CID, store it."""
+        sink = io.BytesIO()
+        await client.sync_get_blob(did, ref.cid, sink, max_size=max_size)
+        data = sink.getvalue()
+        stored = self._db.blobs.put(data, ref.mime_type)
+        assert stored.cid == ref.cid, "sync_get_blob checked the bytes against the CID"
+        self.fetched += 1
+        self.failures.pop(ref.cid, None)
+        return data
