@@ -640,18 +640,57 @@ class FaultProxy:
 
     async def _forward(self, request: ProxyRequest) -> tuple[int, list[tuple[str, str]], bytes]:
         """Send the request to the PDS on a new connection and read its whole answer."""
-        host, port = self._upstream
-        async with await anyio.connect_tcp(host, port) as upstream:
-            lines = [f"{request.method} {request.target} HTTP/1.1"]
-            lines += [f"{k}: {v}" for k, v in request.headers if k.lower() not in _HOP_HEADERS]
-            lines += [f"Content-Length: {len(request.body)}", "Connection: close", "", ""]
-            await upstream.send("\r\n".join(lines).encode("latin-1") + request.body)
+        lines = [f"{request.method} {request.target} HTTP/1.1"]
+        lines += [f"{k}: {v}" for k, v in request.headers if k.lower() not in _HOP_HEADERS]
+        lines += [f"Content-Length: {len(request.body)}", "Connection: close", "", ""]
+        message = "\r\n".join(lines).encode("latin-1") + request.body
+        if len(request.body) > _LARGE_BODY:
+            # The PDS may answer (413) and close before reading all of it; an asyncio
+            # transport then drops the answer with the broken write. A blocking socket keeps it.
+            answer = await anyio.to_thread.run_sync(self._exchange_blocking, message)
+            reader = BufferedByteStream(_Bytes(answer))
+        else:
+            upstream = await anyio.connect_tcp(*self._upstream)
+            await upstream.send(message)
             reader = BufferedByteStream(upstream)
+        async with reader:
             status, headers = _parse_head(await reader.receive_until(b"\r\n\r\n", MAX_HEAD))
             if request.method.upper() == "HEAD" or status in (204, 304) or status < 200:
                 return status, headers, b""
             body = await _read_body(reader, headers, until_eof=True)
             return status, headers, body
+
+    def _exchange_blocking(self, message: bytes) -> bytes:
+        with socket.create_connection(self._upstream, timeout=60) as sock:
+            try:
+                sock.sendall(message)
+            except OSError:
+                pass  # it stopped reading and answered: the answer is still to be read
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        if not chunks:
+            raise anyio.BrokenResourceError("the PDS closed without answering")
+        return b"".join(chunks)
+
+
+_LARGE_BODY = 1024 * 1024
+
+
+class _Bytes(anyio.abc.ByteReceiveStream):
+    """A whole answer, already read, as a stream."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        if not self._data:
+            raise anyio.EndOfStream
+        chunk, self._data = self._data[:max_bytes], self._data[max_bytes:]
+        return chunk
+
+    async def aclose(self) -> None:
+        self._data = b""
 
 
 # --- HTTP/1.1 framing ---------------------------------------------------------------------------

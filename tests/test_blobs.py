@@ -1,7 +1,7 @@
 """Blobs beside the database: content-addressed (the CID a PDS gives them), written whole or
-not at all, held by ``blob`` properties as references, replayed by a rebuild; turned into blob objects by
-a binding and checked in the action against the PDS's limits (sync against the real PDS:
-test_blob_sync.py)."""
+not at all, held by ``blob`` properties as references, replayed by a rebuild; turned into blob
+objects by a binding and checked in the action against the PDS's limits (sync against the real
+PDS: test_blob_sync.py)."""
 
 from __future__ import annotations
 

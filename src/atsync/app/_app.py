@@ -22,7 +22,7 @@ from typing import Any
 
 from .._errors import ActionError, TransactionError
 from ..atproto import Tid, format_tid
-from ..db import BlobStore, Durability, Model, ModelDB, Row, Subscription
+from ..db import BlobRef, BlobStore, Durability, Model, ModelDB, Row, Subscription
 from ._contract import ActionContext, ActionResult, Contract
 from ._log import AUTHORIZATIONS, ActionLog, LogEntry, create_log_table, encode_args
 from ._signers import LocalSigner, Signer
@@ -318,10 +318,12 @@ class App:
         if not db.in_transaction:
             raise TransactionError("log_remote() runs inside the transaction that applied them")
         models = db.schema.models
-        binary: dict[str, list[str]] = {}  # bytes properties, per model: asked once per call
+        binary: dict[str, list[str]] = {}  # bytes and blob properties, per model: asked once
         for model, _, _ in changes:
             if model not in binary:
-                binary[model] = [p.name for p in models[model].properties if p.kind == "bytes"]
+                binary[model] = [
+                    p.name for p in models[model].properties if p.kind in ("bytes", "blob")
+                ]
         encoded = [
             (model, key, None if row is None else _row_to_json(binary[model], row))
             for model, key, row in changes
@@ -430,7 +432,8 @@ RemoteChange = tuple[str, str, Mapping[str, Any] | None]  # model, key, row writ
 
 
 def _row_to_json(binary: list[str], row: Mapping[str, Any]) -> Mapping[str, Any]:
-    """A row as JSON values: its ``binary`` (bytes) properties as ``{"$bytes": base64}``."""
+    """A row as JSON values: its ``binary`` properties' bytes as ``{"$bytes": base64}``, a
+    ``BlobRef`` as its JSON form."""
     if not binary:
         return row
     out = dict(row)
@@ -438,6 +441,8 @@ def _row_to_json(binary: list[str], row: Mapping[str, Any]) -> Mapping[str, Any]
         value = row.get(name)
         if isinstance(value, bytes):
             out[name] = {"$bytes": base64.b64encode(value).decode("ascii")}
+        elif isinstance(value, BlobRef):
+            out[name] = value.to_json()
     return out
 
 
@@ -447,6 +452,8 @@ def _row_from_json(model: Model, row: Mapping[str, Any]) -> dict[str, Any]:
         prop = model.by_name.get(name)
         if prop is not None and prop.kind == "bytes" and isinstance(value, dict):
             out[name] = base64.b64decode(value["$bytes"])
+        elif prop is not None and prop.kind == "blob" and isinstance(value, dict):
+            out[name] = BlobRef.from_json(value)
     return out
 
 

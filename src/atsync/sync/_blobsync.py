@@ -205,9 +205,7 @@ class BlobFetcher:
                         sources.add(None)
         return wanted
 
-    async def fetch(
-        self, ref: BlobRef, did: str, client: XrpcClient, max_size: int
-    ) -> bytes:
+    async def fetch(self, ref: BlobRef, did: str, client: XrpcClient, max_size: int) -> bytes:
         """Download one blob from ``did``'s PDS, check it against its CID, store it."""
         sink = io.BytesIO()
         await client.sync_get_blob(did, ref.cid, sink, max_size=max_size)

@@ -36,8 +36,8 @@ from ._backoff import Backoff
 from ._binding import Binding, BoundBinding
 from ._budget import RateBudget, is_hosted
 from ._capture import DEFAULT_BLOB_LIMIT, Capture, OnAction, Validator
-from ._engine_blobs import BlobMode, BlobSync
 from ._decide import Facts, Fence, Pull, Push, Reconcile, Resync, Wait, decide
+from ._engine_blobs import BlobMode, BlobSync
 from ._engine_follow import FollowRepos, follow_options
 from ._engine_pull import PullEvents
 from ._engine_status import StatusKeeper, as_dict

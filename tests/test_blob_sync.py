@@ -1,0 +1,330 @@
+"""Blobs against the real reference PDS: an image round-trips between two devices and reaches a
+follower byte-identical; an unchanged blob is not uploaded again; a replaced one is uploaded
+once and the old one is no longer referenced; a blob the PDS forgot is uploaded again; a blob
+the PDS refuses is a dead letter with its reason and is not retried on its own; a corrupted
+download is rejected by its CID and fetched again; ``blobs="lazy"`` fetches on demand; kill -9
+during an upload loses nothing and duplicates nothing."""
+
+from __future__ import annotations
+
+import base64
+import io
+import signal
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from atsync.app import ActionContext, App, Contract
+from atsync.atproto import CID, IdentityResolver, Session, XrpcClient
+from atsync.db import BlobRef
+from atsync.sync import ATSync, Binding, Immediate, Manual
+from fault_proxy import FaultProxy, Hold, Rewrite, proxied_session
+from sync_devices import collection_for, session_of
+
+contract = Contract(models={"notes": {"id": "primary", "title": "string", "image": "blob?"}})
+
+
+@contract.action
+def add(ctx: ActionContext, key: str, title: str, image_b64: str, mime: str = "image/png") -> None:
+    ref = ctx.db.blobs.put(base64.b64decode(image_b64), mime)
+    ctx.db.set("notes", {"id": key, "title": title, "image": ref})
+
+
+@contract.action
+def retitle(ctx: ActionContext, key: str, title: str) -> None:
+    ctx.db.update("notes", {"id": key, "title": title})
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def resolver(dev_pds: Any) -> AsyncIterator[IdentityResolver]:
+    async with IdentityResolver(plc_url=dev_pds.plc_url, allow_insecure_localhost=True) as r:
+        yield r
+
+
+def image(request: pytest.FixtureRequest, tag: str, size: int = 3000) -> bytes:
+    """Bytes of the test's own (the PDS is shared by the whole run): content-addressed blobs
+    of two tests must not be the same blob."""
+    head = f"\x89PNG {request.node.name} {tag} ".encode()
+    return (head * (size // len(head) + 1))[:size]
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@asynccontextmanager
+async def device(
+    path: Path, collection: str, session: Session, resolver: IdentityResolver, **options: Any
+) -> AsyncIterator[tuple[App, ATSync]]:
+    options.setdefault("pull", Manual())
+    options.setdefault("push", Immediate())
+    with App.open(path, contract) as app:
+        sync = ATSync(
+            app, bindings={"notes": Binding(collection)}, session=session, identity=resolver,
+            **options,
+        )  # fmt: skip
+        async with sync:
+            yield app, sync
+        sync.close()
+
+
+async def idle(sync: ATSync) -> Any:
+    with anyio.fail_after(30):
+        return await sync.wait_for_idle()
+
+
+async def pulled(sync: ATSync) -> Any:
+    with anyio.fail_after(30):
+        return await sync.wait_pulled()
+
+
+async def pds_blob(session: Session, cid: str) -> bytes | None:
+    """The blob as the PDS serves it (None: it has none under that CID)."""
+    async with XrpcClient(session.pds_url) as client:
+        sink = io.BytesIO()
+        try:
+            await client.sync_get_blob(session.did, cid, sink)
+        except Exception as exc:
+            if "Blob not found" in str(exc):
+                return None
+            raise
+        return sink.getvalue()
+
+
+async def record(session: Session, collection: str, rkey: str) -> dict[str, Any]:
+    async with XrpcClient(session=session) as client:
+        return (await client.get_record(session.did, collection, rkey)).value
+
+
+@pytest.mark.anyio
+async def test_an_image_round_trips_between_devices_and_reaches_a_follower(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    collection = collection_for(request, "test.atsync.blobs")
+    alice, bob = await session_of(dev_pds, "alice.test"), await session_of(dev_pds, "bob.test")
+    png = image(request, "holiday")
+    async with FaultProxy(dev_pds.pds_url) as proxy:
+        async with device(tmp_path / "a.db", collection, proxied_session(alice, proxy.url),
+                          resolver) as (a, sync_a):  # fmt: skip
+            a.actions.add("n1", "holiday", b64(png))
+            await idle(sync_a)
+            ref = a.db.get("notes", "n1")["image"]  # type: ignore[index]
+            on_pds = await record(alice, collection, "n1")
+            assert on_pds["image"] == {
+                "$type": "blob", "ref": CID.parse(ref.cid), "mimeType": "image/png",
+                "size": len(png),
+            }  # fmt: skip
+            assert await pds_blob(alice, ref.cid) == png
+            # Another field changes: the record goes again, its unchanged blob does not.
+            a.actions.retitle("n1", "holiday, day 2")
+            await idle(sync_a)
+            assert (await record(alice, collection, "n1"))["title"] == "holiday, day 2"
+            assert len(proxy.requests("com.atproto.repo.uploadBlob")) == 1
+
+    # A second device of the same account, and a follower, get the same bytes.
+    async with (
+        device(tmp_path / "a2.db", collection, alice, resolver) as (a2, sync_a2),
+        device(tmp_path / "b.db", collection, bob, resolver, follow=[alice.did]) as (b, sync_b),
+    ):
+        status = await pulled(sync_a2)
+        assert a2.db.get("notes", "n1") == {"id": "n1", "title": "holiday, day 2", "image": ref}
+        assert a2.blobs.read(ref) == png and (status.blobs_missing, status.blob_error) == (0, None)
+        await pulled(sync_b)
+        theirs = b.db.get("notes", f"at://{alice.did}/{collection}/n1")
+        assert theirs is not None and theirs["image"] == ref and b.blobs.read(ref) == png
+
+
+@pytest.mark.anyio
+async def test_a_replaced_image_is_uploaded_once_and_a_forgotten_one_again(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    collection = collection_for(request, "test.atsync.blobs")
+    alice = await session_of(dev_pds, "alice.test")
+    first, second = image(request, "first"), image(request, "second")
+    async with (
+        FaultProxy(dev_pds.pds_url) as proxy,
+        device(tmp_path / "a.db", collection, proxied_session(alice, proxy.url), resolver) as (
+            a, sync,
+        ),
+    ):  # fmt: skip
+        a.actions.add("n1", "v1", b64(first))
+        await idle(sync)
+        old = a.db.get("notes", "n1")["image"]  # type: ignore[index]
+        a.actions.add("n1", "v2", b64(second))
+        await idle(sync)
+        new = a.db.get("notes", "n1")["image"]  # type: ignore[index]
+        assert len(proxy.requests("com.atproto.repo.uploadBlob")) == 2  # each once
+        assert (await record(alice, collection, "n1"))["image"]["ref"] == CID.parse(new.cid)
+        # No record references the first one any more: the PDS let it go.
+        assert await pds_blob(alice, old.cid) is None
+        assert await pds_blob(alice, new.cid) == second
+
+        # Back to the first image: this device uploaded it once, but the PDS forgot it since
+        # (BlobNotFound): it is uploaded again, and the record lands with it.
+        a.actions.add("n1", "v3", b64(first))
+        status = await idle(sync)
+        assert (status.failed, status.pending) == (0, 0)
+        assert len(proxy.requests("com.atproto.repo.uploadBlob")) == 3
+        assert (await record(alice, collection, "n1"))["image"]["ref"] == CID.parse(old.cid)
+        assert await pds_blob(alice, old.cid) == first
+
+
+@pytest.mark.anyio
+async def test_a_blob_the_pds_refuses_is_a_dead_letter_and_not_retried(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    collection = collection_for(request, "test.atsync.blobs")
+    alice = await session_of(dev_pds, "alice.test")
+    huge = image(request, "huge", 5 * 1024 * 1024 + 100)  # over the PDS's own 5 MiB
+    async with (
+        FaultProxy(dev_pds.pds_url) as proxy,
+        device(tmp_path / "a.db", collection, proxied_session(alice, proxy.url), resolver,
+               max_blob_size=20 * 1024 * 1024) as (a, sync),  # this device thinks it may
+    ):  # fmt: skip
+        a.actions.add("big", "too big for this PDS", b64(huge))
+        a.actions.add("ok", "fine", b64(image(request, "small")))
+        status = await idle(sync)
+        assert (status.failed, status.pending) == (1, 0)
+        (letter,) = sync.outbox.dead_letters()
+        assert letter.rkey == "big" and letter.error == "BlobRefused"
+        assert "PayloadTooLarge" in letter.message
+        assert set(await _rkeys(alice, collection)) == {"ok"}  # the record never went
+        sync.push_now()
+        await idle(sync)
+        assert len(proxy.requests("com.atproto.repo.uploadBlob")) == 2  # not tried again
+
+
+async def _rkeys(session: Session, collection: str) -> list[str]:
+    async with XrpcClient(session=session) as client:
+        return [r.rkey async for r in client.iter_records(session.did, collection)]
+
+
+@pytest.mark.anyio
+async def test_a_corrupted_download_is_rejected_by_its_cid_and_fetched_again(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    collection = collection_for(request, "test.atsync.blobs")
+    alice = await session_of(dev_pds, "alice.test")
+    png = image(request, "original")
+    async with device(tmp_path / "a.db", collection, alice, resolver) as (a, sync_a):
+        a.actions.add("n1", "t", b64(png))
+        await idle(sync_a)
+    async with (
+        FaultProxy(dev_pds.pds_url) as proxy,
+        device(tmp_path / "b.db", collection, proxied_session(alice, proxy.url), resolver) as (
+            b, sync_b,
+        ),
+    ):  # fmt: skip
+        tampering = True
+        flip = proxy.add(
+            Rewrite(lambda body: body[:100] + bytes([body[100] ^ 1]) + body[101:]),
+            nsid="com.atproto.sync.getBlob",
+            when=lambda _: tampering,
+        )
+        status = await pulled(sync_b)
+        ref = b.db.get("notes", "n1")["image"]  # type: ignore[index]
+        assert flip.fired >= 1 and not b.blobs.has(ref)  # the tampered bytes were not kept
+        assert status.blobs_missing == 1 and "do not match" in (status.blob_error or "")
+        tampering = False
+        status = await pulled(sync_b)  # asked again: fetched again, whole
+        assert b.blobs.read(ref) == png and (status.blobs_missing, status.blob_error) == (0, None)
+
+
+@pytest.mark.anyio
+async def test_lazy_blobs_are_fetched_when_asked(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    collection = collection_for(request, "test.atsync.blobs")
+    alice = await session_of(dev_pds, "alice.test")
+    png = image(request, "lazy")
+    async with device(tmp_path / "a.db", collection, alice, resolver) as (a, sync_a):
+        a.actions.add("n1", "t", b64(png))
+        await idle(sync_a)
+    async with device(tmp_path / "b.db", collection, alice, resolver, blobs="lazy") as (b, sync):
+        status = await pulled(sync)
+        ref = b.db.get("notes", "n1")["image"]  # type: ignore[index]
+        assert not b.blobs.has(ref) and status.blobs_missing == 1
+        with anyio.fail_after(30):
+            assert await sync.fetch_blob(ref) == png
+        assert b.blobs.read(ref) == png
+        # A row whose blob is not here yet can still be edited: the PDS has the blob.
+        missing = BlobRef(ref.cid, ref.mime_type, ref.size)
+        b.blobs.directory.joinpath(ref.cid).unlink()  # type: ignore[union-attr]
+        b.actions.retitle("n1", "edited without the bytes")
+        status = await idle(sync)
+        assert status.failed == 0 and b.db.get("notes", "n1")["image"] == missing  # type: ignore[index]
+        assert (await record(alice, collection, "n1"))["title"] == "edited without the bytes"
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys, anyio
+    from dataclasses import replace
+    from atsync.app import App, Contract
+    from atsync.atproto import Session, login
+    from atsync.sync import ATSync, Binding, Immediate, Manual
+
+    db, collection, proxy_url, did, password = sys.argv[1:]
+    contract = Contract(models={"notes": {"id": "primary", "title": "string", "image": "blob?"}})
+
+    async def main():
+        direct = await login(did, password, proxy_url)
+        session = Session(replace(direct.data, pds_url=proxy_url))
+        with App.open(db, contract) as app:
+            sync = ATSync(app, bindings={"notes": Binding(collection)}, session=session,
+                          push=Immediate(), pull=Manual())
+            async with sync:
+                await anyio.sleep_forever()
+
+    anyio.run(main)
+    """
+)
+
+
+@pytest.mark.anyio
+async def test_kill_9_during_a_blob_upload_loses_nothing_and_duplicates_nothing(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    collection = collection_for(request, "test.atsync.blobs")
+    account = dev_pds.accounts["alice.test"]
+    alice = await session_of(dev_pds, "alice.test")
+    png = image(request, "killed", 1024 * 1024)
+    db = tmp_path / "a.db"
+    with App.open(db, contract) as app:  # written offline, before any engine
+        app.actions.add("n1", "uploading when killed", b64(png))
+        ref = app.db.get("notes", "n1")["image"]  # type: ignore[index]
+    async with FaultProxy(dev_pds.pds_url) as proxy:
+        hold = Hold(after_forward=True)  # the PDS has the upload; the child never hears back
+        proxy.add(hold, nsid="com.atproto.repo.uploadBlob", times=1)
+        args = [str(db), collection, proxy.url, account.did, account.password]
+        async with await anyio.open_process([sys.executable, "-c", CHILD, *args]) as child:
+            with anyio.fail_after(60):
+                await hold.reached.wait()
+            child.send_signal(signal.SIGKILL)
+            assert await child.wait() == -signal.SIGKILL
+            hold.release()
+        assert await _rkeys(alice, collection) == []  # the record waits for its blob
+        async with device(db, collection, proxied_session(alice, proxy.url), resolver) as (
+            a, sync,
+        ):  # fmt: skip
+            status = await idle(sync)
+            assert (status.pending, status.failed) == (0, 0)
+            assert a.db.get("notes", "n1")["image"] == ref  # type: ignore[index]
+        assert len(proxy.requests("com.atproto.repo.uploadBlob")) == 2  # killed, then again
+    assert await _rkeys(alice, collection) == ["n1"]  # once
+    assert (await record(alice, collection, "n1"))["image"]["ref"] == CID.parse(ref.cid)
+    assert await pds_blob(alice, ref.cid) == png
+    with App.open(db, contract) as app:
+        assert app.log.verify() == len(app.log)
+        assert app.model_db.execute("SELECT count(*) FROM _atsync_blobs").fetchone() == (1,)
