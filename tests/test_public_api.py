@@ -40,6 +40,7 @@ EXPECTED: dict[str, list[str]] = {
         "AuthError",
         "Batch",
         "Binding",
+        "BlobRef",
         "ClosedError",
         "Contract",
         "Debounce",

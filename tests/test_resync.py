@@ -7,6 +7,7 @@ simulated by marking queued writes as landed (``Outbox.mark_attempted`` + ``comp
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Mapping
@@ -408,3 +409,59 @@ async def test_the_engine_can_await_between_chunks(path: Path) -> None:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+# -- shared bindings: stamped like capture, never plain ----------------------------------------
+
+
+@contract.action
+def drop_tag(ctx: ActionContext, key: str) -> None:
+    ctx.db.delete("tags", key)
+
+
+def queued_record(sync: ATSync, key: str) -> dict[str, Any] | None:
+    row = sync.outbox._db.execute(f"SELECT record FROM {OUTBOX} WHERE key = ?", (key,)).fetchone()
+    return None if row is None else json.loads(row[0])
+
+
+def shared_scan(sync: ATSync) -> ResyncScan:
+    app, capture = sync.app, sync._capture
+    assert app is not None and capture is not None
+    scan = ResyncScan(app, sync.outbox, sync.bindings, write_shared=capture.write_shared_row)
+    return scan.run()
+
+
+def test_shared_rows_are_compared_with_their_merge_and_written_stamped(path: Path) -> None:
+    shared = {"tags": Binding(TAGS, shared=True)}
+    with App.open(path, contract) as app:
+        sync = attach(app, **shared)
+        app.actions.put_tag("t1", "first")  # captured: the record carries its stamps
+        stamped = queued_record(sync, "t1")
+        assert stamped is not None and set(stamped["syncClocks"]) == {"label"}
+        # A start-up comparison leaves it as capture wrote it (a plain record would drop the
+        # stamps, and the other participants could no longer merge it).
+        assert shared_scan(sync).queued == 0 and queued_record(sync, "t1") == stamped
+        land_everything(sync.outbox)
+        sync.close()
+    with App.open(path, contract) as app:  # changed while no engine was attached
+        app.actions.put_tag("t1", "second")
+    with App.open(path, contract) as app:
+        sync = attach(app, **shared)
+        assert shared_scan(sync).queued == 1
+        again = queued_record(sync, "t1")
+        assert again is not None and again["label"] == "second"
+        assert again["syncClocks"]["label"] > stamped["syncClocks"]["label"]
+        land_everything(sync.outbox)
+        sync.close()
+    with App.open(path, contract) as app:  # deleted while no engine was attached
+        app.actions.drop_tag("t1")
+    with App.open(path, contract) as app:
+        sync = attach(app, **shared)
+        found = shared_scan(sync)
+        assert (found.queued, found.deletes) == (1, 1)
+        tombstone = queued_record(sync, "t1")
+        assert tombstone is not None and "syncDeleted" in tombstone  # a record, not a delete
+        assert queued(sync)["t1"][1] == "update"
+        land_everything(sync.outbox)
+        assert shared_scan(sync).queued == 0  # the merge has it deleted too: nothing more
+        sync.close()

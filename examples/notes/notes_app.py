@@ -1,13 +1,32 @@
-"""A small offline notes app: the contract (models + actions) that the demo drives.
+"""A small offline notes app: the contract (models + actions) that the demo and the ``notes.py``
+command line drive, and how it syncs.
 
-Notes have a title, an optional body, tags (a relation) and a done flag. Every change goes
-through an action, so it is logged, signed and — once sync lands — pushed to the user's
-repository as records.
+Notes have a title, an optional body, tags (a relation), a done flag and an optional image (a
+blob). Drafts are shared: everyone who shares them edits the same rows, merged field by field.
+Every change goes through an action, so it is logged, signed and pushed to the user's
+repository as records of the example's own Lexicons (``lexicons/``, checked before anything
+is queued).
 """
 
 from __future__ import annotations
 
-from atsync import ActionContext, Contract
+from pathlib import Path
+
+from atsync import ActionContext, Binding, BlobRef, Contract
+
+COLLECTION = "com.example.notes.note"
+DRAFTS = "com.example.notes.draft"  # a shared collection
+LEXICONS = Path(__file__).parent / "lexicons"
+
+
+def bindings() -> dict[str, Binding]:
+    """Notes go to the user's repository; drafts are shared with the people they follow."""
+    return {"notes": Binding(COLLECTION), "drafts": Binding(DRAFTS, shared=True)}
+
+
+def lexicons() -> list[Path]:
+    return sorted(LEXICONS.glob("*.json"))
+
 
 contract = Contract(
     models={
@@ -19,6 +38,7 @@ contract = Contract(
             "created_at": "integer",
             "author": "string",
             "tags": "@tags[]",
+            "image": "blob?",
             "$indexes": ["done/created_at"],
         },
         "tags": {"id": "primary", "label": "string"},
@@ -59,6 +79,13 @@ def edit_note(
 
 
 @contract.action
+def attach_image(ctx: ActionContext, key: str, image: dict[str, object]) -> None:
+    """Set a note's image: ``image`` is a ``BlobRef``'s JSON form (``app.blobs.put(...)``
+    stored the bytes first, so the log holds the reference, not the bytes)."""
+    ctx.db.update("notes", {"id": key, "image": BlobRef.from_json(image)})
+
+
+@contract.action
 def tag_note(ctx: ActionContext, key: str, label: str) -> None:
     tag_key = label.lower().replace(" ", "-")
     ctx.db.set("tags", {"id": tag_key, "label": label})
@@ -77,6 +104,18 @@ def complete_note(ctx: ActionContext, key: str) -> None:
 @contract.action
 def delete_note(ctx: ActionContext, key: str) -> None:
     ctx.db.delete("notes", key)
+
+
+@contract.action
+def create_draft(ctx: ActionContext, title: str) -> str:
+    key = ctx.tid()
+    ctx.db.set("drafts", {"id": key, "title": title})
+    return key
+
+
+@contract.action
+def delete_draft(ctx: ActionContext, key: str) -> None:
+    ctx.db.delete("drafts", key)
 
 
 @contract.action

@@ -32,7 +32,7 @@ from ._errors import (
     VerificationError,
 )
 from .app import ActionContext, ActionResult, App, ATPSigner, Contract, LocalSigner, Signer
-from .db import ModelDB, Subscription, UpgradeAPI
+from .db import BlobRef, ModelDB, Subscription, UpgradeAPI
 from .sync import (
     ATSync,
     Batch,
@@ -63,6 +63,7 @@ __all__ = [
     "AuthError",
     "Batch",
     "Binding",
+    "BlobRef",
     "ClosedError",
     "Contract",
     "Debounce",

@@ -106,6 +106,7 @@ def status(db_path: Path, session_dir: Path | None, as_json: bool) -> None:
             "commit": outbox.get_state("commit_rev"),
             "engine": _engine_status(db_path, outbox.get_state("engine")),
             "following": [asdict(f) for f in followed_repositories(db)],
+            "blobs_uploaded": outbox.blobs_uploaded(),
         }
         last_push = _when(outbox.get_state("last_pushed_at"))
         last_pull = _when(outbox.get_state("last_pulled_at"))
@@ -128,6 +129,13 @@ def status(db_path: Path, session_dir: Path | None, as_json: bool) -> None:
     click.echo(f"last pull   {last_pull}" + (f"  (rev {info['rev']})" if info["rev"] else ""))
     click.echo(f"has synced  {'yes' if info['has_synced'] else 'no'}")
     click.echo(f"engine      {_describe_engine(info['engine'])}")
+    missing, blob_error = info["engine"].get("blobs_missing"), info["engine"].get("blob_error")
+    if info["blobs_uploaded"] or missing:
+        click.echo(
+            f"blobs       {info['blobs_uploaded']} uploaded"
+            + (f"; {missing} referenced but not fetched yet" if missing else "")
+            + (f" (last error: {blob_error})" if blob_error else "")
+        )
     for followed in info["following"]:
         name = followed["handle"] or followed["did"]
         pulled = _when(str(followed["last_pulled_at"]) if followed["last_pulled_at"] else None)

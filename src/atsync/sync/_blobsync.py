@@ -28,7 +28,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from .._errors import AuthError, PermanentError
+import anyio
+
+from .._errors import PermanentError
 from ..atproto import XrpcClient
 from ..db import BlobRef, BlobStore, ModelDB, quote_identifier
 from ._binding import BoundBinding
@@ -36,6 +38,8 @@ from ._outbox import BLOBS, PendingWrite
 
 __all__ = ["BLOBS", "BlobFetcher", "BlobUploads", "blob_refs", "create_blob_table"]
 
+UPLOADS = 4  # blobs uploaded at once
+_IN_MEMORY = 8 * 1024 * 1024  # blobs up to this size are uploaded from memory, in one piece
 _BLOB_MARK = '"$type":"blob"'  # as compact_json writes it in every queued record
 
 
@@ -111,44 +115,59 @@ class BlobUploads:
         batch: Sequence[PendingWrite],
         dead_letter: Callable[[PendingWrite, str | None, str], None],
     ) -> tuple[list[PendingWrite], set[str]]:
-        """Upload what ``batch`` references and the PDS may lack. Returns the writes that
-        can go (a write whose blob the PDS refused is dead-lettered) and the CIDs uploaded
-        now. Network and auth failures propagate: the batch waits and is tried again."""
-        kept: list[PendingWrite] = []
-        fresh: set[str] = set()
-        refused: dict[str, str] = {}  # CID -> why the PDS would not take it
+        """Upload what ``batch`` references and the PDS may lack, ``UPLOADS`` at once.
+        Returns the writes that can go (a write whose blob the PDS refused is dead-lettered)
+        and the CIDs uploaded now. Network and auth failures propagate (what was uploaded
+        stays known): the batch waits and is tried again."""
+        needed: dict[str, str] = {}  # CID -> MIME type
         for write in batch:
-            problem = None
             for cid, mime in blob_refs(write.record):
-                if cid in refused:
-                    problem = refused[cid]
-                    break
-                if cid in fresh or self.held(did, cid) or not self.store.has(cid):
-                    # Not in the store: the record came from the PDS with it (capture lets
-                    # nothing else through); if the PDS lost it, applyWrites says so.
-                    continue
+                # Not in the store: the record came from the PDS with it (capture lets
+                # nothing else through); if the PDS lost it, applyWrites says so.
+                if cid not in needed and not self.held(did, cid) and self.store.has(cid):
+                    needed[cid] = mime
+        refused: dict[str, str] = {}  # CID -> why the PDS would not take it
+        failures: list[Exception] = []
+        limit = anyio.CapacityLimiter(UPLOADS)
+
+        async def upload(cid: str, mime: str) -> None:
+            async with limit:
+                if failures:
+                    return  # the network failed: the rest waits for the retry too
                 try:
-                    with self.store.open(cid) as data:
-                        blob = await client.upload_blob(data, mime)
-                except AuthError:
-                    raise
+                    blob = await self._upload(client, cid, mime)
                 except PermanentError as exc:
                     refused[cid] = f"the PDS refused blob {cid} ({mime}): {exc}"
-                    problem = refused[cid]
-                    break
+                    return
+                except Exception as exc:  # network, auth: raised below, once
+                    failures.append(exc)
+                    return
                 got = str(blob.get("ref"))
                 if got != cid:
                     refused[cid] = f"the PDS stored blob {cid} as {got}: not the same bytes"
-                    problem = refused[cid]
-                    break
+                    return
                 self._mark_held(did, cid)
-                fresh.add(cid)
                 self.uploaded += 1
+
+        async with anyio.create_task_group() as tg:
+            for cid, mime in needed.items():
+                tg.start_soon(upload, cid, mime)
+        if failures:
+            raise failures[0]
+        kept: list[PendingWrite] = []
+        for write in batch:
+            problem = next((refused[c] for c, _ in blob_refs(write.record) if c in refused), None)
             if problem is None:
                 kept.append(write)
             else:
                 dead_letter(write, "BlobRefused", problem)
-        return kept, fresh
+        return kept, set(needed) - set(refused)
+
+    async def _upload(self, client: XrpcClient, cid: str, mime: str) -> dict[str, Any]:
+        if (self.store.size(cid) or 0) <= _IN_MEMORY:
+            return await client.upload_blob(self.store.read(cid), mime)
+        with self.store.open(cid) as stream:  # read in chunks as it goes
+            return await client.upload_blob(stream, mime)
 
 
 # A row's blobs and where to look for them: the DIDs of the repositories that may hold them

@@ -323,6 +323,11 @@ class Capture:
         ).fetchone()
         return row is not None and isinstance(row[0], str) and cid in row[0]
 
+    def write_shared_row(self, binding: BoundBinding, key: str, row: dict[str, Any] | None) -> None:
+        """Queue a shared row as a local write of it would (the start-up comparison's way in,
+        for rows changed while no engine was attached)."""
+        self._write_shared(binding, binding.model.name, key, row)
+
     def _write_shared(
         self, binding: BoundBinding, model: str, key: str, row: dict[str, Any] | None
     ) -> None:

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import anyio
 
-from .._errors import PermanentError, SchemaError, SignerError
+from .._errors import SchemaError, SignerError
 from ..app import App
 from ..atproto import FirehoseFrame, IdentityResolver, XrpcClient
 from ..db import ModelDB
@@ -547,33 +547,6 @@ class ATSync(StatusKeeper, PullEvents, FollowRepos, BlobSync):
             runner.forget_account()
         self._refresh_status()
         self._wake()
-
-    async def wait_for_idle(self) -> SyncStatus:
-        """Wait until the queue is empty and the engine idle; returns the status then.
-
-        Bound the wait with ``anyio.fail_after(seconds)`` around the call.
-        """
-        async for status in self.status_changes():
-            if status.pending == 0 and status.state in (State.IDLE, State.STOPPED):
-                pending, _, _ = self.outbox.counts()
-                if pending == 0:
-                    return status
-        raise AssertionError("unreachable")
-
-    async def wait_pushed(self, action_id: str) -> None:
-        """Wait until the writes of action ``action_id`` are on the PDS.
-
-        Raises ``PermanentError`` if one of them was rejected (it is in the dead letters).
-        """
-        async for _ in self.status_changes():
-            pushed = self.outbox.is_pushed(action_id)
-            if pushed is None:
-                raise PermanentError(
-                    f"a write of action {action_id} was rejected by the PDS; see "
-                    "`atsync outbox` (dead letters)"
-                )
-            if pushed:
-                return
 
     def retry_dead_letters(self) -> int:
         count = self.outbox.retry_dead_letters()

@@ -125,13 +125,17 @@ class BlobSync:
         while True:
             self._blob_kick = anyio.Event()
             round_ = self._blob_asked
-            wanted = fetcher.missing(self._follows.dids)
-            failures = 0
-            if self.blob_mode == "eager" and wanted:
-                failures = await self._fetch_all(wanted)
-            missing = failures if self.blob_mode == "eager" else len(wanted)
-            error = next(iter(fetcher.failures.values()), None) if failures else None
-            self._refresh_status(blobs_missing=missing, blob_error=error)
+            try:
+                wanted = fetcher.missing(self._follows.dids)
+                failures = 0
+                if self.blob_mode == "eager" and wanted:
+                    failures = await self._fetch_all(wanted)
+                missing = failures if self.blob_mode == "eager" else len(wanted)
+                error = next(iter(fetcher.failures.values()), None) if failures else None
+                self._refresh_status(blobs_missing=missing, blob_error=error)
+            except Exception:  # a damaged table, a closed database: say so, try again later
+                log.exception("looking for missing blobs failed")
+                failures = 1
             self._blob_done = max(self._blob_done, round_)
             progress, self._blob_progress = self._blob_progress, anyio.Event()
             progress.set()
@@ -155,7 +159,7 @@ class BlobSync:
                     try:
                         await self._fetch_from(ref, source)
                         return
-                    except (NetworkError, VerificationError, OSError) as exc:
+                    except Exception as exc:  # whatever it is, it is this blob's alone
                         error = f"blob {ref.cid} from {source or 'the user'}'s repository: {exc}"
                 failed += 1
                 self._blob_fetcher.failures[ref.cid] = error or f"blob {ref.cid}: no source"

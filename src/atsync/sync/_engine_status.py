@@ -12,8 +12,9 @@ from typing import Any
 
 import anyio
 
+from .._errors import PermanentError
 from ._outbox import Outbox
-from ._status import SyncStatus
+from ._status import State, SyncStatus
 
 __all__ = ["StatusKeeper", "as_dict", "float_or_none"]
 
@@ -57,6 +58,33 @@ class StatusKeeper:
             yield self._status
             await changed.wait()
 
+    async def wait_for_idle(self) -> SyncStatus:
+        """Wait until the queue is empty and the engine idle; returns the status then.
+
+        Bound the wait with ``anyio.fail_after(seconds)`` around the call.
+        """
+        async for status in self.status_changes():
+            if status.pending == 0 and status.state in (State.IDLE, State.STOPPED):
+                pending, _, _ = self.outbox.counts()
+                if pending == 0:
+                    return status
+        raise AssertionError("unreachable")
+
+    async def wait_pushed(self, action_id: str) -> None:
+        """Wait until the writes of action ``action_id`` are on the PDS.
+
+        Raises ``PermanentError`` if one of them was rejected (it is in the dead letters).
+        """
+        async for _ in self.status_changes():
+            pushed = self.outbox.is_pushed(action_id)
+            if pushed is None:
+                raise PermanentError(
+                    f"a write of action {action_id} was rejected by the PDS; see "
+                    "`atsync outbox` (dead letters)"
+                )
+            if pushed:
+                return
+
     def _refresh_status(self, **changes: Any) -> None:
         pending, failed, conflicts = self.outbox.counts()
         rejected = self.outbox.rejected_count()
@@ -87,7 +115,10 @@ class StatusKeeper:
 
     def _persist(self, status: SyncStatus) -> None:
         """Keep what another process (``atsync status``) needs to say why the queue waits."""
-        shown = (status.state, status.waiting_reason, status.resumes_at, status.upload_error)
+        shown = (
+            status.state, status.waiting_reason, status.resumes_at, status.upload_error,
+            status.blobs_missing, status.blob_error,
+        )  # fmt: skip
         if shown == self._persisted:
             return
         self._persisted = shown
@@ -97,6 +128,8 @@ class StatusKeeper:
                 "waiting_reason": status.waiting_reason and str(status.waiting_reason),
                 "resumes_at": status.resumes_at,
                 "upload_error": status.upload_error,
+                "blobs_missing": status.blobs_missing,
+                "blob_error": status.blob_error,
                 "pid": os.getpid(),
                 "at": time.time(),
             }

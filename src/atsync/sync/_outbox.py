@@ -29,17 +29,35 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..db import ModelDB
+from ._outbox_views import (
+    BLOBS,
+    CONFLICTS,
+    DEAD,
+    OUTBOX,
+    RECORDS,
+    REJECTED,
+    SENT,
+    STATE,
+    DeadLetter,
+    OutboxViews,
+    QueuedWrite,
+)
 
-__all__ = ["DeadLetter", "Outbox", "PendingWrite", "QueuedWrite", "create_sync_tables"]
-
-OUTBOX = "_atsync_outbox"
-RECORDS = "_atsync_records"
-DEAD = "_atsync_dead_letters"
-STATE = "_atsync_sync_state"
-CONFLICTS = "_atsync_conflicts"
-SENT = "_atsync_sent"
-REJECTED = "_atsync_rejected"  # created by _migrate (tables version 2)
-BLOBS = "_atsync_blobs"  # created by _migrate (tables version 4), kept by _blobsync
+__all__ = [
+    "BLOBS",
+    "CONFLICTS",
+    "DEAD",
+    "OUTBOX",
+    "RECORDS",
+    "REJECTED",
+    "SENT",
+    "STATE",
+    "DeadLetter",
+    "Outbox",
+    "PendingWrite",
+    "QueuedWrite",
+    "create_sync_tables",
+]
 
 Op = Literal["create", "update", "delete"]
 
@@ -131,29 +149,6 @@ class PendingWrite:
         return len(self.record or b"") + len(self.rkey) + len(self.collection) + 64
 
 
-@dataclass(frozen=True, slots=True)
-class QueuedWrite:
-    """A pending write as listed for people: what, where, how often tried, the last error."""
-
-    seq: int
-    op: str
-    collection: str
-    rkey: str
-    attempts: int
-    last_error: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    seq: int
-    collection: str
-    rkey: str
-    op: str
-    error: str | None
-    message: str | None
-    failed_at: float
-
-
 _COLUMNS = (
     "seq, collection, rkey, op, record, cid, version, attempted, attempts, first_action, "
     "sent_op, sent_cid"
@@ -216,7 +211,7 @@ def _pending(row: Sequence[object]) -> PendingWrite:
     )
 
 
-class Outbox:
+class Outbox(OutboxViews):
     """Reads and writes the outbox tables of one database."""
 
     def __init__(self, db: ModelDB) -> None:
@@ -533,79 +528,6 @@ class Outbox:
                 (record, cid, write.seq, write.version),
             ).rowcount
         return changed == 1
-
-    def row_state(self, model: str, key: str) -> str:
-        """``local``, ``pending``, ``synced``, ``failed`` or ``conflict`` (see ``RowState``)."""
-        row = self._db.execute(
-            f"SELECT (SELECT error FROM {DEAD} WHERE model = ?1 AND key = ?2 "
-            f"ORDER BY seq DESC LIMIT 1), "
-            f"EXISTS (SELECT 1 FROM {OUTBOX} WHERE model = ?1 AND key = ?2), "
-            f"(SELECT cid FROM {RECORDS} WHERE model = ?1 AND key = ?2)",
-            (model, key),
-        ).fetchone()
-        dead, queued, cid = row
-        if dead is not None:
-            return "conflict" if dead == "Conflict" else "failed"
-        if queued:
-            return "pending"
-        return "synced" if cid is not None else "local"
-
-    def rejected_count(self) -> int:
-        (count,) = self._db.execute(f"SELECT count(*) FROM {REJECTED}").fetchone()
-        return int(count)
-
-    def conflicts(self, limit: int = 100) -> list[dict[str, object]]:
-        """Recorded conflicts, newest first, as ``atsync conflicts`` shows them."""
-        cursor = self._db.execute(
-            f"SELECT id, collection, rkey, model, key, fields, resolution, base, local, remote, "
-            f"merged, detected_at FROM {CONFLICTS} ORDER BY id DESC LIMIT ?",
-            (limit,),
-        )
-        names = [d[0] for d in cursor.description]
-        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
-
-    def rejected(self, limit: int = 100) -> list[dict[str, object]]:
-        """Pulled input that was not applied, newest first, with the reason."""
-        cursor = self._db.execute(
-            f"SELECT id, did, collection, rkey, cid, rev, reason, detail, seen_at "
-            f"FROM {REJECTED} ORDER BY id DESC LIMIT ?",
-            (limit,),
-        )
-        names = [d[0] for d in cursor.description]
-        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
-
-    def counts_by_op(self) -> dict[str, int]:
-        rows = self._db.execute(f"SELECT op, count(*) FROM {OUTBOX} GROUP BY op").fetchall()
-        return {str(op): int(n) for op, n in rows}
-
-    def listing(self, limit: int = 50) -> list[QueuedWrite]:
-        """The oldest pending writes, as ``atsync outbox`` shows them."""
-        rows = self._db.execute(
-            f"SELECT seq, op, collection, rkey, attempts, last_error FROM {OUTBOX} "
-            "ORDER BY seq LIMIT ?",
-            (limit,),
-        ).fetchall()
-        return [QueuedWrite(*row) for row in rows]
-
-    def counts(self) -> tuple[int, int, int]:
-        """(pending writes, dead letters, recorded conflicts)."""
-        row = self._db.execute(
-            f"SELECT (SELECT count(*) FROM {OUTBOX}), (SELECT count(*) FROM {DEAD}), "
-            f"(SELECT count(*) FROM {CONFLICTS})"
-        ).fetchone()
-        return int(row[0]), int(row[1]), int(row[2])
-
-    def pending_by_collection(self) -> dict[str, int]:
-        rows = self._db.execute(
-            f"SELECT collection, count(*) FROM {OUTBOX} GROUP BY collection"
-        ).fetchall()
-        return {str(c): int(n) for c, n in rows}
-
-    def dead_letters(self) -> list[DeadLetter]:
-        rows = self._db.execute(
-            f"SELECT seq, collection, rkey, op, error, message, failed_at FROM {DEAD} ORDER BY seq"
-        ).fetchall()
-        return [DeadLetter(*row) for row in rows]
 
     def is_pushed(self, action_id: str) -> bool | None:
         """True once the action's writes are on the PDS; None if one was dead-lettered."""

@@ -15,7 +15,11 @@ pass, and queues the difference through the same coalescing rules as capture:
 - a row of an ``rkey="tid"`` binding keeps the record key it was given; one the sync tables
   have never seen gets a fresh TID;
 - a row whose record cannot be made (bad record key, data model, Lexicon) is reported in
-  ``failures`` and the scan goes on.
+  ``failures`` and the scan goes on;
+- a row of a ``shared`` binding is compared with the merge of its records (its own, queued
+  or synced, and the followed ones): one that differs — or is gone while the merge still
+  holds it — is written as capture writes it (``write_shared``: stamped, a delete as a
+  tombstone), never as a plain record, which would drop the stamps.
 
 The scan works in chunks of ``chunk_size`` rows, each in its own short transaction, so the
 app's writes interleave with it; ``step()`` does one chunk, ``run_async()`` yields to other
@@ -29,7 +33,7 @@ tasks between chunks:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +46,7 @@ from ..db import quote_identifier as quote
 from ._binding import BoundBinding
 from ._capture import Validator, encode_record, encode_trusted
 from ._outbox import DEAD, OUTBOX, RECORDS, Outbox
+from ._shared import merge_shared, shared_records
 
 __all__ = ["ResyncFailure", "ResyncScan", "queue_unsynced"]
 
@@ -49,6 +54,8 @@ DEFAULT_CHUNK = 500  # rows per transaction: a few milliseconds
 PAUSE = 0.001  # seconds between two chunks, for the app's writes
 Queued = tuple[str, str | None, str]  # a queued write: rkey, cid, op
 Known = tuple[str, str | None]  # a synced record or a dead letter: rkey, cid
+# Capture's write of a shared row (None: deleted), stamped: see Capture.write_shared_row.
+WriteShared = Callable[[BoundBinding, str, dict[str, Any] | None], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,13 +79,19 @@ class ResyncScan:
         *,
         validate: Validator | None = None,
         chunk_size: int = DEFAULT_CHUNK,
+        write_shared: WriteShared | None = None,
     ) -> None:
         if chunk_size < 1:
             raise ValueError("chunk_size must be at least 1")
         self._db = app.model_db
         self._outbox = outbox
-        self._bindings = [b for b in bindings.values() if b.direction != "pull"]
+        self._bindings = [
+            b
+            for b in bindings.values()
+            if b.direction != "pull" and (write_shared is not None or not b.shared)
+        ]
         self._validate = validate
+        self._write_shared = write_shared
         self._chunk = chunk_size
         # Record keys of rkey="tid" rows first seen here; its own clock id (random) keeps
         # them apart from the TIDs capture hands out.
@@ -214,6 +227,9 @@ class ResyncScan:
         dead: Known | None,
     ) -> None:
         collection = binding.collection
+        if binding.shared:
+            self._check_shared(binding, key, row)
+            return
         try:
             if binding.by_primary_key:
                 rkey = binding.rkey_of(key)
@@ -237,6 +253,30 @@ class ResyncScan:
         self._outbox.enqueue(collection, rkey, binding.model.name, key, record_json, cid, None)
         self.queued += 1
 
+    def _check_shared(self, binding: BoundBinding, key: str, row: dict[str, Any] | None) -> None:
+        """A shared row (None: gone) against the merge of its records: written, stamped, only
+        where they differ."""
+        try:
+            rkey = binding.rkey_of(key)
+            records = shared_records(self._db.connection, binding.collection, rkey)
+            merged, _ = merge_shared(records, binding.data_fields)
+            if row is None:
+                if merged is None:
+                    return  # deleted here by the merge (a tombstone): nothing of ours
+            elif merged is not None:
+                mine = binding.to_record(row)
+                if all(mine.get(f) == merged.get(f) for f in binding.data_fields):
+                    return
+            assert self._write_shared is not None  # shared bindings are scanned only then
+            self._write_shared(binding, key, row)
+        except (AtsyncError, ValueError) as exc:
+            self.failures.append(
+                ResyncFailure(binding.model.name, key, type(exc).__name__, str(exc))
+            )
+            return
+        self.queued += 1
+        self.deletes += row is None
+
     def _gone_records_chunk(self, binding: BoundBinding, after: str) -> str | None:
         """Queue deletes for records on the PDS whose row is gone (keys after ``after``)."""
         name = binding.model.name
@@ -251,6 +291,9 @@ class ResyncScan:
         self.scanned += len(rows)
         for key, collection, rkey, cid, present, queued_op in rows:
             if present or queued_op == "delete" or (queued_op is None and cid is None):
+                continue
+            if binding.shared:
+                self._check_shared(binding, key, None)
                 continue
             self._queue_delete(collection, rkey, name, key)
         return str(rows[-1][0]) if len(rows) == self._chunk else None
@@ -268,7 +311,9 @@ class ResyncScan:
         ).fetchall()
         self.scanned += len(rows)
         for _, key, collection, rkey, gone in rows:
-            if gone:
+            if gone and binding.shared:
+                self._check_shared(binding, key, None)
+            elif gone:
                 self._queue_delete(collection, rkey, name, key)
         return int(rows[-1][0]) if len(rows) == self._chunk else None
 

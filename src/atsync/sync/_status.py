@@ -58,7 +58,8 @@ class SyncStatus:
     queued writes are held back (``resumes_at`` None: until something happens, e.g. a login);
     ``rate_limited_until``: writes are held back until then by the server or the rate budget;
     ``last_pulled_at`` / ``rev`` / ``download_error``: the last pull; ``rejected``: pulled
-    records that were not applied (listed in ``_atsync_rejected``).
+    records that were not applied (listed in ``_atsync_rejected``); ``blobs_missing`` /
+    ``blob_error``: blobs rows reference that the store lacks, and why a fetch failed.
     """
 
     state: State = State.STOPPED

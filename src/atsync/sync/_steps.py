@@ -143,7 +143,11 @@ class StepRunner:
         engine = self.engine
         if engine.app is None or not engine._bindings:
             return
-        scan = ResyncScan(engine.app, engine.outbox, engine._bindings, validate=engine._validate)
+        capture = engine._capture
+        scan = ResyncScan(
+            engine.app, engine.outbox, engine._bindings, validate=engine._validate,
+            write_shared=capture.write_shared_row if capture is not None else None,
+        )  # fmt: skip
         await scan.run_async()
         if scan.queued:
             log.info("start-up comparison queued %d writes (%d deletes)", scan.queued, scan.deletes)
