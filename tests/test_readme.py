@@ -194,7 +194,7 @@ def test_demo_script_runs(tmp_path: Path) -> None:
     assert "has_synced True" in done.stdout
     # The pull half: a second device restores everything, and concurrent edits merge.
     assert "laptop restored 4 notes" in done.stdout and "rejected: 0" in done.stdout
-    assert done.stdout.count("phone == laptop: True") == 2
+    assert done.stdout.count("phone == laptop: True") == 3
     assert "laptop: title='Plan the trip to Lisbon', body='book the train'" in done.stdout
     # Another account follows: read-only notes with their author; a shared draft converges.
     assert "bob sees 4 of alice's notes" in done.stdout
@@ -202,4 +202,13 @@ def test_demo_script_runs(tmp_path: Path) -> None:
     draft = "title='Lisbon trip, May', body='day 1: Alfama; day 2: Belem'"
     assert f"alice: {draft}" in done.stdout and f"bob: {draft}" in done.stdout
     assert "alice == bob: True" in done.stdout
+    # The same field edited on both devices: one value by the policy, the conflict recorded.
+    assert "conflict on body: laptop 'fly instead' vs phone 'book the train, 2nd class'" in (
+        done.stdout
+    )
+    assert "phone == laptop: True; recorded conflicts: 1" in done.stdout
+    # An image reaches the other device; every step shows the status and the PDS.
+    assert "on the laptop, byte-identical: True" in done.stdout
+    assert "on the PDS: 4 notes, 0 drafts" in done.stdout
+    assert "The same app with your own Bluesky account" in done.stdout
     assert (tmp_path / "notes.db").exists()

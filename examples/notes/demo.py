@@ -7,9 +7,12 @@ queued for the PDS in the same transactions.
 Part 2 (sync): starts the reference PDS on loopback (`atsync dev-pds`; installed on first
 use, ~90 s), logs in — deferred auth — and pushes every queued change exactly once. Shows
 the records on the PDS; a second device of the same account restoring them, verified; an
-edit on each device merged field by field; the session-key authorization verified offline;
-another account following it (read-only notes with their author), a draft in a shared
-collection edited by both accounts and converging, and `atsync status`.
+edit on each device merged field by field, and the same field edited on both — one value by
+the conflict policy, the conflict recorded; a note with an image reaching the other device;
+the session-key authorization verified offline; another account following it (read-only
+notes with their author), a draft in a shared collection edited by both accounts and
+converging, and `atsync status`. Each sync step shows the engine's status and what stands on
+the PDS (read with plain XRPC). It ends with how to use the app with a real account.
 
     python examples/notes/demo.py [--data DIR] [--offline]
 """
@@ -17,6 +20,7 @@ collection edited by both accounts and converging, and `atsync status`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sqlite3
@@ -30,9 +34,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 
 import anyio
-from notes_app import contract
+from notes_app import COLLECTION, DRAFTS, bindings, contract, lexicons
 
-from atsync import ActionError, App, ATPSigner, Binding, Debounce, SyncThread
+from atsync import ActionError, App, ATPSigner, Debounce, SyncThread
 from atsync.app import REMOTE_ACTION
 from atsync.atproto import (
     DevPDS,
@@ -43,14 +47,47 @@ from atsync.atproto import (
     verify_session,
 )
 
-COLLECTION = "com.example.notes.note"
-DRAFTS = "com.example.notes.draft"  # a shared collection
+# A 1x1 PNG: the demo's image.
+PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+    "1f15c4890000000d49444154789c6360f8cfc000000301010018dd8db40000000049454e44ae426082"
+)
+REAL_ACCOUNT = """
+The same app with your own Bluesky account (records on a PDS are public):
+  1. Bluesky > Settings > Privacy and security > App passwords: create one.
+  2. python examples/notes/notes.py --db ~/notes.db add "hello from atsync"
+     python examples/notes/notes.py --db ~/notes.db login you.bsky.social   # the app password
+     python examples/notes/notes.py --db ~/notes.db ls
+  See docs/real-pds.md."""
 HANDLE, PASSWORD = "alice.test", "demo-password-1"
 BOB = "bob.test"
 
 
-def bindings() -> dict[str, Binding]:
-    return {"notes": Binding(COLLECTION), "drafts": Binding(DRAFTS, shared=True)}
+def engine(app: App) -> SyncThread:
+    """The app's sync engine: its bindings, its Lexicons (every record is checked against
+    them before it is queued), pushes 0.2 s after the last change."""
+    return SyncThread(app, bindings=bindings(), lexicons=lexicons(), push=Debounce(0.2))
+
+
+def report(sync: SyncThread, pds_url: str | None = None, did: str | None = None) -> None:
+    """The engine's status, and — given a PDS — what stands there, read with plain XRPC."""
+    s = sync.status
+    line = (
+        f"   [sync] {s.state}: {s.pending} queued, {s.failed} failed, {s.conflicts} "
+        f"conflicts, rev {s.rev or '-'}"
+    )
+    if pds_url is not None and did is not None:
+
+        async def count() -> dict[str, int]:
+            async with XrpcClient(pds_url) as client:  # no credentials: records are public
+                return {
+                    c: len([r async for r in client.iter_records(did, c)])
+                    for c in (COLLECTION, DRAFTS)
+                }
+
+        counts = anyio.run(count)
+        line += f"; on the PDS: {counts[COLLECTION]} notes, {counts[DRAFTS]} drafts"
+    print(line)
 
 
 def step(text: str) -> None:
@@ -146,6 +183,7 @@ def sync_part(app: App, sync: SyncThread, signer: ATPSigner, data: Path, db_path
             f"has_synced {status.has_synced}; pushed {time.monotonic() - logged_in:.2f} s "
             "after login() returned"
         )
+        report(sync, pds.pds_url, did)
 
         step("One more change while online: pushed within the debounce")
         result = app.actions.create_note("Written online")
@@ -167,6 +205,7 @@ def sync_part(app: App, sync: SyncThread, signer: ATPSigner, data: Path, db_path
         local = {r["id"] for r in app.db.query("notes")}
         print(f"   local notes == remote records: {local == set(records)}")
 
+        report(sync, pds.pds_url, did)
         second_device(app, sync, data, pds.pds_url, did)
         another_person(app, sync, data, pds.pds_url, did, pds.accounts[BOB].did)
 
@@ -216,7 +255,7 @@ def second_device(app: App, sync: SyncThread, data: Path, pds_url: str, did: str
     laptop.mkdir(exist_ok=True)
     signer2 = ATPSigner(store=FileSessionStore(laptop / "sessions"))
     with App.open(laptop / "notes.db", contract, signer=signer2) as app2:
-        sync2 = SyncThread(app2, bindings=bindings(), push=Debounce(0.2))
+        sync2 = engine(app2)
         with sync2:
             signer2.login(HANDLE, PASSWORD, pds_url)
             status2 = sync2.wait_pulled(timeout=60)
@@ -242,6 +281,39 @@ def second_device(app: App, sync: SyncThread, data: Path, pds_url: str, did: str
             assert laptop_row is not None
             print(f"   laptop: title={laptop_row['title']!r}, body={laptop_row['body']!r}")
             print(f"   phone == laptop: {_notes(app) == _notes(app2)}")
+            report(sync2, pds_url, did)
+
+        step("Both change the same field offline: the policy picks one, the conflict is kept")
+        app.actions.edit_note(note["id"], body="book the train, 2nd class")  # on the phone
+        sync.wait_for_idle(timeout=30)
+        app2.actions.edit_note(note["id"], body="fly instead")  # on the laptop, offline
+        with sync2:
+            sync2.wait_pulled(timeout=60)
+            sync2.wait_for_idle(timeout=30)
+            sync.wait_pulled(timeout=60)
+            (conflict,) = sync2.engine.outbox.conflicts(1)
+            local, remote = (json.loads(conflict[v])["body"] for v in ("local", "remote"))
+            print(
+                f"   conflict on {conflict['fields']}: laptop {local!r} vs phone {remote!r}; "
+                f"policy 'local' kept {json.loads(conflict['merged'])['body']!r}"
+            )
+            print(f"   phone == laptop: {_notes(app) == _notes(app2)}; recorded conflicts: "
+                  f"{sync2.status.conflicts} (`atsync conflicts --db …` lists them)")  # fmt: skip
+            report(sync2, pds_url, did)
+
+        step("A note with an image: the blob goes up before its record, the laptop fetches it")
+        ref = app.blobs.put(PNG, "image/png")
+        app.actions.attach_image(note["id"], ref.to_json())
+        sync.wait_for_idle(timeout=30)
+        with sync2:
+            sync2.wait_pulled(timeout=60)  # the record, then its image (checked by its CID)
+            there = app2.db.get("notes", note["id"])
+            assert there is not None
+            assert there["image"] == ref
+            same = app2.blobs.read(ref) == PNG
+            print(f"   image {ref.cid[:20]}… ({ref.size} bytes, {ref.mime_type})")
+            print(f"   on the laptop, byte-identical: {same}")
+            report(sync2, pds_url, did)
         sync2.close()
 
 
@@ -253,7 +325,7 @@ def another_person(
     home.mkdir(exist_ok=True)
     bob_signer = ATPSigner(store=FileSessionStore(home / "sessions"))
     with App.open(home / "notes.db", contract, signer=bob_signer) as bob:
-        bob_sync = SyncThread(bob, bindings=bindings(), push=Debounce(0.2))
+        bob_sync = engine(bob)
         with bob_sync:
             bob_signer.login(BOB, PASSWORD, pds_url)
             bob_sync.follow(did)
@@ -287,6 +359,7 @@ def another_person(
             print(
                 f"   alice == bob: {app.db.get('drafts', 'trip') == bob.db.get('drafts', 'trip')}"
             )
+            report(bob_sync, pds_url, bob_did)
         bob_sync.close()
 
 
@@ -298,7 +371,7 @@ def run(data: Path, offline: bool) -> None:
     db_path = data / "notes.db"
     signer = ATPSigner(store=FileSessionStore(data / "sessions"))
     with App.open(db_path, contract, signer=signer) as app:
-        sync = SyncThread(app, bindings=bindings(), push=Debounce(0.2))
+        sync = engine(app)
         with sync:
             offline_part(app, sync, db_path)
             if not offline:
@@ -314,13 +387,15 @@ def main() -> None:
     if args.data:
         args.data.mkdir(parents=True, exist_ok=True)
         run(args.data, args.offline)
-        return
-    tmp = Path(tempfile.mkdtemp(prefix="atsync-demo-"))
-    try:
-        run(tmp, args.offline)
-    finally:
-        shutil.rmtree(tmp)
-    print("\nDone. Run with --data DIR to keep the database and open it with sqlite3.")
+        print(f"\nDone. The databases are in {args.data}: open them with sqlite3.")
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix="atsync-demo-"))
+        try:
+            run(tmp, args.offline)
+        finally:
+            shutil.rmtree(tmp)
+        print("\nDone. Run with --data DIR to keep the database and open it with sqlite3.")
+    print(REAL_ACCOUNT)
 
 
 if __name__ == "__main__":
