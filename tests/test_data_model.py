@@ -14,6 +14,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from atsync._errors import RecordError, VerificationError
+from atsync._json import compact_json
 from atsync.atproto._cbor import (
     CID,
     check_data_model,
@@ -332,5 +333,11 @@ def test_decode_plain_record_steps_aside_for_what_it_cannot_prove() -> None:
     for edge in (-(2**63), 2**63 - 1):
         data = encode_dag_cbor({"$type": "a.b.c", "n": edge})
         assert decode_plain_record(data) is None and decode_record(data)["n"] == edge
-    assert decode_plain_record(encode_dag_cbor({"$type": "a.b.c", "t": "version 2.0"})) is None
+    # Text that merely looks like a float (a date with milliseconds, a version) stays on the
+    # fast path: floats are found by their CBOR head, which UTF-8 text never holds.
+    for text in ("version 2.0", "2026-11-30T20:00:00.000Z", "1e5 and 3.14"):
+        data = encode_dag_cbor({"$type": "a.b.c", "t": text})
+        assert decode_plain_record(data) == (decode_record(data), compact_json(decode_record(data)))
+    assert decode_plain_record(encode_dag_cbor({"$type": "a.b.c", "n": 251})) is None  # 0x18 0xfb
+    assert decode_plain_record(encode_dag_cbor({"$type": "a.b.c", "n": 2**40})) is not None
     assert decode_plain_record(b"\x81" * 200 + b"\x01") is None  # not a map, deep

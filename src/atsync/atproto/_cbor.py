@@ -435,14 +435,18 @@ def decode_record(data: bytes) -> dict[str, Any]:
     return value
 
 
-# What rules out the fast path of decode_plain_record, found in the record's JSON text: the map
-# shapes check_data_model looks at ($link/$bytes keys, an empty or non-string $type, a blob), a
-# float (its JSON always has a "." or an exponent after a digit) and an integer that may not fit
-# in 64 bits (19 digits or more). A string that merely contains such text is a false alarm,
-# which only costs the strict decoder.
-_NOT_PLAIN_JSON = re.compile(
-    r'"\$(?:link|bytes)"|"\$type":(?!"[^"])|"\$type":"blob"|\d[.eE]|\d{19}'
-)
+# What rules out the fast path of decode_plain_record. In the record's bytes: a float, whose
+# DAG-CBOR head is 0xfb — a byte UTF-8 text never holds, so strings (dates with fractions of a
+# second, version numbers) do not raise false alarms; an integer's or length's argument byte
+# may, which only costs the strict decoder. In its JSON text: the map shapes check_data_model
+# looks at ($link/$bytes keys, an empty or non-string $type, a blob), and — only when an 8-byte
+# argument (head 0x1b or 0x3b) is there at all — an integer that may not fit in 64 bits (19
+# digits or more). Substring tests and literal-prefixed patterns: this runs for every record.
+_FLOAT_HEAD = b"\xfb"
+_LONG_HEADS = (b"\x1b", b"\x3b")
+_SHAPES = ('"$link"', '"$bytes"', '"$type":"blob"')
+_BAD_TYPE = re.compile(r'"\$type":(?!"[^"])')
+_LONG_INT = re.compile(r"\d{19}")
 
 
 def decode_plain_record(data: bytes) -> tuple[dict[str, Any], str] | None:
@@ -453,8 +457,8 @@ def decode_plain_record(data: bytes) -> tuple[dict[str, Any], str] | None:
     Returns None when it cannot — then call ``decode_record``, which either decodes the
     value or says what is wrong with it. libipld itself refuses non-string or unsorted keys,
     invalid UTF-8, other tags, indefinite lengths and trailing data; the re-encoding below
-    refuses non-minimal heads; ``_NOT_PLAIN_JSON`` catches floats, integers beyond 64 bits
-    and the map shapes ``check_data_model`` refuses.
+    refuses non-minimal heads; the checks above ``decode_plain_record`` catch floats, integers
+    beyond 64 bits and the map shapes ``check_data_model`` refuses.
     """
     try:
         value = libipld.decode_dag_cbor(data)
@@ -465,14 +469,18 @@ def decode_plain_record(data: bytes) -> tuple[dict[str, Any], str] | None:
 
 def plain_record_from_libipld(value: Any, data: bytes) -> tuple[dict[str, Any], str] | None:
     """``decode_plain_record(data)``, given ``value = libipld.decode_dag_cbor(data)``."""
-    if type(value) is not dict or libipld.encode_dag_cbor(value) != data:
+    if type(value) is not dict or _FLOAT_HEAD in data or libipld.encode_dag_cbor(value) != data:
         return None
     try:
         text = compact_json(value)
     except (TypeError, ValueError, RecursionError):  # bytes or a link
         return None
+    if any(shape in text for shape in _SHAPES) or _BAD_TYPE.search(text) is not None:
+        return None
+    if (_LONG_HEADS[0] in data or _LONG_HEADS[1] in data) and _LONG_INT.search(text):
+        return None
     # Nesting is at most the number of opening brackets; beyond MAX_DEPTH, ask the strict one.
-    if _NOT_PLAIN_JSON.search(text) is not None or text.count("[") + text.count("{") > MAX_DEPTH:
+    if text.count("[") + text.count("{") > MAX_DEPTH:
         return None
     return value, text
 
