@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test demo bench lint typecheck check clean
+.PHONY: test demo bench lint typecheck docs check clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,22 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
+# The API reference, generated from the docstrings by pdoc into build/docs/ (open
+# build/docs/index.html): the public packages and their `__all__`s, no private `_modules`.
+# pdoc reports problems as warnings and still exits 0, so its stderr is kept apart: anything
+# on it fails the build (with `-W always`, no warning is hidden by a filter).
+DOC_MODULES := atsync atsync.db atsync.app atsync.atproto atsync.lexicon atsync.sync
+
+docs: $(STAMP)
+	rm -rf build/docs
+	@mkdir -p build
+	$(PY) -W always -m pdoc --docformat restructuredtext -o build/docs $(DOC_MODULES) \
+		2> build/docs-warnings.txt || { cat build/docs-warnings.txt >&2; exit 1; }
+	@if [ -s build/docs-warnings.txt ]; then cat build/docs-warnings.txt >&2; \
+		echo "make docs: pdoc warned (above); the reference must build without warnings" >&2; exit 1; fi
+	@rm -f build/docs-warnings.txt
+
 check: lint typecheck test
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build

@@ -328,3 +328,28 @@ async def test_kill_9_during_a_blob_upload_loses_nothing_and_duplicates_nothing(
     with App.open(db, contract) as app:
         assert app.log.verify() == len(app.log)
         assert app.model_db.execute("SELECT count(*) FROM _atsync_blobs").fetchone() == (1,)
+
+
+@pytest.mark.anyio
+async def test_a_conflict_on_a_row_with_a_blob_is_recorded_and_the_pull_goes_on(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    collection = collection_for(request, "test.atsync.blobs")
+    alice = await session_of(dev_pds, "alice.test")
+    png = image(request, "conflict")
+    async with device(tmp_path / "a.db", collection, alice, resolver, push=Manual()) as (a, sync):
+        a.actions.add("n1", "first", b64(png))
+        sync.push_now()
+        await idle(sync)
+        a.actions.retitle("n1", "edited here")  # queued, not pushed
+        theirs = await record(alice, collection, "n1")
+        async with XrpcClient(session=alice) as client:  # another device edits the title
+            await client.put_record(
+                alice.did, collection, "n1", {**theirs, "title": "edited elsewhere"}
+            )
+        status = await pulled(sync)
+        assert status.conflicts == 1 and status.download_error is None
+        (conflict,) = sync.outbox.conflicts()
+        assert conflict["fields"] == "title"
+        ref = a.db.get("notes", "n1")["image"]  # type: ignore[index]
+        assert ref.cid in str(conflict["local"]) and a.blobs.read(ref) == png

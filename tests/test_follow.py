@@ -357,3 +357,24 @@ async def test_follow_takes_handles_resolved_when_the_engine_starts(
             assert set(rows(app)) == {f"at://{bob.did}/{collection}/h1"}
             assert "nobody.test" in sync.follow_errors
             assert sync.unfollow("bob.test") is True  # by the handle it was followed by
+
+
+@pytest.mark.anyio
+async def test_followed_rows_are_never_queued_by_a_later_start(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    collection = collection_for(request)
+    alice, bob = await session_of(dev_pds, "alice.test"), await session_of(dev_pds, "bob.test")
+    await write(bob, collection, "b1", title="bob's")
+    async with device(tmp_path / "alice.db", collection, alice, resolver, follow=[bob.did]) as (
+        app, sync,
+    ):  # fmt: skip
+        await pulled(sync)
+        assert f"at://{bob.did}/{collection}/b1" in rows(app)
+    # The next start compares every row with the sync tables: bob's row is not alice's to push.
+    async with device(tmp_path / "alice.db", collection, alice, resolver) as (app, sync):
+        status = await pulled(sync)
+        with anyio.fail_after(30):
+            status = await sync.wait_for_idle()
+        assert (status.pending, status.failed, status.upload_error) == (0, 0, None)
+        assert sync.outbox.counts() == (0, 0, 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, overload
@@ -60,7 +61,9 @@ class ActionResult(NamedTuple):
     """What calling an action returns: its log ``id`` and the function's ``result``."""
 
     id: str
-    result: Any = None
+    # typing.Any, not Any: NamedTuple's generated __new__ has no module globals to resolve a
+    # bare name in, and pdoc (make docs) reads its annotations.
+    result: typing.Any = None
 
 
 @dataclass

@@ -185,7 +185,9 @@ class DevPDS:
         self._ready: dict[str, Any] | None = None
         self._ready_event = threading.Event()
         self._readers: list[threading.Thread] = []
-        self._finalizer: weakref.finalize[Any, Any] | None = None
+        # Unparametrized: weakref.finalize is not subscriptable at run time, where pdoc
+        # (make docs) evaluates this annotation.
+        self._finalizer: weakref.finalize | None = None  # type: ignore[type-arg]
 
     # -- public surface ------------------------------------------------------------------------
 

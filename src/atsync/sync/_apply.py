@@ -24,7 +24,7 @@ from .._gc import gc_paused
 from .._json import compact_json
 from ..app import RemoteChange
 from ..atproto import check_data_model, data_from_json, data_to_json
-from ..db import ModelDB
+from ..db import BlobRef, ModelDB
 from ..lexicon import LexiconSet
 from ._binding import BoundBinding
 from ._capture import Validator, encode_record
@@ -560,7 +560,11 @@ def _row_of(binding: BoundBinding, record_json: str | None, key: str) -> dict[st
 
 
 def _dump(row: Mapping[str, Any] | None) -> str | None:
-    return None if row is None else compact_json(data_to_json(dict(row)))
+    """A row as JSON for the conflicts table (a ``BlobRef`` as its JSON form)."""
+    if row is None:
+        return None
+    plain = {k: v.to_json() if isinstance(v, BlobRef) else v for k, v in row.items()}
+    return compact_json(data_to_json(plain))
 
 
 def _dump_record(record: Mapping[str, Any] | None) -> str | None:

@@ -16,6 +16,8 @@ pass, and queues the difference through the same coalescing rules as capture:
   have never seen gets a fresh TID;
 - a row whose record cannot be made (bad record key, data model, Lexicon) is reported in
   ``failures`` and the scan goes on;
+- a row that came from a followed repository (its key an AT URI) is someone else's record:
+  never queued;
 - a row of a ``shared`` binding is compared with the merge of its records (its own, queued
   or synced, and the followed ones): one that differs — or is gone while the merge still
   holds it — is written as capture writes it (``write_shared``: stamped, a delete as a
@@ -45,6 +47,7 @@ from ..atproto import TidClock
 from ..db import quote_identifier as quote
 from ._binding import BoundBinding
 from ._capture import Validator, encode_record, encode_trusted
+from ._migrate import FOLLOWED
 from ._outbox import DEAD, OUTBOX, RECORDS, Outbox
 from ._shared import merge_shared, shared_records
 
@@ -175,10 +178,21 @@ class ResyncScan:
         self.scanned += len(rows)
         lo, hi = rows[0][pk], rows[-1][pk]
         queued, records, dead = self._known(binding, lo, hi)
+        followed = self._followed(binding, lo, hi)
         for row in rows:
             key = row[pk]
+            if key in followed and not binding.shared:
+                continue  # someone else's record, read-only here: never ours to push
             self._check_row(binding, key, row, queued.get(key), records.get(key), dead.get(key))
         return str(hi) if len(rows) == self._chunk else None
+
+    def _followed(self, binding: BoundBinding, lo: str, hi: str) -> set[str]:
+        """The keys in [lo, hi] of rows that came from a followed repository."""
+        rows = self._db.connection.execute(
+            f"SELECT key FROM {FOLLOWED} WHERE model = ? AND key >= ? AND key <= ?",
+            (binding.model.name, lo, hi),
+        )
+        return {key for (key,) in rows}
 
     def _known(
         self, binding: BoundBinding, lo: str, hi: str
