@@ -540,3 +540,13 @@ async def test_settled_bookkeeping_is_pruned_when_the_engine_is_idle(tmp_path: P
             assert sent == 0  # every push answered: nothing can land late any more
         assert remote_titles(pds) == local_titles(app)
         sync.close()
+
+
+async def test_the_status_counts_a_write_as_soon_as_its_action_returned(tmp_path: Path) -> None:
+    with App.open(tmp_path / "app.db", contract) as app:
+        sync = ATSync(app, bindings={"notes": Binding(NOTES)}, push=Manual(), pull=Manual())
+        async with sync:
+            for i in range(1, 4):  # no login: the engine only waits, and the count is right
+                app.actions.put(f"n{i}", f"note {i}")
+                assert sync.status.pending == i
+        sync.close()

@@ -37,14 +37,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import anyio
-
 sys.path.insert(0, str(Path(__file__).parent))
 
 from notes_app import bindings, contract, lexicons
 
 from atsync import ActionError, App, ATPSigner, AtsyncError, Debounce, SyncThread
-from atsync.atproto import FileSessionStore, XrpcClient, is_valid_did
+from atsync.atproto import FileSessionStore
 
 DEFAULT_TIMEOUT = 60.0
 
@@ -157,27 +155,10 @@ def cmd_logout(args: argparse.Namespace) -> int:
     return 0
 
 
-def resolve(who: str, signer: ATPSigner) -> str:
-    """A handle's DID, as the user's own PDS resolves it (any PDS resolves any handle; a
-    local dev PDS is the only one that knows its ``.test`` handles)."""
-    if is_valid_did(who):
-        return who
-    session = signer.session
-    if session is None:
-        return who  # the engine resolves it with DNS / .well-known
-
-    async def ask() -> str:
-        async with XrpcClient(session.pds_url) as client:
-            answer = await client.query("com.atproto.identity.resolveHandle", {"handle": who})
-        return str(answer["did"])
-
-    return anyio.run(ask)
-
-
 def cmd_follow(args: argparse.Namespace, *, invite: bool = False) -> int:
     with opened(args) as (_, signer, sync):
         with sync:
-            did = sync.follow(resolve(args.who, signer))
+            did = sync.follow(args.who)  # a handle is resolved (and checked) by the engine
         print(f"following {did}")
         if invite:
             print(
@@ -188,8 +169,8 @@ def cmd_follow(args: argparse.Namespace, *, invite: bool = False) -> int:
 
 
 def cmd_unfollow(args: argparse.Namespace) -> int:
-    with opened(args) as (_, signer, sync), sync:
-        gone = sync.unfollow(resolve(args.who, signer))
+    with opened(args) as (_, _, sync), sync:
+        gone = sync.unfollow(args.who)
     print("unfollowed; their notes are gone from here" if gone else "was not following them")
     return 0
 

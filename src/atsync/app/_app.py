@@ -151,7 +151,6 @@ class App:
         self.seal_interval = seal_interval
         self._last_seal = 0.0
         db.before_commit.append(self._seal_before_commit)
-        self.seal()  # entries a crash left unsealed
 
     @classmethod
     def open(
@@ -189,7 +188,12 @@ class App:
             _release(lock)
             raise
         app._writer_lock = lock
-        signer.opened(app)
+        try:
+            signer.opened(app)  # first: a signer that needs its session has it back
+            app.seal()  # entries a crash left unsealed
+        except BaseException:
+            app.close()
+            raise
         return app
 
     @property

@@ -132,6 +132,11 @@ class SyncThread:
         return self._portal.call(fetch)
 
     @property
+    def follow_errors(self) -> dict[str, str]:
+        """DID -> the last failure of its pull (``ATSync.follow_errors``)."""
+        return dict(self.engine.follow_errors)
+
+    @property
     def following(self) -> list[str]:
         return self.engine.following
 

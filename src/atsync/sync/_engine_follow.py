@@ -62,6 +62,7 @@ class FollowRepos:
     if TYPE_CHECKING:  # from the other parts of ATSync
 
         def _kick_blobs(self) -> int: ...
+        def _current_session(self) -> Any: ...
 
     def _setup_follows(
         self,
@@ -112,7 +113,7 @@ class FollowRepos:
         did = who
         if not is_valid_did(who):
             handle = who
-            did = (await self._resolver().resolve(who)).did
+            did = await self._did_of_handle(who)
         own = self._own_did()
         if did == own:
             raise ValidationError(f"{who!r} is this account's own repository")
@@ -120,6 +121,31 @@ class FollowRepos:
             self._follow_new.add(did)
             self._follows_changed.set()  # its task starts, and pulls at once
         return did
+
+    async def _did_of_handle(self, handle: str) -> str:
+        """A handle's DID: by DNS / HTTPS well-known, else — logged in — as the user's own PDS
+        resolves it (any PDS resolves handles, and a local dev PDS is the only one that knows
+        its ``.test`` handles), checked against the DID document's claimed handle."""
+        try:
+            return str((await self._resolver().resolve(handle)).did)
+        except (VerificationError, NetworkError) as failure:
+            session = self._current_session()
+            if session is None:
+                raise
+            pds = session.pds_url
+            answer = await self._public_client(pds).query(
+                "com.atproto.identity.resolveHandle", {"handle": handle}
+            )
+            did = answer.get("did") if isinstance(answer, dict) else None
+            if not isinstance(did, str) or not is_valid_did(did):
+                raise VerificationError(f"{pds} resolved {handle!r} to {did!r}") from failure
+            claimed = (await self._resolver().resolve_did(did)).handle
+            if claimed != handle:
+                raise VerificationError(
+                    f"{pds} resolves {handle!r} to {did}, whose DID document claims "
+                    f"{claimed or 'no handle'}"
+                ) from failure
+            return did
 
     def unfollow(self, who: str) -> bool:
         """Stop following (by DID or the handle it was followed by): its rows are deleted

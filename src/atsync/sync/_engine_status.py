@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -42,9 +43,18 @@ class StatusKeeper:
 
     @property
     def status(self) -> SyncStatus:
-        if not self._running and not self.outbox.db.closed:
+        if self.outbox.db.closed:
+            return self._status
+        if not self._running:
             self._refresh_status()  # stopped: the app may have queued more since
-        return self._status
+            return self._status
+        # Running: the engine counts when it wakes, which may be a moment after an action
+        # returned; the counts are read now, so `pending` includes what was just queued.
+        current = self._status
+        pending, failed, conflicts = self.outbox.counts()
+        if (pending, failed, conflicts) == (current.pending, current.failed, current.conflicts):
+            return current
+        return replace(current, pending=pending, failed=failed, conflicts=conflicts)
 
     def on_status(self, callback: Callable[[SyncStatus], None]) -> Callable[[], None]:
         """Call ``callback(status)`` on every change; returns a function that unsubscribes."""
