@@ -122,3 +122,19 @@ def test_authorizations_table_is_plain_sql(dev_pds: Any, tmp_path: Path) -> None
     raw = sqlite3.connect(tmp_path / "q.db")
     rows = raw.execute("select session_key, account from _atsync_authorizations").fetchall()
     assert rows == [(signer.key_did, alice.did)]
+
+
+def test_a_signer_that_needs_its_session_reopens_a_log_a_crash_left_unsealed(
+    dev_pds: Any, tmp_path: Path
+) -> None:
+    bob = dev_pds.accounts["bob.test"]
+    store = FileSessionStore(tmp_path / "sessions")
+    signer = ATPSigner(store=store)
+    with App.open(tmp_path / "n.db", contract, signer=signer) as app:
+        signer.login("bob.test", bob.password, dev_pds.pds_url)
+        app.actions.note("sealed, then its seal lost")
+    with sqlite3.connect(tmp_path / "n.db") as raw:  # as if killed before the seal
+        raw.execute("UPDATE _atsync_log SET sig = NULL")
+    strict = ATPSigner(store=store, allow_unauthenticated=False)
+    with App.open(tmp_path / "n.db", contract, signer=strict) as app:  # resumes, then seals
+        assert strict.authenticated and app.log.verify() == len(app.log)
