@@ -205,6 +205,20 @@ async def test_a_blob_the_pds_refuses_is_a_dead_letter_and_not_retried(
         assert len(proxy.requests("com.atproto.repo.uploadBlob")) == 2  # not tried again
 
 
+async def one_note_with_an_image(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> tuple[str, Session, bytes]:
+    """Alice's first device writes note n1 with an image; returns (collection, her session,
+    the image's bytes)."""
+    collection = collection_for(request, "test.atsync.blobs")
+    alice = await session_of(dev_pds, "alice.test")
+    png = image(request, "original")
+    async with device(tmp_path / "a.db", collection, alice, resolver) as (a, sync_a):
+        a.actions.add("n1", "t", b64(png))
+        await idle(sync_a)
+    return collection, alice, png
+
+
 async def _rkeys(session: Session, collection: str) -> list[str]:
     async with XrpcClient(session=session) as client:
         return [r.rkey async for r in client.iter_records(session.did, collection)]
@@ -214,12 +228,7 @@ async def _rkeys(session: Session, collection: str) -> list[str]:
 async def test_a_corrupted_download_is_rejected_by_its_cid_and_fetched_again(
     dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
 ) -> None:
-    collection = collection_for(request, "test.atsync.blobs")
-    alice = await session_of(dev_pds, "alice.test")
-    png = image(request, "original")
-    async with device(tmp_path / "a.db", collection, alice, resolver) as (a, sync_a):
-        a.actions.add("n1", "t", b64(png))
-        await idle(sync_a)
+    collection, alice, png = await one_note_with_an_image(dev_pds, tmp_path, request, resolver)
     async with (
         FaultProxy(dev_pds.pds_url) as proxy,
         device(tmp_path / "b.db", collection, proxied_session(alice, proxy.url), resolver) as (
@@ -245,12 +254,7 @@ async def test_a_corrupted_download_is_rejected_by_its_cid_and_fetched_again(
 async def test_lazy_blobs_are_fetched_when_asked(
     dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
 ) -> None:
-    collection = collection_for(request, "test.atsync.blobs")
-    alice = await session_of(dev_pds, "alice.test")
-    png = image(request, "lazy")
-    async with device(tmp_path / "a.db", collection, alice, resolver) as (a, sync_a):
-        a.actions.add("n1", "t", b64(png))
-        await idle(sync_a)
+    collection, alice, png = await one_note_with_an_image(dev_pds, tmp_path, request, resolver)
     async with device(tmp_path / "b.db", collection, alice, resolver, blobs="lazy") as (b, sync):
         status = await pulled(sync)
         ref = b.db.get("notes", "n1")["image"]  # type: ignore[index]
