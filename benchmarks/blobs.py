@@ -147,7 +147,8 @@ def main() -> int:
                     rate = atsync_push(pds, did, blobs, collection, Path(tmp))
                 rates[name].append(rate)
                 count, cids = landed(pds, did, collection)
-                assert count == args.n and len(cids) == args.n, (name, count, len(cids))
+                assert count == args.n, (name, count)
+                assert len(cids) == args.n, (name, len(cids))
     raw, ours = statistics.median(rates["raw"]), statistics.median(rates["atsync"])
     ratio = ours / raw
     print(
