@@ -109,7 +109,13 @@ EXPECTED: dict[str, list[str]] = {
         "quote_identifier",
     ],
     "atsync.atproto": [
+        "DEFAULT_OAUTH_SCOPE",
         "DEFAULT_PLC_URL",
+        "OAuthSession",
+        "OAuthSessionData",
+        "loopback_client_id",
+        "oauth_login",
+        "resume_session",
         "ApplyWritesResult",
         "AtUri",
         "BlockingFirehoseSubscription",

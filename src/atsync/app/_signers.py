@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import stat
+import webbrowser
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -23,9 +24,12 @@ from typing import Any
 from .._blocking import Portal
 from .._errors import SignerError
 from ..atproto import (
+    DEFAULT_OAUTH_SCOPE,
     FileSessionStore,
+    IdentityResolver,
     KeyAlgorithm,
     Keypair,
+    OAuthSession,
     Session,
     SessionStore,
     XrpcClient,
@@ -33,6 +37,8 @@ from ..atproto import (
     generate_keypair,
     load_keypair,
     login,
+    oauth_login,
+    resume_session,
 )
 
 __all__ = ["ATPSigner", "KeyAlgorithm", "LocalSigner", "Signer", "key_path_for"]
@@ -150,20 +156,21 @@ class ATPSigner(LocalSigner):
         self._store = store
         self._collection = collection
         self._app: Any = None
-        self._session: Session | None = None
+        self._session: Session | OAuthSession | None = None
         # Called with the new session (None: logged out) from the thread that changed it;
         # the sync engine wakes on it.
-        self.session_listeners: list[Callable[[Session | None], None]] = []
+        self.session_listeners: list[Callable[[Session | OAuthSession | None], None]] = []
         # Called with the DID of a fresh login before it is adopted; one that raises refuses
         # the login (the sync engine refuses an account other than the database's).
         self.login_checks: list[Callable[[str], None]] = []
 
     @property
-    def session(self) -> Session | None:
+    def session(self) -> Session | OAuthSession | None:
+        """The account's session: by password (``Session``) or OAuth (``OAuthSession``)."""
         return self._session
 
     @session.setter
-    def session(self, session: Session | None) -> None:
+    def session(self, session: Session | OAuthSession | None) -> None:
         changed = session is not self._session
         self._session = session
         if changed:
@@ -198,7 +205,7 @@ class ATPSigner(LocalSigner):
 
     def opened(self, app: Any) -> None:
         self._app = app
-        self.session = Session.resume(self.store, self._store_key)
+        self.session = resume_session(self.store, self._store_key)
 
     def sign(self, data: bytes) -> bytes:
         if not self.authenticated and not self.allow_unauthenticated:
@@ -213,12 +220,48 @@ class ATPSigner(LocalSigner):
     ) -> Session:
         """Log in (an app password is best); ``service`` defaults to the account's PDS."""
         if service is None:
-            from ..atproto import IdentityResolver
-
             async with IdentityResolver() as resolver:
                 service = (await resolver.resolve(identifier)).pds
         previous = self._session
         session = await login(identifier, password, service, store=self.store, key=self._store_key)
+        await self._adopt(session, previous)
+        return session
+
+    async def login_oauth_async(
+        self,
+        identifier: str,
+        *,
+        scope: str = DEFAULT_OAUTH_SCOPE,
+        client_id: str | None = None,
+        open_browser: Callable[[str], Any] | None = webbrowser.open,
+        show_url: Callable[[str], Any] | None = None,
+        identity: IdentityResolver | None = None,
+        login_timeout: float = 300.0,
+    ) -> OAuthSession:
+        """Log in with OAuth in the user's browser (docs/oauth.md): the authorization page
+        opens (its URL is printed too, unless ``show_url`` shows it otherwise), the user
+        signs in and consents there, and the session comes back on a loopback listener.
+        ``client_id``: the app's https client-metadata URL; by default the development
+        loopback client. Deferred auth works as with ``login``."""
+        previous = self._session
+        options: dict[str, Any] = {} if show_url is None else {"show_url": show_url}
+        session = await oauth_login(
+            identifier,
+            scope=scope,
+            client_id=client_id,
+            open_browser=open_browser,
+            identity=identity,
+            store=self.store,
+            key=self._store_key,
+            login_timeout=login_timeout,
+            **options,
+        )
+        await self._adopt(session, previous)
+        return session
+
+    async def _adopt(
+        self, session: Session | OAuthSession, previous: Session | OAuthSession | None
+    ) -> None:
         try:
             for check in list(self.login_checks):
                 check(session.did)
@@ -242,12 +285,36 @@ class ATPSigner(LocalSigner):
             if self._app is not None:
                 self._app.record_authorization(self.key_did, session.did, collection, proof)
         self.session = session
-        return session
 
     def login(self, identifier: str, password: str, service: str | None = None) -> Session:
         """Blocking ``login_async`` for scripts, notebooks and the CLI."""
         with Portal() as portal:
             return portal.call(self.login_async, identifier, password, service)
+
+    def login_oauth(
+        self,
+        identifier: str,
+        *,
+        scope: str = DEFAULT_OAUTH_SCOPE,
+        client_id: str | None = None,
+        open_browser: Callable[[str], Any] | None = webbrowser.open,
+        show_url: Callable[[str], Any] | None = None,
+        identity: IdentityResolver | None = None,
+        login_timeout: float = 300.0,
+    ) -> OAuthSession:
+        """Blocking ``login_oauth_async``."""
+        with Portal() as portal:
+            return portal.call(
+                lambda: self.login_oauth_async(
+                    identifier,
+                    scope=scope,
+                    client_id=client_id,
+                    open_browser=open_browser,
+                    show_url=show_url,
+                    identity=identity,
+                    login_timeout=login_timeout,
+                )
+            )
 
     async def logout_async(self) -> None:
         """End the session on the server and forget it here; actions are local again."""

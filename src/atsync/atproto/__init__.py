@@ -27,7 +27,9 @@ docs/api.md.
   authorization record: ``authorize_session_key``, ``revoke_session_key``, ``verify_session``
 - identity: ``IdentityResolver`` → ``Identity``; ``parse_did_document`` → ``DidDocument``
 - sessions: ``login``, ``Session`` (``SessionData``), stores (``SessionStore``,
-  ``FileSessionStore``, ``MemorySessionStore``)
+  ``FileSessionStore``, ``MemorySessionStore``); OAuth: ``oauth_login`` (browser, PAR, PKCE,
+  DPoP; ``loopback_client_id``, ``DEFAULT_OAUTH_SCOPE``) → ``OAuthSession``
+  (``OAuthSessionData``); ``resume_session`` resumes either kind
 - XRPC: ``XrpcClient``, writes for ``apply_writes`` (``Create``/``Update``/``Delete``, any of
   them a ``Write``), results (``WriteResult``, ``CommitMeta``, ``ApplyWritesResult``,
   ``RecordView``, ``RecordPage``, ``LatestCommit``, ``RepoDescription``, ``Download``,
@@ -73,6 +75,8 @@ from ._devpds import DevAccount, DevPDS, ensure_installed
 from ._did_doc import DidDocument, parse_did_document
 from ._firehose import FirehoseFrame, FirehoseSubscription
 from ._identity import DEFAULT_PLC_URL, BlockingIdentityResolver, Identity, IdentityResolver
+from ._oauth_flow import DEFAULT_OAUTH_SCOPE, loopback_client_id, oauth_login
+from ._oauth_session import OAuthSession, OAuthSessionData, resume_session
 from ._session import (
     FileSessionStore,
     MemorySessionStore,
@@ -131,6 +135,7 @@ from ._xrpc import (
 
 __all__ = [
     "CID",
+    "DEFAULT_OAUTH_SCOPE",
     "DEFAULT_PLC_URL",
     "ApplyWritesResult",
     "AtUri",
@@ -157,6 +162,8 @@ __all__ = [
     "Keypair",
     "LatestCommit",
     "MemorySessionStore",
+    "OAuthSession",
+    "OAuthSessionData",
     "Portal",
     "RateLimitInfo",
     "RecordPage",
@@ -204,11 +211,14 @@ __all__ = [
     "iter_repo_records",
     "load_keypair",
     "login",
+    "loopback_client_id",
+    "oauth_login",
     "outcome_unknown",
     "parse_at_uri",
     "parse_did_document",
     "parse_did_key",
     "read_car",
+    "resume_session",
     "revoke_session_key",
     "validate_at_identifier",
     "validate_at_uri",

@@ -155,9 +155,15 @@ class DevPDS:
         log: bool = False,
         replay_window_ms: int | None = None,
         plc_url: str | None = None,
+        oauth_token_ttl_ms: int | None = None,
     ) -> None:
         if replay_window_ms is not None and replay_window_ms < 0:
             raise DevPDSError(f"replay_window_ms must be >= 0, got {replay_window_ms}")
+        if oauth_token_ttl_ms is not None and oauth_token_ttl_ms < 1000:
+            raise DevPDSError(f"oauth_token_ttl_ms must be >= 1000, got {oauth_token_ttl_ms}")
+        # How long the OAuth provider's access tokens live (one hour by default): short in
+        # the tests that watch a token expire on the server.
+        self._oauth_token_ttl_ms = oauth_token_ttl_ms
         if plc_url is not None and not _is_loopback_url(plc_url):
             raise DevPDSError(f"plc_url must be a loopback http URL, got {plc_url!r}")
         # Join another dev PDS's PLC directory instead of running one: two PDS hosts whose
@@ -370,6 +376,8 @@ class DevPDS:
             # How far back subscribeRepos replays from a cursor; older cursors get an
             # #info OutdatedCursor (the reference PDS's default is one day).
             env["PDS_REPO_BACKFILL_LIMIT_MS"] = str(self._replay_window_ms)
+        if self._oauth_token_ttl_ms is not None:
+            env["ATSYNC_DEVPDS_OAUTH_TOKEN_TTL_MS"] = str(self._oauth_token_ttl_ms)
         if self._temp_dir is not None:
             env["ATSYNC_DEVPDS_TEMP_DIR"] = str(self._temp_dir)
         self._stderr.clear()

@@ -26,7 +26,10 @@ sending the write again. Retrying blindly loops forever.
 
 With a ``session`` (see ``_session``) calls that need auth carry its access token; a call
 that fails with ``ExpiredToken`` makes the session refresh once (single-flight) and is sent
-once more. The ``RateLimit-*`` headers of every response are kept in ``rate_limit``.
+once more. A session that implements ``RequestAuth`` (OAuth: ``_oauth_session``) makes each
+request's auth headers itself, since every DPoP request carries its own proof, and says after
+each response whether to resend (a new DPoP nonce) or refresh first. The ``RateLimit-*``
+headers of every response are kept in ``rate_limit``.
 """
 
 from __future__ import annotations
@@ -73,12 +76,14 @@ from ._xrpc_types import (
     RecordPage,
     RecordView,
     RepoDescription,
+    RequestAuth,
     Update,
     Write,
     WriteOpResult,
     WriteResult,
     _apply_writes_result,
     _Body,
+    _check_replayable,
     _commit,
     _malformed,
     _obj,
@@ -106,6 +111,7 @@ __all__ = [
     "RecordPage",
     "RecordView",
     "RepoDescription",
+    "RequestAuth",
     "SessionAuth",
     "Update",
     "Write",
@@ -235,31 +241,41 @@ class XrpcClient:
         auth: bool = False,
         bearer: str | None = None,
     ) -> Any:
-        """Send one call; with ``auth`` the session's token, refreshed once on ExpiredToken."""
+        """Send one call; with ``auth`` the session's token, refreshed once on ExpiredToken
+        (or, with a ``RequestAuth`` session, when its hook says so; plus one resend with a
+        new DPoP nonce)."""
         clean = {k: v for k, v in (params or {}).items() if v is not None}
         token = bearer
         if auth and bearer is None:
             if self.session is None:
                 raise AuthError(f"{nsid} needs a logged-in session; log in first")
             token = await self.session.access_token(self)
-        for attempt in (1, 2):
+        session = self.session if auth and bearer is None else None
+        hook = session if isinstance(session, RequestAuth) else None
+        url = self._url(nsid)
+        refreshed = resent = False
+        while True:
             headers: dict[str, str] = {}
             if token is not None:
-                headers["Authorization"] = f"Bearer {token}"
+                if hook is not None:
+                    headers.update(hook.request_headers(method, url, token))
+                else:
+                    headers["Authorization"] = f"Bearer {token}"
             if body is not None:
                 headers["Content-Type"] = content_type or "application/octet-stream"
                 if body.size is not None:
                     headers["Content-Length"] = str(body.size)
                 async with body.open() as content:
                     request = self._http.build_request(
-                        method, self._url(nsid), params=clean, headers=headers, content=content
+                        method, url, params=clean, headers=headers, content=content
                     )
                     response = await self._send_once(request, nsid, stream=False)
             else:
                 request = self._http.build_request(
-                    method, self._url(nsid), params=clean, headers=headers, json=json_body
+                    method, url, params=clean, headers=headers, json=json_body
                 )
                 response = await self._send_once(request, nsid, stream=False)
+            verdict = hook.after_response(url, response) if hook is not None else None
             if response.is_success:
                 if not response.content:
                     return None
@@ -268,21 +284,25 @@ class XrpcClient:
                 except ValueError as e:
                     raise _malformed(nsid, f"invalid JSON: {e}") from e
             error, _ = parse_error_body(response.content)
-            session = self.session if auth and bearer is None else None
-            if attempt == 1 and session is not None and error == "ExpiredToken":
-                token = await session.refresh(self, stale_access=token)
-                if body is not None and not body.replayable:
+            if verdict == "nonce":
+                if resent:  # the nonce moved again meanwhile: not a refusal of the session
                     raise TransientError(
-                        f"{nsid}: the access token had expired; the session is refreshed but "
-                        "the request body was a one-shot stream: send it again",
-                        error="ExpiredToken",
+                        f"{nsid}: the server asked for a new DPoP nonce twice",
+                        error=error,
                         status=response.status_code,
                     )
+                resent = True
+                _check_replayable(nsid, body, error, response.status_code)
+                continue
+            expired = verdict == "refresh" if hook is not None else error == "ExpiredToken"
+            if not refreshed and session is not None and expired:
+                refreshed = True
+                token = await session.refresh(self, stale_access=token)
+                _check_replayable(nsid, body, error, response.status_code)
                 continue
             raise classify_response(
                 nsid, response.status_code, response.headers, response.content, time.time()
             )
-        raise AssertionError("unreachable")  # pragma: no cover
 
     async def query(
         self,

@@ -12,10 +12,11 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, Protocol, runtime_checkable
 
 import anyio
 import anyio.to_thread
+import httpx
 
 from atsync._errors import TransientError
 
@@ -271,3 +272,35 @@ class _Body:
             if self._stream.seekable():
                 self._stream.seek(self._start)
             yield _aiter_file(self._stream)
+
+
+# --- the per-request auth hook ---------------------------------------------------------------
+
+
+@runtime_checkable
+class RequestAuth(Protocol):
+    """The per-request auth hook, for sessions whose every request carries its own proof
+    (OAuth with DPoP: ``_oauth_session.OAuthSession``). A session without it sends
+    ``Authorization: Bearer <token>`` and refreshes on ``ExpiredToken``."""
+
+    def request_headers(self, method: str, url: str, token: str) -> dict[str, str]:
+        """The auth headers of one request (``url`` without its query)."""
+        ...
+
+    def after_response(
+        self, url: str, response: httpx.Response
+    ) -> Literal["nonce", "refresh"] | None:
+        """Seen for every response: ``"nonce"`` to send once more (with a new proof),
+        ``"refresh"`` to refresh the session and send once more, ``None`` to go on."""
+        ...
+
+
+def _check_replayable(nsid: str, body: _Body | None, error: str | None, status: int) -> None:
+    """A request to send once more (refreshed token, new DPoP nonce) needs its body again."""
+    if body is not None and not body.replayable:
+        raise TransientError(
+            f"{nsid}: the request must be sent again ({error}) but its body was a one-shot "
+            "stream: send it again",
+            error=error,
+            status=status,
+        )

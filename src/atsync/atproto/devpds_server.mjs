@@ -5,6 +5,7 @@
 //   ATSYNC_DEVPDS_PLC_PORT     port for the PLC (0 = any free port)
 //   ATSYNC_DEVPDS_PLC_URL      join this PLC directory instead of running one (empty: run one)
 //   ATSYNC_DEVPDS_TEMP_DIR     temporary data directory to delete on exit (unset: data is kept)
+//   ATSYNC_DEVPDS_OAUTH_TOKEN_TTL_MS  lifetime of OAuth access tokens (unset: the PDS's 1 h)
 //   PDS_*                      the PDS's own configuration (readEnv() reads it)
 // When both servers listen it prints one line `ATSYNC-DEVPDS {"plc_port":…,"pds_port":…}`
 // on stdout. It exits when stdin reaches EOF (the Python parent died or closed the pipe), and
@@ -117,6 +118,16 @@ async function main() {
   env.didPlcUrl = didPlcUrl
   pdsServer = await PDS.create(envToCfg(env), envToSecrets(env))
   bindToLoopback(pdsServer.app)
+  // The PDS has no setting for it; tests that watch an access token expire on the server
+  // shorten it on the provider's token manager, which reads it for every token it issues.
+  const tokenTtl = Number(process.env.ATSYNC_DEVPDS_OAUTH_TOKEN_TTL_MS || '0')
+  if (tokenTtl > 0) {
+    const manager = pdsServer.ctx.oauthProvider?.tokenManager
+    if (!manager || typeof manager.tokenMaxAge !== 'number') {
+      fail('ATSYNC_DEVPDS_OAUTH_TOKEN_TTL_MS: this PDS has no OAuth token manager to configure')
+    }
+    manager.tokenMaxAge = tokenTtl
+  }
   const pdsHttp = await pdsServer.start()
   if (stopping) return
 

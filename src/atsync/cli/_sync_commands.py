@@ -22,7 +22,7 @@ import click
 
 from .._errors import AtsyncError, TransactionError
 from ..app import App, ATPSigner, LocalSigner, key_path_for, writer_lock
-from ..atproto import FileSessionStore, Session, login
+from ..atproto import FileSessionStore, OAuthSession, Session, login, resume_session
 from ..db import ModelDB
 from ..sync import (
     ATSync,
@@ -60,7 +60,7 @@ def _open(db_path: Path) -> tuple[ModelDB, Outbox]:
     return db, box
 
 
-def _session(db_path: Path, session_dir: Path | None) -> tuple[str, Session | None]:
+def _session(db_path: Path, session_dir: Path | None) -> tuple[str, Session | OAuthSession | None]:
     key_file = key_path_for(db_path)
     if not key_file.exists():
         raise click.ClickException(
@@ -68,7 +68,7 @@ def _session(db_path: Path, session_dir: Path | None) -> tuple[str, Session | No
         )
     key_did = LocalSigner.load_or_create(key_file).key_did
     store = FileSessionStore(session_dir)
-    return key_did, Session.resume(store, f"atsync-session-{key_did}")
+    return key_did, resume_session(store, f"atsync-session-{key_did}")
 
 
 def _when(value: str | None) -> str:
@@ -355,10 +355,34 @@ def retry(db_path: Path) -> None:
 @SESSIONS_OPTION
 @click.argument("identifier")
 @click.option("--service", help="The PDS URL (default: resolved from the handle or DID).")
+@click.option("--oauth", is_flag=True, help="Log in through the browser (OAuth), no password.")
+@click.option("--client-id", help="With --oauth: the app's client-metadata URL (default loopback).")
+@click.option("--no-browser", is_flag=True, help="With --oauth: only print the URL to open.")
 def login_command(
-    db_path: Path, session_dir: Path | None, identifier: str, service: str | None
+    db_path: Path,
+    session_dir: Path | None,
+    identifier: str,
+    service: str | None,
+    oauth: bool,
+    client_id: str | None,
+    no_browser: bool,
 ) -> None:
-    """Log in for this database's session key (password from $ATSYNC_PASSWORD or a prompt)."""
+    """Log in for this database's session key (password from $ATSYNC_PASSWORD or a prompt;
+    with --oauth in the browser instead, see docs/oauth.md)."""
+    if oauth:
+        from ._login_oauth import oauth_login_for
+
+        key_did, _ = _session(db_path, session_dir)
+        session: Session | OAuthSession = oauth_login_for(
+            key_did,
+            identifier,
+            session_dir=session_dir,
+            service=service,
+            client_id=client_id,
+            browser=not no_browser,
+        )
+        click.echo(f"logged in as {session.did} ({session.handle}) at {session.pds_url}")
+        return
     password = os.environ.get("ATSYNC_PASSWORD") or getpass.getpass(f"password for {identifier}: ")
     key_did, _ = _session(db_path, session_dir)
     if service is None:
