@@ -37,13 +37,10 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, BinaryIO, Protocol, Self
 
-import anyio
-import anyio.to_thread
 import httpx
 
 from atsync._errors import (
@@ -57,6 +54,7 @@ from atsync._errors import (
 from ._cbor import CID, CODEC_RAW, data_from_json
 from ._firehose import DEFAULT_MAX_FRAME_SIZE, FirehoseFrame, FirehoseSubscription
 from ._tls import tls_context
+from ._xrpc_download import save_body
 from ._xrpc_errors import (
     RateLimitInfo,
     classify_response,
@@ -124,7 +122,6 @@ __all__ = [
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 USER_AGENT = "atsync (+https://atproto.com)"
 _MAX_ERROR_BODY = 64 * 1024
-_CHUNK = 64 * 1024
 
 
 class SessionAuth(Protocol):
@@ -578,54 +575,7 @@ class XrpcClient:
         response = await self._send_once(request, nsid, stream=True)
         if not response.is_success:
             raise await self._error(nsid, response)
-        try:
-            if isinstance(dest, str | os.PathLike):
-                path = Path(dest)
-                part = path.with_name(path.name + ".part")
-                try:
-                    async with await anyio.open_file(part, "wb") as fh:
-                        size = await self._copy(nsid, response, fh.write, max_size, observe)
-                        await fh.flush()
-                        await anyio.to_thread.run_sync(os.fsync, fh.wrapped.fileno())
-                    if finish is not None:
-                        finish()
-                    await anyio.to_thread.run_sync(os.replace, part, path)
-                except BaseException:
-                    part.unlink(missing_ok=True)
-                    raise
-                return Download(path, size)
-            sink = dest
-
-            async def write(chunk: bytes) -> int:
-                return await anyio.to_thread.run_sync(sink.write, chunk)
-
-            size = await self._copy(nsid, response, write, max_size, observe)
-            if finish is not None:
-                finish()
-            return Download(None, size)
-        finally:
-            await response.aclose()
-
-    async def _copy(
-        self,
-        nsid: str,
-        response: httpx.Response,
-        write: Callable[[bytes], Awaitable[int]],
-        max_size: int | None,
-        observe: Callable[[bytes], None] | None,
-    ) -> int:
-        size = 0
-        try:
-            async for chunk in response.aiter_bytes(_CHUNK):
-                size += len(chunk)
-                if max_size is not None and size > max_size:
-                    raise PermanentError(f"{nsid}: response exceeds max_size={max_size} bytes")
-                if observe is not None:
-                    observe(chunk)
-                await write(chunk)
-        except httpx.HTTPError as e:  # broken or timed-out stream mid-body
-            raise classify_transport(nsid, str(response.url), e) from e
-        return size
+        return await save_body(nsid, response, dest, max_size, observe, finish)
 
     def subscribe_repos(
         self,
