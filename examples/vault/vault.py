@@ -44,13 +44,12 @@ from types import FrameType
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import anyio
 from vault_app import NSID, VaultConflicts, bindings, contract, followed_names, lexicons
 from vault_disk import Vault
 from vault_merge import KEEP_POLICIES, KeepPolicy, device_name, keep_local
 
 from atsync import App, ATPSigner, AtsyncError, Debounce, Immediate, Live, Manual, SyncThread
-from atsync.atproto import FileSessionStore, XrpcClient, is_valid_did
+from atsync.atproto import FileSessionStore, is_valid_did
 from atsync.sync import State, SyncStatus, followed_repositories
 
 __all__ = ["Device", "main", "open_device", "sync_once", "watch"]
@@ -99,10 +98,6 @@ def open_device(
         try:
             if login is not None:
                 signer.login(*login)
-            named = {_resolve(who, signer): who for who in follow}  # DID -> as the user said it
-            for did, who in named.items():
-                if not is_valid_did(who) and followed_names(app.db).get(did) != who:
-                    app.actions.name_followed(did, who)
 
             def handles() -> Mapping[str, str | None]:
                 held = {r.did: r.handle for r in followed_repositories(sync.engine.db)}
@@ -112,26 +107,15 @@ def open_device(
             if not once:
                 sync.on_status(_pushed_reporter(report))
             with sync:
-                for did in named:
-                    sync.follow(did)  # kept in the database: again is a no-op
+                for who in follow:
+                    # A handle is resolved by the engine (through the user's own PDS where DNS
+                    # cannot); kept in the database, so again is a no-op.
+                    did = sync.follow(who)
+                    if not is_valid_did(who) and followed_names(app.db).get(did) != who:
+                        app.actions.name_followed(did, who)  # the mirror folder's name
                 yield Device(app, signer, sync, vault)
         finally:
             sync.close()
-
-
-def _resolve(who: str, signer: ATPSigner) -> str:
-    """A handle's DID as the user's own PDS resolves it (the only way a development PDS's
-    ``.test`` handles resolve); without a session, the engine resolves it on its own."""
-    session = signer.session
-    if is_valid_did(who) or session is None:
-        return who
-
-    async def ask() -> str:
-        async with XrpcClient(session.pds_url) as client:
-            answer = await client.query("com.atproto.identity.resolveHandle", {"handle": who})
-        return str(answer["did"])
-
-    return anyio.run(ask)
 
 
 def _pushed_reporter(report: Callable[[str], None]) -> Callable[[SyncStatus], None]:
