@@ -24,6 +24,7 @@ from atsync._blocking import Portal
 from atsync._errors import ClosedError, PermanentError
 
 from ._cbor import CID
+from ._oauth_session import OAuthSession
 from ._session import DEFAULT_REFRESH_MARGIN, Session, SessionStore, login
 from ._xrpc import (
     UNSET,
@@ -98,7 +99,7 @@ class BlockingXrpcClient:
         self,
         service: str | None = None,
         *,
-        session: Session | None = None,
+        session: Session | OAuthSession | None = None,
         portal: Portal | None = None,
         **options: Any,
     ) -> None:
@@ -111,9 +112,9 @@ class BlockingXrpcClient:
         return self._client.service
 
     @property
-    def session(self) -> Session | None:
+    def session(self) -> Session | OAuthSession | None:
         session = self._client.session
-        return session if isinstance(session, Session) else None
+        return session if isinstance(session, Session | OAuthSession) else None
 
     @property
     def rate_limit(self) -> RateLimitInfo | None:
@@ -363,8 +364,8 @@ def blocking_login(
             p.close()
 
 
-def blocking_logout(session: Session, *, portal: Portal | None = None) -> None:
-    """Blocking ``Session.logout``."""
+def blocking_logout(session: Session | OAuthSession, *, portal: Portal | None = None) -> None:
+    """Blocking ``logout`` of a password or an OAuth session."""
     p, own = _with_portal(portal)
     try:
         p.call(session.logout)
