@@ -27,9 +27,10 @@ import anyio
 import httpx
 import pytest
 
-from atsync._errors import AuthError
+from atsync._errors import AuthError, NetworkError, PermanentError
 from atsync.app import ActionContext, App, ATPSigner, Contract
 from atsync.atproto import (
+    DEFAULT_OAUTH_SCOPE,
     FileSessionStore,
     Identity,
     IdentityResolver,
@@ -37,6 +38,7 @@ from atsync.atproto import (
     OAuthSession,
     XrpcClient,
     _oauth_flow,
+    granular_scope,
     oauth_login,
     resume_session,
 )
@@ -257,9 +259,20 @@ def test_deferred_login_with_oauth_pushes_earlier_work_as_the_account(
         user.join()
         assert isinstance(session, OAuthSession)
         assert session.did == alice.did and app.did == alice.did
+        # Asked for only what the engine writes: its collection and the key's authorization.
+        granted = session.data.scope.split()
+        assert f"repo:{collection}" in granted and "repo:test.oauth.notes.session" in granted
+        assert "transition:generic" not in granted
         assert app.actions.note("b", "written after login").result == alice.did
         status = sync.wait_for_idle(timeout=60)
         assert status.pending == 0 and status.failed == 0
+
+        async def write_elsewhere() -> None:
+            async with XrpcClient(session=session) as client:
+                await client.create_record(alice.did, f"{collection}x", {"text": "no"})
+
+        with Portal() as portal, pytest.raises(NetworkError, match=r"(?i)scope|permission"):
+            portal.call(write_elsewhere)  # the PDS holds the token to its scope
         # Everything, the offline note too, is attributed to alice (via the key's proof).
         assert [app.author_of(e) for e in app.log] == [alice.did, alice.did]
 
@@ -283,6 +296,28 @@ def test_deferred_login_with_oauth_pushes_earlier_work_as_the_account(
         again.logout()
         assert not again.authenticated
     assert not path.exists()
+
+
+async def test_a_server_refusing_granular_scopes_is_asked_for_the_general_one(
+    dev_pds: Any, chromium: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The reference PDS takes granular scopes; one that does not answers the pushed request
+    # with invalid_scope, as this stand-in for its PAR endpoint does.
+    real = _oauth_flow._push_request
+    asked: list[str] = []
+
+    async def refusing(*args: Any) -> tuple[str, dict[str, Any]]:
+        scope = args[4]
+        asked.append(scope)
+        if "repo:" in scope:
+            raise PermanentError("PAR: HTTP 400 invalid_scope", error="invalid_scope", status=400)
+        return await real(*args)
+
+    monkeypatch.setattr(_oauth_flow, "_push_request", refusing)
+    session, _ = await browser_login(dev_pds, chromium, scope=granular_scope(["a.b.c"]))
+    assert asked == ["atproto repo:a.b.c", DEFAULT_OAUTH_SCOPE]
+    assert "transition:generic" in session.data.scope.split()
+    await session.logout()
 
 
 async def test_login_gives_a_dpop_session_that_writes_and_resumes(

@@ -113,6 +113,7 @@ EXPECTED: dict[str, list[str]] = {
         "DEFAULT_PLC_URL",
         "OAuthSession",
         "OAuthSessionData",
+        "granular_scope",
         "loopback_client_id",
         "oauth_login",
         "resume_session",

@@ -77,3 +77,27 @@ def test_memory_database_gets_an_ephemeral_key() -> None:
     with App.open(":memory:", contract) as app:
         app.actions.touch("x")
         assert app.did.startswith("did:key:z6Mk")  # ed25519
+
+
+def test_an_oauth_login_asks_for_what_the_attached_engines_write(tmp_path: Path) -> None:
+    from atsync.atproto import DEFAULT_OAUTH_SCOPE, MemorySessionStore
+    from atsync.sync import ATSync, Binding, Manual, RecordWrite
+
+    models = {"notes": {"id": "primary", "t": "string"}, "pics": {"id": "primary", "p": "blob?"}}
+    contract = Contract(models=models, nsid="com.example.app")
+    signer = ATPSigner(store=MemorySessionStore())
+    with App.open(tmp_path / "a.db", contract, signer=signer) as app:
+        assert signer.oauth_scope() == DEFAULT_OAUTH_SCOPE  # nothing attached: the general one
+        notes = ATSync(app, bindings={"notes": Binding("com.example.note")}, push=Manual())
+        assert signer.oauth_scope() == "atproto repo:com.example.app.session repo:com.example.note"
+        pics = ATSync(app, bindings={"pics": Binding("com.example.pic")}, push=Manual())
+        assert signer.oauth_scope() == (
+            "atproto repo:com.example.app.session repo:com.example.note repo:com.example.pic "
+            "blob:*/*"
+        )
+        anywhere = ATSync(
+            app, bindings={}, push=Manual(), on_action=lambda call: [RecordWrite("a.b.c", "k", {})]
+        )
+        assert signer.oauth_scope() == DEFAULT_OAUTH_SCOPE  # a hook may write any collection
+        for sync in (notes, pics, anywhere):
+            sync.close()

@@ -35,6 +35,7 @@ from ..atproto import (
     XrpcClient,
     authorize_session_key,
     generate_keypair,
+    granular_scope,
     load_keypair,
     login,
     oauth_login,
@@ -163,6 +164,10 @@ class ATPSigner(LocalSigner):
         # Called with the DID of a fresh login before it is adopted; one that raises refuses
         # the login (the sync engine refuses an account other than the database's).
         self.login_checks: list[Callable[[str], None]] = []
+        # What an OAuth login must be allowed to write: the collections of the sync engines
+        # attached (None: unknown, e.g. an on_action hook writes anywhere), and blobs.
+        self.oauth_collections: set[str] | None = set()
+        self.oauth_blobs = False
 
     @property
     def session(self) -> Session | OAuthSession | None:
@@ -231,7 +236,7 @@ class ATPSigner(LocalSigner):
         self,
         identifier: str,
         *,
-        scope: str = DEFAULT_OAUTH_SCOPE,
+        scope: str | None = None,
         client_id: str | None = None,
         open_browser: Callable[[str], Any] | None = webbrowser.open,
         show_url: Callable[[str], Any] | None = None,
@@ -242,7 +247,12 @@ class ATPSigner(LocalSigner):
         opens (its URL is printed too, unless ``show_url`` shows it otherwise), the user
         signs in and consents there, and the session comes back on a loopback listener.
         ``client_id``: the app's https client-metadata URL; by default the development
-        loopback client. Deferred auth works as with ``login``."""
+        loopback client. Deferred auth works as with ``login``. ``scope``: by default, when a
+        sync engine is attached, only what it writes (``granular_scope``: its collections and
+        the session key's authorization record; a PDS that refuses such scopes is asked for
+        ``atproto transition:generic``), else ``atproto transition:generic``."""
+        if scope is None:
+            scope = self.oauth_scope()
         previous = self._session
         options: dict[str, Any] = {} if show_url is None else {"show_url": show_url}
         session = await oauth_login(
@@ -258,6 +268,14 @@ class ATPSigner(LocalSigner):
         )
         await self._adopt(session, previous)
         return session
+
+    def oauth_scope(self) -> str:
+        """The scope ``login_oauth`` asks for by default (see there)."""
+        wanted = self.oauth_collections
+        if not wanted:
+            return DEFAULT_OAUTH_SCOPE
+        own = self.collection if self.authorize else None  # the key's authorization record
+        return granular_scope([*wanted, *([own] if own else [])], blobs=self.oauth_blobs)
 
     async def _adopt(
         self, session: Session | OAuthSession, previous: Session | OAuthSession | None
@@ -295,7 +313,7 @@ class ATPSigner(LocalSigner):
         self,
         identifier: str,
         *,
-        scope: str = DEFAULT_OAUTH_SCOPE,
+        scope: str | None = None,
         client_id: str | None = None,
         open_browser: Callable[[str], Any] | None = webbrowser.open,
         show_url: Callable[[str], Any] | None = None,

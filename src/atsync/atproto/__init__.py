@@ -28,7 +28,7 @@ docs/api.md.
 - identity: ``IdentityResolver`` → ``Identity``; ``parse_did_document`` → ``DidDocument``
 - sessions: ``login``, ``Session`` (``SessionData``), stores (``SessionStore``,
   ``FileSessionStore``, ``MemorySessionStore``); OAuth: ``oauth_login`` (browser, PAR, PKCE,
-  DPoP; ``loopback_client_id``, ``DEFAULT_OAUTH_SCOPE``) → ``OAuthSession``
+  DPoP; ``loopback_client_id``, ``DEFAULT_OAUTH_SCOPE``, ``granular_scope``) → ``OAuthSession``
   (``OAuthSessionData``); ``resume_session`` resumes either kind
 - XRPC: ``XrpcClient``, writes for ``apply_writes`` (``Create``/``Update``/``Delete``, any of
   them a ``Write``), results (``WriteResult``, ``CommitMeta``, ``ApplyWritesResult``,
@@ -75,7 +75,7 @@ from ._devpds import DevAccount, DevPDS, ensure_installed
 from ._did_doc import DidDocument, parse_did_document
 from ._firehose import FirehoseFrame, FirehoseSubscription
 from ._identity import DEFAULT_PLC_URL, BlockingIdentityResolver, Identity, IdentityResolver
-from ._oauth_flow import DEFAULT_OAUTH_SCOPE, loopback_client_id, oauth_login
+from ._oauth_flow import DEFAULT_OAUTH_SCOPE, granular_scope, loopback_client_id, oauth_login
 from ._oauth_session import OAuthSession, OAuthSessionData, resume_session
 from ._session import (
     FileSessionStore,
@@ -197,6 +197,7 @@ __all__ = [
     "ensure_installed",
     "format_tid",
     "generate_keypair",
+    "granular_scope",
     "is_valid_at_identifier",
     "is_valid_at_uri",
     "is_valid_cid",

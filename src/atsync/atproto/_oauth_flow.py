@@ -27,7 +27,7 @@ import secrets
 import sys
 import time
 import webbrowser
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -45,10 +45,23 @@ from ._oauth_server import AuthServer, NonceCache, discover, oauth_http_client, 
 from ._oauth_session import OAuthSession, OAuthSessionData, tokens_from_response
 from ._session import DEFAULT_REFRESH_MARGIN, SessionStore
 
-__all__ = ["DEFAULT_OAUTH_SCOPE", "loopback_client_id", "oauth_login"]
+__all__ = ["DEFAULT_OAUTH_SCOPE", "granular_scope", "loopback_client_id", "oauth_login"]
 
 DEFAULT_OAUTH_SCOPE = "atproto transition:generic"
+# Permission families (the atproto permission spec): parameterised, so a server does not list
+# them in scopes_supported; it says whether it takes them by accepting the request or not.
+_PERMISSIONS = ("repo:", "blob:", "rpc:", "account:", "identity:", "include:")
 DEFAULT_TIMEOUT = 300.0  # the reference server forgets a pushed request after 5 minutes
+
+
+def granular_scope(collections: Iterable[str], *, blobs: bool = False) -> str:
+    """The least an app that writes ``collections`` needs: ``atproto``, ``repo:<nsid>`` for
+    each (create, update, delete), and with ``blobs`` the right to upload blobs of any type
+    (``blob:*/*``) — instead of ``transition:generic``, everything an app password allows."""
+    scope = ["atproto", *(f"repo:{c}" for c in sorted(set(collections)))]
+    if blobs:
+        scope.append("blob:*/*")
+    return " ".join(scope)
 
 
 def loopback_client_id(redirect_uri: str, scope: str = DEFAULT_OAUTH_SCOPE) -> str:
@@ -107,6 +120,7 @@ async def oauth_login(
     login_timeout: float = DEFAULT_TIMEOUT,
     refresh_margin: float = DEFAULT_REFRESH_MARGIN,
     clock: Callable[[], float] = time.time,
+    fallback_scope: str | None = DEFAULT_OAUTH_SCOPE,
 ) -> OAuthSession:
     """Log in as ``identifier`` (handle or DID) through the user's browser and return the
     session, saved in ``store`` (default: in memory) under ``key`` (default: the DID).
@@ -114,6 +128,8 @@ async def oauth_login(
     ``open_browser(url)`` opens the authorization page (``None``: do not); ``show_url(url)``
     shows it too (default: printed on stderr). ``identity`` resolves the handle (default: a
     resolver for the public network). ``login_timeout``: seconds for the user to finish.
+    ``scope`` may hold granular permissions (``granular_scope``); a server that refuses them
+    (``invalid_scope``) is asked for ``fallback_scope`` instead (None: the refusal stands).
     """
     if "atproto" not in scope.split():
         raise ValueError("the scope must include 'atproto'")
@@ -131,23 +147,28 @@ async def oauth_login(
     dpop = DpopKey.generate()
     async with oauth_http_client() as http:
         server = await discover(http, who.pds)
-        if scope_missing := [s for s in scope.split() if s not in server.scopes_supported]:
+        if scope_missing := [
+            s for s in scope.split() if s not in server.scopes_supported and not s.startswith(
+                _PERMISSIONS
+            )
+        ]:  # fmt: skip
             raise PermanentError(f"{server.issuer} does not offer the scope {scope_missing}")
         async with CallbackListener(path=redirect_path) as callback:
             redirect_uri = callback.redirect_uri
-            cid = client_id or loopback_client_id(redirect_uri, scope)
             verifier, state = pkce_verifier(), secrets.token_urlsafe(24)
-            form = {
-                "client_id": cid,
-                "response_type": "code",
-                "redirect_uri": redirect_uri,
-                "scope": scope,
-                "state": state,
-                "code_challenge": pkce_challenge(verifier),
-                "code_challenge_method": "S256",
-                "login_hint": identifier,
-            }
-            par = await post_form(http, server.par_endpoint, form, dpop, nonces)
+            try:
+                cid, par = await _push_request(
+                    http, server, client_id, redirect_uri, scope, state, verifier, identifier,
+                    dpop, nonces,
+                )  # fmt: skip
+            except PermanentError as refused:
+                if refused.error != "invalid_scope" or fallback_scope in (None, scope):
+                    raise
+                assert fallback_scope is not None
+                cid, par = await _push_request(
+                    http, server, client_id, redirect_uri, fallback_scope, state, verifier,
+                    identifier, dpop, nonces,
+                )  # fmt: skip
             request_uri = par.get("request_uri")
             if not isinstance(request_uri, str) or not request_uri:
                 raise PermanentError(f"{server.issuer}'s PAR answer lacks a request_uri")
@@ -179,6 +200,33 @@ async def oauth_login(
         )
     await session.save()
     return session
+
+
+async def _push_request(
+    http: httpx.AsyncClient,
+    server: AuthServer,
+    client_id: str | None,
+    redirect_uri: str,
+    scope: str,
+    state: str,
+    verifier: str,
+    login_hint: str,
+    dpop: DpopKey,
+    nonces: NonceCache,
+) -> tuple[str, dict[str, Any]]:
+    """PAR: (the client_id used, the server's answer)."""
+    cid = client_id or loopback_client_id(redirect_uri, scope)
+    form = {
+        "client_id": cid,
+        "response_type": "code",
+        "redirect_uri": redirect_uri,
+        "scope": scope,
+        "state": state,
+        "code_challenge": pkce_challenge(verifier),
+        "code_challenge_method": "S256",
+        "login_hint": login_hint,
+    }
+    return cid, await post_form(http, server.par_endpoint, form, dpop, nonces)
 
 
 @dataclass(frozen=True, repr=False)

@@ -14,7 +14,7 @@ null properties are left out of the record, and absent fields read back as null.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring
 from typing import Any, Literal
@@ -32,7 +32,14 @@ from ..atproto import (
 from ..db import BlobRef, Model
 from ._strategies import Strategy
 
-__all__ = ["MAX_RECORD_BYTES", "Binding", "BoundBinding", "Direction", "Transform"]
+__all__ = [
+    "MAX_RECORD_BYTES",
+    "Binding",
+    "BoundBinding",
+    "Direction",
+    "Transform",
+    "declare_writes",
+]
 
 Direction = Literal["push", "pull", "both"]
 _STAMP_FIELDS = ("syncClocks", "syncDeleted")  # a shared binding's own (see _shared)
@@ -290,3 +297,20 @@ class BoundBinding:
                 f"{MAX_RECORD_BYTES:,}-byte limit"
             )
         return data
+
+
+def declare_writes(signer: Any, bound: Iterable[BoundBinding], anywhere: bool) -> None:
+    """Tell a signer that logs in with OAuth what an engine will write, so that it asks for
+    no more (``ATPSigner.oauth_scope``): the pushed collections, and blobs if a record may
+    hold one. ``anywhere``: an ``on_action`` hook may write any collection, so nothing
+    narrower than the signer's default can be asked."""
+    if not hasattr(signer, "oauth_collections"):
+        return
+    if anywhere:
+        signer.oauth_collections = None
+        return
+    bound = list(bound)
+    if signer.oauth_collections is not None:
+        signer.oauth_collections.update(b.collection for b in bound if b.direction != "pull")
+    if any(b.blob_fields or any(p.kind == "json" for p in b.model.properties) for b in bound):
+        signer.oauth_blobs = True

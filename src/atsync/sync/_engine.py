@@ -33,7 +33,7 @@ from ..db import ModelDB
 from ..lexicon import LexiconSet
 from ._apply import OnPdsAction
 from ._backoff import Backoff
-from ._binding import Binding, BoundBinding
+from ._binding import Binding, BoundBinding, declare_writes
 from ._budget import RateBudget, is_hosted
 from ._capture import DEFAULT_BLOB_LIMIT, Capture, OnAction, Validator
 from ._decide import Facts, Fence, Pull, Push, Reconcile, Resync, Wait, decide
@@ -172,6 +172,7 @@ class ATSync(StatusKeeper, PullEvents, FollowRepos, BlobSync):
         self._capture.blob_limit = max_blob_size
         self._pusher.pulled = frozenset(self._puller.collections)
         signer = app.signer
+        declare_writes(signer, bound.values(), on_action is not None)
         self._signer_hooks = (
             getattr(signer, "session_listeners", None),
             getattr(signer, "login_checks", None),
