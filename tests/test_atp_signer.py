@@ -94,10 +94,11 @@ def test_proofs_are_checked_offline_and_fail_clearly(dev_pds: Any, tmp_path: Pat
                 session_key=signer.key_did,
                 **{**ok, "account": dev_pds.accounts["bob.test"].did},
             )
-        tampered = bytearray(proof)
-        tampered[len(tampered) // 2] ^= 0x01
-        with pytest.raises(VerificationError):
-            verify_session(bytes(tampered), session_key=signer.key_did, **ok)
+        for at in range(len(proof)):  # any flipped bit, anywhere: refused, and said so
+            tampered = bytearray(proof)
+            tampered[at] ^= 0x01 if at % 2 else 0x80
+            with pytest.raises(VerificationError):
+                verify_session(bytes(tampered), session_key=signer.key_did, **ok)
         with pytest.raises(VerificationError):
             verify_session(proof[:-10], session_key=signer.key_did, **ok)
 
