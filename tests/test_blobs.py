@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -162,3 +165,47 @@ def test_a_blob_the_pds_would_refuse_fails_its_action_and_nothing_is_queued(
                 ATSync(app, bindings={}, blobs="sometimes")  # type: ignore[arg-type]
         finally:
             sync.close()
+
+
+def test_blobs_nothing_references_any_more_are_collected_after_a_grace_period(
+    tmp_path: Path,
+) -> None:
+    with App.open(tmp_path / "app.db", contract) as app:
+        sync = ATSync(app, bindings={"notes": Binding("com.example.note")}, push=Manual())
+        try:
+            kept = b"\x89PNG kept by a row"
+            app.actions.attach_bytes("n1", _b64(kept), "image/png")
+            app.actions.attach_bytes("n2", _b64(b"\x89PNG replaced"), "image/png")
+            app.actions.attach_bytes("n2", _b64(b"\x89PNG the new one"), "image/png")
+            stray = app.blobs.put(b"put, never used", "text/plain")
+            assert len(app.blobs.cids()) == 4
+            assert sync.collect_blobs() == (0, 0)  # all of them younger than an hour
+            removed, freed = sync.collect_blobs(older_than=0)
+            assert removed == 2 and freed == len(b"\x89PNG replaced") + stray.size
+            rows = {r["id"]: r["image"] for r in app.db.query("notes")}
+            assert sorted(app.blobs.cids()) == sorted(ref.cid for ref in rows.values())
+            assert app.blobs.read(rows["n1"]) == kept
+            # Storing bytes that are there already makes them young again.
+            again = app.blobs.put(b"put, never used", "text/plain")
+            path = tmp_path / "app.db.blobs" / again.cid
+            os.utime(path, (1, 1))
+            assert app.blobs.put(b"put, never used", "text/plain") == again
+            assert sync.collect_blobs(older_than=60) == (0, 0)
+        finally:
+            sync.close()
+
+
+def test_the_blobs_command_counts_and_collects(tmp_path: Path) -> None:
+    with App.open(tmp_path / "app.db", contract) as app:
+        sync = ATSync(app, bindings={"notes": Binding("com.example.note")}, push=Manual())
+        app.actions.attach_bytes("n1", _b64(b"\x89PNG in a row"), "image/png")
+        app.blobs.put(b"nobody's", "text/plain")
+        sync.close()
+    command = [sys.executable, "-m", "atsync", "blobs", "--db", str(tmp_path / "app.db")]
+    shown = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    assert shown == "2 blobs, 21 bytes; 1 referenced by nothing\n"
+    done = subprocess.run(
+        [*command, "--collect", "--older-than", "0"], capture_output=True, text=True, check=True
+    ).stdout
+    assert done.endswith("collected 1 blobs, 8 bytes freed\n")
+    assert len(list((tmp_path / "app.db.blobs").iterdir())) == 1

@@ -258,6 +258,7 @@ EXPECTED: dict[str, list[str]] = {
         "Transform",
         "WaitReason",
         "followed_repositories",
+        "referenced_blobs",
     ],
     "atsync.cli": ["main"],
 }

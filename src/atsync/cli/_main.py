@@ -15,6 +15,7 @@ def _register() -> None:
     # Sub-commands register themselves on import; importing them here keeps `main` the
     # single place that lists what the CLI offers.
     from . import (
+        _blobs,  # noqa: F401
         _devpds,  # noqa: F401
         _lexicon,  # noqa: F401
         _sync_commands,  # noqa: F401

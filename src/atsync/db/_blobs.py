@@ -8,9 +8,9 @@ A blob is stored once under its CID (CIDv1, raw codec, sha2-256 — the CID a PD
 ``<database>.blobs/`` as ``<cid>``: written to a temporary file and renamed, so a crash
 leaves either the whole blob or none; putting the same bytes again writes nothing. A ``blob``
 property stores the reference (CID, MIME type, size) as JSON in its column; the bytes stay in
-the store. An in-memory database keeps its blobs in memory. Blobs are never deleted here (a
-row that no longer references one leaves it in the store: content-addressed, it may be
-referenced again).
+the store. An in-memory database keeps its blobs in memory. A row that no longer references a blob
+leaves it in the store (content-addressed, it may be referenced again); ``collect(keep)``
+deletes the ones no longer wanted (the sync layer knows which: ``ATSync.collect_blobs``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import hashlib
 import io
 import os
 import tempfile
+import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -66,6 +68,7 @@ class BlobStore:
     def __init__(self, directory: Path | None) -> None:
         self.directory = directory
         self._memory: dict[str, bytes] = {}
+        self._stored_at: dict[str, float] = {}  # in memory: when each blob was put
 
     def put(self, data: bytes, mime_type: str) -> BlobRef:
         """Store ``data`` (a no-op if it is there already) and return its reference."""
@@ -77,9 +80,12 @@ class BlobStore:
         cid = blob_cid(data)
         if self.directory is None:
             self._memory.setdefault(cid, data)
+            self._stored_at[cid] = time.time()
         else:
             path = self.directory / cid
-            if not path.exists():
+            try:
+                os.utime(path)  # there already: now it is wanted again (see collect)
+            except FileNotFoundError:
                 self.directory.mkdir(parents=True, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".incoming-")
                 try:
@@ -129,6 +135,42 @@ class BlobStore:
     def read(self, ref: BlobRef | str) -> bytes:
         with self.open(ref) as blob:
             return blob.read()
+
+    def cids(self) -> list[str]:
+        """The CIDs of every blob in the store."""
+        if self.directory is None:
+            return sorted(self._memory)
+        if not self.directory.is_dir():
+            return []
+        return sorted(p.name for p in self.directory.iterdir() if p.name.isalnum())
+
+    def collect(self, keep: Collection[str], *, older_than: float = 3600.0) -> tuple[int, int]:
+        """Delete the blobs not in ``keep`` that were stored more than ``older_than`` seconds
+        ago; returns (how many, bytes freed). The grace period protects a blob an action has
+        just stored for a row it has not committed yet."""
+        removed = freed = 0
+        cutoff = time.time() - older_than
+        for cid in self.cids():
+            if cid in keep:
+                continue
+            if self.directory is None:
+                if self._stored_at.get(cid, 0.0) > cutoff:
+                    continue
+                self._stored_at.pop(cid, None)
+                freed += len(self._memory.pop(cid))
+                removed += 1
+                continue
+            path = self.directory / cid
+            try:
+                info = path.stat()
+                if info.st_mtime > cutoff:
+                    continue
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            removed += 1
+            freed += info.st_size
+        return removed, freed
 
 
 def _checked(cid: str) -> str:

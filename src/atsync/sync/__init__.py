@@ -10,6 +10,7 @@ async with sync:
 from ._apply import RemoteRecord
 from ._backoff import Backoff
 from ._binding import Binding, Transform
+from ._blobsync import referenced_blobs
 from ._blocking import SyncThread
 from ._budget import RateBudget
 from ._capture import ActionCall, RecordWrite
@@ -63,4 +64,5 @@ __all__ = [
     "Transform",
     "WaitReason",
     "followed_repositories",
+    "referenced_blobs",
 ]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -34,12 +35,22 @@ from .._errors import PermanentError
 from ..atproto import XrpcClient
 from ..db import BlobRef, BlobStore, ModelDB, quote_identifier
 from ._binding import BoundBinding
-from ._outbox import BLOBS, PendingWrite
+from ._outbox import BLOBS, DEAD, OUTBOX, RECORDS, PendingWrite
+from ._outbox_views import FOLLOWED
 
-__all__ = ["BLOBS", "BlobFetcher", "BlobUploads", "blob_refs", "create_blob_table"]
+__all__ = [
+    "BLOBS",
+    "BlobFetcher",
+    "BlobUploads",
+    "blob_refs",
+    "create_blob_table",
+    "referenced_blobs",
+]
 
 UPLOADS = 4  # blobs uploaded at once
 _IN_MEMORY = 8 * 1024 * 1024  # blobs up to this size are uploaded from memory, in one piece
+# A blob's CID as it appears in any JSON text: CIDv1, raw codec, sha2-256, base32.
+_BLOB_CID = re.compile(r"bafkrei[a-z2-7]{52}")
 _BLOB_MARK = '"$type":"blob"'  # as compact_json writes it in every queued record
 
 
@@ -234,3 +245,28 @@ class BlobFetcher:
         self.fetched += 1
         self.failures.pop(ref.cid, None)
         return data
+
+
+def referenced_blobs(db: ModelDB) -> set[str]:
+    """Every blob CID something in the database still references: a ``blob`` or ``json``
+    column of any model, a queued write or a dead letter (not uploaded yet), a record as last
+    synced, own or followed. What is not in it can go (``BlobStore.collect``)."""
+    conn = db.connection
+    found: set[str] = set()
+    for model in db.schema.models.values():
+        columns = [p.name for p in model.properties if p.kind in ("blob", "json")]
+        if not columns:
+            continue
+        select = ", ".join(quote_identifier(c) for c in columns)
+        for row in conn.execute(f"SELECT {select} FROM {quote_identifier(model.name)}"):
+            for value in row:
+                if isinstance(value, str):
+                    found.update(_BLOB_CID.findall(value))
+    for table in (OUTBOX, DEAD, RECORDS, FOLLOWED):
+        try:
+            rows = conn.execute(f"SELECT record FROM {table} WHERE record LIKE '%bafkrei%'")
+        except sqlite3.OperationalError:
+            continue  # a database that never synced has no such table
+        for (text,) in rows:
+            found.update(_BLOB_CID.findall(text or ""))
+    return found

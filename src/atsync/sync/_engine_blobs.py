@@ -22,7 +22,7 @@ from .._errors import AuthError, NetworkError, NotFoundError, ValidationError, V
 from ..atproto import XrpcClient
 from ..db import BlobRef, ModelDB
 from ._binding import BoundBinding
-from ._blobsync import BlobFetcher
+from ._blobsync import BlobFetcher, referenced_blobs
 from ._follows import Follows
 
 if TYPE_CHECKING:
@@ -100,6 +100,13 @@ class BlobSync:
             except (NetworkError, VerificationError, NotFoundError) as exc:
                 failure = exc
         raise NotFoundError(f"blob {ref.cid} could not be fetched from {sources}: {failure}")
+
+    def collect_blobs(self, *, older_than: float = 3600.0) -> tuple[int, int]:
+        """Delete from the blob store the blobs nothing references any more — no row, no
+        queued write, no record as last synced — stored more than ``older_than`` seconds ago;
+        returns (how many, bytes freed). A row rebuilt from the action log may reference one
+        again: its bytes are then fetched from the repository that holds them."""
+        return self._db.blobs.collect(referenced_blobs(self._db), older_than=older_than)
 
     async def _fetch_from(self, ref: BlobRef, did: str | None) -> bytes:
         own = self._own_did()

@@ -19,12 +19,11 @@ import sqlite3
 
 from ._blobsync import create_blob_table
 from ._outbox import CONFLICTS, RECORDS, REJECTED, STATE
+from ._outbox_views import FOLLOWED, FOLLOWS
 
 __all__ = ["FOLLOWED", "FOLLOWS", "REJECTED", "TABLES_VERSION", "upgrade_sync_tables"]
 
 TABLES_VERSION = 4
-FOLLOWS = "_atsync_follows"
-FOLLOWED = "_atsync_followed"
 
 _ADDED_COLUMNS = {
     RECORDS: ("record TEXT",),

@@ -12,6 +12,8 @@ __all__ = [
     "BLOBS",
     "CONFLICTS",
     "DEAD",
+    "FOLLOWED",
+    "FOLLOWS",
     "OUTBOX",
     "RECORDS",
     "REJECTED",
@@ -30,6 +32,8 @@ CONFLICTS = "_atsync_conflicts"
 SENT = "_atsync_sent"
 REJECTED = "_atsync_rejected"  # created by _migrate (tables version 2)
 BLOBS = "_atsync_blobs"  # created by _migrate (tables version 4), kept by _blobsync
+FOLLOWS = "_atsync_follows"  # created by _migrate (tables version 3), kept by _follows
+FOLLOWED = "_atsync_followed"
 
 
 @dataclass(frozen=True, slots=True)
