@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,9 @@ from atsync._errors import VerificationError
 from atsync.app import ActionContext, App, ATPSigner, Contract
 from atsync.atproto._authorization import authorization_rkey, revoke_session_key, verify_session
 from atsync.atproto._identity import IdentityResolver
-from atsync.atproto._session import FileSessionStore
+from atsync.atproto._session import FileSessionStore, login
 from atsync.atproto._xrpc import XrpcClient
+from atsync.atproto._xrpc_types import Create
 
 contract = Contract(models={"notes": {"id": "primary", "text": "string"}}, nsid="test.atsync.notes")
 
@@ -79,15 +81,34 @@ def test_proofs_are_checked_offline_and_fail_clearly(dev_pds: Any, tmp_path: Pat
     alice = dev_pds.accounts["alice.test"]
     signer = ATPSigner(store=FileSessionStore(tmp_path / "s"))
     with App.open(tmp_path / "p.db", contract, signer=signer) as app:
+
+        async def fill() -> None:  # a tree deep enough for the paths of two keys to part
+            session = await login(alice.did, alice.password, dev_pds.pds_url)
+            async with XrpcClient(session=session) as client:
+                # Among the authorization records: keys spread as theirs are (did:key text).
+                rng = random.Random(7)
+                alphabet = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+                writes = [
+                    Create(
+                        "test.atsync.notes.session",
+                        {"n": i},
+                        "z6Mk" + "".join(rng.choices(alphabet, k=12)),
+                    )
+                    for i in range(200)
+                ]
+                await client.apply_writes(alice.did, writes)
+
+        anyio.run(fill)
         signer.login(alice.did, alice.password, dev_pds.pds_url)
         _, collection, proof = app.authorization(signer.key_did)  # type: ignore[misc]
         key = signing_key(dev_pds, alice.did)
         ok = dict(account=alice.did, signing_key=key, collection=collection)
         verify_session(proof, session_key=signer.key_did, **ok)
-        other_key = ATPSigner(store=FileSessionStore(tmp_path / "t"))
-        other_key.attach(None)
-        with pytest.raises(VerificationError, match="no authorization"):
-            verify_session(proof, session_key=other_key.key_did, **ok)
+        for _ in range(40):  # other keys' records fall anywhere in the tree, on its path or not
+            other_key = ATPSigner(store=FileSessionStore(tmp_path / "t"))
+            other_key.attach(None)
+            with pytest.raises(VerificationError, match="no authorization"):
+                verify_session(proof, session_key=other_key.key_did, **ok)
         with pytest.raises(VerificationError):
             verify_session(
                 proof,

@@ -116,7 +116,16 @@ def verify_session(
     """
     validate_did(account)
     rkey = authorization_rkey(session_key)
-    cid, record = verify_record_proof(read_car(proof), account, signing_key, collection, rkey)
+    try:
+        cid, record = verify_record_proof(read_car(proof), account, signing_key, collection, rkey)
+    except VerificationError as e:
+        if "missing block" not in str(e):
+            raise
+        # A proof made for another record: it holds another path through the tree.
+        raise VerificationError(
+            f"the proof shows no authorization of {session_key} by {account} in {collection}: "
+            f"it does not cover that record ({e})"
+        ) from e
     if cid is None or record is None:
         raise VerificationError(
             f"the proof shows no authorization of {session_key} by {account} in {collection} "

@@ -23,7 +23,7 @@ import contextlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import anyio
 import anyio.to_thread
@@ -33,7 +33,7 @@ from atsync._errors import AuthError, PermanentError, TransientError
 
 from ._oauth_crypto import DpopKey, dpop_proof
 from ._oauth_server import NonceCache, oauth_http_client, post_form
-from ._session import DEFAULT_REFRESH_MARGIN, MemorySessionStore, Session, SessionStore
+from ._session import DEFAULT_REFRESH_MARGIN, Session, SessionStore, StoredSession
 from ._xrpc import XrpcClient
 from ._xrpc_errors import parse_error_body
 
@@ -136,7 +136,7 @@ def tokens_from_response(
     return access, refresh, scope, now + float(expires_in)
 
 
-class OAuthSession:
+class OAuthSession(StoredSession[OAuthSessionData]):
     """A logged-in account through OAuth; give it to ``XrpcClient(session=...)``."""
 
     def __init__(
@@ -150,56 +150,19 @@ class OAuthSession:
         nonces: NonceCache | None = None,
         http: Callable[[], httpx.AsyncClient] = oauth_http_client,
     ) -> None:
-        self._data = data
+        super().__init__(data, store=store, key=key, refresh_margin=refresh_margin, clock=clock)
         self._dpop = DpopKey.from_jwk(data.dpop_jwk)
-        self.store: SessionStore = store if store is not None else MemorySessionStore()
-        self.key = key or data.did
-        self.refresh_margin = refresh_margin
-        self._clock = clock
         self._nonces = nonces if nonces is not None else NonceCache()
         self._http = http
-        self._lock = anyio.Lock()
-        self._dead: AuthError | None = None
 
     def __repr__(self) -> str:
         return f"OAuthSession(did={self.did!r}, handle={self.handle!r}, issuer={self.issuer!r})"
 
+    _what: ClassVar[str] = "OAuth session"
+
     @classmethod
-    def resume(
-        cls,
-        store: SessionStore,
-        key: str,
-        *,
-        refresh_margin: float = DEFAULT_REFRESH_MARGIN,
-        clock: Callable[[], float] = time.time,
-    ) -> OAuthSession | None:
-        """The OAuth session stored under ``key`` (no network), or ``None``."""
-        stored = store.load(key)
-        if stored is None:
-            return None
-        try:
-            data = OAuthSessionData.from_dict(stored)
-            return cls(data, store=store, key=key, refresh_margin=refresh_margin, clock=clock)
-        except ValueError as e:
-            raise AuthError(f"the stored session {key!r} is incomplete ({e}); log in again") from e
-
-    # -- what callers see -------------------------------------------------------------------
-
-    @property
-    def data(self) -> OAuthSessionData:
-        return self._data
-
-    @property
-    def did(self) -> str:
-        return self._data.did
-
-    @property
-    def handle(self) -> str:
-        return self._data.handle
-
-    @property
-    def pds_url(self) -> str:
-        return self._data.pds_url
+    def _load(cls, stored: Mapping[str, Any]) -> OAuthSessionData:
+        return OAuthSessionData.from_dict(stored)
 
     @property
     def issuer(self) -> str:
@@ -209,29 +172,8 @@ class OAuthSession:
     def dpop_key(self) -> DpopKey:
         return self._dpop
 
-    @property
-    def alive(self) -> bool:
-        return self._dead is None
-
-    def _check_alive(self) -> None:
-        if self._dead is not None:
-            dead = self._dead
-            raise AuthError(str(dead), error=dead.error, status=dead.status)
-
-    def _kill(self, why: str, cause: AuthError | PermanentError | None = None) -> AuthError:
-        detail = f" ({cause.error}: {cause.message})" if cause is not None and cause.error else ""
-        self._dead = AuthError(
-            f"the OAuth session of {self.handle} ({self.did}) {why}{detail}; log in again",
-            error=cause.error if cause is not None else None,
-            status=cause.status if cause is not None else None,
-        )
-        return AuthError(str(self._dead), error=self._dead.error, status=self._dead.status)
-
     def _due(self, data: OAuthSessionData) -> bool:
         return data.expires_at - self._clock() < self.refresh_margin
-
-    async def save(self) -> None:
-        await anyio.to_thread.run_sync(self.store.save, self.key, self._data.to_dict())
 
     # -- the XRPC client's hooks ------------------------------------------------------------
 

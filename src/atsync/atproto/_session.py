@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Generic, Protocol, Self, TypeVar
 from urllib.parse import quote
 
 import anyio
@@ -48,6 +48,7 @@ __all__ = [
     "Session",
     "SessionData",
     "SessionStore",
+    "StoredSession",
     "default_session_dir",
     "jwt_expiry",
     "login",
@@ -245,16 +246,34 @@ def _from_server(nsid: str, body: Any, pds_url: str) -> SessionData:
 # --- the session -------------------------------------------------------------------------------
 
 
-class Session:
-    """A logged-in account; give it to ``XrpcClient(session=...)``. See the module docstring.
+class _Persisted(Protocol):
+    """What a session keeps in its store: its account, and ``to_dict()`` to save it."""
 
-    ``clock`` (Unix time) only decides when to refresh ahead of time; the server decides
-    whether a token has expired.
-    """
+    @property
+    def did(self) -> str: ...
+
+    @property
+    def handle(self) -> str: ...
+
+    @property
+    def pds_url(self) -> str: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+D = TypeVar("D", bound=_Persisted)
+
+
+class StoredSession(Generic[D]):
+    """What a password session and an OAuth session share: their data, the store it is
+    saved in under ``key``, when to refresh ahead of time, and being dead — refused by the
+    server or logged out — after which every use raises ``AuthError``."""
+
+    _what: ClassVar[str] = "session"  # as error messages name it
 
     def __init__(
         self,
-        data: SessionData,
+        data: D,
         *,
         store: SessionStore | None = None,
         key: str | None = None,
@@ -269,8 +288,10 @@ class Session:
         self._lock = anyio.Lock()
         self._dead: AuthError | None = None
 
-    def __repr__(self) -> str:
-        return f"Session(did={self.did!r}, handle={self.handle!r}, pds_url={self.pds_url!r})"
+    @classmethod
+    def _load(cls, stored: Mapping[str, Any]) -> D:
+        """The data from its stored form (``ValueError`` if it is not complete)."""
+        raise NotImplementedError
 
     @classmethod
     def resume(
@@ -280,19 +301,19 @@ class Session:
         *,
         refresh_margin: float = DEFAULT_REFRESH_MARGIN,
         clock: Callable[[], float] = time.time,
-    ) -> Session | None:
+    ) -> Self | None:
         """The session stored under ``key`` (no network), or ``None`` if there is none."""
         stored = store.load(key)
         if stored is None:
             return None
         try:
-            data = SessionData.from_dict(stored)
-        except ValueError as e:
+            data = cls._load(stored)
+            return cls(data, store=store, key=key, refresh_margin=refresh_margin, clock=clock)
+        except ValueError as e:  # a field missing, or (OAuth) a key that does not load
             raise AuthError(f"the stored session {key!r} is incomplete ({e}); log in again") from e
-        return cls(data, store=store, key=key, refresh_margin=refresh_margin, clock=clock)
 
     @property
-    def data(self) -> SessionData:
+    def data(self) -> D:
         return self._data
 
     @property
@@ -320,19 +341,34 @@ class Session:
     def _kill(self, why: str, cause: AuthError | PermanentError | None = None) -> AuthError:
         detail = f" ({cause.error}: {cause.message})" if cause is not None and cause.error else ""
         self._dead = AuthError(
-            f"the session of {self.handle} ({self.did}) {why}{detail}; log in again",
+            f"the {self._what} of {self.handle} ({self.did}) {why}{detail}; log in again",
             error=cause.error if cause is not None else None,
             status=cause.status if cause is not None else None,
         )
         return AuthError(str(self._dead), error=self._dead.error, status=self._dead.status)
 
+    async def save(self) -> None:
+        """Write the current data to the store (a login does this before returning)."""
+        await anyio.to_thread.run_sync(self.store.save, self.key, self._data.to_dict())
+
+
+class Session(StoredSession[SessionData]):
+    """A logged-in account; give it to ``XrpcClient(session=...)``. See the module docstring.
+
+    ``clock`` (Unix time) only decides when to refresh ahead of time; the server decides
+    whether a token has expired.
+    """
+
+    def __repr__(self) -> str:
+        return f"Session(did={self.did!r}, handle={self.handle!r}, pds_url={self.pds_url!r})"
+
+    @classmethod
+    def _load(cls, stored: Mapping[str, Any]) -> SessionData:
+        return SessionData.from_dict(stored)
+
     def _due(self, data: SessionData) -> bool:
         exp = data.access_expires_at
         return exp is not None and exp - self._clock() < self.refresh_margin
-
-    async def save(self) -> None:
-        """Write the current pair to the store (``login`` does this before returning)."""
-        await anyio.to_thread.run_sync(self.store.save, self.key, self._data.to_dict())
 
     async def access_token(self, client: XrpcClient) -> str:
         """The access token to send now, refreshed first if it expires within the margin."""
