@@ -186,8 +186,9 @@ def sync_round(sync: SyncThread, signer: ATPSigner, *, wait: bool, timeout: floa
         limit = None if wait else timeout
         try:
             sync.push_now()
+            sync.wait_for_idle(timeout=limit)  # pushed first: the pull then includes it
             sync.wait_pulled(timeout=limit)
-            status = sync.wait_for_idle(timeout=limit)
+            status = sync.wait_for_idle(timeout=limit)  # and what a merge queued goes up
         except TimeoutError:
             status = sync.status
             print(f"still working after {timeout:.0f} s: {status.state}, {status.pending} queued")
