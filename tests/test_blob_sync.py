@@ -12,6 +12,7 @@ import io
 import signal
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,9 +24,9 @@ import pytest
 from atsync.app import ActionContext, App, Contract
 from atsync.atproto import CID, IdentityResolver, Session, XrpcClient
 from atsync.db import BlobRef
-from atsync.sync import ATSync, Binding, Immediate, Manual
+from atsync.sync import ATSync, Binding, Debounce, Immediate, Live, Manual
 from fault_proxy import FaultProxy, Hold, Rewrite, proxied_session
-from sync_devices import collection_for, session_of
+from sync_devices import collection_for, session_of, wait_status
 
 contract = Contract(models={"notes": {"id": "primary", "title": "string", "image": "blob?"}})
 
@@ -79,6 +80,25 @@ async def device(
         sync.close()
 
 
+@asynccontextmanager
+async def proxied_device(
+    dev_pds: Any,
+    path: Path,
+    collection: str,
+    session: Session,
+    resolver: IdentityResolver,
+    **options: Any,
+) -> AsyncIterator[tuple[FaultProxy, App, ATSync]]:
+    """``device`` talking to the PDS through a fault proxy (which counts the requests)."""
+    async with (
+        FaultProxy(dev_pds.pds_url) as proxy,
+        device(path, collection, proxied_session(session, proxy.url), resolver, **options) as (
+            app, sync,
+        ),
+    ):  # fmt: skip
+        yield proxy, app, sync
+
+
 async def idle(sync: ATSync) -> Any:
     with anyio.fail_after(30):
         return await sync.wait_for_idle()
@@ -114,23 +134,23 @@ async def test_an_image_round_trips_between_devices_and_reaches_a_follower(
     collection = collection_for(request, "test.atsync.blobs")
     alice, bob = await session_of(dev_pds, "alice.test"), await session_of(dev_pds, "bob.test")
     png = image(request, "holiday")
-    async with FaultProxy(dev_pds.pds_url) as proxy:
-        async with device(tmp_path / "a.db", collection, proxied_session(alice, proxy.url),
-                          resolver) as (a, sync_a):  # fmt: skip
-            a.actions.add("n1", "holiday", b64(png))
-            await idle(sync_a)
-            ref = a.db.get("notes", "n1")["image"]  # type: ignore[index]
-            on_pds = await record(alice, collection, "n1")
-            assert on_pds["image"] == {
-                "$type": "blob", "ref": CID.parse(ref.cid), "mimeType": "image/png",
-                "size": len(png),
-            }  # fmt: skip
-            assert await pds_blob(alice, ref.cid) == png
-            # Another field changes: the record goes again, its unchanged blob does not.
-            a.actions.retitle("n1", "holiday, day 2")
-            await idle(sync_a)
-            assert (await record(alice, collection, "n1"))["title"] == "holiday, day 2"
-            assert len(proxy.requests("com.atproto.repo.uploadBlob")) == 1
+    async with proxied_device(dev_pds, tmp_path / "a.db", collection, alice, resolver) as (
+        proxy, a, sync_a,
+    ):  # fmt: skip
+        a.actions.add("n1", "holiday", b64(png))
+        await idle(sync_a)
+        ref = a.db.get("notes", "n1")["image"]  # type: ignore[index]
+        on_pds = await record(alice, collection, "n1")
+        assert on_pds["image"] == {
+            "$type": "blob", "ref": CID.parse(ref.cid), "mimeType": "image/png",
+            "size": len(png),
+        }  # fmt: skip
+        assert await pds_blob(alice, ref.cid) == png
+        # Another field changes: the record goes again, its unchanged blob does not.
+        a.actions.retitle("n1", "holiday, day 2")
+        await idle(sync_a)
+        assert (await record(alice, collection, "n1"))["title"] == "holiday, day 2"
+        assert len(proxy.requests("com.atproto.repo.uploadBlob")) == 1
 
     # A second device of the same account, and a follower, get the same bytes.
     async with (
@@ -146,17 +166,43 @@ async def test_an_image_round_trips_between_devices_and_reaches_a_follower(
 
 
 @pytest.mark.anyio
+async def test_with_the_default_strategies_an_image_reaches_the_other_device_by_itself(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    # The path docs/blobs.md shows: no push_now(), no wait_pulled(). The action is pushed
+    # after its debounce, the other device's event stream brings the record, and the eager
+    # fetch follows that pull at once.
+    collection = collection_for(request, "test.atsync.blobs")
+    alice = await session_of(dev_pds, "alice.test")
+    png = image(request, "live")
+    defaults: dict[str, Any] = {"push": Debounce(0.5), "pull": Live()}
+    async with (
+        device(tmp_path / "a.db", collection, alice, resolver, **defaults) as (a, _),
+        device(tmp_path / "b.db", collection, alice, resolver, **defaults) as (b, sync_b),
+    ):
+        await wait_status(sync_b, lambda s: s.live, within=30)
+        started = time.monotonic()
+        a.actions.add("n1", "from the phone", b64(png))
+
+        def arrived(_: Any) -> bool:
+            row = b.db.get("notes", "n1")
+            return row is not None and b.blobs.has(row["image"])
+
+        await wait_status(sync_b, arrived, within=10)
+        assert b.blobs.read(b.db.get("notes", "n1")["image"]) == png  # type: ignore[index]
+        # Debounce 0.5 s, then the push, the event and the fetch: well within 3 s here.
+        assert time.monotonic() - started < 3.0
+
+
+@pytest.mark.anyio
 async def test_a_replaced_image_is_uploaded_once_and_a_forgotten_one_again(
     dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
 ) -> None:
     collection = collection_for(request, "test.atsync.blobs")
     alice = await session_of(dev_pds, "alice.test")
     first, second = image(request, "first"), image(request, "second")
-    async with (
-        FaultProxy(dev_pds.pds_url) as proxy,
-        device(tmp_path / "a.db", collection, proxied_session(alice, proxy.url), resolver) as (
-            a, sync,
-        ),
+    async with proxied_device(dev_pds, tmp_path / "a.db", collection, alice, resolver) as (
+        proxy, a, sync,
     ):  # fmt: skip
         a.actions.add("n1", "v1", b64(first))
         await idle(sync)
@@ -186,12 +232,12 @@ async def test_a_blob_the_pds_refuses_is_a_dead_letter_and_not_retried(
 ) -> None:
     collection = collection_for(request, "test.atsync.blobs")
     alice = await session_of(dev_pds, "alice.test")
-    huge = image(request, "huge", 5 * 1024 * 1024 + 100)  # over the PDS's own 5 MiB
-    async with (
-        FaultProxy(dev_pds.pds_url) as proxy,
-        device(tmp_path / "a.db", collection, proxied_session(alice, proxy.url), resolver,
-               max_blob_size=20 * 1024 * 1024) as (a, sync),  # this device thinks it may
-    ):  # fmt: skip
+    # Over the PDS's own 5 MiB, and over the 8 MiB above which an upload is streamed.
+    huge = image(request, "huge", 9 * 1024 * 1024)
+    async with proxied_device(
+        dev_pds, tmp_path / "a.db", collection, alice, resolver,
+        max_blob_size=20 * 1024 * 1024,  # this device thinks it may
+    ) as (proxy, a, sync):  # fmt: skip
         a.actions.add("big", "too big for this PDS", b64(huge))
         a.actions.add("ok", "fine", b64(image(request, "small")))
         status = await idle(sync)
@@ -229,11 +275,8 @@ async def test_a_corrupted_download_is_rejected_by_its_cid_and_fetched_again(
     dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
 ) -> None:
     collection, alice, png = await one_note_with_an_image(dev_pds, tmp_path, request, resolver)
-    async with (
-        FaultProxy(dev_pds.pds_url) as proxy,
-        device(tmp_path / "b.db", collection, proxied_session(alice, proxy.url), resolver) as (
-            b, sync_b,
-        ),
+    async with proxied_device(dev_pds, tmp_path / "b.db", collection, alice, resolver) as (
+        proxy, b, sync_b,
     ):  # fmt: skip
         tampering = True
         flip = proxy.add(

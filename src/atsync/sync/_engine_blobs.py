@@ -136,6 +136,8 @@ class BlobSync:
                 wanted = fetcher.missing(self._follows.dids)
                 failures = 0
                 if self.blob_mode == "eager" and wanted:
+                    # Said before and after: whoever waits on the status sees them arrive.
+                    self._refresh_status(blobs_missing=len(wanted))
                     failures = await self._fetch_all(wanted)
                 missing = failures if self.blob_mode == "eager" else len(wanted)
                 error = next(iter(fetcher.failures.values()), None) if failures else None
