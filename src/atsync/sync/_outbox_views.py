@@ -91,20 +91,20 @@ class OutboxViews:
 
     def conflicts(self, limit: int = 100) -> list[dict[str, object]]:
         """Recorded conflicts, newest first, as ``atsync conflicts`` shows them."""
-        cursor = self._db.execute(
-            f"SELECT id, collection, rkey, model, key, fields, resolution, base, local, remote, "
-            f"merged, detected_at FROM {CONFLICTS} ORDER BY id DESC LIMIT ?",
-            (limit,),
-        )
-        names = [d[0] for d in cursor.description]
-        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        return self._newest(
+            CONFLICTS, "collection, rkey, model, key, fields, resolution, base, local, remote, "
+            "merged, detected_at", limit,
+        )  # fmt: skip
 
     def rejected(self, limit: int = 100) -> list[dict[str, object]]:
         """Pulled input that was not applied, newest first, with the reason."""
+        return self._newest(
+            REJECTED, "did, collection, rkey, cid, rev, reason, detail, seen_at", limit
+        )
+
+    def _newest(self, table: str, columns: str, limit: int) -> list[dict[str, object]]:
         cursor = self._db.execute(
-            f"SELECT id, did, collection, rkey, cid, rev, reason, detail, seen_at "
-            f"FROM {REJECTED} ORDER BY id DESC LIMIT ?",
-            (limit,),
+            f"SELECT id, {columns} FROM {table} ORDER BY id DESC LIMIT ?", (limit,)
         )
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
