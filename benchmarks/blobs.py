@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import anyio
 import httpx
+from push import timed_push  # the same timing as the push benchmark's
 
 from atsync.app import App, ATPSigner, Contract
 from atsync.atproto import DevPDS, MemorySessionStore
@@ -97,17 +97,7 @@ def atsync_push(pds: DevPDS, did: str, blobs: list[bytes], collection: str, tmp:
             for i, data in enumerate(blobs):
                 app.actions.photo(i, data.hex())
         signer.login(did, PASSWORD, pds.pds_url)
-
-        async def push() -> float:
-            async with sync:
-                start = time.perf_counter()
-                sync.push_now()
-                status = await sync.wait_for_idle()
-                elapsed = time.perf_counter() - start
-            assert (status.pending, status.failed) == (0, 0), status
-            return len(blobs) / elapsed
-
-        rate = anyio.run(push)
+        rate = len(blobs) / timed_push(sync)
         sync.close()
         return rate
 
