@@ -28,6 +28,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,20 @@ def engine(app: App) -> SyncThread:
     """The app's sync engine: its bindings, its Lexicons (every record is checked against
     them before it is queued), pushes 0.2 s after the last change."""
     return SyncThread(app, bindings=bindings(), lexicons=lexicons(), push=Debounce(0.2))
+
+
+@contextmanager
+def another_install(home: Path) -> Iterator[tuple[App, ATPSigner, SyncThread]]:
+    """The app on another device (or of another person): its own database, key and session,
+    its engine created (not started) before anything runs, closed at the end."""
+    home.mkdir(exist_ok=True)
+    signer = ATPSigner(store=FileSessionStore(home / "sessions"))
+    with App.open(home / "notes.db", contract, signer=signer) as app:
+        sync = engine(app)
+        try:
+            yield app, signer, sync
+        finally:
+            sync.close()
 
 
 def report(sync: SyncThread, pds_url: str | None = None, did: str | None = None) -> None:
@@ -251,11 +267,7 @@ def sync_part(app: App, sync: SyncThread, signer: ATPSigner, data: Path, db_path
 
 def second_device(app: App, sync: SyncThread, data: Path, pds_url: str, did: str) -> None:
     step("A second device of the same account: everything comes back, verified")
-    laptop = data / "laptop"
-    laptop.mkdir(exist_ok=True)
-    signer2 = ATPSigner(store=FileSessionStore(laptop / "sessions"))
-    with App.open(laptop / "notes.db", contract, signer=signer2) as app2:
-        sync2 = engine(app2)
+    with another_install(data / "laptop") as (app2, signer2, sync2):
         with sync2:
             signer2.login(HANDLE, PASSWORD, pds_url)
             status2 = sync2.wait_pulled(timeout=60)
@@ -314,53 +326,44 @@ def second_device(app: App, sync: SyncThread, data: Path, pds_url: str, did: str
             print(f"   image {ref.cid[:20]}… ({ref.size} bytes, {ref.mime_type})")
             print(f"   on the laptop, byte-identical: {same}")
             report(sync2, pds_url, did)
-        sync2.close()
 
 
 def another_person(
     app: App, sync: SyncThread, data: Path, pds_url: str, did: str, bob_did: str
 ) -> None:
     step(f"{BOB} follows {HANDLE}: her notes arrive in his database, read-only, with their author")
-    home = data / "bob"
-    home.mkdir(exist_ok=True)
-    bob_signer = ATPSigner(store=FileSessionStore(home / "sessions"))
-    with App.open(home / "notes.db", contract, signer=bob_signer) as bob:
-        bob_sync = engine(bob)
-        with bob_sync:
-            bob_signer.login(BOB, PASSWORD, pds_url)
-            bob_sync.follow(did)
-            bob_sync.wait_pulled(timeout=60)
-            hers = [r for r in bob.db.query("notes") if r["id"].startswith(f"at://{did}/")]
-            print(f"   bob sees {len(hers)} of alice's notes, keyed by AT URI, e.g.")
-            origin = bob_sync.origin("notes", hers[0]["id"])
-            assert origin is not None
-            print(f"   {hers[0]['title']!r}: author {origin.did}, cid {origin.cid}")
-            try:
-                bob.actions.edit_note(hers[0]["id"], title="bob was here")
-            except ActionError as exc:
-                reason = str(exc).split("follows: ", 1)[-1].split(" (", 1)[0]
-                print(f"   bob edits it: refused, {reason}")
+    with another_install(data / "bob") as (bob, bob_signer, bob_sync), bob_sync:
+        bob_signer.login(BOB, PASSWORD, pds_url)
+        bob_sync.follow(did)
+        bob_sync.wait_pulled(timeout=60)
+        hers = [r for r in bob.db.query("notes") if r["id"].startswith(f"at://{did}/")]
+        print(f"   bob sees {len(hers)} of alice's notes, keyed by AT URI, e.g.")
+        origin = bob_sync.origin("notes", hers[0]["id"])
+        assert origin is not None
+        print(f"   {hers[0]['title']!r}: author {origin.did}, cid {origin.cid}")
+        try:
+            bob.actions.edit_note(hers[0]["id"], title="bob was here")
+        except ActionError as exc:
+            reason = str(exc).split("follows: ", 1)[-1].split(" (", 1)[0]
+            print(f"   bob edits it: refused, {reason}")
 
-            step("A shared draft: alice and bob both edit it, offline of each other, and converge")
-            sync.follow(bob_did)  # alice follows bob back: a shared collection needs both
-            app.actions.write_draft("trip", title="Lisbon trip", body="a first outline")
-            sync.wait_for_idle(timeout=30)
-            bob_sync.wait_pulled(timeout=60)
-            bob.actions.write_draft("trip", body="day 1: Alfama; day 2: Belem")  # bob: the body
-            app.actions.write_draft("trip", title="Lisbon trip, May")  # alice: the title
-            for each in (sync, bob_sync):
-                each.wait_for_idle(timeout=30)
-            for each in (sync, bob_sync):
-                each.wait_pulled(timeout=60)
-            for name, who in (("alice", app), ("bob", bob)):
-                draft = who.db.get("drafts", "trip")
-                assert draft is not None
-                print(f"   {name}: title={draft['title']!r}, body={draft['body']!r}")
-            print(
-                f"   alice == bob: {app.db.get('drafts', 'trip') == bob.db.get('drafts', 'trip')}"
-            )
-            report(bob_sync, pds_url, bob_did)
-        bob_sync.close()
+        step("A shared draft: alice and bob both edit it, offline of each other, and converge")
+        sync.follow(bob_did)  # alice follows bob back: a shared collection needs both
+        app.actions.write_draft("trip", title="Lisbon trip", body="a first outline")
+        sync.wait_for_idle(timeout=30)
+        bob_sync.wait_pulled(timeout=60)
+        bob.actions.write_draft("trip", body="day 1: Alfama; day 2: Belem")  # bob: the body
+        app.actions.write_draft("trip", title="Lisbon trip, May")  # alice: the title
+        for each in (sync, bob_sync):
+            each.wait_for_idle(timeout=30)
+        for each in (sync, bob_sync):
+            each.wait_pulled(timeout=60)
+        for name, who in (("alice", app), ("bob", bob)):
+            draft = who.db.get("drafts", "trip")
+            assert draft is not None
+            print(f"   {name}: title={draft['title']!r}, body={draft['body']!r}")
+        print(f"   alice == bob: {app.db.get('drafts', 'trip') == bob.db.get('drafts', 'trip')}")
+        report(bob_sync, pds_url, bob_did)
 
 
 def _notes(app: App) -> dict[str, tuple[Any, ...]]:
