@@ -163,6 +163,11 @@ async def test_an_image_round_trips_between_devices_and_reaches_a_follower(
         await pulled(sync_b)
         theirs = b.db.get("notes", f"at://{alice.did}/{collection}/n1")
         assert theirs is not None and theirs["image"] == ref and b.blobs.read(ref) == png
+    # A blob file deleted by hand comes back with the next start's pull.
+    (tmp_path / "a2.db.blobs" / ref.cid).unlink()
+    async with device(tmp_path / "a2.db", collection, alice, resolver) as (a2, sync_a2):
+        await pulled(sync_a2)
+        assert a2.blobs.read(ref) == png
 
 
 @pytest.mark.anyio

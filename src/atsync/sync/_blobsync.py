@@ -198,6 +198,9 @@ class BlobFetcher:
         ]
         self.failures: dict[str, str] = {}  # CID -> why its last fetch failed
         self.fetched = 0
+        # CIDs seen in the store: not looked for again. Emptied when the store may have lost
+        # some (collect_blobs) and at every engine start (a file deleted by hand).
+        self.present: set[str] = set()
 
     @property
     def active(self) -> bool:
@@ -208,14 +211,15 @@ class BlobFetcher:
         wanted: Wanted = {}
         store = self._db.blobs
         conn = self._db.connection
+        present = self.present
         for model, pk, props, shared in self._with_blobs:
             columns = ", ".join(quote_identifier(p) for p in props)
             nonnull = " OR ".join(f"{quote_identifier(p)} IS NOT NULL" for p in props)
             sql = f"SELECT {quote_identifier(pk)}, {columns} FROM {quote_identifier(model)}"
             for key, *raws in conn.execute(f"{sql} WHERE {nonnull}"):
                 for raw in raws:
-                    if raw is None:
-                        continue
+                    if raw is None or _cid_of_column(raw) in present:
+                        continue  # the hot case (this runs after every pull): no parsing
                     try:
                         ref = BlobRef.from_json(json.loads(raw))
                     except (ValueError, TypeError):
@@ -223,6 +227,7 @@ class BlobFetcher:
                     if ref.cid in wanted:
                         sources = wanted[ref.cid][1]
                     elif store.has(ref.cid):
+                        present.add(ref.cid)
                         continue
                     else:
                         sources = wanted.setdefault(ref.cid, (ref, set()))[1]
@@ -242,9 +247,19 @@ class BlobFetcher:
         data = sink.getvalue()
         stored = self._db.blobs.put(data, ref.mime_type)
         assert stored.cid == ref.cid, "sync_get_blob checked the bytes against the CID"
+        self.present.add(ref.cid)
         self.fetched += 1
         self.failures.pop(ref.cid, None)
         return data
+
+
+def _cid_of_column(raw: str) -> str | None:
+    """The CID in a blob column as ModelDB writes it (``{"cid":"…",…}``), without parsing."""
+    if raw.startswith('{"cid":"'):
+        end = raw.find('"', 8)
+        if end > 8:
+            return raw[8:end]
+    return None
 
 
 def referenced_blobs(db: ModelDB) -> set[str]:

@@ -106,6 +106,7 @@ class BlobSync:
         queued write, no record as last synced — stored more than ``older_than`` seconds ago;
         returns (how many, bytes freed). A row rebuilt from the action log may reference one
         again: its bytes are then fetched from the repository that holds them."""
+        self._blob_fetcher.present.clear()
         return self._db.blobs.collect(referenced_blobs(self._db), older_than=older_than)
 
     async def _fetch_from(self, ref: BlobRef, did: str | None) -> bytes:
@@ -128,6 +129,7 @@ class BlobSync:
         fetcher = self._blob_fetcher
         if not fetcher.active:
             return
+        fetcher.present.clear()  # a blob file deleted by hand since the last run is fetched again
         failed_rounds = 0
         while True:
             self._blob_kick = anyio.Event()
