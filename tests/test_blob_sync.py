@@ -25,7 +25,7 @@ from atsync.app import ActionContext, App, Contract
 from atsync.atproto import CID, IdentityResolver, Session, XrpcClient
 from atsync.db import BlobRef
 from atsync.sync import ATSync, Binding, Debounce, Immediate, Live, Manual
-from fault_proxy import FaultProxy, Hold, Rewrite, proxied_session
+from fault_proxy import DropAfterForward, Error500, FaultProxy, Hold, Rewrite, proxied_session
 from sync_devices import collection_for, session_of, wait_status
 
 contract = Contract(models={"notes": {"id": "primary", "title": "string", "image": "blob?"}})
@@ -268,6 +268,32 @@ async def one_note_with_an_image(
         a.actions.add("n1", "t", b64(png))
         await idle(sync_a)
     return collection, alice, png
+
+
+@pytest.mark.anyio
+async def test_an_upload_that_fails_on_the_network_waits_and_goes_again(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    collection = collection_for(request, "test.atsync.blobs")
+    alice = await session_of(dev_pds, "alice.test")
+    png = image(request, "retried")
+    async with proxied_device(dev_pds, tmp_path / "a.db", collection, alice, resolver) as (
+        proxy, a, sync,
+    ):  # fmt: skip
+        failed = proxy.add(Error500(), nsid="com.atproto.repo.uploadBlob", times=1)
+        cut = proxy.add(DropAfterForward(), nsid="com.atproto.repo.uploadBlob", times=1)
+        a.actions.add("n1", "after two failures", b64(png))
+        with anyio.fail_after(60):  # the engine's backoff, not a new local change, retries
+            status = await sync.wait_for_idle()
+        assert (failed.fired, cut.fired) == (1, 1) and (status.pending, status.failed) == (0, 0)
+        assert len(proxy.requests("com.atproto.repo.uploadBlob")) == 3
+        assert len(proxy.requests("com.atproto.repo.applyWrites")) == 1  # the record, once
+    assert await _rkeys(alice, collection) == ["n1"]
+    assert await pds_blob(alice, png_cid(png)) == png
+
+
+def png_cid(data: bytes) -> str:
+    return str(CID.for_data(data, codec=0x55))
 
 
 async def _rkeys(session: Session, collection: str) -> list[str]:
