@@ -236,15 +236,11 @@ def test_deferred_login_with_oauth_pushes_earlier_work_as_the_account(
     user = BrowserUser(chromium, alice.password)
     with (
         App.open(tmp_path / "n.db", contract, signer=signer) as app,
-        SyncThread(
-            app,
-            bindings={"notes": Binding(collection)},
-            pull=Manual(),
-            push=Immediate(),
-            budget=RateBudget.off(),
-        ) as sync,
+        # The README's path: the default push strategy, nothing forced after the login.
+        SyncThread(app, bindings={"notes": Binding(collection)}, pull=Manual()) as sync,
     ):
-        assert app.actions.note("a", "written offline").result == signer.key_did
+        offline = app.actions.note("a", "written offline")
+        assert offline.result == signer.key_did
 
         async def identity_login() -> OAuthSession:
             async with resolver_for(dev_pds) as identity:
@@ -256,6 +252,10 @@ def test_deferred_login_with_oauth_pushes_earlier_work_as_the_account(
 
         with Portal() as portal:
             session = portal.call(identity_login)
+        logged_in = time.monotonic()
+        sync.wait_pushed(offline.id, timeout=30)
+        # The login wakes the engine: the offline note goes at once, not at the next poll.
+        assert time.monotonic() - logged_in < 2.0
         user.join()
         assert isinstance(session, OAuthSession)
         assert session.did == alice.did and app.did == alice.did
