@@ -42,6 +42,8 @@ class CallbackListener:
         self._result: dict[str, str] | None = None
         self._done = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
+        self._stopping = False
+        self._served = anyio.Event()
 
     @property
     def redirect_uri(self) -> str:
@@ -64,7 +66,15 @@ class CallbackListener:
     ) -> None:
         assert self._tg is not None
         assert self._listener is not None
-        self._tg.cancel_scope.cancel()
+        # The pending accept is completed by a connection of our own, not cancelled: a
+        # cancelled accept that a browser's connection (a favicon, a preconnect) completes in
+        # the same instant makes asyncio (3.11) raise InvalidStateError inside its loop.
+        self._stopping = True
+        with anyio.move_on_after(5):
+            with contextlib.suppress(OSError):
+                await (await anyio.connect_tcp(self.host, self.port)).aclose()
+            await self._served.wait()
+        self._tg.cancel_scope.cancel()  # what is left: handlers of slow clients
         # The body's own exception propagates as it is, not wrapped in a group.
         await self._tg.__aexit__(None, None, None)
         await self._listener.aclose()
@@ -77,9 +87,15 @@ class CallbackListener:
     async def _serve(self) -> None:
         assert self._listener is not None
         async with anyio.create_task_group() as tg:
-            while not self._done.is_set():
-                stream = await self._listener.accept()
-                tg.start_soon(self._handle, stream)
+            try:
+                while True:
+                    stream = await self._listener.accept()
+                    if self._stopping:
+                        await stream.aclose()
+                        break
+                    tg.start_soon(self._handle, stream)
+            finally:
+                self._served.set()  # no accept pending any more
 
     async def _handle(self, stream: anyio.abc.SocketStream) -> None:
         async with stream:
