@@ -404,7 +404,10 @@ async def test_b_reconnects_after_a_pds_restart_and_converges(
                     await sync_a.wait_for_idle()
                 await wait_status(sync_b, lambda s: s.live, 60)
                 await converged(a, b, sync_b, session, collection, within=60)
-                assert len(rows(b)) == 10 and "before0" not in rows(b)
+                # (live_and_warm wrote one to three "warm" rows, as the timing went.)
+                written = {k for k in rows(b) if not k.startswith("warm")}
+                assert written == {*(f"before{i}" for i in range(1, 5)),
+                                   *(f"during{i}" for i in range(5))}  # fmt: skip
 
                 reopened = [s for s in proxy.streams if s.status == 101][1:]
                 assert reopened and reopened[0].cursor is not None  # resumed from its cursor
