@@ -45,6 +45,7 @@ from atsync.sync import (
     Strategy,
     SyncStatus,
 )
+from atsync.sync._backoff import Backoff
 from fault_proxy import (
     Answer,
     Delay,
@@ -65,6 +66,7 @@ pytestmark = pytest.mark.anyio
 
 APPLY = "com.atproto.repo.applyWrites"
 GET_RECORD = "com.atproto.repo.getRecord"
+LATEST = "com.atproto.sync.getLatestCommit"
 MARKERS = "test.atsync.marker"
 
 
@@ -1462,6 +1464,73 @@ async def test_an_earlier_attempt_landing_late_is_recognised_as_our_own_write(
             await assert_pds_equals_local(app, sync, dev_pds.pds_url, direct.did)
             assert_no_duplicate_commits(await commit_ops(direct, dev_pds.pds_url, collection))
             sync.close()
+
+
+async def test_a_create_still_in_flight_cannot_land_after_its_record_was_deleted(
+    dev_pds: DevPDS, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Attempt 1 (create d) is slow to reach the PDS; the engine times out. Attempt 2 is
+    answered with a 500, and the reconcile after it reads d absent — while attempt 1 is
+    still on its way — so d's queued create counts as never landed, and deleting d locally
+    drops it from the queue. Attempt 1 then reaches the PDS: nothing committed since, so
+    its swapCommit still holds and d would stand on the PDS for good (found by the
+    random-faults test in CI). Absence is final only once no earlier request can land:
+    the reconcile fences first."""
+    collection = collection_for(request)
+    async with FaultProxy(dev_pds.pds_url) as proxy:
+        direct, session = await proxied_engine_setup(dev_pds, proxy)
+        with App.open(tmp_path / "a.db", contract) as app:
+            sync = notes_engine(
+                app, collection, session, push=Manual(), client_options={"timeout": 1.0}
+            )
+            # Failures wait two minutes: only push_now() moves the engine on, step by step.
+            sync._backoff = Backoff(base=120.0, cap=120.0, _random=_Longest())
+            async with sync:
+                seed_notes(app, ["x"])
+                sync.push_now()
+                await idle(sync)
+                slow = Hold(after_forward=False)  # reaches the PDS when released
+                proxy.add(slow, nsid=APPLY, nth=1)
+                proxy.add(Error500(), nsid=APPLY, nth=2)
+                looked = len(proxy.requests(LATEST))
+                app.actions.put_note("d", "doomed", 1)
+                sync.push_now()
+                with anyio.fail_after(10):
+                    await slow.reached.wait()
+                    # Timed out; the reconcile after it saw the repo unmoved.
+                    await proxy.wait_until(lambda p: len(p.requests(LATEST)) > looked)
+                sync.push_now()  # attempt 2: the 500, then a reconcile that reads d
+                with anyio.fail_after(10):
+                    await proxy.wait_until(lambda p: any(e.done for e in p.requests(GET_RECORD)))
+                    # No event marks the reconcile's end: look at d's queued write.
+                    while _queued(sync, "d") != ("create", 0):  # noqa: ASYNC110
+                        await anyio.sleep(0.01)
+                app.actions.drop_note("d")
+                slow.release()
+                with anyio.fail_after(10):
+                    await proxy.wait_until(lambda p: held_event(p).done)
+                assert held_event(proxy).forwarded
+                sync.push_now()
+                status = await idle(sync, 30)
+                assert status.failed == 0
+            remote = await assert_pds_equals_local(app, sync, dev_pds.pds_url, direct.did)
+            assert sorted(remote) == ["x"]
+            sync.close()
+
+
+def _queued(sync: ATSync, rkey: str) -> tuple[str, int] | None:
+    """The op of ``rkey``'s queued write and whether it may have been sent unheard."""
+    row = sync.outbox.db.execute(
+        "SELECT op, attempted FROM _atsync_outbox WHERE rkey = ?", (rkey,)
+    ).fetchone()
+    return None if row is None else (row[0], row[1])
+
+
+class _Longest(random.Random):
+    """Full jitter at its ceiling: every backoff waits as long as it may."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
 
 
 async def test_an_unreadable_invalid_swap_after_another_devices_commit_is_not_a_dead_letter(

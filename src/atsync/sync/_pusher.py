@@ -23,6 +23,7 @@ from .._errors import PermanentError, TransientError
 from ..atproto import (
     Create,
     Delete,
+    LatestCommit,
     RateLimitInfo,
     Update,
     Write,
@@ -187,6 +188,12 @@ class Pusher:
         sent_at = time.time()
         try:
             answer = await client.apply_writes(did, writes, swap_commit=swap)
+        except TransientError as exc:
+            if exc.status is None:
+                # Unanswered: the request may still be on its way and land while the repo
+                # stays at ``swap``; until a commit moves it, no absence read is final.
+                self.fence_needed = True
+            raise
         except PermanentError as exc:
             if exc.error == "InvalidSwap":
                 if self.pulled is not None and all(w.collection in self.pulled for w in batch):
@@ -249,11 +256,19 @@ class Pusher:
         there), every write that was ever sent is compared with the PDS, record by record.
         """
         latest = await client.sync_get_latest_commit(did)
-        if not check and self.sent_swap is not None and latest.cid == self.sent_swap:
+        unmoved = self.sent_swap is not None and latest.cid == self.sent_swap
+        if not check and unmoved:
             # Nothing landed *yet*: the unheard request may still arrive, and its swapCommit
             # would hold until the repo moves. The next commit of ours fences it off.
             self.fence_needed = True
             return
+        if unmoved and self.fence_needed:
+            # A request of ours may still be on its way with this swapCommit: a record read
+            # absent now could appear a moment later (and a delete queued meanwhile would
+            # count it as never created). Move the repo first, so what we read is final.
+            latest = await self._fence_at(did, client, latest.cid)
+        elif not unmoved:
+            self.fence_needed = False  # the repo moved past every request still unheard
         writes = {w.seq: w for w in self.outbox.attempted_writes()}
         writes.update((w.seq, w) for w in batch)
         applied: list[PendingWrite] = []
@@ -298,12 +313,27 @@ class Pusher:
         except PermanentError as exc:
             if exc.error != "InvalidSwap":
                 raise
-            # Something landed after all: settle every write still queued, fence next time.
+            # Something landed after all: settle every write still queued.
             await self.reconcile(did, client, [], result, check=True)
             return
         if answer.commit is not None:
             self.outbox.set_commit(answer.commit.cid, answer.commit.rev)
         self.fence_needed = False
+
+    async def _fence_at(self, did: str, client: XrpcClient, swap: str) -> LatestCommit:
+        """Move the repo off ``swap`` with an empty commit; returns the repo's commit after.
+        Either way (ours, or another one that beat it) no request sent with ``swap`` can
+        land any more."""
+        try:
+            answer = await client.apply_writes(did, [], swap_commit=swap)
+        except PermanentError as exc:
+            if exc.error != "InvalidSwap":
+                raise
+            answer = None
+        self.fence_needed = False
+        if answer is not None and answer.commit is not None:
+            return LatestCommit(answer.commit.cid, answer.commit.rev)
+        return await client.sync_get_latest_commit(did)
 
     async def _current_cid(self, did: str, client: XrpcClient, w: PendingWrite) -> str | None:
         try:
