@@ -1518,6 +1518,36 @@ async def test_a_create_still_in_flight_cannot_land_after_its_record_was_deleted
             sync.close()
 
 
+async def test_a_write_deleted_while_its_batch_gets_ready_is_not_sent(
+    dev_pds: DevPDS, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A batch is read from the queue, then made ready over the network (blobs uploaded,
+    the first batch's swapCommit asked for). A note created and deleted again meanwhile
+    leaves the queue (a create never sent) — the batch must not send it anyway: it would
+    stand on the PDS with nothing local and nothing queued (found by the random-faults
+    test in CI)."""
+    collection = collection_for(request)
+    async with FaultProxy(dev_pds.pds_url) as proxy:
+        direct, session = await proxied_engine_setup(dev_pds, proxy)
+        getting_ready = Hold(after_forward=False)
+        proxy.add(getting_ready, nsid=LATEST, nth=1)  # the first batch's swapCommit
+        with App.open(tmp_path / "a.db", contract) as app:
+            sync = notes_engine(app, collection, session, push=Manual())
+            async with sync:
+                app.actions.put_note("kept", "stays", 1)
+                app.actions.put_note("gone", "deleted before it is sent", 2)
+                sync.push_now()
+                with anyio.fail_after(10):
+                    await getting_ready.reached.wait()
+                app.actions.drop_note("gone")
+                getting_ready.release()
+                status = await idle(sync, 30)
+                assert status.failed == 0
+            remote = await assert_pds_equals_local(app, sync, dev_pds.pds_url, direct.did)
+            assert sorted(remote) == ["kept"]
+            sync.close()
+
+
 def _queued(sync: ATSync, rkey: str) -> tuple[str, int] | None:
     """The op of ``rkey``'s queued write and whether it may have been sent unheard."""
     row = sync.outbox.db.execute(

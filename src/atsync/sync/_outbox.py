@@ -337,9 +337,15 @@ class Outbox(OutboxViews):
         ).fetchall()
         return [_pending(row) for row in rows]
 
-    def mark_attempted(self, writes: Sequence[PendingWrite]) -> None:
-        """Record, before sending, that these writes may reach the PDS (and what they are)."""
+    def mark_attempted(self, writes: Sequence[PendingWrite]) -> list[PendingWrite]:
+        """Record, before sending, that these writes may reach the PDS (and what they are).
+
+        Returns those still queued: a batch is read, then made ready over the network, and
+        meanwhile the app may have deleted a record whose create was never sent — its row
+        left the queue, and its write must not go."""
         with self._db.transaction():
+            present = _present(self._db.connection, [w.seq for w in writes])
+            writes = [w for w in writes if w.seq in present]
             self._db.connection.executemany(
                 f"UPDATE {OUTBOX} SET attempted = 1, attempts = attempts + 1, sent_op = op, "
                 "sent_cid = trim(coalesce(sent_cid, '') || ' ' || coalesce(cid, '-')) "
@@ -352,6 +358,7 @@ class Outbox(OutboxViews):
                 f"INSERT OR IGNORE INTO {SENT} (collection, rkey, cid) VALUES (?, ?, ?)",
                 [(w.collection, w.rkey, w.cid) for w in writes if w.cid is not None],
             )
+        return writes
 
     def complete(
         self, writes: Iterable[PendingWrite], *, commit: tuple[str, str] | None = None
@@ -416,8 +423,16 @@ class Outbox(OutboxViews):
         with self._db.transaction():
             conn = self._db.connection
             self._note_remote(conn, write.seq, remote_cid)
-            if write.op == "delete" and remote_cid is None:
-                conn.execute(f"DELETE FROM {OUTBOX} WHERE seq = ?", (write.seq,))
+            # A delete found done is done — unless the record was put again while we looked
+            # (then it goes on as a create, below).
+            if (
+                write.op == "delete"
+                and remote_cid is None
+                and conn.execute(
+                    f"DELETE FROM {OUTBOX} WHERE seq = ? AND version = ?",
+                    (write.seq, write.version),
+                ).rowcount
+            ):
                 return
             conn.execute(
                 f"UPDATE {OUTBOX} SET op = CASE WHEN op = 'delete' THEN 'delete' "

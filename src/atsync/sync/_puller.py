@@ -103,11 +103,13 @@ class Puller:
         """Bring the bound models up to the repository's head. Raises network errors and
         ``VerificationError`` (then nothing of this pull is applied)."""
         result = PullResult()
-        latest = await client.sync_get_latest_commit(did)
         pulled = self._outbox.get_state(self._repo.state("pulled_commit"))
-        if self.covers_collections() and latest.cid == pulled:
-            result.commit, result.rev, result.unchanged = latest.cid, latest.rev, True
-            return result
+        if pulled is not None and self.covers_collections():
+            # Read before, these collections included: nothing to do if the head is the same.
+            latest = await client.sync_get_latest_commit(did)
+            if latest.cid == pulled:
+                result.commit, result.rev, result.unchanged = latest.cid, latest.rev, True
+                return result
         known = self._known()
         known_cids = {key: was.cid for key, was in known.items()}
         with tempfile.TemporaryDirectory(prefix="atsync-pull-") as tmp:

@@ -170,9 +170,7 @@ class Pusher:
             did, client, batch, lambda w, error, why: self._refused(w, error, why, result)
         )
         if len(kept) < len(batch):
-            seqs = {w.seq for w in kept}
-            writes = [wr for w, wr in zip(batch, writes, strict=True) if w.seq in seqs]
-            batch = kept
+            batch, writes = _only(kept, batch, writes)
             if not batch:
                 return True
         self.last_batch = batch  # a failure from here on is noted on these rows
@@ -183,8 +181,14 @@ class Pusher:
             latest = await client.sync_get_latest_commit(did)
             self.outbox.set_commit(latest.cid, latest.rev)
             swap = latest.cid
+        # No await from here to the request: what is marked is exactly what is sent.
+        still = self.outbox.mark_attempted(batch)
+        if len(still) < len(batch):
+            batch, writes = _only(still, batch, writes)
+            self.last_batch = batch
+            if not batch:
+                return True
         self.sent_swap = swap
-        self.outbox.mark_attempted(batch)
         sent_at = time.time()
         try:
             answer = await client.apply_writes(did, writes, swap_commit=swap)
@@ -356,6 +360,14 @@ def _as_write(w: PendingWrite) -> Write:
     if w.op == "create":
         return Create(w.collection, value, w.rkey)
     return Update(w.collection, w.rkey, value)
+
+
+def _only(
+    kept: Sequence[PendingWrite], batch: Sequence[PendingWrite], writes: Sequence[Write]
+) -> tuple[list[PendingWrite], list[Write]]:
+    """``kept`` (a part of ``batch``) with their writes."""
+    seqs = {w.seq for w in kept}
+    return list(kept), [wr for w, wr in zip(batch, writes, strict=True) if w.seq in seqs]
 
 
 def _blobs_of(batch: Sequence[PendingWrite]) -> set[str]:
