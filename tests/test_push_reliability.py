@@ -1548,6 +1548,40 @@ async def test_a_write_deleted_while_its_batch_gets_ready_is_not_sent(
             sync.close()
 
 
+async def test_a_write_changed_while_its_batch_gets_ready_is_recorded_as_what_was_sent(
+    dev_pds: DevPDS, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The batch carries the delete of x; while it gets ready, x is put back. The delete
+    lands unheard. The reconcile must know the delete as ours (what the batch sent, not
+    what the row holds by then) — not a conflict with another writer — and x ends on the
+    PDS as put back."""
+    collection = collection_for(request)
+    async with FaultProxy(dev_pds.pds_url) as proxy:
+        direct, session = await proxied_engine_setup(dev_pds, proxy)
+        with App.open(tmp_path / "a.db", contract) as app:
+            sync = notes_engine(app, collection, session, push=Manual())
+            async with sync:
+                seed_notes(app, ["x"])
+                sync.push_now()
+                await idle(sync)
+                sync.outbox.set_state("commit_cid", None)  # the next batch asks for it
+                getting_ready = Hold(after_forward=False)
+                proxy.add(getting_ready, nsid=LATEST, nth=1)
+                proxy.add(DropAfterForward(), nsid=APPLY, nth=1)
+                app.actions.drop_note("x")
+                sync.push_now()
+                with anyio.fail_after(10):
+                    await getting_ready.reached.wait()
+                app.actions.put_note("x", "put back", 2)
+                getting_ready.release()
+                status = await idle(sync, 30)
+                assert status.failed == 0
+                assert status.conflicts == 0, sync.outbox.conflicts()
+            remote = await assert_pds_equals_local(app, sync, dev_pds.pds_url, direct.did)
+            assert remote["x"]["title"] == "put back"
+            sync.close()
+
+
 def _queued(sync: ATSync, rkey: str) -> tuple[str, int] | None:
     """The op of ``rkey``'s queued write and whether it may have been sent unheard."""
     row = sync.outbox.db.execute(

@@ -346,11 +346,11 @@ class Outbox(OutboxViews):
         with self._db.transaction():
             present = _present(self._db.connection, [w.seq for w in writes])
             writes = [w for w in writes if w.seq in present]
+            # What the batch sends, as read: the row may hold a newer state by now.
             self._db.connection.executemany(
-                f"UPDATE {OUTBOX} SET attempted = 1, attempts = attempts + 1, sent_op = op, "
-                "sent_cid = trim(coalesce(sent_cid, '') || ' ' || coalesce(cid, '-')) "
-                "WHERE seq = ?",
-                [(w.seq,) for w in writes],
+                f"UPDATE {OUTBOX} SET attempted = 1, attempts = attempts + 1, sent_op = ?, "
+                "sent_cid = trim(coalesce(sent_cid, '') || ' ' || ?) WHERE seq = ?",
+                [(w.op, w.cid or "-", w.seq) for w in writes],
             )
             # Every version ever sent: one may land long after its row left the queue, and
             # finding it on the PDS later is our own write, not another writer's.
