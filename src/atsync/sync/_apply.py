@@ -191,11 +191,23 @@ class Applier:
                 # No on_pds_action here (its writes are the app's own): every write of the
                 # chunk comes from the PDS.
                 with self._applying_remote():
+                    created = 0
                     for collection, rkey, change_cid, change, change_json in changes:
+                        was = known.get((collection, rkey))
+                        if (
+                            fresh
+                            and was is None
+                            and self._created(
+                                collection, rkey, change_cid, change, change_json, fresh
+                            )
+                        ):
+                            created += 1
+                            continue
                         self._apply_one(
                             did, rev, collection, rkey, change_cid, change, change_json,
-                            known.get((collection, rkey)), queued(collection, rkey), result,
+                            was, queued(collection, rkey), result,
                         )  # fmt: skip
+                    result.applied += created
                     for model, rows in creates.items():
                         self._db.set_many(model, rows)
             finally:
@@ -220,6 +232,42 @@ class Applier:
                     change,
                 )  # fmt: skip
                 result.rejected += 1
+
+    def _created(
+        self,
+        collection: str,
+        rkey: str,
+        cid: str | None,
+        record: dict[str, Any] | None,
+        record_json: str | None,
+        fresh: frozenset[str],
+    ) -> bool:
+        """``_apply_one`` for the bulk of a first pull, in short: a record never seen, its
+        data model proven, into a model that was empty when the pull began, with nothing
+        queued — a create, nothing to compare or merge. False: not such a change (or its
+        row cannot be made), for ``_apply_one`` to handle as usual."""
+        binding = self._by_collection.get(collection)
+        if (
+            binding is None or binding.shared or cid is None or record is None
+            or record_json is None or binding.model.name not in fresh
+            or self._on_pds_action is not None or record.get("$type") != collection
+        ):  # fmt: skip
+            return False
+        model = binding.model.name
+        key = self._repo.key(collection, rkey)
+        try:
+            if self._validate is not None:
+                self._validate(collection, rkey, record)
+            row = binding.from_record(record, key)
+        except AtsyncError:
+            return False  # rejected the usual way, with the reason
+        creates, notes = self._creates, self._notes
+        assert creates is not None
+        assert notes is not None
+        self._written.append((model, key, row))
+        creates.setdefault(model, []).append(row)
+        notes.append(self._repo.upsert_values(collection, rkey, model, key, cid, record_json))
+        return True
 
     def restoring(self, models: frozenset[str]) -> None:
         """``models`` were empty when this pull began (frozenset(): over): until it ends, a
