@@ -16,7 +16,6 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from typing import Any
 
 from .._errors import AtsyncError, RecordError, VerificationError
@@ -28,6 +27,7 @@ from ..db import BlobRef, ModelDB
 from ..lexicon import LexiconSet
 from ._binding import BoundBinding
 from ._capture import Validator, encode_record
+from ._changes import Change, Known, Note, OnPdsAction, PullResult, Queued, RemoteRecord
 from ._merge import ConflictPolicy, merge_rows
 from ._migrate import REJECTED
 from ._outbox import CONFLICTS, OUTBOX, Outbox
@@ -35,63 +35,6 @@ from ._repo import OWN, Repo
 from ._shared import CLOCKS, DELETED, Hlc, merge_shared, shared_records
 
 __all__ = ["Applier", "Change", "Known", "OnPdsAction", "PullResult", "RemoteRecord"]
-
-
-@dataclass
-class PullResult:
-    commit: str | None = None  # the pulled commit's CID and rev
-    rev: str | None = None
-    unchanged: bool = False  # the repo had not moved since the last pull
-    applied: int = 0  # rows created or updated from the repo
-    deleted: int = 0  # rows deleted because their record left the repo
-    merged: int = 0  # remote changes merged with a queued local edit
-    conflicts: int = 0  # merges with a field changed on both sides
-    rejected: int = 0  # records not applied (see _atsync_rejected)
-
-
-@dataclass(frozen=True, slots=True)
-class RemoteRecord:
-    """What ``on_pds_action`` receives: one change in the repository, verified, in the
-    transaction that applies it. ``op`` is create, update or delete (``record`` and ``cid``
-    None); ``lexicon`` is the collection's Lexicon document when ``lexicons=`` has it."""
-
-    did: str
-    collection: str
-    rkey: str
-    op: str
-    cid: str | None
-    rev: str
-    record: dict[str, Any] | None
-    lexicon: Any = None
-
-
-OnPdsAction = Callable[[RemoteRecord], None]
-
-
-@dataclass(frozen=True, slots=True)
-class Known:
-    model: str
-    key: str
-    cid: str | None
-    record: str | None  # JSON, as last synced
-
-
-@dataclass(frozen=True, slots=True)
-class _Queued:
-    seq: int
-    op: str
-    record: str | None
-    cid: str | None
-    first_action: str | None
-    last_action: str | None
-
-
-# One change to apply: collection, rkey, CID and record (None: deleted), and the record's
-# JSON when decode_plain_record proved its data model (None: not yet checked).
-Change = tuple[str, str, str | None, dict[str, Any] | None, str | None]
-
-
-_Note = tuple[str | None, ...]  # a row of _atsync_records (or _atsync_followed)
 
 
 def _nothing_queued(collection: str, rkey: str) -> None:
@@ -134,7 +77,7 @@ class Applier:
         self._written: list[RemoteChange] = []
         # While a chunk is applied all or nothing: the rows that exist, the records to note.
         self._rows_present: set[tuple[str, str]] | None = None
-        self._notes: list[_Note] | None = None
+        self._notes: list[Note] | None = None
         self._creates: dict[str, list[dict[str, Any]]] | None = None
         self._fresh: frozenset[str] = frozenset()  # see restoring()
 
@@ -184,7 +127,7 @@ class Applier:
             # in one statement at the end (a failure discards both with the savepoint).
             fresh = self._fresh if queued is _nothing_queued else frozenset()
             self._rows_present = self._present_rows(changes, known, fresh)
-            notes: list[_Note] = []
+            notes: list[Note] = []
             creates: dict[str, list[dict[str, Any]]] = {}
             self._notes, self._creates = notes, creates
             try:
@@ -304,7 +247,7 @@ class Applier:
     def _outbox_has_rows(self) -> bool:
         return self._db.connection.execute(f"SELECT 1 FROM {OUTBOX} LIMIT 1").fetchone() is not None
 
-    def _queued(self, collection: str, rkey: str) -> _Queued | None:
+    def _queued(self, collection: str, rkey: str) -> Queued | None:
         """The local edit queued for a record now — read inside the applying transaction,
         since the app may have queued one while the repository was downloading."""
         row = self._db.connection.execute(
@@ -312,7 +255,7 @@ class Applier:
             "WHERE collection = ? AND rkey = ?",
             (collection, rkey),
         ).fetchone()
-        return None if row is None else _Queued(*row)
+        return None if row is None else Queued(*row)
 
     def _apply_one(
         self,
@@ -324,7 +267,7 @@ class Applier:
         record: dict[str, Any] | None,
         record_json: str | None,
         was: Known | None,
-        mine: _Queued | None,
+        mine: Queued | None,
         result: PullResult,
     ) -> None:
         """One change; ``record_json`` is the record's JSON when its data model is proven."""
@@ -462,7 +405,7 @@ class Applier:
         record: dict[str, Any] | None,
         remote_row: dict[str, Any] | None,
         was: Known | None,
-        mine: _Queued,
+        mine: Queued,
         result: PullResult,
     ) -> None:
         model = binding.model.name
@@ -502,7 +445,7 @@ class Applier:
         model: str,
         key: str,
         row: dict[str, Any] | None,
-        mine: _Queued,
+        mine: Queued,
     ) -> None:
         """Queue ``row`` (None: deleted) as capture would, keeping the queued edit's actions
         (``wait_pushed`` waits for the merged state)."""
