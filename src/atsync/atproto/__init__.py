@@ -21,7 +21,9 @@ docs/api.md.
 - proofs: ``verify_commit`` (→ ``Commit``), ``verify_record_proof``, ``iter_repo_records``
   (→ ``RepoRecord``, from a CAR in memory); ``RepoFile``, the same for a ``getRepo`` CAR in a
   file, in bounded memory whatever the repository's size (``CarStream`` indexes and decodes
-  it while it downloads: ``sync_get_repo(..., on_chunk=stream.feed)``); a firehose
+  it while it downloads: ``sync_get_repo(..., on_chunk=stream.feed)``); ``diff_trees``
+  (→ ``MstDiff``): what changed between two versions of a repository's MST, reading only the
+  changed paths (over a ``getRepo?since=`` CAR; ``MissingBlock`` if it lacks one); a firehose
   ``#commit`` checked as sync 1.1 defines it (signature, records, ops inverted back to
   ``prevData``): ``verify_commit_event`` → ``VerifiedCommit`` of ``RepoOp``; a session key's
   authorization record: ``authorize_session_key``, ``revoke_session_key``, ``verify_session``
@@ -75,6 +77,7 @@ from ._devpds import DevAccount, DevPDS, ensure_installed
 from ._did_doc import DidDocument, parse_did_document
 from ._firehose import FirehoseFrame, FirehoseSubscription
 from ._identity import DEFAULT_PLC_URL, BlockingIdentityResolver, Identity, IdentityResolver
+from ._mst_diff import MissingBlock, MstDiff, diff_trees
 from ._oauth_flow import DEFAULT_OAUTH_SCOPE, granular_scope, loopback_client_id, oauth_login
 from ._oauth_session import OAuthSession, OAuthSessionData, resume_session
 from ._session import (
@@ -162,6 +165,8 @@ __all__ = [
     "Keypair",
     "LatestCommit",
     "MemorySessionStore",
+    "MissingBlock",
+    "MstDiff",
     "OAuthSession",
     "OAuthSessionData",
     "Portal",
@@ -193,6 +198,7 @@ __all__ = [
     "data_to_json",
     "decode_dag_cbor",
     "decode_plain_record",
+    "diff_trees",
     "encode_dag_cbor",
     "ensure_installed",
     "format_tid",

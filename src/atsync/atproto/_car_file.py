@@ -20,7 +20,7 @@ import shutil
 import sqlite3
 import tempfile
 import weakref
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, Self
@@ -268,10 +268,13 @@ class RepoFile:
         """Every block of the file, read from disk on access (the caller re-checks hashes)."""
         return self._car
 
-    def leaves(self) -> Iterator[tuple[str, str, CID]]:
+    def leaves(
+        self, on_node: Callable[[CID], object] | None = None
+    ) -> Iterator[tuple[str, str, CID]]:
         """``(collection, rkey, record CID)`` of every record, in key order, reading only MST
-        nodes: what a comparison of the repository with a local copy needs."""
-        for key, cid in iter_leaves(self._car, self.commit.data, self._nodes):
+        nodes: what a comparison of the repository with a local copy needs (``on_node``
+        sees each node's CID as it is read)."""
+        for key, cid in iter_leaves(self._car, self.commit.data, self._nodes, on_node):
             collection, rkey = _split_path(key)
             yield collection, rkey, cid
 

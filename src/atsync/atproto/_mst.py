@@ -14,7 +14,7 @@ keys prefix-compressed against the previous entry of the same node.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -334,10 +334,14 @@ def mst_lookup(blocks: Blocks, root: CID, key: str | bytes) -> tuple[CID | None,
 
 
 def iter_leaves(
-    blocks: Blocks, root: CID, nodes: Mapping[bytes, CompactNode] | None = None
+    blocks: Blocks,
+    root: CID,
+    nodes: Mapping[bytes, CompactNode] | None = None,
+    on_node: Callable[[CID], object] | None = None,
 ) -> Iterator[tuple[str, CID]]:
     """Every ``(key, value CID)`` in key order, checking the whole tree's structure
-    (``nodes``: nodes already decoded from ``blocks``, by CID bytes)."""
+    (``nodes``: nodes already decoded from ``blocks``, by CID bytes; ``on_node`` sees each
+    node's CID as it is read)."""
     walker = _Walker(blocks, nodes)
     # An explicit stack rather than recursion: a leaf then passes through no chain of
     # generators (a tree of 20,000 keys is five levels deep). Items are a subtree to visit
@@ -353,6 +357,8 @@ def iter_leaves(
             continue
         cid, layer, lo, hi = item
         node, layer = walker.load(cid, layer, lo, hi, layer is None)
+        if on_node is not None:
+            on_node(cid)
         entries = node.entries
         # Pushed in reverse: the left subtree first, then each key and the subtree after it.
         for i in range(len(entries) - 1, -1, -1):

@@ -23,6 +23,7 @@ from ..db import ModelDB
 from ._binding import BoundBinding
 from ._migrate import FOLLOWED, FOLLOWS
 from ._outbox import RECORDS, STATE
+from ._outbox_views import TREE
 from ._shared import merge_shared, shared_records
 
 __all__ = ["FollowedRepo", "Follows", "Origin", "followed_repositories"]
@@ -120,6 +121,7 @@ class Follows:
                 f"SELECT model, key, collection, rkey FROM {FOLLOWED} WHERE did = ?", (did,)
             ).fetchall()
             conn.execute(f"DELETE FROM {FOLLOWED} WHERE did = ?", (did,))
+            conn.execute(f"DELETE FROM {TREE} WHERE repo = ?", (did,))
             written: list[RemoteChange] = []
             with applying_remote():
                 for model, key, collection, rkey in rows:

@@ -7,6 +7,8 @@
        (what was last pulled from each: the ``_atsync_records`` of other people's records)
     4  blobs: ``_atsync_blobs`` (the blobs each account's PDS holds, as far as this device
        knows: uploaded, so not uploaded again)
+    5  ``_atsync_tree``: the MST nodes of each repository as last pulled, so that the next
+       pull reads only what changed since (``getRepo?since=``)
 
 ``upgrade_sync_tables`` runs inside the caller's transaction after ``create_sync_tables``;
 it only adds (columns, tables), so a database written by an older release keeps every
@@ -19,11 +21,11 @@ import sqlite3
 
 from ._blobsync import create_blob_table
 from ._outbox import CONFLICTS, RECORDS, REJECTED, STATE
-from ._outbox_views import FOLLOWED, FOLLOWS
+from ._outbox_views import FOLLOWED, FOLLOWS, TREE
 
 __all__ = ["FOLLOWED", "FOLLOWS", "REJECTED", "TABLES_VERSION", "upgrade_sync_tables"]
 
-TABLES_VERSION = 4
+TABLES_VERSION = 5
 
 _ADDED_COLUMNS = {
     RECORDS: ("record TEXT",),
@@ -65,6 +67,12 @@ def upgrade_sync_tables(conn: sqlite3.Connection) -> None:
     )
     conn.execute(f"CREATE INDEX IF NOT EXISTS {FOLLOWED}__by__model_key ON {FOLLOWED} (model, key)")
     create_blob_table(conn)
+    conn.execute(
+        f"""CREATE TABLE IF NOT EXISTS {TREE} (
+            repo TEXT NOT NULL, cid TEXT NOT NULL, node BLOB NOT NULL,
+            PRIMARY KEY (repo, cid)
+        ) WITHOUT ROWID"""
+    )
     conn.execute(
         f"INSERT OR REPLACE INTO {STATE} (key, value) VALUES ('tables_version', ?)",
         (str(TABLES_VERSION),),

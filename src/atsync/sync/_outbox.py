@@ -38,6 +38,7 @@ from ._outbox_views import (
     REJECTED,
     SENT,
     STATE,
+    TREE,
     DeadLetter,
     OutboxViews,
     QueuedWrite,
@@ -473,7 +474,7 @@ class Outbox(OutboxViews):
     def forget_everything(self) -> None:
         """Drop every sync table's content (see ``ATSync.start_fresh``)."""
         with self._db.transaction():
-            for table in (OUTBOX, RECORDS, DEAD, STATE, CONFLICTS, SENT, BLOBS):
+            for table in (OUTBOX, RECORDS, DEAD, STATE, CONFLICTS, SENT, BLOBS, TREE):
                 self._db.connection.execute(f"DELETE FROM {table}")
 
     def dead_letter(self, write: PendingWrite, error: str | None, message: str) -> None:

@@ -19,6 +19,7 @@ __all__ = [
     "REJECTED",
     "SENT",
     "STATE",
+    "TREE",
     "DeadLetter",
     "OutboxViews",
     "QueuedWrite",
@@ -33,6 +34,7 @@ SENT = "_atsync_sent"
 REJECTED = "_atsync_rejected"  # created by _migrate (tables version 2)
 BLOBS = "_atsync_blobs"  # created by _migrate (tables version 4), kept by _blobsync
 FOLLOWS = "_atsync_follows"  # created by _migrate (tables version 3), kept by _follows
+TREE = "_atsync_tree"  # created by _migrate (tables version 5), kept by _tree
 FOLLOWED = "_atsync_followed"
 
 

@@ -19,6 +19,7 @@ CID).
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -32,12 +33,16 @@ from .._errors import VerificationError
 from .._gc import gc_paused
 from ..app import RemoteChange
 from ..atproto import (
+    CID,
     CarStream,
+    MissingBlock,
+    MstDiff,
     RepoFile,
     VerifiedCommit,
     XrpcClient,
     decode_dag_cbor,
     decode_plain_record,
+    diff_trees,
 )
 from ..db import ModelDB
 from ..lexicon import LexiconSet
@@ -48,10 +53,16 @@ from ._merge import ConflictPolicy
 from ._outbox import Outbox
 from ._repo import OWN, Repo
 from ._shared import Hlc
+from ._tree import TreeNodes
 
 __all__ = ["Puller"]
 
+log = logging.getLogger("atsync.sync")
+
 CHUNK = 1000  # remote changes applied per transaction
+# Trees of more nodes are not held (a pull after a gap reads such a repository whole):
+# holding them would make a whole read's memory grow with the repository (~4 records a node).
+TREE_NODES_MAX = 50_000
 _NOT_HELD = object()
 Progress = Callable[[int, int], None]
 
@@ -77,6 +88,7 @@ class Puller:
     ) -> None:
         self._db = db
         self._repo = repo
+        self._tree = TreeNodes(db, repo)
         self._outbox = outbox
         self._by_collection = {b.collection: b for b in bindings.values() if b.direction != "push"}
         # Collections read for on_pds_action alone (no binding, no rows).
@@ -110,6 +122,8 @@ class Puller:
             if latest.cid == pulled:
                 result.commit, result.rev, result.unchanged = latest.cid, latest.rev, True
                 return result
+            if await self._pull_since(did, client, signing_key, result, progress):
+                return result
         known = self._known()
         known_cids = {key: was.cid for key, was in known.items()}
         with tempfile.TemporaryDirectory(prefix="atsync-pull-") as tmp:
@@ -117,13 +131,43 @@ class Puller:
             # Blocks are hash-checked and decoded as they arrive, while the network is slow.
             stream = CarStream(decode=self.collections)
             await client.sync_get_repo(did, path, on_chunk=stream.feed)
-            commit, rev, data, changes = await anyio.to_thread.run_sync(
+            commit, rev, data, changes, nodes = await anyio.to_thread.run_sync(
                 self._read, path, did, signing_key, known_cids, stream
             )
         result.commit, result.rev = commit, rev
         await self._apply(did, rev, changes, known, result, progress)
-        self._finish(commit, rev, data, whole=True)
+        self._finish(commit, rev, data, whole=True, tree=nodes)
         return result
+
+    async def _pull_since(
+        self,
+        did: str,
+        client: XrpcClient,
+        signing_key: str | None,
+        result: PullResult,
+        progress: Progress | None,
+    ) -> bool:
+        """Catch up by what changed since the pulled rev (``getRepo?since=``) over the held
+        tree; False (nothing applied) when no tree is held for the pulled state, or the
+        changes lack a block: then the whole repository is read."""
+        rev, data = self.position()
+        if rev is None or data is None or self._tree.root() != data:
+            return False
+        with tempfile.TemporaryDirectory(prefix="atsync-pull-") as tmp:
+            path = Path(tmp) / "since.car"
+            stream = CarStream(decode=self.collections)
+            await client.sync_get_repo(did, path, since=rev, on_chunk=stream.feed)
+            try:
+                commit, new_rev, new_data, changes, known, diff = self._read_since(
+                    path, did, signing_key, stream, data
+                )
+            except MissingBlock as exc:
+                log.info("the changes since rev %s are incomplete (%s): reading it all", rev, exc)
+                return False
+        result.commit, result.rev = commit, new_rev
+        await self._apply(did, new_rev, changes, known, result, progress)
+        self._finish(commit, new_rev, new_data, diff=diff)
+        return True
 
     def covers_collections(self) -> bool:
         """Whether the last whole read included every collection pulled now: a binding added
@@ -170,16 +214,24 @@ class Puller:
         signing_key: str | None,
         known: Mapping[tuple[str, str], str | None],
         stream: CarStream,
-    ) -> tuple[str, str, str, list[Change]]:
+    ) -> tuple[str, str, str, list[Change], list[tuple[str, bytes]] | None]:
         """Verify the CAR (memory bounded whatever its size) and list the changes: records of
         bound collections whose CID differs from what we hold, and records we hold that the
         repository no longer has (a whole comparison: no delete is missed)."""
         changes: list[Change] = []
         seen: set[tuple[str, str]] = set()  # of the records we hold: few on a new device
         collections = self.collections
+        node_cids: list[CID] | None = []  # the tree, held for the next pull (if not too big)
+
+        def on_node(cid: CID) -> None:
+            nonlocal node_cids
+            if node_cids is not None:
+                node_cids.append(cid)
+                if len(node_cids) > TREE_NODES_MAX:
+                    node_cids = None
+
         with gc_paused(), RepoFile(path, did=did, signing_key=signing_key, stream=stream) as repo:
-            blocks = repo.blocks
-            for collection, rkey, cid in repo.leaves():
+            for collection, rkey, cid in repo.leaves(on_node):
                 if collection not in collections:
                     continue
                 text = str(cid)
@@ -190,27 +242,50 @@ class Puller:
                         seen.add(key)
                         if held == text:
                             continue  # unchanged, or our own write coming back: not read
-                decoded = repo.decoded_record(cid)
-                if decoded is not None:
-                    changes.append((collection, rkey, text, decoded[0], decoded[1]))
-                    continue
-                data = blocks[cid]
-                if not cid.matches(data):
-                    raise VerificationError(f"{collection}/{rkey}: block does not match {text}")
-                # Plain records (most) decode fast, their data model proven, with their JSON.
-                plain = decode_plain_record(data)
-                if plain is not None:
-                    changes.append((collection, rkey, text, plain[0], plain[1]))
-                    continue
-                record = decode_dag_cbor(data)
-                if not isinstance(record, dict):
-                    raise VerificationError(f"{collection}/{rkey}: the record is not a map")
-                changes.append((collection, rkey, text, record, None))
+                changes.append(_record_change(repo, collection, rkey, cid))
             commit = repo.commit
             for (collection, rkey), cid_held in known.items():
                 if cid_held is not None and (collection, rkey) not in seen:
                     changes.append((collection, rkey, None, None, None))  # gone from the repo
-            return str(commit.cid), commit.rev, str(commit.data), changes
+            nodes = None
+            if node_cids is not None:
+                blocks = repo.blocks
+                nodes = [(str(cid), bytes(blocks[cid])) for cid in node_cids]
+            return str(commit.cid), commit.rev, str(commit.data), changes, nodes
+
+    def _read_since(
+        self, path: Path, did: str, signing_key: str | None, stream: CarStream, old_root: str
+    ) -> tuple[str, str, str, list[Change], dict[tuple[str, str], Known], MstDiff]:
+        """Verify a ``getRepo?since=`` CAR and list the changes it makes to the held tree
+        (``MissingBlock``: it lacks one; the whole repository must be read)."""
+        collections = self.collections
+        with gc_paused(), RepoFile(path, did=did, signing_key=signing_key, stream=stream) as repo:
+            commit = repo.commit
+            diff = diff_trees(commit.data, repo.blocks, CID.parse(old_root), self._tree)
+            added: dict[tuple[str, str], CID] = {}
+            for path_key, cid in diff.added.items():
+                collection, _, rkey = path_key.partition("/")
+                if collection in collections:
+                    added[(collection, rkey)] = cid
+            gone = [
+                (collection, rkey)
+                for collection, _, rkey in (k.partition("/") for k in diff.removed)
+                if collection in collections and f"{collection}/{rkey}" not in diff.added
+            ]
+            known = self._known([*added, *gone])
+            changes: list[Change] = []
+            for (collection, rkey), cid in added.items():
+                was = known.get((collection, rkey))
+                if was is not None and was.cid == str(cid):
+                    continue  # in a changed node, but itself unchanged
+                if cid not in repo.blocks:
+                    raise MissingBlock(f"record {collection}/{rkey} ({cid}) is not in the delta")
+                changes.append(_record_change(repo, collection, rkey, cid))
+            for collection, rkey in gone:
+                was = known.get((collection, rkey))
+                if was is not None and was.cid is not None:
+                    changes.append((collection, rkey, None, None, None))
+            return str(commit.cid), commit.rev, str(commit.data), changes, known, diff
 
     # -- applying ---------------------------------------------------------------------------
 
@@ -277,8 +352,18 @@ class Puller:
         self._applier.reject_all(did, reason, detail)
 
     def _finish(
-        self, commit: str, rev: str, data: str, *, cursor: int | None = None, whole: bool = False
+        self,
+        commit: str,
+        rev: str,
+        data: str,
+        *,
+        cursor: int | None = None,
+        whole: bool = False,
+        tree: list[tuple[str, bytes]] | None = None,
+        diff: MstDiff | None = None,
     ) -> None:
+        """Record the pulled position (and with ``whole``/``tree``/``diff``, the tree held
+        for the next pull) in one transaction."""
         state = self._repo.state
         values: list[tuple[str, str]] = [
             (state("pulled_commit"), commit),
@@ -302,3 +387,27 @@ class Puller:
             self._db.connection.executemany(
                 "INSERT OR REPLACE INTO _atsync_sync_state (key, value) VALUES (?, ?)", values
             )
+            if diff is not None:
+                self._tree.update(data, diff)
+            elif whole:
+                # The nodes of what was read, or (a tree too big to hold) none.
+                self._tree.replace(data if tree is not None else "", tree or ())
+
+
+def _record_change(repo: RepoFile, collection: str, rkey: str, cid: CID) -> Change:
+    """The change a record of the CAR makes: decoded ahead while downloading, or now."""
+    text = str(cid)
+    decoded = repo.decoded_record(cid)
+    if decoded is not None:
+        return (collection, rkey, text, decoded[0], decoded[1])
+    data = repo.blocks[cid]
+    if not cid.matches(data):
+        raise VerificationError(f"{collection}/{rkey}: block does not match {text}")
+    # Plain records (most) decode fast, their data model proven, with their JSON.
+    plain = decode_plain_record(data)
+    if plain is not None:
+        return (collection, rkey, text, plain[0], plain[1])
+    record = decode_dag_cbor(data)
+    if not isinstance(record, dict):
+        raise VerificationError(f"{collection}/{rkey}: the record is not a map")
+    return (collection, rkey, text, record, None)

@@ -1,0 +1,178 @@
+"""A later pull reads what changed since the pulled rev, not the whole repository.
+
+``getRepo?since=REV`` gives the commit and the nodes and records written since; compared
+with the MST nodes held from the last read (``_atsync_tree``), it yields every create,
+update and delete. These tests run against the real PDS and watch the requests.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from atsync.atproto import IdentityResolver, Session, XrpcClient
+from atsync.sync import Poll
+from fault_proxy import FaultProxy, Rewrite, proxied_session
+from sync_devices import as_rows, remote, rows, wait_status
+from test_sync_pull import alice, collection_for, counting, device, put_record, settle
+
+pytestmark = pytest.mark.anyio
+
+GET_REPO = "com.atproto.sync.getRepo"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def resolver(dev_pds: Any) -> AsyncIterator[IdentityResolver]:
+    async with IdentityResolver(plc_url=dev_pds.plc_url, allow_insecure_localhost=True) as r:
+        yield r
+
+
+async def change_elsewhere(session: Session, collection: str) -> None:
+    """Another device: two creates, an update and two deletes, straight to the PDS."""
+    await put_record(session, collection, "new1", title="new 1", n=101)
+    await put_record(session, collection, "new2", title="new 2", n=102)
+    async with XrpcClient(session=session) as client:
+        await client.put_record(
+            session.did, collection, "k03", {"$type": collection, "title": "k03 edited", "n": 3}
+        )
+        await client.delete_record(session.did, collection, "k05")
+        await client.delete_record(session.did, collection, "k17")
+
+
+async def test_a_later_pull_reads_only_what_changed_since(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    collection = collection_for(request)
+    session = await alice(dev_pds)
+    for i in range(30):
+        await put_record(session, collection, f"k{i:02d}", title=f"k{i:02d}", n=i)
+    seen, options = counting(GET_REPO)
+    async with device(tmp_path / "b.db", collection, session, resolver, **options) as (b, sync):
+        await settle(sync)
+        assert len(rows(b)) == 30 and len(seen) == 1 and "since=" not in seen[0]
+        await change_elsewhere(session, collection)
+        await settle(sync)
+        assert len(seen) == 2 and "since=" in seen[1], seen
+        assert rows(b) == as_rows(await remote(session, collection))
+        assert {"new1", "new2"} <= set(rows(b)) and not {"k05", "k17"} & set(rows(b))
+        assert rows(b)["k03"]["title"] == "k03 edited"
+        # Nothing changed: no download at all.
+        await settle(sync)
+        assert len(seen) == 2
+    # A later start goes on from what the database holds.
+    await put_record(session, collection, "new3", title="new 3", n=103)
+    seen.clear()
+    async with device(tmp_path / "b.db", collection, session, resolver, **options) as (b, sync):
+        await settle(sync)
+        assert len(seen) == 1 and "since=" in seen[0]
+        assert rows(b) == as_rows(await remote(session, collection))
+
+
+async def test_poll_catches_up_by_what_changed(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    """As the docs show Poll: no pull_now, no wait_pulled — the change arrives by itself."""
+    collection = collection_for(request)
+    session = await alice(dev_pds)
+    await put_record(session, collection, "a", title="a", n=1)
+    seen, options = counting(GET_REPO)
+    async with device(
+        tmp_path / "b.db", collection, session, resolver, pull=Poll(0.2), **options
+    ) as (b, sync):
+        await wait_status(sync, lambda s: "a" in rows(b), 30)
+        await put_record(session, collection, "b", title="b", n=2)
+        await wait_status(sync, lambda s: "b" in rows(b), 30)
+        assert len(seen) == 2 and "since=" in seen[1], seen
+
+
+async def test_without_the_held_tree_the_whole_repository_is_read(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    """A tree held in part (a damaged file, an older release's database) is never taken for
+    whole: the delta cannot be compared, and the repository is read as on a first start."""
+    collection = collection_for(request)
+    session = await alice(dev_pds)
+    for i in range(20):
+        await put_record(session, collection, f"k{i:02d}", title=f"k{i:02d}", n=i)
+    seen, options = counting(GET_REPO)
+    async with device(tmp_path / "b.db", collection, session, resolver, **options) as (b, sync):
+        await settle(sync)
+        with b.model_db.transaction():
+            # Its root node: every delta reads it (whatever changed, the root did).
+            b.model_db.connection.execute(
+                "DELETE FROM _atsync_tree WHERE cid = "
+                "(SELECT value FROM _atsync_sync_state WHERE key = 'tree_root')"
+            )
+        await change_elsewhere(session, collection)
+        await settle(sync)
+        assert rows(b) == as_rows(await remote(session, collection))
+        # The delta, found incomplete, then the whole repository (which holds the tree again).
+        assert len(seen) == 3 and "since=" in seen[1] and "since=" not in seen[2], seen
+        await put_record(session, collection, "again", title="again", n=9)
+        await settle(sync)
+        assert len(seen) == 4 and "since=" in seen[3]
+        assert rows(b) == as_rows(await remote(session, collection))
+
+
+async def test_a_tampered_delta_is_rejected_and_nothing_of_it_applied(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    collection = collection_for(request)
+    session = await alice(dev_pds)
+    await put_record(session, collection, "a", title="a", n=1)
+    async with FaultProxy(dev_pds.pds_url) as proxy:
+        proxied = proxied_session(session, proxy.url)
+        async with device(tmp_path / "b.db", collection, proxied, resolver) as (b, sync):
+            await settle(sync)
+            proxy.add(
+                Rewrite(lambda body: body.replace(b"the real title", b"the fake title")),
+                nsid=GET_REPO,
+                when=lambda r: "since=" in r.target,
+                nth=1,
+            )
+            await put_record(session, collection, "b", title="the real title", n=2)
+            sync.pull_now()
+            refused = await wait_status(sync, lambda s: s.download_error is not None, 30)
+            assert "failed verification" in (refused.download_error or "")
+            assert set(rows(b)) == {"a"}
+            with anyio.fail_after(30):
+                await sync.wait_pulled()
+            assert rows(b)["b"]["title"] == "the real title"
+
+
+def test_a_database_of_the_previous_release_upgrades_with_its_queue_intact(
+    tmp_path: Path,
+) -> None:
+    """Sync tables version 4 (before ``_atsync_tree``): the table is added, the queue kept."""
+    from atsync.app import App
+    from atsync.sync import ATSync, Binding, Manual
+    from test_sync_pull import contract
+
+    path = tmp_path / "old.db"
+    with App.open(path, contract) as app:
+        sync = ATSync(app, bindings={"notes": Binding("test.atsync.old")}, pull=Manual())
+        app.actions.put("q", "queued offline")
+        sync.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("DROP TABLE _atsync_tree")
+        conn.execute("UPDATE _atsync_sync_state SET value = '4' WHERE key = 'tables_version'")
+    with App.open(path, contract) as app:
+        sync = ATSync(app, bindings={"notes": Binding("test.atsync.old")}, pull=Manual())
+        db = app.model_db
+        assert db.execute("SELECT count(*) FROM _atsync_tree").fetchone() == (0,)
+        version = db.execute(
+            "SELECT value FROM _atsync_sync_state WHERE key = 'tables_version'"
+        ).fetchone()
+        assert version == ("5",)
+        assert [w.rkey for w in sync.outbox.next_batch()] == ["q"]
+        sync.close()
