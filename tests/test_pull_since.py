@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 import pytest
 
-from atsync.atproto import IdentityResolver, Session, XrpcClient
+from atsync.atproto import CID, IdentityResolver, Session, XrpcClient
 from atsync.sync import Poll
 from fault_proxy import FaultProxy, Rewrite, proxied_session
 from sync_devices import as_rows, remote, rows, wait_status
@@ -107,12 +107,16 @@ async def test_without_the_held_tree_the_whole_repository_is_read(
     seen, options = counting(GET_REPO)
     async with device(tmp_path / "b.db", collection, session, resolver, **options) as (b, sync):
         await settle(sync)
-        with b.model_db.transaction():
+        db = b.model_db
+        (root,) = db.execute(
+            "SELECT value FROM _atsync_sync_state WHERE key = 'tree_root'"
+        ).fetchone()
+        with db.transaction():
             # Its root node: every delta reads it (whatever changed, the root did).
-            b.model_db.connection.execute(
-                "DELETE FROM _atsync_tree WHERE cid = "
-                "(SELECT value FROM _atsync_sync_state WHERE key = 'tree_root')"
+            gone = db.connection.execute(
+                "DELETE FROM _atsync_tree WHERE cid = ?", (bytes(CID.parse(root)),)
             )
+            assert gone.rowcount == 1
         await change_elsewhere(session, collection)
         await settle(sync)
         assert rows(b) == as_rows(await remote(session, collection))

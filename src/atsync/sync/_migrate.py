@@ -7,8 +7,8 @@
        (what was last pulled from each: the ``_atsync_records`` of other people's records)
     4  blobs: ``_atsync_blobs`` (the blobs each account's PDS holds, as far as this device
        knows: uploaded, so not uploaded again)
-    5  ``_atsync_tree``: the MST nodes of each repository as last pulled, so that the next
-       pull reads only what changed since (``getRepo?since=``)
+    5  ``_atsync_tree``: the MST nodes of each repository as last pulled (by the CID's
+       bytes), so that the next pull reads only what changed since (``getRepo?since=``)
 
 ``upgrade_sync_tables`` runs inside the caller's transaction after ``create_sync_tables``;
 it only adds (columns, tables), so a database written by an older release keeps every
@@ -69,7 +69,7 @@ def upgrade_sync_tables(conn: sqlite3.Connection) -> None:
     create_blob_table(conn)
     conn.execute(
         f"""CREATE TABLE IF NOT EXISTS {TREE} (
-            repo TEXT NOT NULL, cid TEXT NOT NULL, node BLOB NOT NULL,
+            repo TEXT NOT NULL, cid BLOB NOT NULL, node BLOB NOT NULL,
             PRIMARY KEY (repo, cid)
         ) WITHOUT ROWID"""
     )

@@ -214,7 +214,7 @@ class Puller:
         signing_key: str | None,
         known: Mapping[tuple[str, str], str | None],
         stream: CarStream,
-    ) -> tuple[str, str, str, list[Change], list[tuple[str, bytes]] | None]:
+    ) -> tuple[str, str, str, list[Change], list[tuple[bytes, bytes]] | None]:
         """Verify the CAR (memory bounded whatever its size) and list the changes: records of
         bound collections whose CID differs from what we hold, and records we hold that the
         repository no longer has (a whole comparison: no delete is missed)."""
@@ -250,7 +250,7 @@ class Puller:
             nodes = None
             if node_cids is not None:
                 blocks = repo.blocks
-                nodes = [(str(cid), bytes(blocks[cid])) for cid in node_cids]
+                nodes = [(bytes(cid), bytes(blocks[cid])) for cid in node_cids]
             return str(commit.cid), commit.rev, str(commit.data), changes, nodes
 
     def _read_since(
@@ -359,7 +359,7 @@ class Puller:
         *,
         cursor: int | None = None,
         whole: bool = False,
-        tree: list[tuple[str, bytes]] | None = None,
+        tree: list[tuple[bytes, bytes]] | None = None,
         diff: MstDiff | None = None,
     ) -> None:
         """Record the pulled position (and with ``whole``/``tree``/``diff``, the tree held

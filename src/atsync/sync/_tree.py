@@ -1,7 +1,8 @@
 """The MST nodes of each pulled repository as last read, so that the next pull reads only
 what changed since (``getRepo?since=``, compared with ``diff_trees``).
 
-    _atsync_tree   repo ('' for the user's own, else the followed DID), node CID, node bytes
+    _atsync_tree   repo ('' for the user's own, else the followed DID), the node's CID (its
+                   bytes: no text encoding for thousands of nodes), the node's bytes
 
 The nodes are the tree whose root the state key ``tree_root`` names; they are used only
 while that root is still the pulled ``pulled_data`` (a live ``#commit`` moves the pulled
@@ -40,23 +41,25 @@ class TreeNodes(Mapping[CID, bytes]):
 
     def __getitem__(self, cid: CID) -> bytes:
         row = self._db.execute(
-            f"SELECT node FROM {TREE} WHERE repo = ? AND cid = ?", (self._repo, str(cid))
+            f"SELECT node FROM {TREE} WHERE repo = ? AND cid = ?", (self._repo, bytes(cid))
         ).fetchone()
         if row is None:
             raise KeyError(cid)
         return bytes(row[0])
 
     def __contains__(self, cid: object) -> bool:
+        if not isinstance(cid, CID):
+            return False
         return (
             self._db.execute(
-                f"SELECT 1 FROM {TREE} WHERE repo = ? AND cid = ?", (self._repo, str(cid))
+                f"SELECT 1 FROM {TREE} WHERE repo = ? AND cid = ?", (self._repo, bytes(cid))
             ).fetchone()
             is not None
         )
 
     def __iter__(self) -> Iterator[CID]:
         for (cid,) in self._db.execute(f"SELECT cid FROM {TREE} WHERE repo = ?", (self._repo,)):
-            yield CID.parse(cid)
+            yield CID(bytes(cid))
 
     def __len__(self) -> int:
         (count,) = self._db.execute(
@@ -64,7 +67,7 @@ class TreeNodes(Mapping[CID, bytes]):
         ).fetchone()
         return int(count)
 
-    def replace(self, root: str, nodes: Iterable[tuple[str, bytes]]) -> None:
+    def replace(self, root: str, nodes: Iterable[tuple[bytes, bytes]]) -> None:
         """Hold ``nodes`` (every node of the tree at ``root``) instead of what was held.
         Runs in the caller's transaction."""
         conn = self._db.connection
@@ -80,11 +83,11 @@ class TreeNodes(Mapping[CID, bytes]):
         conn = self._db.connection
         conn.executemany(
             f"DELETE FROM {TREE} WHERE repo = ? AND cid = ?",
-            ((self._repo, str(cid)) for cid in diff.gone_nodes),
+            ((self._repo, bytes(cid)) for cid in diff.gone_nodes),
         )
         conn.executemany(
             f"INSERT OR REPLACE INTO {TREE} (repo, cid, node) VALUES (?, ?, ?)",
-            ((self._repo, str(cid), node) for cid, node in diff.new_nodes.items()),
+            ((self._repo, bytes(cid), node) for cid, node in diff.new_nodes.items()),
         )
         self._set_root(conn, root)
 
