@@ -26,6 +26,11 @@ One run, one PDS. A repository of ``n`` records (``applyWrites`` batches of 200)
     atsync adds over the stream itself. Measured on an account with a small repository,
     and (``--live-big``, 0 to skip) on the ``n``-record account with B restored from (i).
 
+(iii) catch-up: the device restored in (i), running; another device commits 100 changes
+    (creates, updates, deletes); timed from ``wait_pulled()`` to its return
+    (``getRepo?since=`` compared with the MST nodes it kept), against a whole read (i) and
+    (a) the SDK's listRecords loop (it has no way to ask for changes only).
+
 Targets (issue #9): atsync >= 2x (a) and >= 0.5x (b) in records/s, peak RSS growth < 150 MB;
 live p50 < 300 ms, p99 < 1 s.
 """
@@ -52,10 +57,13 @@ import httpx
 from atsync.app import App, Contract
 from atsync.atproto import (
     Create,
+    Delete,
     DevPDS,
     FirehoseSubscription,
     IdentityResolver,
     TidClock,
+    Update,
+    Write,
     XrpcClient,
     login,
 )
@@ -63,6 +71,7 @@ from atsync.sync import ATSync, Binding, Immediate, Live, Manual
 
 TARGET_SDK, TARGET_FLOOR, TARGET_RSS_MB = 2.0, 0.5, 150.0
 TARGET_P50, TARGET_P99 = 0.300, 1.0
+CATCH_UP = 100  # changes another device makes before (iii)
 PASSWORD = "bench-pw-1"
 BIG, SMALL = "bench.test", "live.test"
 COLLECTION = "bench.pull.post"
@@ -83,16 +92,37 @@ def record(n: int) -> dict[str, Any]:
 # -- the repository ---------------------------------------------------------------------------
 
 
-async def fill(pds: DevPDS, did: str, n: int) -> float:
-    """``n`` records in ``applyWrites`` batches of 200; returns the seconds it took."""
+async def fill(pds: DevPDS, did: str, n: int) -> tuple[float, list[str]]:
+    """``n`` records in ``applyWrites`` batches of 200; returns the seconds it took and the
+    record keys."""
     clock = TidClock()
+    rkeys: list[str] = []
     start = time.perf_counter()
     async with XrpcClient(session=await login(did, PASSWORD, pds.pds_url)) as client:
         for first in range(0, n, 200):
             batch = range(first, min(n, first + 200))
             writes = [Create(COLLECTION, record(i), rkey=clock.next()) for i in batch]
+            rkeys += [w.rkey for w in writes if w.rkey is not None]
             await client.apply_writes(did, writes)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, rkeys
+
+
+async def change_some(pds: DevPDS, did: str, rkeys: list[str], count: int) -> int:
+    """Another device's commit: ``count`` changes, half creates, 30% updates, 20% deletes
+    spread over the repository. Returns how many records there are now more."""
+    clock = TidClock()
+    creates, updates = count // 2, count * 3 // 10
+    deletes = count - creates - updates
+    step = max(1, len(rkeys) // (updates + deletes + 1))
+    spread = rkeys[::step]
+    writes: list[Write] = [
+        Create(COLLECTION, record(-i), rkey=clock.next()) for i in range(creates)
+    ]
+    writes += [Update(COLLECTION, k, record(-1_000 - i)) for i, k in enumerate(spread[:updates])]
+    writes += [Delete(COLLECTION, k) for k in spread[updates : updates + deletes]]
+    async with XrpcClient(session=await login(did, PASSWORD, pds.pds_url)) as client:
+        await client.apply_writes(did, writes)
+    return creates - deletes
 
 
 # -- (i) atsync backfill, in a child process ------------------------------------------------
@@ -167,6 +197,34 @@ def atsync_backfill(pds: DevPDS, did: str, db: Path) -> dict[str, Any]:
         check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+async def running_catch_up(pds: DevPDS, did: str, rkeys: list[str], db: Path) -> tuple[float, int]:
+    """(iii): the device of (i), running; another device commits ``CATCH_UP`` changes; the
+    seconds from ``pull_now()`` to ``wait_pulled()`` returning, and the rows after."""
+    session = await login(did, PASSWORD, pds.pds_url)
+    async with IdentityResolver(plc_url=pds.plc_url, allow_insecure_localhost=True) as resolver:
+        with App.open(db, contract) as app:
+            sync = ATSync(
+                app,
+                bindings={"posts": Binding(COLLECTION)},
+                session=session,
+                pull=Manual(),
+                push=Manual(),
+                identity=resolver,
+            )
+            async with sync:
+                await sync.wait_pulled()  # up to date, as (i) left it
+                more = await change_some(pds, did, rkeys, CATCH_UP)
+                before = app.model_db.execute("SELECT count(*) FROM posts").fetchone()[0]
+                start = time.perf_counter()
+                status = await sync.wait_pulled()
+                seconds = time.perf_counter() - start
+                assert status.download_error is None, status
+            sync.close()
+            rows = app.model_db.execute("SELECT count(*) FROM posts").fetchone()[0]
+            assert rows == before + more, (rows, before, more)
+    return seconds, int(rows)
 
 
 # -- (a) the atproto SDK, (b) the floor ------------------------------------------------------
@@ -400,7 +458,7 @@ def main() -> int:
         tmp = Path(tmp_)
         did, small_did = pds.accounts[BIG].did, pds.accounts[SMALL].did
         say(f"filling the repository with {args.n:,} records …")
-        filled = anyio.run(fill, pds, did, args.n, backend="asyncio")
+        filled, rkeys = anyio.run(fill, pds, did, args.n, backend="asyncio")
         say(f"  {filled:.1f} s")
         rates: dict[str, list[float]] = {"atsync": [], "sdk": [], "floor": []}
         backfills: list[dict[str, Any]] = []
@@ -420,6 +478,12 @@ def main() -> int:
             seconds, blocks = floor_get_repo(pds, did)
             assert blocks > args.n, blocks
             rates["floor"].append(args.n / seconds)
+        say(f"catch-up after {CATCH_UP} changes …")
+        catch_up, rows = anyio.run(
+            running_catch_up, pds, did, rkeys, tmp / "atsync-0.db", backend="asyncio"
+        )
+        catch_up_sdk, sdk_rows = sdk_list_records(pds, did, tmp / "sdk-catch-up.db")
+        assert rows == sdk_rows, (rows, sdk_rows)
         say(f"live latency, {args.live} writes (small repository) …")
         live = live_latency(pds, small_did, args.live, tmp / "live-b.db", tmp / "live-a.db")
         live_big: dict[str, list[float]] | None = None
@@ -487,6 +551,18 @@ def main() -> int:
         print(line("action -> A's applyWrites answered", live_big["push"]))
         print(line("action -> #commit frame (raw websocket)", live_big["frame"]))
         print(line("frame -> row (what atsync adds)", live_big["added"]))
+    whole_read = statistics.median(b["seconds"] for b in backfills)
+    print(f"(iii) catch-up: another device's commit of {CATCH_UP} changes (creates, updates,")
+    print("  deletes) to the repository; a device that pulled it before pulls again")
+    print(
+        f"  atsync (getRepo?since= against the MST nodes it kept): {catch_up * 1000:.0f} ms;"
+        f" reading it all again (i): {whole_read * 1000:.0f} ms ({whole_read / catch_up:.0f}x)"
+    )
+    print(
+        f"  (a) the SDK, which can only list every record again: {catch_up_sdk * 1000:.0f} ms "
+        f"({catch_up_sdk / catch_up:.0f}x atsync's time)"
+    )
+
     return 0 if all(checks.values()) else 1
 
 

@@ -38,8 +38,10 @@ async def resolver(dev_pds: Any) -> AsyncIterator[IdentityResolver]:
 
 
 async def change_elsewhere(session: Session, collection: str) -> None:
-    """Another device: two creates, an update and two deletes, straight to the PDS."""
+    """Another device: three creates (one the exact content of k00: the PDS leaves its block
+    out of the delta, as it had it before), an update and two deletes, straight to the PDS."""
     await put_record(session, collection, "new1", title="new 1", n=101)
+    await put_record(session, collection, "twin", title="k00", n=0)
     await put_record(session, collection, "new2", title="new 2", n=102)
     async with XrpcClient(session=session) as client:
         await client.put_record(
@@ -64,7 +66,7 @@ async def test_a_later_pull_reads_only_what_changed_since(
         await settle(sync)
         assert len(seen) == 2 and "since=" in seen[1], seen
         assert rows(b) == as_rows(await remote(session, collection))
-        assert {"new1", "new2"} <= set(rows(b)) and not {"k05", "k17"} & set(rows(b))
+        assert {"new1", "new2", "twin"} <= set(rows(b)) and not {"k05", "k17"} & set(rows(b))
         assert rows(b)["k03"]["title"] == "k03 edited"
         # Nothing changed: no download at all.
         await settle(sync)

@@ -19,6 +19,7 @@ CID).
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
@@ -40,6 +41,7 @@ from ..atproto import (
     RepoFile,
     VerifiedCommit,
     XrpcClient,
+    data_from_json,
     decode_dag_cbor,
     decode_plain_record,
     diff_trees,
@@ -274,13 +276,25 @@ class Puller:
             ]
             known = self._known([*added, *gone])
             changes: list[Change] = []
+            missing: list[tuple[str, str, CID]] = []
             for (collection, rkey), cid in added.items():
                 was = known.get((collection, rkey))
                 if was is not None and was.cid == str(cid):
                     continue  # in a changed node, but itself unchanged
-                if cid not in repo.blocks:
-                    raise MissingBlock(f"record {collection}/{rkey} ({cid}) is not in the delta")
-                changes.append(_record_change(repo, collection, rkey, cid))
+                if cid in repo.blocks:
+                    changes.append(_record_change(repo, collection, rkey, cid))
+                else:
+                    missing.append((collection, rkey, cid))
+            if missing:
+                # The PDS leaves out a block it had before ``since`` (a record whose content
+                # another record already has): its content is known here, or all is read.
+                held = self._records_by_cid({str(cid) for *_, cid in missing})
+                for collection, rkey, cid in missing:
+                    record_json = held.get(str(cid))
+                    if record_json is None:
+                        raise MissingBlock(f"{collection}/{rkey} ({cid}) is not in the delta")
+                    record = data_from_json(json.loads(record_json))
+                    changes.append((collection, rkey, str(cid), record, None))
             for collection, rkey in gone:
                 was = known.get((collection, rkey))
                 if was is not None and was.cid is not None:
@@ -324,14 +338,19 @@ class Puller:
         if keys is not None:
             found: dict[tuple[str, str], Known] = {}
             where, params = self._repo.where()
+            by_collection: dict[str, list[str]] = {}
             for collection, rkey in keys:
-                row = self._db.execute(
-                    f"SELECT model, key, cid, record FROM {self._repo.table} "
-                    f"WHERE {where} AND collection = ? AND rkey = ?",
-                    (*params, collection, rkey),
-                ).fetchone()
-                if row is not None:
-                    found[(collection, rkey)] = Known(*row)
+                by_collection.setdefault(collection, []).append(rkey)
+            for collection, rkeys in by_collection.items():
+                for start in range(0, len(rkeys), 500):
+                    chunk = rkeys[start : start + 500]
+                    for rkey, *known in self._db.execute(
+                        f"SELECT rkey, model, key, cid, record FROM {self._repo.table} "
+                        f"WHERE {where} AND collection = ? "
+                        f"AND rkey IN ({', '.join('?' * len(chunk))})",
+                        (*params, collection, *chunk),
+                    ):
+                        found[(collection, rkey)] = Known(*known)
             return found
         collections = sorted(self.collections)
         if not collections:
@@ -346,6 +365,21 @@ class Puller:
                 (*params, *collections),
             ).fetchall()
         }
+
+    def _records_by_cid(self, cids: set[str]) -> dict[str, str]:
+        """The content (JSON) of held records with these CIDs, as last synced."""
+        found: dict[str, str] = {}
+        wanted = sorted(cids)
+        where, params = self._repo.where()
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            for cid, record in self._db.execute(
+                f"SELECT cid, record FROM {self._repo.table} WHERE {where} AND record IS NOT NULL "
+                f"AND cid IN ({', '.join('?' * len(chunk))})",
+                (*params, *chunk),
+            ):
+                found[cid] = record
+        return found
 
     def reject_all(self, did: str, reason: str, detail: str) -> None:
         """The whole pull was refused (a forged or damaged repository): say so once."""
