@@ -17,7 +17,7 @@ import pytest
 
 from atsync.atproto import CID, IdentityResolver, Session, XrpcClient
 from atsync.sync import Poll
-from fault_proxy import FaultProxy, Rewrite, proxied_session
+from fault_proxy import Answer, FaultProxy, Rewrite, proxied_session
 from sync_devices import as_rows, remote, rows, wait_status
 from test_sync_pull import alice, collection_for, counting, device, put_record, settle
 
@@ -182,3 +182,27 @@ def test_a_database_of_the_previous_release_upgrades_with_its_queue_intact(
         assert version == ("5",)
         assert [w.rkey for w in sync.outbox.next_batch()] == ["q"]
         sync.close()
+
+
+async def test_a_refused_delta_reads_the_whole_repository(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    """A PDS that refuses ``since`` (an older implementation, or a rev its history no longer
+    has after a ``#sync``): the pull reads everything instead of failing again and again."""
+    collection = collection_for(request)
+    session = await alice(dev_pds)
+    await put_record(session, collection, "a", title="a", n=1)
+    async with FaultProxy(dev_pds.pds_url) as proxy:
+        refusal = proxy.add(
+            Answer(400, "InvalidRequest", "since is not supported"),
+            nsid=GET_REPO,
+            when=lambda r: "since=" in r.target,
+        )
+        proxied = proxied_session(session, proxy.url)
+        async with device(tmp_path / "b.db", collection, proxied, resolver) as (b, sync):
+            await settle(sync)
+            await put_record(session, collection, "b", title="b", n=2)
+            await settle(sync)
+            assert refusal.fired == 1
+            assert rows(b) == as_rows(await remote(session, collection))
+            assert sync.status.download_error is None

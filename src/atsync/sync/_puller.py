@@ -30,7 +30,7 @@ from pathlib import Path
 import anyio
 import anyio.lowlevel
 
-from .._errors import VerificationError
+from .._errors import PermanentError, VerificationError
 from .._gc import gc_paused
 from ..app import RemoteChange
 from ..atproto import (
@@ -158,7 +158,13 @@ class Puller:
         with tempfile.TemporaryDirectory(prefix="atsync-pull-") as tmp:
             path = Path(tmp) / "since.car"
             stream = CarStream(decode=self.collections)
-            await client.sync_get_repo(did, path, since=rev, on_chunk=stream.feed)
+            try:
+                await client.sync_get_repo(did, path, since=rev, on_chunk=stream.feed)
+            except PermanentError as exc:
+                # A rev the repository's history no longer has (after a #sync), or a PDS
+                # without ``since``: the whole repository says where things stand.
+                log.info("no changes since rev %s (%s): reading it all", rev, exc)
+                return False
             try:
                 commit, new_rev, new_data, changes, known, diff = self._read_since(
                     path, did, signing_key, stream, data
