@@ -146,19 +146,24 @@ def reset_peak() -> bool:
     return True
 
 
+def manual_device(app: App, session: Any, resolver: IdentityResolver) -> ATSync:
+    """The device of (i) and (iii): posts bound, nothing pulled or pushed unless asked."""
+    return ATSync(
+        app,
+        bindings={"posts": Binding(COLLECTION)},
+        session=session,
+        pull=Manual(),
+        push=Manual(),
+        identity=resolver,
+    )
+
+
 def child_backfill(pds_url: str, plc_url: str, did: str, db: str) -> dict[str, Any]:
     async def run() -> dict[str, Any]:
         session = await login(did, PASSWORD, pds_url)
         async with IdentityResolver(plc_url=plc_url, allow_insecure_localhost=True) as resolver:
             with App.open(db, contract) as app:
-                sync = ATSync(
-                    app,
-                    bindings={"posts": Binding(COLLECTION)},
-                    session=session,
-                    pull=Manual(),
-                    push=Manual(),
-                    identity=resolver,
-                )
+                sync = manual_device(app, session, resolver)
                 # When the first chunk of rows is applied: download and verification are done.
                 first_chunk: list[float] = []
                 sync.on_status(
@@ -205,14 +210,7 @@ async def running_catch_up(pds: DevPDS, did: str, rkeys: list[str], db: Path) ->
     session = await login(did, PASSWORD, pds.pds_url)
     async with IdentityResolver(plc_url=pds.plc_url, allow_insecure_localhost=True) as resolver:
         with App.open(db, contract) as app:
-            sync = ATSync(
-                app,
-                bindings={"posts": Binding(COLLECTION)},
-                session=session,
-                pull=Manual(),
-                push=Manual(),
-                identity=resolver,
-            )
+            sync = manual_device(app, session, resolver)
             async with sync:
                 await sync.wait_pulled()  # up to date, as (i) left it
                 more = await change_some(pds, did, rkeys, CATCH_UP)

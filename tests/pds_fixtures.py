@@ -13,12 +13,13 @@ The first use on a machine installs the PDS (~90 s, progress shown on the termin
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from atsync.atproto import IdentityResolver
 from atsync.atproto._devpds import DevPDS, ensure_installed
 
 ACCOUNTS: tuple[tuple[str, str], ...] = (("alice.test", "alice-pw-1"), ("bob.test", "bob-pw-1"))
@@ -72,3 +73,10 @@ def make_pds(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakePDS
 @pytest.fixture
 def restartable_pds(make_pds: MakePDS) -> DevPDS:
     return make_pds()
+
+
+@pytest.fixture
+async def resolver(dev_pds: Any) -> AsyncIterator[IdentityResolver]:
+    """An identity resolver for the dev PDS's PLC directory (DID documents on loopback)."""
+    async with IdentityResolver(plc_url=dev_pds.plc_url, allow_insecure_localhost=True) as r:
+        yield r

@@ -47,12 +47,6 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture
-async def resolver(dev_pds: Any) -> AsyncIterator[IdentityResolver]:
-    async with IdentityResolver(plc_url=dev_pds.plc_url, allow_insecure_localhost=True) as r:
-        yield r
-
-
 def image(request: pytest.FixtureRequest, tag: str, size: int = 3000) -> bytes:
     """Bytes of the test's own (the PDS is shared by the whole run): content-addressed blobs
     of two tests must not be the same blob."""

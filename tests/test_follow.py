@@ -95,12 +95,6 @@ async def pulled(sync: ATSync) -> None:
         await sync.wait_pulled()
 
 
-@pytest.fixture
-async def resolver(dev_pds: Any) -> AsyncIterator[IdentityResolver]:
-    async with IdentityResolver(plc_url=dev_pds.plc_url, allow_insecure_localhost=True) as r:
-        yield r
-
-
 @pytest.mark.anyio
 async def test_a_followed_repository_arrives_read_only_and_follows_its_edits(
     dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver

@@ -108,12 +108,6 @@ async def device(
         sync.close()
 
 
-@pytest.fixture
-async def resolver(dev_pds: Any) -> AsyncIterator[IdentityResolver]:
-    async with IdentityResolver(plc_url=dev_pds.plc_url, allow_insecure_localhost=True) as r:
-        yield r
-
-
 class PLCOf:
     """Resolves through the PLC directory a dev PDS runs now: it moves to another port when
     the PDS restarts, while the PDS keeps its own."""

@@ -8,7 +8,6 @@ update and delete. These tests run against the real PDS and watch the requests.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +28,6 @@ GET_REPO = "com.atproto.sync.getRepo"
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture
-async def resolver(dev_pds: Any) -> AsyncIterator[IdentityResolver]:
-    async with IdentityResolver(plc_url=dev_pds.plc_url, allow_insecure_localhost=True) as r:
-        yield r
 
 
 async def change_elsewhere(session: Session, collection: str) -> None:

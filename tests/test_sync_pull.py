@@ -117,12 +117,6 @@ def counting(nsid: str) -> tuple[list[str], dict[str, Any]]:
     return seen, {"client_options": {"event_hooks": {"request": [count]}}}
 
 
-@pytest.fixture
-async def resolver(dev_pds: Any) -> AsyncIterator[IdentityResolver]:
-    async with IdentityResolver(plc_url=dev_pds.plc_url, allow_insecure_localhost=True) as r:
-        yield r
-
-
 async def test_a_fresh_device_restores_what_was_written_elsewhere(
     dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
 ) -> None:
