@@ -73,6 +73,30 @@ async def test_a_later_pull_reads_only_what_changed_since(
         assert rows(b) == as_rows(await remote(session, collection))
 
 
+async def test_a_record_this_device_wrote_and_another_deleted_is_deleted_here(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    """Written here after the last pull, so in no tree this device holds; deleted by another
+    device before the next pull, so in no node of the new tree either: the delta must still
+    delete it (found by the vault example's test)."""
+    collection = collection_for(request)
+    session = await alice(dev_pds)
+    await put_record(session, collection, "old", title="old", n=0)
+    seen, options = counting(GET_REPO)
+    async with device(tmp_path / "b.db", collection, session, resolver, **options) as (b, sync):
+        await settle(sync)  # pulled: the held tree has "old" only
+        b.actions.put("mine", "written here")
+        b.actions.put("kept", "written here too")
+        with anyio.fail_after(30):
+            await sync.wait_for_idle()
+        async with XrpcClient(session=session) as other_device:
+            await other_device.delete_record(session.did, collection, "mine")
+        await settle(sync)
+        assert "since=" in seen[-1], seen
+        assert set(rows(b)) == {"old", "kept"}
+        assert rows(b) == as_rows(await remote(session, collection))
+
+
 async def test_poll_catches_up_by_what_changed(
     dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
 ) -> None:

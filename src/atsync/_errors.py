@@ -15,6 +15,7 @@ An operation that raises has written nothing (its transaction is rolled back).
     ├── SignerError               a key cannot be created, loaded, or used
     ├── InvalidSyntaxError        a handle, DID, NSID, AT URI, TID or record key is malformed
     ├── VerificationError         a signature, CID, CAR, or MST proof does not check out
+    │   └── MissingBlock          a block a comparison needs is in none of its sources
     ├── DevPDSError               the local reference PDS could not be installed or started
     └── NetworkError              a call to a PDS or another service failed
         ├── TransientError        worth retrying after a backoff (network, 5xx, timeouts)
@@ -34,6 +35,7 @@ __all__ = [
     "ClosedError",
     "DevPDSError",
     "InvalidSyntaxError",
+    "MissingBlock",
     "NetworkError",
     "NotFoundError",
     "PermanentError",
@@ -101,6 +103,11 @@ class InvalidSyntaxError(AtsyncError, ValueError):
 
 class VerificationError(AtsyncError):
     """A signature, CID, CAR file or MST proof does not check out."""
+
+
+class MissingBlock(VerificationError):
+    """A block that a comparison of two repository versions needs (``diff_trees``) is in
+    none of its sources: the changes since a rev left it out. Read the whole repository."""
 
 
 class DevPDSError(AtsyncError):

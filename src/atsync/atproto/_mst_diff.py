@@ -17,15 +17,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from .._errors import VerificationError
+from .._errors import MissingBlock, VerificationError
 from ._cbor import CID
 from ._mst import Blocks, _Walker
 
 __all__ = ["MissingBlock", "MstDiff", "diff_trees"]
-
-
-class MissingBlock(VerificationError):
-    """A node the new tree needs is in neither the delta nor the old tree's nodes."""
 
 
 @dataclass

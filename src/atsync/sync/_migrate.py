@@ -8,7 +8,9 @@
     4  blobs: ``_atsync_blobs`` (the blobs each account's PDS holds, as far as this device
        knows: uploaded, so not uploaded again)
     5  ``_atsync_tree``: the MST nodes of each repository as last pulled (by the CID's
-       bytes), so that the next pull reads only what changed since (``getRepo?since=``)
+       bytes), so that the next pull reads only what changed since (``getRepo?since=``);
+       ``_atsync_unpulled``: the records this device wrote since its last pull (a delete of
+       one of them by another device shows in neither tree)
 
 ``upgrade_sync_tables`` runs inside the caller's transaction after ``create_sync_tables``;
 it only adds (columns, tables), so a database written by an older release keeps every
@@ -20,10 +22,28 @@ from __future__ import annotations
 import sqlite3
 
 from ._blobsync import create_blob_table
-from ._outbox import CONFLICTS, RECORDS, REJECTED, STATE
-from ._outbox_views import FOLLOWED, FOLLOWS, TREE
+from ._outbox_views import (
+    CONFLICTS,
+    DEAD,
+    FOLLOWED,
+    FOLLOWS,
+    OUTBOX,
+    RECORDS,
+    REJECTED,
+    SENT,
+    STATE,
+    TREE,
+    UNPULLED,
+)
 
-__all__ = ["FOLLOWED", "FOLLOWS", "REJECTED", "TABLES_VERSION", "upgrade_sync_tables"]
+__all__ = [
+    "FOLLOWED",
+    "FOLLOWS",
+    "REJECTED",
+    "TABLES_VERSION",
+    "create_and_upgrade",
+    "upgrade_sync_tables",
+]
 
 TABLES_VERSION = 5
 
@@ -74,6 +94,68 @@ def upgrade_sync_tables(conn: sqlite3.Connection) -> None:
         ) WITHOUT ROWID"""
     )
     conn.execute(
+        f"""CREATE TABLE IF NOT EXISTS {UNPULLED} (
+            id INTEGER PRIMARY KEY, collection TEXT NOT NULL, rkey TEXT NOT NULL
+        )"""
+    )
+    conn.execute(
         f"INSERT OR REPLACE INTO {STATE} (key, value) VALUES ('tables_version', ?)",
         (str(TABLES_VERSION),),
     )
+
+
+def create_and_upgrade(conn: sqlite3.Connection) -> None:
+    """The sync tables of version 1 if missing, then every upgrade since."""
+    # Statement by statement: executescript() would commit the caller's transaction.
+    for statement in _DDL.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    upgrade_sync_tables(conn)
+
+
+# The outbox's CHECK spells out its values: ``op IN (...)`` made SQLite build a temporary
+# table on every insert (databases created before keep their table as it was). Every
+# queued write looks for a dead letter of its record: the index keeps that a lookup, not a
+# scan of every dead letter.
+_DDL = f"""
+        CREATE TABLE IF NOT EXISTS {OUTBOX} (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            collection TEXT NOT NULL, rkey TEXT NOT NULL,
+            op TEXT NOT NULL CHECK (op = 'create' OR op = 'update' OR op = 'delete'),
+            record TEXT, cid TEXT,
+            model TEXT NOT NULL, key TEXT NOT NULL,
+            version INTEGER NOT NULL DEFAULT 1,
+            attempted INTEGER NOT NULL DEFAULT 0,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            sent_op TEXT, sent_cid TEXT,
+            first_action TEXT, last_action TEXT,
+            last_error TEXT,
+            UNIQUE (collection, rkey)
+        );
+        CREATE TABLE IF NOT EXISTS {RECORDS} (
+            collection TEXT NOT NULL, rkey TEXT NOT NULL,
+            model TEXT NOT NULL, key TEXT NOT NULL,
+            cid TEXT,
+            PRIMARY KEY (collection, rkey)
+        ) WITHOUT ROWID;
+        CREATE UNIQUE INDEX IF NOT EXISTS {RECORDS}__by__model_key ON {RECORDS} (model, key);
+        CREATE TABLE IF NOT EXISTS {DEAD} (
+            seq INTEGER PRIMARY KEY,
+            collection TEXT NOT NULL, rkey TEXT NOT NULL, op TEXT NOT NULL,
+            record TEXT, cid TEXT, model TEXT NOT NULL, key TEXT NOT NULL,
+            first_action TEXT, last_action TEXT,
+            error TEXT, message TEXT, failed_at REAL NOT NULL
+        );
+        CREATE INDEX IF NOT EXISTS {DEAD}__by__record ON {DEAD} (collection, rkey);
+        CREATE TABLE IF NOT EXISTS {STATE} (key TEXT PRIMARY KEY, value TEXT);
+        CREATE TABLE IF NOT EXISTS {SENT} (
+            collection TEXT NOT NULL, rkey TEXT NOT NULL, cid TEXT NOT NULL,
+            PRIMARY KEY (collection, rkey, cid)
+        ) WITHOUT ROWID;
+        CREATE TABLE IF NOT EXISTS {CONFLICTS} (
+            id INTEGER PRIMARY KEY,
+            collection TEXT NOT NULL, rkey TEXT NOT NULL, model TEXT, key TEXT,
+            base_cid TEXT, local_cid TEXT, remote_cid TEXT,
+            resolution TEXT NOT NULL, detected_at REAL NOT NULL
+        );
+"""

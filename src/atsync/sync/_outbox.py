@@ -39,6 +39,7 @@ from ._outbox_views import (
     SENT,
     STATE,
     TREE,
+    UNPULLED,
     DeadLetter,
     OutboxViews,
     QueuedWrite,
@@ -64,61 +65,10 @@ Op = Literal["create", "update", "delete"]
 
 
 def create_sync_tables(conn: sqlite3.Connection) -> None:
-    # Statement by statement: executescript() would commit the caller's transaction.
-    for statement in _DDL.split(";"):
-        if statement.strip():
-            conn.execute(statement)
-    from ._migrate import upgrade_sync_tables
+    """Create the sync tables (and upgrade older ones) in the caller's transaction."""
+    from ._migrate import create_and_upgrade  # it reads this module's table names
 
-    upgrade_sync_tables(conn)
-
-
-# The outbox's CHECK spells out its values: ``op IN (...)`` made SQLite build a temporary
-# table on every insert (databases created before keep their table as it was). Every
-# queued write looks for a dead letter of its record: the index keeps that a lookup, not a
-# scan of every dead letter.
-_DDL = f"""
-        CREATE TABLE IF NOT EXISTS {OUTBOX} (
-            seq INTEGER PRIMARY KEY AUTOINCREMENT,
-            collection TEXT NOT NULL, rkey TEXT NOT NULL,
-            op TEXT NOT NULL CHECK (op = 'create' OR op = 'update' OR op = 'delete'),
-            record TEXT, cid TEXT,
-            model TEXT NOT NULL, key TEXT NOT NULL,
-            version INTEGER NOT NULL DEFAULT 1,
-            attempted INTEGER NOT NULL DEFAULT 0,
-            attempts INTEGER NOT NULL DEFAULT 0,
-            sent_op TEXT, sent_cid TEXT,
-            first_action TEXT, last_action TEXT,
-            last_error TEXT,
-            UNIQUE (collection, rkey)
-        );
-        CREATE TABLE IF NOT EXISTS {RECORDS} (
-            collection TEXT NOT NULL, rkey TEXT NOT NULL,
-            model TEXT NOT NULL, key TEXT NOT NULL,
-            cid TEXT,
-            PRIMARY KEY (collection, rkey)
-        ) WITHOUT ROWID;
-        CREATE UNIQUE INDEX IF NOT EXISTS {RECORDS}__by__model_key ON {RECORDS} (model, key);
-        CREATE TABLE IF NOT EXISTS {DEAD} (
-            seq INTEGER PRIMARY KEY,
-            collection TEXT NOT NULL, rkey TEXT NOT NULL, op TEXT NOT NULL,
-            record TEXT, cid TEXT, model TEXT NOT NULL, key TEXT NOT NULL,
-            first_action TEXT, last_action TEXT,
-            error TEXT, message TEXT, failed_at REAL NOT NULL
-        );
-        CREATE INDEX IF NOT EXISTS {DEAD}__by__record ON {DEAD} (collection, rkey);
-        CREATE TABLE IF NOT EXISTS {STATE} (key TEXT PRIMARY KEY, value TEXT);
-        CREATE TABLE IF NOT EXISTS {SENT} (
-            collection TEXT NOT NULL, rkey TEXT NOT NULL, cid TEXT NOT NULL,
-            PRIMARY KEY (collection, rkey, cid)
-        ) WITHOUT ROWID;
-        CREATE TABLE IF NOT EXISTS {CONFLICTS} (
-            id INTEGER PRIMARY KEY,
-            collection TEXT NOT NULL, rkey TEXT NOT NULL, model TEXT, key TEXT,
-            base_cid TEXT, local_cid TEXT, remote_cid TEXT,
-            resolution TEXT NOT NULL, detected_at REAL NOT NULL
-        );
-"""
+    create_and_upgrade(conn)
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,6 +362,11 @@ class Outbox(OutboxViews):
                         "ELSE 'create' END, attempted = 0 WHERE seq = ?",
                         (w.seq,),
                     )
+            # On the PDS now, and in no tree this device pulled: see _puller._read_since.
+            conn.executemany(
+                f"INSERT INTO {UNPULLED} (collection, rkey) VALUES (?, ?)",
+                [(w.collection, w.rkey) for w in writes if w.op != "delete"],
+            )
             if commit is not None:
                 self._set_state(conn, "commit_cid", commit[0])
                 self._set_state(conn, "commit_rev", commit[1])
@@ -424,6 +379,11 @@ class Outbox(OutboxViews):
         with self._db.transaction():
             conn = self._db.connection
             self._note_remote(conn, write.seq, remote_cid)
+            if remote_cid is not None:  # on the PDS, maybe in no tree pulled: as complete()
+                conn.execute(
+                    f"INSERT INTO {UNPULLED} (collection, rkey) VALUES (?, ?)",
+                    (write.collection, write.rkey),
+                )
             # A delete found done is done — unless the record was put again while we looked
             # (then it goes on as a create, below).
             if (
@@ -474,7 +434,7 @@ class Outbox(OutboxViews):
     def forget_everything(self) -> None:
         """Drop every sync table's content (see ``ATSync.start_fresh``)."""
         with self._db.transaction():
-            for table in (OUTBOX, RECORDS, DEAD, STATE, CONFLICTS, SENT, BLOBS, TREE):
+            for table in (OUTBOX, RECORDS, DEAD, STATE, CONFLICTS, SENT, BLOBS, TREE, UNPULLED):
                 self._db.connection.execute(f"DELETE FROM {table}")
 
     def dead_letter(self, write: PendingWrite, error: str | None, message: str) -> None:

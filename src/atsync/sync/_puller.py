@@ -53,6 +53,7 @@ from ._binding import BoundBinding
 from ._capture import Validator
 from ._merge import ConflictPolicy
 from ._outbox import Outbox
+from ._outbox_views import UNPULLED
 from ._repo import OWN, Repo
 from ._shared import Hlc
 from ._tree import TreeNodes
@@ -117,6 +118,7 @@ class Puller:
         """Bring the bound models up to the repository's head. Raises network errors and
         ``VerificationError`` (then nothing of this pull is applied)."""
         result = PullResult()
+        written = self._written_mark()
         pulled = self._outbox.get_state(self._repo.state("pulled_commit"))
         if pulled is not None and self.covers_collections():
             # Read before, these collections included: nothing to do if the head is the same.
@@ -124,7 +126,7 @@ class Puller:
             if latest.cid == pulled:
                 result.commit, result.rev, result.unchanged = latest.cid, latest.rev, True
                 return result
-            if await self._pull_since(did, client, signing_key, result, progress):
+            if await self._pull_since(did, client, signing_key, result, progress, written):
                 return result
         known = self._known()
         known_cids = {key: was.cid for key, was in known.items()}
@@ -138,7 +140,7 @@ class Puller:
             )
         result.commit, result.rev = commit, rev
         await self._apply(did, rev, changes, known, result, progress)
-        self._finish(commit, rev, data, whole=True, tree=nodes)
+        self._finish(commit, rev, data, whole=True, tree=nodes, written=written)
         return result
 
     async def _pull_since(
@@ -148,6 +150,7 @@ class Puller:
         signing_key: str | None,
         result: PullResult,
         progress: Progress | None,
+        written: int,
     ) -> bool:
         """Catch up by what changed since the pulled rev (``getRepo?since=``) over the held
         tree; False (nothing applied) when no tree is held for the pulled state, or the
@@ -167,14 +170,14 @@ class Puller:
                 return False
             try:
                 commit, new_rev, new_data, changes, known, diff = self._read_since(
-                    path, did, signing_key, stream, data
+                    path, did, signing_key, stream, data, written
                 )
             except MissingBlock as exc:
                 log.info("the changes since rev %s are incomplete (%s): reading it all", rev, exc)
                 return False
         result.commit, result.rev = commit, new_rev
         await self._apply(did, new_rev, changes, known, result, progress)
-        self._finish(commit, new_rev, new_data, diff=diff)
+        self._finish(commit, new_rev, new_data, diff=diff, written=written)
         return True
 
     def covers_collections(self) -> bool:
@@ -262,10 +265,22 @@ class Puller:
             return str(commit.cid), commit.rev, str(commit.data), changes, nodes
 
     def _read_since(
-        self, path: Path, did: str, signing_key: str | None, stream: CarStream, old_root: str
+        self,
+        path: Path,
+        did: str,
+        signing_key: str | None,
+        stream: CarStream,
+        old_root: str,
+        written: int,
     ) -> tuple[str, str, str, list[Change], dict[tuple[str, str], Known], MstDiff]:
         """Verify a ``getRepo?since=`` CAR and list the changes it makes to the held tree
-        (``MissingBlock``: it lacks one; the whole repository must be read)."""
+        (``MissingBlock``: it lacks one; the whole repository must be read).
+
+        A record this device wrote since its last pull is in neither tree's comparison
+        when another device deleted it since: it was not in the old tree, and the new one
+        has no node for it. Such a record that the new tree's changed nodes do not hold is
+        gone (a record the new tree has and the old one had not sits in a changed node);
+        ``written`` bounds them to the writes that landed before this pull began."""
         collections = self.collections
         with gc_paused(), RepoFile(path, did=did, signing_key=signing_key, stream=stream) as repo:
             commit = repo.commit
@@ -279,6 +294,11 @@ class Puller:
                 (collection, rkey)
                 for collection, _, rkey in (k.partition("/") for k in diff.removed)
                 if collection in collections and f"{collection}/{rkey}" not in diff.added
+            ]
+            gone += [
+                key
+                for key in self._written_since_pull(written)
+                if key[0] in collections and f"{key[0]}/{key[1]}" not in diff.added
             ]
             known = self._known([*added, *gone])
             changes: list[Change] = []
@@ -372,6 +392,23 @@ class Puller:
             ).fetchall()
         }
 
+    def _written_mark(self) -> int:
+        """The last of this device's writes noted as landed (0: none; followed: 0)."""
+        if not self._repo.own:
+            return 0
+        (mark,) = self._db.execute(f"SELECT max(id) FROM {UNPULLED}").fetchone()
+        return int(mark or 0)
+
+    def _written_since_pull(self, upto: int) -> set[tuple[str, str]]:
+        if not self._repo.own:
+            return set()
+        return {
+            (collection, rkey)
+            for collection, rkey in self._db.execute(
+                f"SELECT collection, rkey FROM {UNPULLED} WHERE id <= ?", (upto,)
+            )
+        }
+
     def _records_by_cid(self, cids: set[str]) -> dict[str, str]:
         """The content (JSON) of held records with these CIDs, as last synced."""
         found: dict[str, str] = {}
@@ -401,6 +438,7 @@ class Puller:
         whole: bool = False,
         tree: list[tuple[bytes, bytes]] | None = None,
         diff: MstDiff | None = None,
+        written: int | None = None,
     ) -> None:
         """Record the pulled position (and with ``whole``/``tree``/``diff``, the tree held
         for the next pull) in one transaction."""
@@ -427,6 +465,13 @@ class Puller:
             self._db.connection.executemany(
                 "INSERT OR REPLACE INTO _atsync_sync_state (key, value) VALUES (?, ?)", values
             )
+            if self._repo.own:
+                # What the pulled state now includes (all of it after live events: they
+                # leave no tree held, so the next pull reads everything).
+                self._db.connection.execute(
+                    f"DELETE FROM {UNPULLED} WHERE id <= ?",
+                    (written if written is not None else 1 << 62,),
+                )
             if diff is not None:
                 self._tree.update(data, diff)
             elif whole:
