@@ -223,3 +223,29 @@ async def test_a_refused_delta_reads_the_whole_repository(
             assert refusal.fired == 1
             assert rows(b) == as_rows(await remote(session, collection))
             assert sync.status.download_error is None
+
+
+def test_the_list_of_unpulled_writes_stays_bounded(tmp_path: Path, monkeypatch: Any) -> None:
+    """An engine that pushes and never pulls: past the bound the list is dropped, and with
+    it the held tree it completes (so the next pull reads everything; nothing is missed)."""
+    from atsync.db import ModelDB
+    from atsync.sync import _outbox
+    from atsync.sync._outbox import Outbox
+
+    monkeypatch.setattr(_outbox, "UNPULLED_MAX", 5)
+    with ModelDB.open(tmp_path / "u.db", {"notes": {"id": "primary"}}) as db:
+        outbox = Outbox(db)
+        outbox.create_tables()
+        outbox.set_state("tree_root", "bafyroot")
+        for i in range(5):
+            with db.transaction():
+                outbox.enqueue("c", f"k{i}", "notes", f"k{i}", "{}", f"cid{i}", None)
+            (write,) = outbox.next_batch()
+            outbox.complete([write])
+        assert db.execute("SELECT count(*) FROM _atsync_unpulled").fetchone() == (5,)
+        assert outbox.get_state("tree_root") == "bafyroot"
+        with db.transaction():
+            outbox.enqueue("c", "k5", "notes", "k5", "{}", "cid5", None)
+        outbox.complete(outbox.next_batch())
+        assert db.execute("SELECT count(*) FROM _atsync_unpulled").fetchone() == (0,)
+        assert outbox.get_state("tree_root") is None

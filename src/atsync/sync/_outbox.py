@@ -62,6 +62,7 @@ __all__ = [
 ]
 
 Op = Literal["create", "update", "delete"]
+UNPULLED_MAX = 100_000  # records written since the last pull, noted at most (see complete)
 
 
 def create_sync_tables(conn: sqlite3.Connection) -> None:
@@ -367,12 +368,23 @@ class Outbox(OutboxViews):
                 f"INSERT INTO {UNPULLED} (collection, rkey) VALUES (?, ?)",
                 [(w.collection, w.rkey) for w in writes if w.op != "delete"],
             )
+            self._bound_unpulled(conn)
             if commit is not None:
                 self._set_state(conn, "commit_cid", commit[0])
                 self._set_state(conn, "commit_rev", commit[1])
             self._set_state(conn, "last_pushed_at", repr(time.time()))
             self._set_state(conn, "has_synced", "1")
         return done
+
+    @staticmethod
+    def _bound_unpulled(conn: sqlite3.Connection) -> None:
+        """An engine that pushes and never pulls would let the list grow without end: past
+        ``UNPULLED_MAX`` it is dropped with the trees it completes (the next pull of the
+        user's repository then reads it whole)."""
+        (span,) = conn.execute(f"SELECT max(id) - min(id) FROM {UNPULLED}").fetchone()
+        if span is not None and span >= UNPULLED_MAX:
+            conn.execute(f"DELETE FROM {UNPULLED}")
+            conn.execute(f"DELETE FROM {STATE} WHERE key = 'tree_root'")
 
     def rebase(self, write: PendingWrite, *, remote_cid: str | None) -> None:
         """The PDS holds ``remote_cid`` for this record (None: absent): resend on top of it."""
