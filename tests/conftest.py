@@ -20,7 +20,7 @@ pytest_plugins = ["pds_fixtures"]
 
 # The fixtures in pds_fixtures.py that start a PDS; any fixture that uses one is covered too,
 # since a test's fixture closure includes the fixtures its fixtures use.
-PDS_FIXTURES = frozenset({"dev_pds", "make_pds", "restartable_pds"})
+PDS_FIXTURES = frozenset({"dev_pds", "make_pds", "restartable_pds", "pds_install"})
 
 # (file name, test function name) of tests that start a PDS in a child process.
 PDS_IN_A_CHILD_PROCESS = frozenset({("test_readme.py", "test_demo_script_runs")})

@@ -21,23 +21,30 @@ import pytest
 
 from atsync.atproto import IdentityResolver
 from atsync.atproto._devpds import DevPDS, ensure_installed
+from atsync.atproto._devpds_install import InstallInfo
 
 ACCOUNTS: tuple[tuple[str, str], ...] = (("alice.test", "alice-pw-1"), ("bob.test", "bob-pw-1"))
 
 MakePDS = Callable[..., DevPDS]
 
 
-def _install_visibly(config: pytest.Config) -> None:
+def _install_visibly(config: pytest.Config) -> InstallInfo:
     # Output is captured while fixtures run; a silent 90 s first install looks like a hang.
     def say(msg: str) -> None:
         print(f"[dev-pds] {msg}", file=sys.stderr, flush=True)
 
     capman = config.pluginmanager.getplugin("capturemanager")
     if capman is None:
-        ensure_installed(progress=say)
-        return
+        return ensure_installed(progress=say)
     with capman.global_and_fixture_disabled():
-        ensure_installed(progress=say)
+        return ensure_installed(progress=say)
+
+
+@pytest.fixture(scope="session")
+def pds_install(request: pytest.FixtureRequest) -> InstallInfo:
+    """The reference PDS's install (its ``node`` and ``node_modules``): the official
+    TypeScript ``@atproto/*`` packages, for differential tests."""
+    return _install_visibly(request.config)
 
 
 @pytest.fixture(scope="session")
