@@ -16,6 +16,8 @@ import pytest
 
 from atsync.atproto import CID, IdentityResolver, Session, XrpcClient
 from atsync.sync import Poll
+from atsync.sync._repo import OWN
+from atsync.sync._tree import TreeNodes
 from fault_proxy import Answer, FaultProxy, Rewrite, proxied_session
 from sync_devices import as_rows, remote, rows, wait_status
 from test_sync_pull import alice, collection_for, counting, device, put_record, settle
@@ -127,15 +129,14 @@ async def test_without_the_held_tree_the_whole_repository_is_read(
     async with device(tmp_path / "b.db", collection, session, resolver, **options) as (b, sync):
         await settle(sync)
         db = b.model_db
-        (root,) = db.execute(
-            "SELECT value FROM _atsync_sync_state WHERE key = 'tree_root'"
-        ).fetchone()
+        tree = TreeNodes(db, OWN)
+        root = tree.root()
+        assert root is not None
+        nodes = {bytes(cid): tree[cid] for cid in tree}
+        # Its root node: every delta reads it (whatever changed, the root did).
+        del nodes[bytes(CID.parse(root))]
         with db.transaction():
-            # Its root node: every delta reads it (whatever changed, the root did).
-            gone = db.connection.execute(
-                "DELETE FROM _atsync_tree WHERE cid = ?", (bytes(CID.parse(root)),)
-            )
-            assert gone.rowcount == 1
+            tree.replace(root, nodes.items())
         await change_elsewhere(session, collection)
         await settle(sync)
         assert rows(b) == as_rows(await remote(session, collection))
@@ -236,16 +237,17 @@ def test_the_list_of_unpulled_writes_stays_bounded(tmp_path: Path, monkeypatch: 
     with ModelDB.open(tmp_path / "u.db", {"notes": {"id": "primary"}}) as db:
         outbox = Outbox(db)
         outbox.create_tables()
-        outbox.set_state("tree_root", "bafyroot")
+        with db.transaction():
+            TreeNodes(db, OWN).replace("bafyroot", [(b"cid", b"node")])
         for i in range(5):
             with db.transaction():
                 outbox.enqueue("c", f"k{i}", "notes", f"k{i}", "{}", f"cid{i}", None)
             (write,) = outbox.next_batch()
             outbox.complete([write])
         assert db.execute("SELECT count(*) FROM _atsync_unpulled").fetchone() == (5,)
-        assert outbox.get_state("tree_root") == "bafyroot"
+        assert TreeNodes(db, OWN).root() == "bafyroot"
         with db.transaction():
             outbox.enqueue("c", "k5", "notes", "k5", "{}", "cid5", None)
         outbox.complete(outbox.next_batch())
         assert db.execute("SELECT count(*) FROM _atsync_unpulled").fetchone() == (0,)
-        assert outbox.get_state("tree_root") is None
+        assert TreeNodes(db, OWN).root() is None

@@ -7,8 +7,8 @@
        (what was last pulled from each: the ``_atsync_records`` of other people's records)
     4  blobs: ``_atsync_blobs`` (the blobs each account's PDS holds, as far as this device
        knows: uploaded, so not uploaded again)
-    5  ``_atsync_tree``: the MST nodes of each repository as last pulled (by the CID's
-       bytes), so that the next pull reads only what changed since (``getRepo?since=``);
+    5  ``_atsync_tree``: the MST nodes of each repository as last pulled (one blob per
+       repository), so that the next pull reads only what changed since (``getRepo?since=``);
        ``_atsync_unpulled``: the records this device wrote since its last pull (a delete of
        one of them by another device shows in neither tree)
 
@@ -89,9 +89,8 @@ def upgrade_sync_tables(conn: sqlite3.Connection) -> None:
     create_blob_table(conn)
     conn.execute(
         f"""CREATE TABLE IF NOT EXISTS {TREE} (
-            repo TEXT NOT NULL, cid BLOB NOT NULL, node BLOB NOT NULL,
-            PRIMARY KEY (repo, cid)
-        ) WITHOUT ROWID"""
+            repo TEXT PRIMARY KEY NOT NULL, root TEXT NOT NULL, nodes BLOB NOT NULL
+        )"""
     )
     conn.execute(
         f"""CREATE TABLE IF NOT EXISTS {UNPULLED} (

@@ -384,7 +384,7 @@ class Outbox(OutboxViews):
         (span,) = conn.execute(f"SELECT max(id) - min(id) FROM {UNPULLED}").fetchone()
         if span is not None and span >= UNPULLED_MAX:
             conn.execute(f"DELETE FROM {UNPULLED}")
-            conn.execute(f"DELETE FROM {STATE} WHERE key = 'tree_root'")
+            conn.execute(f"DELETE FROM {TREE} WHERE repo = ''")
 
     def rebase(self, write: PendingWrite, *, remote_cid: str | None) -> None:
         """The PDS holds ``remote_cid`` for this record (None: absent): resend on top of it."""

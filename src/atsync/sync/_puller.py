@@ -476,7 +476,7 @@ class Puller:
                 self._tree.update(data, diff)
             elif whole:
                 # The nodes of what was read, or (a tree too big to hold) none.
-                self._tree.replace(data if tree is not None else "", tree or ())
+                self._tree.replace(data if tree is not None else None, tree or ())
 
 
 def _record_change(repo: RepoFile, collection: str, rkey: str, cid: CID) -> Change:
