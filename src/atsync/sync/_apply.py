@@ -193,14 +193,13 @@ class Applier:
         if (
             binding is None or binding.shared or cid is None or record is None
             or record_json is None or binding.model.name not in fresh
-            or self._on_pds_action is not None or record.get("$type") != collection
+            or self._on_pds_action is not None
         ):  # fmt: skip
             return False
         model = binding.model.name
         key = self._repo.key(collection, rkey)
         try:
-            if self._validate is not None:
-                self._validate(collection, rkey, record)
+            self._check_record(collection, rkey, record, True)
             row = binding.from_record(record, key)
         except AtsyncError:
             return False  # rejected the usual way, with the reason

@@ -290,15 +290,13 @@ class Puller:
                 collection, _, rkey = path_key.partition("/")
                 if collection in collections:
                     added[(collection, rkey)] = cid
+            # Gone: what left with the old tree's nodes, and what this device wrote since
+            # (in neither tree) that the new tree's changed nodes do not hold. Once each.
+            left = {tuple(k.partition("/")[::2]) for k in diff.removed}
             gone = [
                 (collection, rkey)
-                for collection, _, rkey in (k.partition("/") for k in diff.removed)
+                for collection, rkey in sorted(left | self._written_since_pull(written))
                 if collection in collections and f"{collection}/{rkey}" not in diff.added
-            ]
-            gone += [
-                key
-                for key in self._written_since_pull(written)
-                if key[0] in collections and f"{key[0]}/{key[1]}" not in diff.added
             ]
             known = self._known([*added, *gone])
             changes: list[Change] = []
