@@ -8,6 +8,7 @@ update and delete. These tests run against the real PDS and watch the requests.
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,8 @@ async def test_a_record_this_device_wrote_and_another_deleted_is_deleted_here(
 async def test_poll_catches_up_by_what_changed(
     dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
 ) -> None:
-    """As the docs show Poll: no pull_now, no wait_pulled — the change arrives by itself."""
+    """As the docs show Poll: no pull_now, no wait_pulled — the change arrives by itself,
+    within a poll interval and the delta's own time (timed against a generous 3 s)."""
     collection = collection_for(request)
     session = await alice(dev_pds)
     await put_record(session, collection, "a", title="a", n=1)
@@ -112,7 +114,9 @@ async def test_poll_catches_up_by_what_changed(
     ) as (b, sync):
         await wait_status(sync, lambda s: "a" in rows(b), 30)
         await put_record(session, collection, "b", title="b", n=2)
+        written = time.monotonic()
         await wait_status(sync, lambda s: "b" in rows(b), 30)
+        assert time.monotonic() - written < 3.0
         assert len(seen) == 2 and "since=" in seen[1], seen
 
 
