@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml requirements.lock
 test: $(STAMP)
 	$(PY) -m pytest
 
+# DEMO_ARGS: e.g. --data DIR to keep the databases and the PDS's data (see the script).
 demo: $(STAMP)
-	$(PY) examples/notes/demo.py
+	$(PY) examples/notes/demo.py $(DEMO_ARGS)
 
 # Every benchmark, each against its hand-written baseline; one that misses a target exits 1,
 # which make reports ("ignored") and goes on to the next.

@@ -23,7 +23,14 @@ pytest_plugins = ["pds_fixtures"]
 PDS_FIXTURES = frozenset({"dev_pds", "make_pds", "restartable_pds", "pds_install"})
 
 # (file name, test function name) of tests that start a PDS in a child process.
-PDS_IN_A_CHILD_PROCESS = frozenset({("test_readme.py", "test_demo_script_runs")})
+PDS_IN_A_CHILD_PROCESS = frozenset(
+    {
+        (
+            "test_make_demo.py",
+            "test_make_demo_runs_and_every_device_agrees_with_the_pds",
+        )
+    }
+)
 
 # What an unmarked test sees as the PDS cache: not a directory, so no install and no start.
 NO_PDS_CACHE = "/dev/null/this-test-starts-a-reference-PDS-so-it-needs-the-pds-marker"

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import anyio
 from notes_app import COLLECTION, DRAFTS, bindings, contract, lexicons
 
-from atsync import ActionError, App, ATPSigner, Debounce, SyncThread
+from atsync import ActionError, App, ATPSigner, Debounce, SyncStatus, SyncThread
 from atsync.app import REMOTE_ACTION
 from atsync.atproto import (
     DevPDS,
@@ -57,12 +57,15 @@ PNG = bytes.fromhex(
 REAL_ACCOUNT = """
 The same app with your own Bluesky account (records on a PDS are public):
   1. Bluesky > Settings > Privacy and security > App passwords: create one.
-  2. python examples/notes/notes.py --db ~/notes.db add "hello from atsync"
-     python examples/notes/notes.py --db ~/notes.db login you.bsky.social   # the app password
-     python examples/notes/notes.py --db ~/notes.db ls
+  2. .venv/bin/python examples/notes/notes.py --db ~/notes.db add "hello from atsync"
+     .venv/bin/python examples/notes/notes.py --db ~/notes.db login you.bsky.social
+     .venv/bin/python examples/notes/notes.py --db ~/notes.db ls
+     (login asks for the app password)
   See docs/real-pds.md."""
 HANDLE, PASSWORD = "alice.test", "demo-password-1"
 BOB = "bob.test"
+NAMES: dict[str, str] = {}  # DID -> handle, for what the PDS shows
+INSTALL = [0.0]  # seconds spent installing the PDS (not part of the scenario's time)
 
 
 def engine(app: App) -> SyncThread:
@@ -85,25 +88,43 @@ def another_install(home: Path) -> Iterator[tuple[App, ATPSigner, SyncThread]]:
             sync.close()
 
 
-def report(sync: SyncThread, pds_url: str | None = None, did: str | None = None) -> None:
-    """The engine's status, and — given a PDS — what stands there, read with plain XRPC."""
+def report(sync: SyncThread, pds_url: str | None = None, *dids: str) -> None:
+    """The engine's status, and — given a PDS — what stands in each repository there, read
+    with plain XRPC."""
     s = sync.status
-    line = (
+    print(
         f"   [sync] {s.state}: {s.pending} queued, {s.failed} failed, {s.conflicts} "
         f"conflicts, rev {s.rev or '-'}"
     )
-    if pds_url is not None and did is not None:
+    if pds_url is None:
+        return
 
-        async def count() -> dict[str, int]:
-            async with XrpcClient(pds_url) as client:  # no credentials: records are public
-                return {
-                    c: len([r async for r in client.iter_records(did, c)])
-                    for c in (COLLECTION, DRAFTS)
-                }
+    async def count(did: str) -> dict[str, int]:
+        async with XrpcClient(pds_url) as client:  # no credentials: records are public
+            return {
+                c: len([r async for r in client.iter_records(did, c)]) for c in (COLLECTION, DRAFTS)
+            }
 
-        counts = anyio.run(count)
-        line += f"; on the PDS: {counts[COLLECTION]} notes, {counts[DRAFTS]} drafts"
-    print(line)
+    for did in dids:
+        counts = anyio.run(count, did)
+        who = NAMES.get(did, did)
+        print(f"   [pds]  {who}: {counts[COLLECTION]} notes, {counts[DRAFTS]} drafts")
+
+
+def waiting(sync: SyncThread, what: str) -> Callable[[], None]:
+    """Show a long wait's progress: each new state, and records applied of a large pull.
+    Returns the function that stops showing it."""
+    shown: list[tuple[str, tuple[int, int] | None]] = []
+
+    def show(status: SyncStatus) -> None:
+        now = (status.state, status.pull_progress)
+        if shown and shown[-1] == now:
+            return
+        shown.append(now)
+        done = "" if now[1] is None else f" {now[1][0]:,}/{now[1][1]:,} records"
+        print(f"   [{what}] {now[0]}{done}", flush=True)
+
+    return sync.on_status(show)
 
 
 def step(text: str) -> None:
@@ -179,12 +200,19 @@ def offline_part(app: App, sync: SyncThread, db_path: Path) -> None:
     print(f"   sync status: {sync.status.state}, {sync.status.pending} pending")
 
 
-def sync_part(app: App, sync: SyncThread, signer: ATPSigner, data: Path, db_path: Path) -> None:
+def sync_part(
+    app: App, sync: SyncThread, signer: ATPSigner, data: Path, db_path: Path, pds_dir: Path | None
+) -> None:
     step("Start a real PDS on loopback (atsync dev-pds)")
+    installing = time.monotonic()
     ensure_installed(progress=lambda line: print(f"   {line}", flush=True))
-    with DevPDS(accounts=[(HANDLE, PASSWORD), (BOB, PASSWORD)]) as pds:
-        did = pds.accounts[HANDLE].did
+    INSTALL[0] = time.monotonic() - installing  # the first time only: npm, ~90 s
+    accounts = [(HANDLE, PASSWORD), (BOB, PASSWORD)]
+    with DevPDS(accounts=accounts, data_dir=pds_dir) as pds:
+        did, bob_did = pds.accounts[HANDLE].did, pds.accounts[BOB].did
+        NAMES.update({did: HANDLE, bob_did: BOB})
         print(f"   PDS {pds.pds_url}, PLC {pds.plc_url}, account {HANDLE} = {did}")
+        report(sync, pds.pds_url, did)  # not logged in: everything waits in the queue
 
         # The dev PDS's DID documents live on its own PLC directory: pulls check every
         # commit's signature against the key published there.
@@ -205,6 +233,7 @@ def sync_part(app: App, sync: SyncThread, signer: ATPSigner, data: Path, db_path
         result = app.actions.create_note("Written online")
         sync.wait_pushed(result.id, timeout=30)
         print(f"   action {result.id} is on the PDS")
+        report(sync, pds.pds_url, did)
 
         step(f"The records in {did}/{COLLECTION}")
 
@@ -220,10 +249,10 @@ def sync_part(app: App, sync: SyncThread, signer: ATPSigner, data: Path, db_path
             )
         local = {r["id"] for r in app.db.query("notes")}
         print(f"   local notes == remote records: {local == set(records)}")
-
         report(sync, pds.pds_url, did)
+
         second_device(app, sync, data, pds.pds_url, did)
-        another_person(app, sync, data, pds.pds_url, did, pds.accounts[BOB].did)
+        another_person(app, sync, data, pds.pds_url, did, bob_did)
 
         step("The session key's authorization, verified offline from its proof")
         found = app.authorization(signer.key_did)
@@ -247,6 +276,7 @@ def sync_part(app: App, sync: SyncThread, signer: ATPSigner, data: Path, db_path
             f"   earlier offline actions are attributed to: "
             f"{sorted({app.author_of(e) for e in app.log if e.name != REMOTE_ACTION})}"
         )
+        report(sync, pds.pds_url, did, bob_did)
 
         step("atsync status")
         sync.stop()
@@ -269,49 +299,46 @@ def second_device(app: App, sync: SyncThread, data: Path, pds_url: str, did: str
     step("A second device of the same account: everything comes back, verified")
     with another_install(data / "laptop") as (app2, signer2, sync2):
         with sync2:
+            unshow = waiting(sync2, "laptop")
             signer2.login(HANDLE, PASSWORD, pds_url)
             status2 = sync2.wait_pulled(timeout=60)
+            unshow()
             titles = sorted(r["title"] for r in app2.db.query("notes"))
             print(f"   laptop restored {len(titles)} notes at rev {status2.rev}: {titles}")
             print(f"   every commit checked against {did}'s signing key; rejected: "
                   f"{status2.rejected}")  # fmt: skip
             print(f"   phone == laptop: {_notes(app) == _notes(app2)}")
-
-        step("Both edit the same note while the laptop is offline: merged field by field")
-        note = next(r for r in app.db.query("notes") if r["title"] == "Plan the trip")
-        app.actions.edit_note(note["id"], title="Plan the trip to Lisbon")  # on the phone
-        sync.wait_for_idle(timeout=30)
-        app2.actions.edit_note(note["id"], body="book the train")  # on the laptop, offline
-        with sync2:  # back online: pulls the phone's edit, merges, pushes the result
-            sync2.wait_pulled(timeout=60)
-            sync2.wait_for_idle(timeout=30)
-            sync.wait_pulled(timeout=60)
-            merged = app.db.get("notes", note["id"])
-            assert merged is not None
-            print(f"   phone:  title={merged['title']!r}, body={merged['body']!r}")
-            laptop_row = app2.db.get("notes", note["id"])
-            assert laptop_row is not None
-            print(f"   laptop: title={laptop_row['title']!r}, body={laptop_row['body']!r}")
-            print(f"   phone == laptop: {_notes(app) == _notes(app2)}")
             report(sync2, pds_url, did)
+
+        step("Both edit the same note, both offline: merged field by field")
+        note = next(r for r in app.db.query("notes") if r["title"] == "Plan the trip")
+        sync.stop()  # the phone goes offline too
+        app.actions.edit_note(note["id"], title="Plan the trip to Lisbon")  # on the phone
+        app2.actions.edit_note(note["id"], body="book the train")  # on the laptop
+        print(f"   queued: phone {sync.status.pending}, laptop {sync2.status.pending}")
+        both_online(sync, sync2)
+        merged, laptop_row = app.db.get("notes", note["id"]), app2.db.get("notes", note["id"])
+        assert merged is not None
+        assert laptop_row is not None
+        print(f"   phone:  title={merged['title']!r}, body={merged['body']!r}")
+        print(f"   laptop: title={laptop_row['title']!r}, body={laptop_row['body']!r}")
+        print(f"   phone == laptop: {_notes(app) == _notes(app2)}")
+        report(sync2, pds_url, did)
 
         step("Both change the same field offline: the policy picks one, the conflict is kept")
+        sync.stop()
         app.actions.edit_note(note["id"], body="book the train, 2nd class")  # on the phone
-        sync.wait_for_idle(timeout=30)
-        app2.actions.edit_note(note["id"], body="fly instead")  # on the laptop, offline
-        with sync2:
-            sync2.wait_pulled(timeout=60)
-            sync2.wait_for_idle(timeout=30)
-            sync.wait_pulled(timeout=60)
-            (conflict,) = sync2.engine.outbox.conflicts(1)
-            local, remote = (json.loads(conflict[v])["body"] for v in ("local", "remote"))
-            print(
-                f"   conflict on {conflict['fields']}: laptop {local!r} vs phone {remote!r}; "
-                f"policy 'local' kept {json.loads(conflict['merged'])['body']!r}"
-            )
-            print(f"   phone == laptop: {_notes(app) == _notes(app2)}; recorded conflicts: "
-                  f"{sync2.status.conflicts} (`atsync conflicts --db …` lists them)")  # fmt: skip
-            report(sync2, pds_url, did)
+        app2.actions.edit_note(note["id"], body="fly instead")  # on the laptop
+        both_online(sync, sync2)
+        (conflict,) = sync2.engine.outbox.conflicts(1)
+        local, remote = (json.loads(conflict[v])["body"] for v in ("local", "remote"))
+        print(
+            f"   conflict on {conflict['fields']}: laptop {local!r} vs phone {remote!r}; "
+            f"policy 'local' kept {json.loads(conflict['merged'])['body']!r}"
+        )
+        print(f"   phone == laptop: {_notes(app) == _notes(app2)}; recorded conflicts: "
+              f"{sync2.status.conflicts} (`atsync conflicts --db …` lists them)")  # fmt: skip
+        report(sync2, pds_url, did)
 
         step("A note with an image: the blob goes up before its record, the laptop fetches it")
         ref = app.blobs.put(PNG, "image/png")
@@ -328,14 +355,27 @@ def second_device(app: App, sync: SyncThread, data: Path, pds_url: str, did: str
             report(sync2, pds_url, did)
 
 
+def both_online(phone: SyncThread, laptop: SyncThread) -> None:
+    """The phone comes back online and pushes; then the laptop: it pulls the phone's edit,
+    merges, pushes the result; the phone pulls that."""
+    phone.start()
+    phone.wait_for_idle(timeout=30)
+    with laptop:
+        laptop.wait_pulled(timeout=60)
+        laptop.wait_for_idle(timeout=30)
+        phone.wait_pulled(timeout=60)
+
+
 def another_person(
     app: App, sync: SyncThread, data: Path, pds_url: str, did: str, bob_did: str
 ) -> None:
     step(f"{BOB} follows {HANDLE}: her notes arrive in his database, read-only, with their author")
     with another_install(data / "bob") as (bob, bob_signer, bob_sync), bob_sync:
         bob_signer.login(BOB, PASSWORD, pds_url)
+        unshow = waiting(bob_sync, "bob")
         bob_sync.follow(did)
         bob_sync.wait_pulled(timeout=60)
+        unshow()
         hers = [r for r in bob.db.query("notes") if r["id"].startswith(f"at://{did}/")]
         print(f"   bob sees {len(hers)} of alice's notes, keyed by AT URI, e.g.")
         origin = bob_sync.origin("notes", hers[0]["id"])
@@ -346,14 +386,17 @@ def another_person(
         except ActionError as exc:
             reason = str(exc).split("follows: ", 1)[-1].split(" (", 1)[0]
             print(f"   bob edits it: refused, {reason}")
+        report(bob_sync, pds_url, did, bob_did)
 
         step("A shared draft: alice and bob both edit it, offline of each other, and converge")
         sync.follow(bob_did)  # alice follows bob back: a shared collection needs both
         app.actions.write_draft("trip", title="Lisbon trip", body="a first outline")
         sync.wait_for_idle(timeout=30)
         bob_sync.wait_pulled(timeout=60)
+        bob_sync.stop()  # bob goes offline
         bob.actions.write_draft("trip", body="day 1: Alfama; day 2: Belem")  # bob: the body
         app.actions.write_draft("trip", title="Lisbon trip, May")  # alice: the title
+        bob_sync.start()
         for each in (sync, bob_sync):
             each.wait_for_idle(timeout=30)
         for each in (sync, bob_sync):
@@ -363,14 +406,14 @@ def another_person(
             assert draft is not None
             print(f"   {name}: title={draft['title']!r}, body={draft['body']!r}")
         print(f"   alice == bob: {app.db.get('drafts', 'trip') == bob.db.get('drafts', 'trip')}")
-        report(bob_sync, pds_url, bob_did)
+        report(bob_sync, pds_url, did, bob_did)
 
 
 def _notes(app: App) -> dict[str, tuple[Any, ...]]:
     return {r["id"]: (r["title"], r["body"], r["done"]) for r in app.db.query("notes")}
 
 
-def run(data: Path, offline: bool) -> None:
+def run(data: Path, offline: bool, pds_dir: Path | None) -> None:
     db_path = data / "notes.db"
     signer = ATPSigner(store=FileSessionStore(data / "sessions"))
     with App.open(db_path, contract, signer=signer) as app:
@@ -378,26 +421,31 @@ def run(data: Path, offline: bool) -> None:
         with sync:
             offline_part(app, sync, db_path)
             if not offline:
-                sync_part(app, sync, signer, data, db_path)
+                sync_part(app, sync, signer, data, db_path, pds_dir)
         sync.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, help="keep the database here (default: temporary)")
+    parser.add_argument(
+        "--data", type=Path, help="keep the databases and the PDS's data here (default: temporary)"
+    )
     parser.add_argument("--offline", action="store_true", help="skip the PDS part")
     args = parser.parse_args()
+    began = time.monotonic()
     if args.data:
         args.data.mkdir(parents=True, exist_ok=True)
-        run(args.data, args.offline)
+        run(args.data, args.offline, args.data / "pds")
         print(f"\nDone. The databases are in {args.data}: open them with sqlite3.")
     else:
         tmp = Path(tempfile.mkdtemp(prefix="atsync-demo-"))
         try:
-            run(tmp, args.offline)
+            run(tmp, args.offline, None)
         finally:
             shutil.rmtree(tmp)
-        print("\nDone. Run with --data DIR to keep the database and open it with sqlite3.")
+        print("\nDone. Run with --data DIR to keep the databases and open them with sqlite3.")
+    took = time.monotonic() - began - INSTALL[0]
+    print(f"The scenario took {took:.1f} s (and {INSTALL[0]:.1f} s to check the PDS install).")
     print(REAL_ACCOUNT)
 
 
