@@ -1,11 +1,12 @@
 """notes — a shared-notes app on the command line, local-first, synced with your AT Protocol
 repository (an atsync example).
 
-    python examples/notes/notes.py --db notes.db add "Buy milk"          # works offline
-    python examples/notes/notes.py --db notes.db add "Holiday" --image beach.jpg
-    python examples/notes/notes.py --db notes.db ls
-    python examples/notes/notes.py --db notes.db login alice.bsky.social  # app password
-    python examples/notes/notes.py --db notes.db sync --wait             # push, pull, done
+    N=".venv/bin/python examples/notes/notes.py --db notes.db"
+    $N add "Buy milk"                        # works offline
+    $N add "Holiday" --image beach.jpg
+    $N ls
+    $N login alice.bsky.social               # asks for an app password
+    $N sync --wait                           # push, pull, done
 
 Commands: ``add TEXT [--body B] [--image PATH] [--shared]``, ``edit ID TEXT``, ``rm ID``,
 ``ls [--json]``, ``login HANDLE [--service URL]`` (the password from ``ATSYNC_PASSWORD`` or a
@@ -124,15 +125,24 @@ def cmd_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def own_did(signer: ATPSigner, sync: SyncThread) -> str:
+    """Whose this device's own notes are: the account it syncs with (after a logout too),
+    or before any login the device's own key."""
+    if signer.session is not None:
+        return signer.session.did
+    return sync.engine.outbox.get_state("account") or signer.did
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     with opened(args) as (app, signer, sync):
-        rows = note_rows(app, sync, signer.did)
+        me = own_did(signer, sync)
+        rows = note_rows(app, sync, me)
     for row in rows:
         if args.json:
             print(json.dumps(row))
             continue
         mark = "shared " if row["shared"] else ""
-        who = "" if row["author"] == signer.did else f"  — {row['author']}"
+        who = "" if row["author"] == me else f"  — {row['author']}"
         picture = f"  [image {row['image'][:16]}…]" if row["image"] else ""
         print(f"{row['id']}  {mark}{row['text']}{picture}{who}")
     return 0
@@ -256,6 +266,8 @@ def parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=run)
     sync = commands.add_parser("sync", help="push and pull now")
     sync.add_argument("--wait", action="store_true", help="as long as it takes (no time limit)")
+    # Also after the command (`sync --timeout 5`); SUPPRESS keeps a top-level one otherwise.
+    sync.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="time limit")
     sync.set_defaults(run=cmd_sync)
     commands.add_parser("status", help="what is queued, failed, followed").set_defaults(
         run=cmd_status
