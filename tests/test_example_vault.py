@@ -562,3 +562,25 @@ def test_the_row_policy_merges_fields_and_queues_the_losing_version() -> None:
     merged = VaultConflicts()(None, att, {**att, "blob": theirs, "device": "laptop"})
     assert merged is not None and merged["blob"] == theirs
     assert merged[COPIES][0]["content"] == ref.to_json()
+
+
+def test_the_readme_session_runs_as_written(make_pds: Any, tmp_path: Path) -> None:
+    pds = make_pds(accounts=[("alice.test", "pw1")])
+    blocks = re.findall(r"^```\n(.*?)^```", (EXAMPLE / "README.md").read_text(), flags=re.M | re.S)
+    (session,) = [b for b in blocks if "--once" in b and "mktemp" in b]
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", session],
+        cwd=EXAMPLE.parent.parent,  # "from the repository's root"
+        env={**os.environ, "PDS": pds.pds_url, "PLC": pds.plc_url, "TMPDIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert "# Shopping" in lines  # `cat` on the laptop
+    assert "- eggs" in lines
+    assert lines[-1] == "Groceries.md", done.stdout  # `ls phone`: the rename arrived
+    (scratch,) = [p for p in tmp_path.iterdir() if (p / "phone").is_dir()]
+    assert sorted(p.name for p in (scratch / "phone").iterdir()) == ["Groceries.md"]
+    assert (scratch / "phone" / "Groceries.md").read_text() == "# Shopping\n\n- eggs\n"
