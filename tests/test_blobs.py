@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -163,6 +164,44 @@ def test_a_blob_the_pds_would_refuse_fails_its_action_and_nothing_is_queued(
             assert sync.outbox.counts()[0] == 1
             with pytest.raises(ValidationError, match="blobs= takes"):
                 ATSync(app, bindings={}, blobs="sometimes")  # type: ignore[arg-type]
+        finally:
+            sync.close()
+
+
+def test_a_blob_its_lexicon_refuses_fails_its_action_and_nothing_is_queued(
+    tmp_path: Path,
+) -> None:
+    # The PDS's limit (5 MiB by default) is far above the Lexicon's maxSize of 2000 bytes:
+    # what refuses these is the Lexicon, in the action, before anything is queued.
+    with App.open(tmp_path / "app.db", contract) as app:
+        sync = ATSync(
+            app, bindings={"notes": Binding("com.example.note")}, lexicons=[PHOTO_LEXICON],
+            push=Manual(),
+        )  # fmt: skip
+        try:
+            small = b"\x89PNG small"
+            app.actions.attach_bytes("n1", _b64(small), "image/png")
+            before = (app.db.get("notes", "n1"), sync.outbox.listing())
+            assert sync.outbox.counts() == (1, 0, 0)
+            cases = [
+                (b"\x89PNG" + bytes(2000), "image/png", "larger than maxSize 2000 (2004 bytes)"),
+                (b"%PDF-1.4", "application/pdf", "mimeType 'application/pdf' not accepted"),
+                (
+                    b"GIF89a",
+                    "text/plain",
+                    "mimeType 'text/plain' not accepted (accept: ['image/*'])",
+                ),
+            ]
+            for key in ("n1", "n2"):  # replacing a row's blob, and a new row
+                for data, mime, why in cases:
+                    with pytest.raises(RecordError, match=re.escape(f"$.image: blob {why}")):
+                        app.actions.attach_bytes(key, _b64(data), mime)
+            # Nothing changed: the row keeps its blob, the queue holds only its first write.
+            assert (app.db.get("notes", "n1"), sync.outbox.listing()) == before
+            assert app.db.count("notes") == 1 and sync.outbox.counts() == (1, 0, 0)
+            # At the limit, and of an accepted type, is fine.
+            app.actions.attach_bytes("n2", _b64(b"\x89PNG" + bytes(1996)), "image/gif")
+            assert sync.outbox.counts() == (2, 0, 0)
         finally:
             sync.close()
 

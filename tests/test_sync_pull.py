@@ -360,6 +360,58 @@ async def test_a_record_breaking_the_binding_is_rejected_with_its_reason(
     assert json.loads(shown.stdout)["rejected"] == 1
 
 
+def note_lexicon(collection: str) -> dict[str, Any]:
+    """A Lexicon the notes fit, stricter than the model: short titles, no negative n."""
+    fields = {
+        "title": {"type": "string", "maxLength": 12},
+        "body": {"type": "string"},
+        "n": {"type": "integer", "minimum": 0},
+    }
+    record = {"type": "object", "required": ["title", "n"], "properties": fields}
+    main = {"type": "record", "key": "any", "record": record}
+    return {"lexicon": 1, "id": collection, "defs": {"main": main}}
+
+
+async def test_a_pulled_record_breaking_the_lexicon_is_rejected_with_its_reason(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    collection = collection_for(request)
+    session = await alice(dev_pds)
+    # Written with plain XRPC, as another app or a script would: nothing checks the Lexicon.
+    # Each breaks only the Lexicon; the binding and the model would take it.
+    await put_record(session, collection, "long", title="a title too long", n=1)
+    await put_record(session, collection, "good", title="fine", n=1)
+    lexicons = [note_lexicon(collection)]
+    reads, options = counting("com.atproto.sync.getRepo")
+    async with device(tmp_path / "b.db", collection, session, resolver, lexicons=lexicons,
+                      pull=Live(), **options) as (b, sync_b):  # fmt: skip
+        with anyio.fail_after(30):
+            status: SyncStatus = await sync_b.wait_pulled()  # the whole repository
+        assert set(rows(b)) == {"good"} and status.rejected == 1
+        # One arriving as a #commit event on the live stream is refused the same way.
+        await wait_status(sync_b, lambda s: s.live, 10)
+        await put_record(session, collection, "negative", title="ok", n=-1)
+        await put_record(session, collection, "later", title="later", n=2)
+        await wait_status(sync_b, lambda s: "later" in rows(b), 10)
+        assert set(rows(b)) == {"good", "later"}
+        assert sync_b.status.rejected == 2 and sync_b.status.download_error is None
+        assert len(reads) == 1  # the second came on the stream, not by reading it all again
+        rejected = b.model_db.execute(
+            "select rkey, reason, detail from _atsync_rejected order by id"
+        ).fetchall()
+        assert rejected == [
+            ("long", "RecordError", "$.title: string longer than maxLength 12 (16 UTF-8 bytes)"),
+            ("negative", "RecordError", "$.n: integer -1 below minimum 0"),
+        ]
+    listed = cli("rejected", "--db", str(tmp_path / "b.db"))
+    assert listed.returncode == 0, listed.stderr
+    assert f"{collection}/long  RecordError: $.title" in listed.stdout
+    assert f"{collection}/negative  RecordError: $.n" in listed.stdout
+    shown = cli("status", "--db", str(tmp_path / "b.db"), "--json",
+                "--session-dir", str(tmp_path / "s"))  # fmt: skip
+    assert json.loads(shown.stdout)["rejected"] == 2
+
+
 async def test_a_tampered_repository_is_rejected_and_nothing_applied(
     dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
 ) -> None:

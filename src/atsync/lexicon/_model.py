@@ -18,8 +18,10 @@ field of the record object, named as the field:
     object, ref, union, unknown                   json
     array                                         json  (a list)
 
-A field the record does not require, or declares nullable, is optional (``?``). ``null`` in a
-record and an absent field read back alike.
+A field the record does not require, or declares nullable, is optional (``?``). A property
+that is None is left out of the record, except a field the Lexicon both requires and declares
+nullable: the engine given the Lexicon (``lexicons=``) writes that one as ``null``, as the
+Lexicon wants it there. ``null`` in a pulled record and an absent field both read back as None.
 """
 
 from __future__ import annotations

@@ -9,12 +9,14 @@ The record key is the model's primary key (``rkey="primary"``, checked as an atp
 key), or a TID chosen when the row is first synced (``rkey="tid"``). ``shared=True``: every
 participant writes the whole row into their own repository with a stamp per field, and the
 row is their merge (see ``_shared``). Records get ``$type``;
-null properties are left out of the record, and absent fields read back as null.
+null properties are left out of the record, and absent fields read back as null — except the
+fields given as ``nulls`` (those a Lexicon requires and declares nullable: it refuses a record
+without them), which are written as ``null``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring
 from typing import Any, Literal
@@ -112,15 +114,16 @@ class Binding:
     # Written by the user and the repositories they follow: merged per field (see _shared).
     shared: bool = False
 
-    def bind(self, model: Model) -> BoundBinding:
-        """Check the binding against the model and compile its conversions."""
-        return BoundBinding(self, model)
+    def bind(self, model: Model, *, nulls: Collection[str] = ()) -> BoundBinding:
+        """Check the binding against the model and compile its conversions. ``nulls``: the
+        record fields written as ``null`` when their property is null, not left out."""
+        return BoundBinding(self, model, nulls)
 
 
 class BoundBinding:
     """A binding checked against its model: converts rows to records and back."""
 
-    def __init__(self, binding: Binding, model: Model) -> None:
+    def __init__(self, binding: Binding, model: Model, nulls: Collection[str] = ()) -> None:
         where = f"binding {model.name} -> {binding.collection}"
         if not is_valid_nsid(binding.collection):
             raise SchemaError(f"{where}: {binding.collection!r} is not a valid NSID")
@@ -136,6 +139,7 @@ class BoundBinding:
             raise SchemaError(f"{where}: a shared binding's record key is the model's key")
         self.binding = binding
         self.model = model
+        self.nulls = frozenset(nulls)
         self.shared = binding.shared
         self.collection = binding.collection
         self.direction = binding.direction
@@ -231,17 +235,23 @@ class BoundBinding:
         return str(key)
 
     def to_record(self, row: Mapping[str, Any]) -> dict[str, Any]:
-        """The record for a row: ``$type`` plus every mapped, non-null property."""
+        """The record for a row: ``$type`` plus every mapped, non-null property (and the
+        ``nulls`` fields, null or not)."""
         record: dict[str, Any] = {"$type": self.collection}
+        nulls = self.nulls
         if self._plain is not None:  # no transforms: the hot path of every local write
             for prop, name in self._plain:
                 value = row.get(prop)
                 if value is not None:
                     record[name] = value
+                elif name in nulls:
+                    record[name] = None
             return record
         for prop, name, to_record, _ in self._fields:
             value = row.get(prop)
             if value is None:
+                if name in nulls:
+                    record[name] = None
                 continue
             if to_record is not None:
                 try:
@@ -263,12 +273,17 @@ class BoundBinding:
         """
         record: dict[str, Any] = {"$type": self.collection}
         parts = [self._json_head]
+        nulls = self.nulls
         for prop, name, name_json, to_json in self._json_fields:
             value = row.get(prop)
             if value is not None:
                 record[name] = value
                 parts.append(name_json)
                 parts.append(to_json(value))
+            elif name in nulls:
+                record[name] = None
+                parts.append(name_json)
+                parts.append("null")
         parts.append("}")
         return record, "".join(parts)
 

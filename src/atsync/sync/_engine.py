@@ -49,7 +49,7 @@ from ._puller import Puller
 from ._pusher import Pusher
 from ._shared import Hlc
 from ._status import RowState, State, SyncStatus, WaitReason
-from ._steps import StepRunner, lexicon_set, lexicon_validator
+from ._steps import StepRunner, lexicon_set, lexicon_validator, required_nulls
 from ._strategies import Debounce, Live, Manual, PullStrategy, Queue, Strategy
 from ._waker import Waker
 
@@ -137,16 +137,17 @@ class ATSync(StatusKeeper, PullEvents, FollowRepos, BlobSync):
     ) -> None:
         db = app.model_db
         self.app: App | None = app
+        self.lexicons = lexicon_set(lexicons)
         bound: dict[str, BoundBinding] = {}
         for model, binding in bindings.items():
             name = binding.model or model
             if name not in db.schema.models:
                 raise SchemaError(f"binding for {name!r}: the app has no such model")
-            bound[name] = binding.bind(db.schema.models[name])
+            nulls = required_nulls(self.lexicons, binding.collection)
+            bound[name] = binding.bind(db.schema.models[name], nulls=nulls)
         collections = [b.collection for b in bound.values()]
         if len(set(collections)) != len(collections):
             raise SchemaError("two bindings share a collection; each model needs its own")
-        self.lexicons = lexicon_set(lexicons)
         if self.lexicons is not None:
             validate = lexicon_validator(self.lexicons, bound.values(), validate)
         self._validate = validate

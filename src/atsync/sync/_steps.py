@@ -463,6 +463,19 @@ def lexicon_set(
     return docs
 
 
+def required_nulls(lexicons: LexiconSet | None, collection: str) -> frozenset[str]:
+    """The fields of ``collection``'s record Lexicon that are both required and nullable: a
+    binding writes them as ``null`` when their property is null, since the Lexicon refuses a
+    record that leaves them out."""
+    if lexicons is None or collection not in lexicons:
+        return frozenset()
+    main = lexicons.get(collection).main
+    record = main.get("record") if main is not None and main.get("type") == "record" else None
+    if not isinstance(record, Mapping):
+        return frozenset()  # not a record Lexicon: lexicon_validator says so if it matters
+    return frozenset(record.get("required") or ()) & frozenset(record.get("nullable") or ())
+
+
 def lexicon_validator(
     lexicons: LexiconSet, bindings: Iterable[BoundBinding], extra: Validator | None
 ) -> Validator:
