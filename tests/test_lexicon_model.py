@@ -15,6 +15,7 @@ import pytest
 from atsync._errors import SchemaError
 from atsync.app import ActionContext, App, Contract
 from atsync.atproto import CID, IdentityResolver, XrpcClient, login
+from atsync.db import BlobRef
 from atsync.lexicon import LexiconSet, model_from_lexicon
 from atsync.sync import ATSync, Binding, Immediate, Manual, Transform
 
@@ -131,8 +132,14 @@ contract = Contract(
 
 
 @contract.action
-def write(ctx: ActionContext, note: dict[str, Any], checksum: str) -> None:
-    ctx.db.set("notes", {**note, "checksum": bytes.fromhex(checksum)})
+def write(
+    ctx: ActionContext,
+    note: dict[str, Any],
+    checksum: str,
+    attachment: dict[str, Any] | None = None,
+) -> None:
+    blob = None if attachment is None else BlobRef.from_json(attachment)
+    ctx.db.set("notes", {**note, "checksum": bytes.fromhex(checksum), "attachment": blob})
 
 
 @contract.action
@@ -207,7 +214,12 @@ async def test_a_derived_model_round_trips_through_the_pds(
             sync_b = ATSync(b, bindings=bindings, push=Manual(),
                             pull=Manual(), identity=r, **options)  # fmt: skip
             async with sync_a, sync_b:
-                a.actions.write(note, bytes(range(32)).hex())
+                # The Lexicon's blob field is a blob property of the derived model.
+                props = {p.name: p.kind for p in contract.schema.models["notes"].properties}
+                assert props["attachment"] == "blob"
+                text = b"an attachment, checked against the Lexicon's accept and maxSize\n"
+                ref = a.blobs.put(text, "text/plain")
+                a.actions.write(note, bytes(range(32)).hex(), ref.to_json())
                 a.actions.draft({"id": "3kdgcbl2j4x2b", "title": "no body yet"})
                 with anyio.fail_after(30):
                     await sync_a.wait_for_idle()
@@ -216,7 +228,8 @@ async def test_a_derived_model_round_trips_through_the_pds(
                 got = b.db.get("notes", note["id"])
                 assert got is not None
                 held = {k: v for k, v in dict(got).items() if v is not None}
-                assert held == {**note, "checksum": bytes(range(32))}
+                assert held == {**note, "checksum": bytes(range(32)), "attachment": ref}
+                assert b.blobs.read(ref) == text  # uploaded by A, fetched by B, by its CID
                 # The required, nullable body is on the PDS as null, and back as None.
                 async with XrpcClient(session=session) as client:
                     on_pds = await client.get_record(session.did, DRAFT, "3kdgcbl2j4x2b")
