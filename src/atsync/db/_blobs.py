@@ -125,12 +125,12 @@ class BlobStore:
         cid = ref.cid if isinstance(ref, BlobRef) else ref
         if self.directory is None:
             if cid not in self._memory:
-                raise NotFoundError(f"blob {cid} is not in the store")
+                raise NotFoundError(_absent(cid))
             return io.BytesIO(self._memory[cid])
         try:
             return (self.directory / _checked(cid)).open("rb")
         except FileNotFoundError:
-            raise NotFoundError(f"blob {cid} is not in the store") from None
+            raise NotFoundError(_absent(cid)) from None
 
     def read(self, ref: BlobRef | str) -> bytes:
         with self.open(ref) as blob:
@@ -178,3 +178,8 @@ def _checked(cid: str) -> str:
     if not cid.isalnum():
         raise NotFoundError(f"{cid!r} is not a blob CID")
     return cid
+
+
+def _absent(cid: str) -> str:
+    # The store is local; a pulled row's blob comes with blobs="eager" or by fetch_blob.
+    return f"blob {cid} is not in the store (a pulled row's blob not fetched yet? see fetch_blob)"
