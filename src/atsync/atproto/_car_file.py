@@ -246,7 +246,9 @@ class RepoFile:
             memory_limit=memory_limit,
             stream=stream,
         )
-        self._nodes = self._car.stream.nodes if self._car.stream is not None else None
+        stream = self._car.stream
+        self._nodes = stream.nodes if stream is not None else None
+        self._layers = stream.layers if stream is not None else None
         try:
             self.commit = self._check_commit(did, signing_key)
         except BaseException:
@@ -274,13 +276,14 @@ class RepoFile:
         """``(collection, rkey, record CID)`` of every record, in key order, reading only MST
         nodes: what a comparison of the repository with a local copy needs (``on_node``
         sees each node's CID as it is read)."""
-        for key, cid in iter_leaves(self._car, self.commit.data, self._nodes, on_node):
+        leaves = iter_leaves(self._car, self.commit.data, self._nodes, on_node, self._layers)
+        for key, cid in leaves:
             collection, rkey = _split_path(key)
             yield collection, rkey, cid
 
     def count(self) -> int:
         """How many records the repository holds (walks the MST, reads no record)."""
-        return sum(1 for _ in iter_leaves(self._car, self.commit.data, self._nodes))
+        return sum(1 for _ in self.leaves())
 
     def decoded_record(self, cid: CID) -> tuple[dict[str, Any], str] | None:
         """The record ``cid`` names and its JSON, if the ``stream`` decoded it ahead (its hash

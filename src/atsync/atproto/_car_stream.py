@@ -46,7 +46,7 @@ from ._cbor import (
     _parse_cid,
     plain_record_from_libipld,
 )
-from ._mst import CompactNode, compact_node_from_libipld
+from ._mst import CompactNode, compact_layer, compact_node_from_libipld
 
 __all__ = ["MEMORY_LIMIT", "CarStream"]
 
@@ -59,7 +59,8 @@ _SHA256_RAW = bytes((1, CODEC_RAW, HASH_SHA256, 32))
 class CarStream:
     """Feed a CAR's bytes in order; ``finish()`` at the end. Then, while ``in_memory``:
     ``roots``, ``data`` (the whole CAR), ``offsets`` (CID bytes -> (offset, length) of each
-    block's data in ``data``), ``nodes`` (CID bytes -> ``CompactNode``), ``records`` and
+    block's data in ``data``), ``nodes`` (CID bytes -> ``CompactNode``), ``layers`` (CID
+    bytes -> the height of every key of that node, where they agree), ``records`` and
     ``record_json`` (CID bytes -> the record, and its JSON: records of the ``decode``
     collections, data model proven; two dicts, not one of pairs, because the collector never
     stops tracking a pair that holds a dict)."""
@@ -76,6 +77,7 @@ class CarStream:
         self.data = b""
         self.offsets: dict[bytes, tuple[int, int]] = {}
         self.nodes: dict[bytes, CompactNode] = {}
+        self.layers: dict[bytes, int] = {}
         self.records: dict[bytes, dict[str, Any]] = {}
         self.record_json: dict[bytes, str] = {}
         self._decode = frozenset(decode) if decode is not None else None
@@ -118,6 +120,7 @@ class CarStream:
         self.in_memory = False
         self._buf = bytearray()
         self.offsets, self.nodes, self.records, self.record_json = {}, {}, {}, {}
+        self.layers = {}
 
     def _varint(self, pos: int, what: str) -> tuple[int, int] | None:
         """(value, position after it), or None if the buffer ends inside it."""
@@ -201,6 +204,9 @@ class CarStream:
             node = compact_node_from_libipld(value, data)
             if node is not None:
                 self.nodes[raw] = node
+                layer = compact_layer(node)  # its keys' hashes, while the network is slow
+                if layer is not None:
+                    self.layers[raw] = layer
             return
         assert self._decode is not None
         if kind in self._decode and self._predecode_left >= len(data):

@@ -14,7 +14,7 @@ keys prefix-compressed against the previous entry of the same node.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -273,36 +273,79 @@ class _Walker:
             node = expand_node(compact)
         else:
             node = decode_node(get_block(self.blocks, cid, "MST node"), cid)
-        if not node.entries:
-            if is_root and node.left is not None:
-                raise VerificationError(f"malformed node {cid}: root has no entries but a subtree")
-            if not is_root and node.left is None:
-                raise VerificationError(f"malformed node {cid}: empty node inside the tree")
-            if layer is None:  # the empty tree: a lone root with nothing in it
-                layer = 0
-        for e in node.entries:
-            h = key_height(e.key)
+        keys = [e.key for e in node.entries]
+        subtrees = node.left is not None or any(e.right is not None for e in node.entries)
+        layer = check_node(cid, keys, node.left is not None, subtrees, layer, lo, hi, is_root)
+        return node, layer
+
+
+def check_node(
+    cid: CID | bytes,
+    keys: Sequence[bytes],
+    has_left: bool,
+    has_subtrees: bool,
+    layer: int | None,
+    lo: bytes | None,
+    hi: bytes | None,
+    is_root: bool,
+    keys_layer: int | None = None,
+) -> int:
+    """The checks a node's place in a tree makes (see ``_Walker.load``); returns its layer.
+    ``keys_layer``: the height all of ``keys`` are known to have (computed ahead, e.g. while
+    downloading), so they need not be hashed again."""
+    if not keys:
+        if is_root and has_left:
+            raise VerificationError(
+                f"malformed node {_cid(cid)}: root has no entries but a subtree"
+            )
+        if not is_root and not has_left:
+            raise VerificationError(f"malformed node {_cid(cid)}: empty node inside the tree")
+        if layer is None:  # the empty tree: a lone root with nothing in it
+            layer = 0
+    elif keys_layer is not None:
+        if layer is None:
+            layer = keys_layer
+        elif keys_layer != layer:
+            raise VerificationError(
+                f"malformed node {_cid(cid)}: key {keys[0]!r} has height {keys_layer} but sits "
+                f"at layer {layer}"
+            )
+    else:
+        for key in keys:
+            h = key_height(key)
             if layer is None:
                 layer = h
             if h != layer:
                 raise VerificationError(
-                    f"malformed node {cid}: key {e.key!r} has height {h} but sits at layer {layer}"
+                    f"malformed node {_cid(cid)}: key {key!r} has height {h} but sits at layer "
+                    f"{layer}"
                 )
-        if node.entries:
-            if lo is not None and node.entries[0].key <= lo:
-                raise VerificationError(
-                    f"malformed node {cid}: key {node.entries[0].key!r} "
-                    "is outside the range its parent allows"
-                )
-            if hi is not None and node.entries[-1].key >= hi:
-                raise VerificationError(
-                    f"malformed node {cid}: key {node.entries[-1].key!r} "
-                    "is outside the range its parent allows"
-                )
-        assert layer is not None
-        if layer < 0 or (layer == 0 and (node.left or any(e.right for e in node.entries))):
-            raise VerificationError(f"malformed node {cid}: subtree below layer 0")
-        return node, layer
+    if keys:
+        if lo is not None and keys[0] <= lo:
+            raise VerificationError(
+                f"malformed node {_cid(cid)}: key {keys[0]!r} is outside the range its parent "
+                "allows"
+            )
+        if hi is not None and keys[-1] >= hi:
+            raise VerificationError(
+                f"malformed node {_cid(cid)}: key {keys[-1]!r} is outside the range its parent "
+                "allows"
+            )
+    assert layer is not None
+    if layer < 0 or (layer == 0 and has_subtrees):
+        raise VerificationError(f"malformed node {_cid(cid)}: subtree below layer 0")
+    return layer
+
+
+def compact_layer(compact: CompactNode) -> int | None:
+    """The height every key of a node has, or None (no keys, or keys of several heights:
+    then ``check_node`` says which is wrong)."""
+    heights = {key_height(key) for key, _, _ in compact[1]}
+    return heights.pop() if len(heights) == 1 else None
+
+
+def _cid(cid: CID | bytes) -> CID:
+    return CID.from_raw(cid) if isinstance(cid, bytes) else cid
 
 
 def mst_lookup(blocks: Blocks, root: CID, key: str | bytes) -> tuple[CID | None, list[CID]]:
@@ -338,42 +381,61 @@ def iter_leaves(
     root: CID,
     nodes: Mapping[bytes, CompactNode] | None = None,
     on_node: Callable[[CID], object] | None = None,
+    layers: Mapping[bytes, int] | None = None,
 ) -> Iterator[tuple[str, CID]]:
     """Every ``(key, value CID)`` in key order, checking the whole tree's structure
-    (``nodes``: nodes already decoded from ``blocks``, by CID bytes; ``on_node`` sees each
-    node's CID as it is read)."""
-    walker = _Walker(blocks, nodes)
+    (``nodes``: nodes already decoded from ``blocks``, by CID bytes; ``layers``: the height
+    of every key of some of those nodes, computed ahead; ``on_node`` sees each node's CID as
+    it is read)."""
+    nodes = nodes or {}
+    layers = layers or {}
     # An explicit stack rather than recursion: a leaf then passes through no chain of
     # generators (a tree of 20,000 keys is five levels deep). Items are a subtree to visit
-    # (cid, layer, lo, hi) or a leaf to yield (key, value).
-    stack: list[tuple[CID, int | None, bytes | None, bytes | None] | tuple[str, CID]] = [
-        (root, None, None, None)
+    # (cid bytes, layer, lo, hi) or a leaf to yield (key, value CID bytes). Nodes are walked
+    # in their compact form (tuples of bytes): no object per entry.
+    stack: list[tuple[bytes, int | None, bytes | None, bytes | None] | tuple[str, bytes]] = [
+        (bytes(root), None, None, None)
     ]
     pop, push = stack.pop, stack.append
+    from_raw = CID.from_raw
     while stack:
         item = pop()
         if len(item) == 2:
-            yield item
+            yield item[0], from_raw(item[1])
             continue
-        cid, layer, lo, hi = item
-        node, layer = walker.load(cid, layer, lo, hi, layer is None)
+        raw, layer, lo, hi = item
+        compact = nodes.get(raw)
+        if compact is None:
+            cid = from_raw(raw)
+            node = decode_node(get_block(blocks, cid, "MST node"), cid)
+            compact = (
+                None if node.left is None else bytes(node.left),
+                tuple(
+                    (e.key, bytes(e.value), None if e.right is None else bytes(e.right))
+                    for e in node.entries
+                ),
+            )
+        left, entries = compact
+        keys = [e[0] for e in entries]
+        has_subtrees = left is not None or any(e[2] is not None for e in entries)
+        layer = check_node(
+            raw, keys, left is not None, has_subtrees, layer, lo, hi, layer is None, layers.get(raw)
+        )
         if on_node is not None:
-            on_node(cid)
-        entries = node.entries
+            on_node(from_raw(raw))
         # Pushed in reverse: the left subtree first, then each key and the subtree after it.
         for i in range(len(entries) - 1, -1, -1):
-            e = entries[i]
-            if e.right is not None:
-                push(
-                    (e.right, layer - 1, e.key, entries[i + 1].key if i + 1 < len(entries) else hi)
-                )
+            key, value, right = entries[i]
+            if right is not None:
+                push((right, layer - 1, key, keys[i + 1] if i + 1 < len(keys) else hi))
             try:
-                key = e.key.decode("ascii")
+                push((key.decode("ascii"), value))
             except UnicodeDecodeError:
-                raise VerificationError(f"malformed node {cid}: non-ASCII key {e.key!r}") from None
-            push((key, e.value))
-        if node.left is not None:
-            push((node.left, layer - 1, lo, entries[0].key if entries else hi))
+                raise VerificationError(
+                    f"malformed node {from_raw(raw)}: non-ASCII key {key!r}"
+                ) from None
+        if left is not None:
+            push((left, layer - 1, lo, keys[0] if keys else hi))
 
 
 def covering_proof(blocks: Blocks, root: CID, key: str | bytes) -> set[CID]:

@@ -253,7 +253,7 @@ class Puller:
                         seen.add(key)
                         if held == text:
                             continue  # unchanged, or our own write coming back: not read
-                changes.append(_record_change(repo, collection, rkey, cid))
+                changes.append(_record_change(repo, collection, rkey, cid, text))
             commit = repo.commit
             for (collection, rkey), cid_held in known.items():
                 if cid_held is not None and (collection, rkey) not in seen:
@@ -306,7 +306,7 @@ class Puller:
                 if was is not None and was.cid == str(cid):
                     continue  # in a changed node, but itself unchanged
                 if cid in repo.blocks:
-                    changes.append(_record_change(repo, collection, rkey, cid))
+                    changes.append(_record_change(repo, collection, rkey, cid, str(cid)))
                 else:
                     missing.append((collection, rkey, cid))
             if missing:
@@ -477,9 +477,9 @@ class Puller:
                 self._tree.replace(data if tree is not None else None, tree or ())
 
 
-def _record_change(repo: RepoFile, collection: str, rkey: str, cid: CID) -> Change:
-    """The change a record of the CAR makes: decoded ahead while downloading, or now."""
-    text = str(cid)
+def _record_change(repo: RepoFile, collection: str, rkey: str, cid: CID, text: str) -> Change:
+    """The change a record of the CAR makes (``text``: its CID as a string): decoded ahead
+    while downloading, or now."""
     decoded = repo.decoded_record(cid)
     if decoded is not None:
         return (collection, rkey, text, decoded[0], decoded[1])
