@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -36,6 +37,7 @@ from atsync.atproto import (
     IdentityResolver,
     MemorySessionStore,
     OAuthSession,
+    OAuthSessionData,
     XrpcClient,
     _oauth_flow,
     granular_scope,
@@ -62,13 +64,38 @@ def anyio_backend() -> str:
 # --- the browser ------------------------------------------------------------------------------
 
 
+_HOW_TO_INSTALL = (
+    "these tests drive Debian's chromium ({path}), which is missing, and installing it "
+    "failed: {why}. Install it as root (`apt-get install chromium`, or `sudo apt-get "
+    "install chromium`), then run the tests again."
+)
+
+
 def _install_chromium() -> None:
     # Like the PDS, the browser is installed on first use; playwright's own browser
-    # download is not reachable here, Debian's package is.
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    # download is not reachable here, Debian's package is. Not root: sudo without a
+    # password prompt (-n), or a failure that says what to do; never a silent skip.
+    if os.geteuid() == 0:
+        prefix: list[str] = []
+    elif shutil.which("sudo") is not None:
+        prefix = ["sudo", "-n"]
+    else:
+        why = "not root, and no sudo"
+        pytest.fail(_HOW_TO_INSTALL.format(path=CHROMIUM, why=why), pytrace=False)
     print("[oauth-e2e] installing chromium (apt-get, once)", file=sys.stderr, flush=True)
-    subprocess.run(["apt-get", "update"], check=True, env=env)
-    subprocess.run(["apt-get", "install", "-y", "chromium"], check=True, env=env)
+    for step in (["apt-get", "update"], ["apt-get", "install", "-y", "chromium"]):
+        # `env` carries the variable across sudo, which resets the environment.
+        command = [*prefix, "env", "DEBIAN_FRONTEND=noninteractive", *step]
+        shown = " ".join(command)
+        try:
+            code = subprocess.run(command, stdin=subprocess.DEVNULL, check=False).returncode
+        except OSError as e:  # no apt-get (not Debian), or no env
+            why = f"{shown}: {e}"
+        else:
+            if code == 0:
+                continue
+            why = f"`{shown}` exited with {code}"
+        pytest.fail(_HOW_TO_INSTALL.format(path=CHROMIUM, why=why), pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -80,7 +107,9 @@ def chromium(request: pytest.FixtureRequest) -> Path:
         else:
             with capman.global_and_fixture_disabled():
                 _install_chromium()
-    assert CHROMIUM.exists(), "apt-get install chromium did not provide /usr/bin/chromium"
+    if not CHROMIUM.exists():
+        why = "apt-get succeeded but did not provide it"
+        pytest.fail(_HOW_TO_INSTALL.format(path=CHROMIUM, why=why), pytrace=False)
     try:
         import playwright.sync_api  # noqa: F401 - the driver, from requirements.lock
     except ImportError as e:  # pragma: no cover - a venv made without the pinned deps
@@ -168,10 +197,11 @@ class BrowserUser:
                 browser.close()
 
 
-def resolver_for(pds: Any) -> IdentityResolver:
+def resolver_for(pds: Any, http: httpx.AsyncClient | None = None) -> IdentityResolver:
     """Resolves the dev PDS's ``.test`` handles (its well-known answers by Host) and DIDs."""
     return IdentityResolver(
         plc_url=pds.plc_url,
+        http_client=http,
         use_dns=False,
         web_origin=lambda host: pds.pds_url,
         allow_test_handles=True,
@@ -296,6 +326,44 @@ def test_deferred_login_with_oauth_pushes_earlier_work_as_the_account(
         again.logout()
         assert not again.authenticated
     assert not path.exists()
+
+
+def test_the_blocking_login_oauth_returns_the_adopted_session(
+    dev_pds: Any, chromium: Path, tmp_path: Path
+) -> None:
+    # The form scripts and notebooks call: it blocks this thread until the user is done at
+    # the browser (BrowserUser works in a thread of its own meanwhile).
+    alice = dev_pds.accounts["alice.test"]
+    store = FileSessionStore(tmp_path / "sessions")
+    signer = ATPSigner(store=store)
+    user = BrowserUser(chromium, alice.password)
+    # login_oauth runs the resolver on a loop of its own that ends with the call: no
+    # connection may outlive its request, so nothing is left open on that dead loop.
+    http = httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0))
+    with App.open(tmp_path / "b.db", contract, signer=signer) as app:
+        offline = app.actions.note("a", "before the login")
+        assert offline.result == signer.key_did
+        session = signer.login_oauth(
+            "alice.test",
+            identity=resolver_for(dev_pds, http),
+            open_browser=user.open,
+            show_url=None,
+            login_timeout=60,
+        )
+        user.join()
+        assert isinstance(session, OAuthSession) and signer.session is session
+        assert session.did == alice.did and app.did == alice.did
+        # No engine attached: the general scope; the key's authorization record was written.
+        assert session.data.scope.split() == DEFAULT_OAUTH_SCOPE.split()
+        assert app.actions.note("b", "after the login").result == alice.did
+        assert [app.author_of(e) for e in app.log] == [alice.did, alice.did]
+        stored = resume_session(store, f"atsync-session-{signer.key_did}")
+        assert isinstance(stored, OAuthSession)
+        assert stored.data.refresh_token == session.data.refresh_token
+        signer.logout()  # the blocking logout: revoked, and forgotten here
+        assert not session.alive and signer.session is None
+        assert store.load(f"atsync-session-{signer.key_did}") is None
+    anyio.run(http.aclose)
 
 
 async def test_a_server_refusing_granular_scopes_is_asked_for_the_general_one(
@@ -427,24 +495,29 @@ async def test_tokens_for_another_account_than_the_handle_are_refused(
 
 
 async def test_a_replayed_code_is_refused_and_revokes_what_it_gave(
-    dev_pds: Any, chromium: Path, request: pytest.FixtureRequest
+    dev_pds: Any, chromium: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     alice = dev_pds.accounts["alice.test"]
-    session, user = await browser_login(dev_pds, chromium)
-    (callback,) = user.callback_urls
-    code = dict(parse_qsl(urlsplit(callback).query))["code"]
-    form = {
-        "grant_type": "authorization_code",
-        "code": code,
-        "redirect_uri": callback.split("?", 1)[0],
-        "code_verifier": pkce_verifier(),
-        "client_id": session.data.client_id,
-    }
+    redeemed: list[tuple[_oauth_flow.PushedRequest, str]] = []
+    exchange = _oauth_flow.exchange_code
+
+    async def keep(
+        http: httpx.AsyncClient, pushed: _oauth_flow.PushedRequest, code: str, **kw: Any
+    ) -> OAuthSession:
+        redeemed.append((pushed, code))
+        return await exchange(http, pushed, code, **kw)
+
+    monkeypatch.setattr(_oauth_flow, "exchange_code", keep)
+    session, _ = await browser_login(dev_pds, chromium)
+    ((pushed, code),) = redeemed
+    assert session.dpop_key.public_jwk == pushed.dpop.public_jwk
+    # The same redemption once more: same code, PKCE verifier, redirect URI, client_id and
+    # DPoP key (only the proof's jti is new, as a client's would be), so the one thing
+    # refused is that the code was used already.
     async with oauth_http_client() as http:
-        with pytest.raises(AuthError) as exc:
-            await post_form(
-                http, f"{dev_pds.pds_url}/oauth/token", form, DpopKey.generate(), NonceCache()
-            )
+        with pytest.raises(AuthError, match="Invalid code") as exc:
+            await exchange(http, pushed, code, did=alice.did, handle="alice.test",
+                           pds_url=dev_pds.pds_url)  # fmt: skip
     assert exc.value.error == "invalid_grant"
     # The provider treats a replayed code as stolen: the tokens it gave are revoked.
     async with XrpcClient(session=session) as client:
@@ -599,7 +672,7 @@ async def test_logout_revokes_the_grant_on_the_server(dev_pds: Any, chromium: Pa
 # --- the command ------------------------------------------------------------------------------
 
 
-def test_cli_login_with_oauth_stores_a_session_that_status_and_push_use(
+def test_cli_login_with_oauth_stores_a_session_that_status_push_and_logout_use(
     dev_pds: Any,
     chromium: Path,
     tmp_path: Path,
@@ -609,6 +682,7 @@ def test_cli_login_with_oauth_stores_a_session_that_status_and_push_use(
     from click.testing import CliRunner
 
     from atsync.cli import _login_oauth, main
+    from atsync.cli._devpds import announced
 
     alice = dev_pds.accounts["alice.test"]
     db = tmp_path / "c.db"
@@ -617,16 +691,18 @@ def test_cli_login_with_oauth_stores_a_session_that_status_and_push_use(
         app.actions.note("c1", "queued before the CLI login")
     user = BrowserUser(chromium, alice.password)
     monkeypatch.setattr(_login_oauth, "_open_browser", user.open)
-    monkeypatch.setenv("ATSYNC_PLC_URL", dev_pds.plc_url)
+    # The issue's command as written: neither --service nor ATSYNC_PLC_URL; the dev PDS is
+    # found where `atsync dev-pds` lists itself (this process stands in for it).
+    monkeypatch.delenv("ATSYNC_PLC_URL", raising=False)
+    monkeypatch.setenv("ATSYNC_CACHE_DIR", str(tmp_path / "cache"))
     sessions = str(tmp_path / "sessions")
     runner = CliRunner()
     args = ["--db", str(db), "--session-dir", sessions]
-    result = runner.invoke(
-        main, ["login", "--oauth", "alice.test", *args, "--service", dev_pds.pds_url]
-    )
+    with announced(dev_pds.pds_url, dev_pds.plc_url):
+        result = runner.invoke(main, ["login", "--oauth", "alice.test", *args])
     user.join()
     assert result.exit_code == 0, result.output
-    assert f"logged in as {alice.did} (alice.test)" in result.stdout
+    assert f"logged in as {alice.did} (alice.test) at {dev_pds.pds_url}" in result.stdout
     assert "/oauth/authorize?" in result.stderr  # the URL is printed for a headless machine
     status = runner.invoke(main, ["status", *args, "--json"])
     assert status.exit_code == 0, status.output
@@ -634,3 +710,27 @@ def test_cli_login_with_oauth_stores_a_session_that_status_and_push_use(
     pushed = runner.invoke(main, ["push", *args, "--timeout", "30"])
     assert pushed.exit_code == 0, pushed.output
     assert "pushed 1 writes; 0 pending" in pushed.stdout
+    stored = FileSessionStore(Path(sessions)).load(f"atsync-session-{app.signer.key_did}")
+    assert stored is not None
+    data = OAuthSessionData.from_dict(stored)
+    out = runner.invoke(main, ["logout", *args])
+    assert out.exit_code == 0, out.output
+    assert f"logged out {alice.did} (alice.test)" in out.stdout
+    assert json.loads(runner.invoke(main, ["status", *args, "--json"]).stdout)["account"] is None
+    # The grant is revoked on the server: its refresh token is refused.
+    form = {
+        "grant_type": "refresh_token",
+        "refresh_token": data.refresh_token,
+        "client_id": data.client_id,
+    }
+
+    async def refresh() -> None:
+        async with oauth_http_client() as http:
+            dpop = DpopKey.from_jwk(data.dpop_jwk)
+            await post_form(http, data.token_endpoint, form, dpop, NonceCache())
+
+    with pytest.raises(AuthError) as exc:
+        anyio.run(refresh)
+    assert exc.value.error == "invalid_grant"
+    again = runner.invoke(main, ["logout", *args])
+    assert again.exit_code == 0 and "not logged in" in again.stdout

@@ -45,6 +45,7 @@ class FakeServer:
         self.revoked = False
         self.token_requests = 0
         self.nonce_every_time = False
+        self.expires_in = 3600
         self.requests: list[httpx.Request] = []
         self.transport = httpx.MockTransport(self.handle)
 
@@ -85,7 +86,7 @@ class FakeServer:
                 "token_type": "DPoP",
                 "scope": "atproto transition:generic",
                 "sub": DID,
-                "expires_in": 3600,
+                "expires_in": self.expires_in,
             }
             return httpx.Response(200, headers=headers, json=body)
         if request.url.path == "/oauth/revoke":
@@ -110,7 +111,11 @@ class FakeServer:
 
 
 def make_session(
-    server: FakeServer, store: Any = None, expires_at: float = 1e12, **options: Any
+    server: FakeServer,
+    store: Any = None,
+    expires_at: float = 1e12,
+    issued_at: float | None = None,
+    **options: Any,
 ) -> OAuthSession:
     data = OAuthSessionData(
         did=DID,
@@ -125,6 +130,7 @@ def make_session(
         refresh_token=server.refresh,
         expires_at=expires_at,
         dpop_jwk=DpopKey.generate().private_jwk(),
+        issued_at=issued_at,
     )
     store = store if store is not None else MemorySessionStore()
     store.save(DID, data.to_dict())
@@ -177,6 +183,41 @@ async def test_refresh_ahead_of_expiry_without_a_failed_call() -> None:
     assert server.token_requests == 1
     paths = [r.url.path for r in server.requests]
     assert paths.count("/xrpc/com.atproto.server.getSession") == 1  # never sent stale
+
+
+async def test_short_lived_tokens_are_refreshed_a_quarter_of_their_life_ahead() -> None:
+    # A server whose tokens live 60 s, under the 300 s margin: with a fixed margin every
+    # request would refresh first. A quarter of the lifetime (15 s) is kept instead.
+    server = FakeServer()
+    server.expires_in = 60
+    now = [1000.0]
+    session = make_session(server, expires_at=1060.0, issued_at=1000.0, clock=lambda: now[0])
+    for now[0] in (1000.0, 1030.0, 1044.0):
+        await get_session(session, server)
+    assert server.token_requests == 0
+    now[0] = 1046.0  # 14 s left
+    await get_session(session, server)
+    assert server.token_requests == 1
+    data = session.data  # the new pair's lifetime is known, and saved with it
+    assert (data.issued_at, data.expires_at) == (1046.0, 1106.0)
+    assert OAuthSessionData.from_dict(data.to_dict()) == data
+    for now[0] in (1050.0, 1090.0):
+        await get_session(session, server)
+    assert server.token_requests == 1
+    now[0] = 1092.0
+    await get_session(session, server)
+    assert server.token_requests == 2
+
+
+async def test_a_session_stored_without_issued_at_keeps_the_fixed_margin() -> None:
+    server = FakeServer()
+    stored = make_session(server, expires_at=1060.0, issued_at=1000.0).data.to_dict()
+    del stored["issued_at"]  # stored before the lifetime was kept
+    old = OAuthSessionData.from_dict(stored)
+    assert old.issued_at is None
+    session = OAuthSession(old, http=server.http, clock=lambda: 1000.0)
+    await get_session(session, server)
+    assert server.token_requests == 1  # 60 s left < 300 s: due at once
 
 
 class FailingStore(MemorySessionStore):

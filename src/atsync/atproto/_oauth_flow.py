@@ -290,6 +290,7 @@ async def exchange_code(
         expires_at=expires_at,
         dpop_jwk=dpop.private_jwk(),
         revocation_endpoint=server.revocation_endpoint,
+        issued_at=now,
     )
     return OAuthSession(
         data, store=store, key=key, refresh_margin=refresh_margin, clock=clock, nonces=nonces

@@ -9,7 +9,8 @@ sync engine, ``ATPSigner``. The differences are inside:
 - the server's ``DPoP-Nonce`` is kept per server; a ``use_dpop_nonce`` refusal is answered
   by sending the request once more with the new nonce (``after_response``);
 - the tokens are refreshed at the authorization server's token endpoint, ahead of expiry
-  (``expires_in``, minus ``refresh_margin``) or when the PDS says ``invalid_token``. Every
+  (``expires_in``, minus ``refresh_margin`` or, for tokens living less than four margins, a
+  quarter of their lifetime) or when the PDS says ``invalid_token``. Every
   refresh rotates the refresh token; the new pair is saved before any use, exactly like
   password sessions do (docs/sessions.md): persist before use, single flight, adopt a pair
   that another process sharing the store rotated, dead is dead (``AuthError`` "log in again"
@@ -40,6 +41,9 @@ from ._xrpc_errors import parse_error_body
 __all__ = ["OAuthSession", "OAuthSessionData", "resume_session", "tokens_from_response"]
 
 SESSION_TYPE = "oauth"
+# The share of a short token lifetime kept as refresh margin: with a fixed margin, a server
+# whose tokens live less than it would see a refresh before every request.
+_SHORT_LIFETIME_MARGIN = 0.25
 _STR_FIELDS = (
     "did",
     "handle",
@@ -70,6 +74,9 @@ class OAuthSessionData:
     expires_at: float
     dpop_jwk: dict[str, str] = field(default_factory=dict)
     revocation_endpoint: str | None = None
+    # When the token pair was issued (our clock): with ``expires_at`` it gives the lifetime.
+    # None in sessions stored before it was kept; those use the fixed margin.
+    issued_at: float | None = None
 
     def __repr__(self) -> str:  # tokens and the key are secrets
         return (
@@ -84,6 +91,8 @@ class OAuthSessionData:
         out["dpop_jwk"] = dict(self.dpop_jwk)
         if self.revocation_endpoint is not None:
             out["revocation_endpoint"] = self.revocation_endpoint
+        if self.issued_at is not None:
+            out["issued_at"] = self.issued_at
         return out
 
     @classmethod
@@ -103,11 +112,15 @@ class OAuthSessionData:
         if not isinstance(jwk, dict) or not all(isinstance(v, str) for v in jwk.values()):
             raise ValueError("session data lacks its DPoP key")
         revoke = data.get("revocation_endpoint")
+        issued = data.get("issued_at")
+        if not isinstance(issued, int | float) or isinstance(issued, bool):
+            issued = None
         return cls(
             **values,
             expires_at=float(expires_at),
             dpop_jwk=dict(jwk),
             revocation_endpoint=revoke if isinstance(revoke, str) else None,
+            issued_at=float(issued) if issued is not None else None,
         )
 
 
@@ -172,8 +185,16 @@ class OAuthSession(StoredSession[OAuthSessionData]):
     def dpop_key(self) -> DpopKey:
         return self._dpop
 
+    def _margin(self, data: OAuthSessionData) -> float:
+        """How long before expiry the tokens are refreshed: ``refresh_margin``, or a quarter
+        of the lifetime of tokens that live less than four margins."""
+        if data.issued_at is None:
+            return self.refresh_margin
+        lifetime = max(0.0, data.expires_at - data.issued_at)
+        return min(self.refresh_margin, lifetime * _SHORT_LIFETIME_MARGIN)
+
     def _due(self, data: OAuthSessionData) -> bool:
-        return data.expires_at - self._clock() < self.refresh_margin
+        return data.expires_at - self._clock() < self._margin(data)
 
     # -- the XRPC client's hooks ------------------------------------------------------------
 
@@ -264,6 +285,7 @@ class OAuthSession(StoredSession[OAuthSessionData]):
             refresh_token=refresh,
             scope=scope,
             expires_at=expires_at,
+            issued_at=now,
         )
 
     async def logout(self, client: XrpcClient | None = None) -> None:

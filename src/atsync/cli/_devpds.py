@@ -1,21 +1,32 @@
-"""``atsync dev-pds``: run the reference PDS and a PLC on loopback until told to stop."""
+"""``atsync dev-pds``: run the reference PDS and a PLC on loopback until told to stop.
+
+While it runs, the command lists itself in ``running_dir()`` (``<pid>.json``: ``pds_url``,
+``plc_url``, ``pid``) so that the other commands can resolve the ``.test`` handles it serves
+without being told where it is (``running_dev_pds()``; docs/dev-pds.md).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
 import click
+import platformdirs
 
 from atsync._errors import DevPDSError
 from atsync.atproto import DevPDS
 
 from ._main import main
+
+__all__ = ["RunningDevPDS", "announced", "running_dev_pds", "running_dir"]
 
 _DEFAULT_ACCOUNT = ("alice.test", "hunter22")
 # How often to look whether our parent process is still there. There is no portable event
@@ -33,6 +44,73 @@ def _parse_account(value: str) -> tuple[str, str]:
 
 class _StopDuringStart(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class RunningDevPDS:
+    """A dev PDS that an ``atsync dev-pds`` process (``pid``) runs now."""
+
+    pds_url: str
+    plc_url: str
+    pid: int
+
+
+def running_dir() -> Path:
+    """Where running ``atsync dev-pds`` processes list themselves: in the default cache
+    directory of the PDS install (``$ATSYNC_CACHE_DIR``, else the user cache directory),
+    whatever ``--cache-dir`` says, since the other commands have no such option."""
+    # The install's rule (atproto's default_cache_dir), which is not public API.
+    env = os.environ.get("ATSYNC_CACHE_DIR")
+    base = Path(env) if env else Path(platformdirs.user_cache_dir("atsync"))
+    return base / "running-dev-pds"
+
+
+@contextlib.contextmanager
+def announced(pds_url: str, plc_url: str) -> Iterator[Path]:
+    """List this process's dev PDS in ``running_dir()`` while inside; the file is removed on
+    the way out (one left by a killed process is ignored, its pid being gone)."""
+    directory = running_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{os.getpid()}.json"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"pds_url": pds_url, "plc_url": plc_url, "pid": os.getpid()}))
+    tmp.replace(path)  # readers never see half a file
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone's process; whether it is the PDS, resolving will tell
+    return True
+
+
+def running_dev_pds() -> list[RunningDevPDS]:
+    """The dev PDS processes listed in ``running_dir()`` whose process is alive, newest
+    first; listings of processes that are gone (killed) are removed."""
+    try:
+        paths = list(running_dir().glob("*.json"))
+    except OSError:  # no such directory, or not one
+        return []
+    found: list[tuple[float, RunningDevPDS]] = []
+    for path in paths:
+        try:
+            listed = path.stat().st_mtime
+            data = json.loads(path.read_text())
+            entry = RunningDevPDS(str(data["pds_url"]), str(data["plc_url"]), int(data["pid"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # removed meanwhile, or not ours
+        if _alive(entry.pid):
+            found.append((listed, entry))
+        else:
+            path.unlink(missing_ok=True)
+    return [entry for _, entry in sorted(found, key=lambda f: f[0], reverse=True)]
 
 
 @main.command("dev-pds")
@@ -118,15 +196,22 @@ def dev_pds(
             return
         started = True
         try:
-            click.echo(json.dumps(pds.info()))
-            sys.stdout.flush()
-            say(f"dev PDS ready at {pds.pds_url} (PLC {pds.plc_url}); SIGTERM or Ctrl-C stops it")
-            while not stop.wait(_PARENT_CHECK_S):
-                if os.getppid() != parent:
-                    say("parent process exited; stopping")
-                    break
-                if not pds.running:
-                    raise DevPDSError(f"the PDS process exited unexpectedly\n{pds.stderr_tail()}")
+            # Listed before the line is printed: whoever waits for the line finds the listing.
+            with announced(pds.pds_url, pds.plc_url):
+                click.echo(json.dumps(pds.info()))
+                sys.stdout.flush()
+                say(
+                    f"dev PDS ready at {pds.pds_url} (PLC {pds.plc_url}); "
+                    "SIGTERM or Ctrl-C stops it"
+                )
+                while not stop.wait(_PARENT_CHECK_S):
+                    if os.getppid() != parent:
+                        say("parent process exited; stopping")
+                        break
+                    if not pds.running:
+                        raise DevPDSError(
+                            f"the PDS process exited unexpectedly\n{pds.stderr_tail()}"
+                        )
         finally:
             pds.stop()
     except DevPDSError as exc:

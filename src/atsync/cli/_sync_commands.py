@@ -22,7 +22,14 @@ import click
 
 from .._errors import AtsyncError, TransactionError
 from ..app import App, ATPSigner, LocalSigner, key_path_for, writer_lock
-from ..atproto import FileSessionStore, OAuthSession, Session, login, resume_session
+from ..atproto import (
+    FileSessionStore,
+    IdentityResolver,
+    OAuthSession,
+    Session,
+    login,
+    resume_session,
+)
 from ..db import ModelDB
 from ..sync import (
     ATSync,
@@ -258,9 +265,15 @@ def pull(db_path: Path, session_dir: Path | None, app_ref: str, timeout: float) 
     with app:
         if signer.session is None:
             raise click.ClickException("not logged in: run `atsync login --db ... HANDLE`")
+        from ._login_oauth import session_resolver
+
+        # An account of a running dev PDS: its commits are verified against that PDS's PLC.
+        identity = None if "identity" in options else session_resolver(signer.session)
+        if identity is not None:
+            options["identity"] = identity
         sync = ATSync(app, bindings=bindings, **options)
         try:
-            status = anyio.run(_drive_pull, sync, timeout)
+            status = anyio.run(_drive_pull, sync, timeout, identity)
         finally:
             sync.close()
     click.echo(
@@ -272,14 +285,20 @@ def pull(db_path: Path, session_dir: Path | None, app_ref: str, timeout: float) 
         sys.exit(1)
 
 
-async def _drive_pull(sync: ATSync, seconds: float) -> SyncStatus:
-    async with sync:
-        try:
-            with anyio.fail_after(seconds):
-                await sync.wait_pulled()
-        except TimeoutError:
-            pass  # the status says why
-        return sync.status
+async def _drive_pull(
+    sync: ATSync, seconds: float, identity: IdentityResolver | None
+) -> SyncStatus:
+    try:
+        async with sync:
+            try:
+                with anyio.fail_after(seconds):
+                    await sync.wait_pulled()
+            except TimeoutError:
+                pass  # the status says why
+            return sync.status
+    finally:
+        if identity is not None:  # on this loop, where its connections were made
+            await identity.aclose()
 
 
 def _load_app(ref: str) -> object:
@@ -385,27 +404,48 @@ def login_command(
         return
     password = os.environ.get("ATSYNC_PASSWORD") or getpass.getpass(f"password for {identifier}: ")
     key_did, _ = _session(db_path, session_dir)
-    if service is None:
-        from ..atproto import IdentityResolver
-
-        async def resolve() -> str:
-            async with IdentityResolver() as resolver:
-                return (await resolver.resolve(identifier)).pds
-
-        service = anyio.run(resolve)
     store = FileSessionStore(session_dir)
+
+    async def password_login() -> Session:
+        pds = service
+        if pds is None:
+            from ._login_oauth import login_resolver
+
+            async with await login_resolver(identifier, None) as resolver:
+                pds = (await resolver.resolve(identifier)).pds
+        return await login(identifier, password, pds, store=store, key=f"atsync-session-{key_did}")
+
     try:
-        session = anyio.run(
-            lambda: login(
-                identifier, password, service, store=store, key=f"atsync-session-{key_did}"
-            )
-        )
+        session = anyio.run(password_login)
     except AtsyncError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"logged in as {session.did} ({session.handle}) at {session.pds_url}")
 
 
 login_command.name = "login"
+
+
+@main.command()
+@DB_OPTION
+@SESSIONS_OPTION
+def logout(db_path: Path, session_dir: Path | None) -> None:
+    """End this database's session: revoked on the server (the OAuth grant, or the password
+    session) and removed here. An app that has the database open is logged out at its next
+    request to the PDS."""
+    key_did, session = _session(db_path, session_dir)
+    if session is None:
+        click.echo(f"not logged in: no session is stored for {db_path} (session key {key_did})")
+        return
+    who = f"{session.did} ({session.handle}) at {session.pds_url}"
+    try:
+        anyio.run(session.logout)
+    except AtsyncError as exc:
+        # The stored copy is gone all the same (logout deletes it whatever the server says).
+        raise click.ClickException(
+            f"removed the session of {who} here, but the PDS could not be told ({exc}); "
+            "revoke it from the account's settings if it matters"
+        ) from None
+    click.echo(f"logged out {who}")
 
 
 @main.command()
