@@ -12,6 +12,7 @@ DPoP proof for another method, URL or token, or replayed) and check that it is r
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -46,6 +47,7 @@ from atsync.atproto import (
 )
 from atsync.atproto._oauth_crypto import DpopKey, dpop_proof, pkce_challenge, pkce_verifier
 from atsync.atproto._oauth_server import NonceCache, oauth_http_client, post_form
+from atsync.db import BlobRef
 from atsync.sync import ATSync, Binding, Immediate, Manual, RateBudget
 from pds_fixtures import ACCOUNTS
 from sync_devices import wait_status
@@ -326,6 +328,65 @@ def test_deferred_login_with_oauth_pushes_earlier_work_as_the_account(
         again.logout()
         assert not again.authenticated
     assert not path.exists()
+
+
+pictures = Contract(
+    models={"photos": {"id": "primary", "caption": "string", "image": "blob"}},
+    nsid="test.oauth.photos",
+)
+
+
+@pictures.action
+def photo(ctx: ActionContext, key: str, caption: str, image: dict[str, Any]) -> None:
+    ctx.db.set("photos", {"id": key, "caption": caption, "image": BlobRef.from_json(image)})
+
+
+def test_an_image_goes_up_under_the_granular_scope_an_oauth_login_asks_for(
+    dev_pds: Any, chromium: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    from atsync.atproto import Portal
+    from atsync.sync import SyncThread
+
+    alice = dev_pds.accounts["alice.test"]
+    collection = collection_for(request)
+    signer = ATPSigner(store=FileSessionStore(tmp_path / "sessions"))
+    user = BrowserUser(chromium, alice.password)
+    data = bytes(range(256)) * 64  # 16 KiB
+    with (
+        App.open(tmp_path / "p.db", pictures, signer=signer) as app,
+        SyncThread(app, bindings={"photos": Binding(collection)}, pull=Manual()) as sync,
+    ):
+        ref = app.blobs.put(data, "image/png")
+        app.actions.photo("p1", "taken offline", ref.to_json())
+
+        async def identity_login() -> OAuthSession:
+            async with resolver_for(dev_pds) as identity:
+                return await signer.login_oauth_async(
+                    "alice.test", identity=identity, open_browser=user.open, show_url=print
+                )
+
+        with Portal() as portal:
+            session = portal.call(identity_login)
+        user.join()
+        # Records that hold blobs: the login asked for blob uploads, and nothing general.
+        granted = session.data.scope.split()
+        assert f"repo:{collection}" in granted
+        assert any(scope.startswith("blob:") for scope in granted)
+        assert "transition:generic" not in granted
+        status = sync.wait_for_idle(timeout=60)
+        assert (status.pending, status.failed) == (0, 0)
+
+    async def on_pds() -> tuple[dict[str, Any], bytes]:
+        async with XrpcClient(dev_pds.pds_url) as client:
+            record = await client.get_record(alice.did, collection, "p1")
+            got = io.BytesIO()
+            await client.sync_get_blob(alice.did, ref.cid, got)  # checked against its CID
+            return record.value, got.getvalue()
+
+    value, stored = anyio.run(on_pds)
+    assert value["caption"] == "taken offline"
+    assert str(value["image"]["ref"]) == ref.cid
+    assert stored == data
 
 
 def test_the_blocking_login_oauth_returns_the_adopted_session(
