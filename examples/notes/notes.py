@@ -93,6 +93,8 @@ def cmd_add(args: argparse.Namespace) -> int:
                 raise SystemExit("a shared note has a text only (no --body or --image)")
             key = app.actions.create_draft(args.text).result
         else:
+            if args.image and not args.image.is_file():
+                raise SystemExit(f"no image file {args.image}")
             with app.batch():  # the note and its image, all or nothing
                 key = app.actions.create_note(args.text, args.body).result
                 if args.image:
