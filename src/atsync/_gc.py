@@ -7,7 +7,8 @@ collections that find nothing to free — a fifth of a backfill's time, measured
 does the same for the same reason (``util.nogc``).
 
 The pause is process-wide, so it is kept to bounded bursts (decoding one downloaded chunk,
-walking one repository, applying one chunk of rows), nests and works across threads (the
+walking one repository, applying one chunk of rows; a whole read of a repository while its
+CAR is held in memory, at most 32 MiB), nests and works across threads (the
 collector comes back when the last pause ends), and never re-enables a collector that the
 application had disabled itself. Reference counting still frees everything that is not part
 of a cycle meanwhile.
