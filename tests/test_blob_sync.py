@@ -21,6 +21,7 @@ from typing import Any
 import anyio
 import pytest
 
+from atsync import VerificationError
 from atsync.app import ActionContext, App, Contract
 from atsync.atproto import CID, IdentityResolver, Session, XrpcClient
 from atsync.db import BlobRef
@@ -425,3 +426,50 @@ async def test_a_conflict_on_a_row_with_a_blob_is_recorded_and_the_pull_goes_on(
         assert conflict["fields"] == "title"
         ref = a.db.get("notes", "n1")["image"]  # type: ignore[index]
         assert ref.cid in str(conflict["local"]) and a.blobs.read(ref) == png
+
+
+def damage(db: Path, cid: str) -> None:
+    """Change a stored blob's bytes on disk, as a failing disk or a careless hand would."""
+    path = db.with_name(db.name + ".blobs") / cid
+    path.chmod(0o644)
+    path.write_bytes(b"damaged" + path.read_bytes()[7:])
+
+
+@pytest.mark.anyio
+async def test_a_blob_damaged_on_disk_is_a_dead_letter_saying_so_and_is_repaired_by_its_bytes(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    collection = collection_for(request, "test.atsync.blobs")
+    alice = await session_of(dev_pds, "alice.test")
+    data = image(request, "original")
+    cid = png_cid(data)
+    async with device(tmp_path / "a.db", collection, alice, resolver, push=Manual()) as (a, sync):
+        a.actions.add("n1", "a photo", b64(data))
+        damage(tmp_path / "a.db", cid)
+        with pytest.raises(VerificationError, match="damaged in the store"):
+            a.blobs.read(cid)
+        sync.push_now()
+        status = await idle(sync)
+        # Not sent, not retried in a loop: a dead letter that says what is wrong.
+        assert (status.failed, status.pending) == (1, 0)
+        (letter,) = sync.outbox.dead_letters()
+        assert letter.error == "BlobRefused"
+        assert f"blob {cid} is damaged in the store" in letter.message
+        assert await pds_blob(alice, cid) is None
+        assert await _rkeys(alice, collection) == []
+        # The original bytes put again repair the file; the dead letter then goes.
+        a.blobs.put(data, "image/png")
+        assert a.blobs.read(cid) == data
+        assert sync.retry_dead_letters() == 1
+        status = await idle(sync)
+        assert (status.failed, status.pending) == (0, 0)
+    assert await pds_blob(alice, cid) == data
+    assert str((await record(alice, collection, "n1"))["image"]["ref"]) == cid
+
+    # On another device, a damaged copy is fetched again when asked for.
+    async with device(tmp_path / "b.db", collection, alice, resolver) as (b, sync_b):
+        await pulled(sync_b)
+        assert b.blobs.read(cid) == data
+        damage(tmp_path / "b.db", cid)
+        assert await sync_b.fetch_blob(BlobRef(cid, "image/png", len(data))) == data
+        assert b.blobs.read(cid) == data

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from atsync._errors import NotFoundError, RecordError, ValidationError
+from atsync._errors import NotFoundError, RecordError, ValidationError, VerificationError
 from atsync.app import ActionContext, App, Contract
 from atsync.atproto import CID, data_to_json
 from atsync.atproto._cbor import CODEC_RAW
@@ -248,3 +248,18 @@ def test_the_blobs_command_counts_and_collects(tmp_path: Path) -> None:
     ).stdout
     assert done.endswith("collected 1 blobs, 8 bytes freed\n")
     assert len(list((tmp_path / "app.db.blobs").iterdir())) == 1
+
+
+def test_a_blob_damaged_on_disk_is_refused_by_read_and_repaired_by_put(tmp_path: Path) -> None:
+    with ModelDB.open(tmp_path / "d.db", {"notes": {"id": "primary"}}) as db:
+        data = b"the original bytes of a photo" * 100
+        ref = db.blobs.put(data, "image/jpeg")
+        path = tmp_path / "d.db.blobs" / ref.cid
+        path.chmod(0o644)
+        path.write_bytes(b"X" + data[1:])  # same size, one byte changed
+        with pytest.raises(VerificationError, match=f"blob {ref.cid} is damaged in the store"):
+            db.blobs.read(ref)
+        with db.blobs.open(ref) as raw:  # open() gives the bytes as they are
+            assert raw.read(1) == b"X"
+        assert db.blobs.put(data, "image/jpeg") == ref  # the right bytes again: repaired
+        assert db.blobs.read(ref) == data

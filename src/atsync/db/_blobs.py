@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .._errors import NotFoundError, ValidationError
+from .._errors import NotFoundError, ValidationError, VerificationError
 
 __all__ = ["BlobRef", "BlobStore"]
 
@@ -84,20 +84,30 @@ class BlobStore:
         else:
             path = self.directory / cid
             try:
-                os.utime(path)  # there already: now it is wanted again (see collect)
+                # There already, whole: now it is wanted again (see collect). A file damaged
+                # on disk since is written again from these bytes, the right ones.
+                intact = path.read_bytes() == data
             except FileNotFoundError:
-                self.directory.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".incoming-")
-                try:
-                    with os.fdopen(fd, "wb") as out:
-                        out.write(data)
-                        out.flush()
-                        os.fsync(out.fileno())
-                    os.replace(tmp, path)
-                except BaseException:
-                    Path(tmp).unlink(missing_ok=True)
-                    raise
+                intact = False
+            if intact:
+                os.utime(path)
+            else:
+                self._write(path, data)
         return BlobRef(cid, mime_type, len(data))
+
+    def _write(self, path: Path, data: bytes) -> None:
+        assert self.directory is not None
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".incoming-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def put_file(self, path: str | os.PathLike[str], mime_type: str) -> BlobRef:
         """``put`` the contents of a file."""
@@ -121,7 +131,8 @@ class BlobStore:
             return None
 
     def open(self, ref: BlobRef | str) -> BinaryIO:
-        """The blob's bytes as a binary file (``NotFoundError`` if the store lacks it)."""
+        """The blob's bytes as a binary file (``NotFoundError`` if the store lacks it), as
+        stored: ``read`` also checks them against the CID."""
         cid = ref.cid if isinstance(ref, BlobRef) else ref
         if self.directory is None:
             if cid not in self._memory:
@@ -133,8 +144,19 @@ class BlobStore:
             raise NotFoundError(_absent(cid)) from None
 
     def read(self, ref: BlobRef | str) -> bytes:
-        with self.open(ref) as blob:
-            return blob.read()
+        """The blob's bytes, checked against its CID: ``VerificationError`` if the file was
+        damaged on disk since it was stored (``NotFoundError`` if the store lacks it)."""
+        cid = ref.cid if isinstance(ref, BlobRef) else ref
+        with self.open(cid) as blob:
+            data = blob.read()
+        if blob_cid(data) != cid:
+            where = "in memory" if self.directory is None else str(self.directory / cid)
+            raise VerificationError(
+                f"blob {cid} is damaged in the store ({where}): its bytes no longer match its "
+                "CID. put() the original bytes again, or delete the file and fetch_blob() it "
+                "from a repository that has it"
+            )
+        return data
 
     def cids(self) -> list[str]:
         """The CIDs of every blob in the store."""

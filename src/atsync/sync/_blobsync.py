@@ -31,7 +31,7 @@ from typing import Any
 
 import anyio
 
-from .._errors import PermanentError
+from .._errors import PermanentError, VerificationError
 from ..atproto import XrpcClient
 from ..db import BlobRef, BlobStore, ModelDB, quote_identifier
 from ._binding import BoundBinding
@@ -150,12 +150,19 @@ class BlobUploads:
                 except PermanentError as exc:
                     refused[cid] = f"the PDS refused blob {cid} ({mime}): {exc}"
                     return
+                except VerificationError as exc:  # damaged here: sending it again cannot help
+                    refused[cid] = str(exc)
+                    return
                 except Exception as exc:  # network, auth: raised below, once
                     failures.append(exc)
                     return
                 got = str(blob.get("ref"))
                 if got != cid:
-                    refused[cid] = f"the PDS stored blob {cid} as {got}: not the same bytes"
+                    refused[cid] = (
+                        f"blob {cid} is damaged in the store: the PDS received bytes whose CID "
+                        f"is {got}. put() the original bytes again, or delete the file and "
+                        "fetch_blob() it from a repository that has it; then retry the dead letter"
+                    )
                     return
                 self._mark_held(did, cid)
                 self.uploaded += 1

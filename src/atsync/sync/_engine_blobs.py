@@ -11,6 +11,7 @@ rest. With ``blobs="lazy"`` nothing is fetched until ``fetch_blob(ref)`` asks.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Mapping
@@ -82,11 +83,12 @@ class BlobSync:
     async def fetch_blob(self, ref: BlobRef, *, did: str | None = None) -> bytes:
         """The bytes of ``ref``: from the store, or downloaded (from ``did``'s repository,
         by default the one a bound row referencing it came from, else the user's own),
-        checked against the CID and stored. ``NotFoundError`` if no repository has it;
-        network errors propagate."""
+        checked against the CID and stored (so is a copy damaged in the store).
+        ``NotFoundError`` if no repository has it; network errors propagate."""
         store = self._db.blobs
         if store.has(ref):
-            return store.read(ref)
+            with contextlib.suppress(VerificationError):  # damaged on disk: fetched again
+                return store.read(ref)
         if did is not None:
             sources: list[str | None] = [did]
         else:
