@@ -159,3 +159,15 @@ async def test_status_says_why_the_queue_waits(tmp_path: Path, anyio_backend: st
         cli("status", "--db", str(db), "--session-dir", str(tmp_path / "s"), "--json").stdout
     )
     assert after["engine"]["state"] == "stopped" and after["engine"]["app_running"] is False
+
+
+def test_empty_listings_say_so_in_words_and_print_nothing_as_json(tmp_path: Path) -> None:
+    db = tmp_path / "empty.db"
+    with App.open(db, contract) as app:
+        ATSync(app, pull=Manual(), bindings={"items": Binding("test.atsync.empty")}).close()
+    said = {"conflicts": "no conflicts recorded", "rejected": "nothing rejected"}
+    for command, words in said.items():
+        shown = cli(command, "--db", str(db))
+        assert (shown.returncode, shown.stdout) == (0, words + "\n"), shown.stderr
+        as_json = cli(command, "--db", str(db), "--json")
+        assert (as_json.returncode, as_json.stdout) == (0, ""), as_json.stderr

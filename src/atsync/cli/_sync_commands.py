@@ -328,6 +328,8 @@ def conflicts(db_path: Path, as_json: bool, limit: int) -> None:
     db, box = _open(db_path)
     with db:
         found = box.conflicts(limit)
+    if not found and not as_json:
+        click.echo("no conflicts recorded")
     for c in found:
         if as_json:
             click.echo(json.dumps(c))
@@ -351,6 +353,8 @@ def rejected(db_path: Path, as_json: bool, limit: int) -> None:
     db, box = _open(db_path)
     with db:
         found = box.rejected(limit)
+    if not found and not as_json:
+        click.echo("nothing rejected")
     for r in found:
         if as_json:
             click.echo(json.dumps(r))
