@@ -201,8 +201,38 @@ def test_a_database_of_the_previous_release_upgrades_with_its_queue_intact(
         version = db.execute(
             "SELECT value FROM _atsync_sync_state WHERE key = 'tables_version'"
         ).fetchone()
-        assert version == ("5",)
+        assert version == ("6",)
         assert [w.rkey for w in sync.outbox.next_batch()] == ["q"]
+        sync.close()
+
+
+def test_version_5_keeps_one_unpulled_row_per_record_the_latest(tmp_path: Path) -> None:
+    """Version 5 noted a row per write in ``_atsync_unpulled``; 6 keeps each record's latest
+    (the pull's mark compares ids), and adds its index."""
+    from atsync.app import App
+    from atsync.sync import ATSync, Binding, Manual
+    from test_sync_pull import contract
+
+    path = tmp_path / "v5.db"
+    with App.open(path, contract) as app:
+        ATSync(app, bindings={"notes": Binding("test.atsync.v5")}, pull=Manual()).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("DROP INDEX _atsync_unpulled__by__record")
+        conn.executemany(
+            "INSERT INTO _atsync_unpulled (id, collection, rkey) VALUES (?, 'c.o.l', ?)",
+            [(1, "a"), (2, "b"), (3, "a"), (4, "a")],
+        )
+        conn.execute("UPDATE _atsync_sync_state SET value = '5' WHERE key = 'tables_version'")
+    with App.open(path, contract) as app:
+        sync = ATSync(app, bindings={"notes": Binding("test.atsync.v5")}, pull=Manual())
+        db = app.model_db
+        kept = db.execute("SELECT id, rkey FROM _atsync_unpulled ORDER BY id").fetchall()
+        assert kept == [(2, "b"), (4, "a")]
+        plan = db.execute(
+            "EXPLAIN QUERY PLAN DELETE FROM _atsync_unpulled WHERE collection = ? AND rkey = ?",
+            ("c.o.l", "a"),
+        ).fetchall()
+        assert "_atsync_unpulled__by__record" in str(plan)
         sync.close()
 
 

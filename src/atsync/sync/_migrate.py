@@ -11,6 +11,9 @@
        repository), so that the next pull reads only what changed since (``getRepo?since=``);
        ``_atsync_unpulled``: the records this device wrote since its last pull (a delete of
        one of them by another device shows in neither tree)
+    6  ``_atsync_unpulled`` holds each record once (its latest write), found by an index on
+       (collection, rkey): it grew by one row per write, so an app that pushes often and
+       pulls rarely filled it up and lost its next catch-up to a whole read
 
 ``upgrade_sync_tables`` runs inside the caller's transaction after ``create_sync_tables``;
 it only adds (columns, tables), so a database written by an older release keeps every
@@ -45,7 +48,7 @@ __all__ = [
     "upgrade_sync_tables",
 ]
 
-TABLES_VERSION = 5
+TABLES_VERSION = 6
 
 _ADDED_COLUMNS = {
     RECORDS: ("record TEXT",),
@@ -96,6 +99,14 @@ def upgrade_sync_tables(conn: sqlite3.Connection) -> None:
         f"""CREATE TABLE IF NOT EXISTS {UNPULLED} (
             id INTEGER PRIMARY KEY, collection TEXT NOT NULL, rkey TEXT NOT NULL
         )"""
+    )
+    # Not UNIQUE: an older release, which inserts a row per write, can still write here.
+    conn.execute(
+        f"DELETE FROM {UNPULLED} WHERE id NOT IN "
+        f"(SELECT max(id) FROM {UNPULLED} GROUP BY collection, rkey)"
+    )
+    conn.execute(
+        f"CREATE INDEX IF NOT EXISTS {UNPULLED}__by__record ON {UNPULLED} (collection, rkey)"
     )
     conn.execute(
         f"INSERT OR REPLACE INTO {STATE} (key, value) VALUES ('tables_version', ?)",

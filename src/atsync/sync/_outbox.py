@@ -364,10 +364,7 @@ class Outbox(OutboxViews):
                         (w.seq,),
                     )
             # On the PDS now, and in no tree this device pulled: see _puller._read_since.
-            conn.executemany(
-                f"INSERT INTO {UNPULLED} (collection, rkey) VALUES (?, ?)",
-                [(w.collection, w.rkey) for w in writes if w.op != "delete"],
-            )
+            _note_unpulled(conn, [(w.collection, w.rkey) for w in writes if w.op != "delete"])
             self._bound_unpulled(conn)
             if commit is not None:
                 self._set_state(conn, "commit_cid", commit[0])
@@ -392,10 +389,7 @@ class Outbox(OutboxViews):
             conn = self._db.connection
             self._note_remote(conn, write.seq, remote_cid)
             if remote_cid is not None:  # on the PDS, maybe in no tree pulled: as complete()
-                conn.execute(
-                    f"INSERT INTO {UNPULLED} (collection, rkey) VALUES (?, ?)",
-                    (write.collection, write.rkey),
-                )
+                _note_unpulled(conn, [(write.collection, write.rkey)])
             # A delete found done is done — unless the record was put again while we looked
             # (then it goes on as a create, below).
             if (
@@ -572,3 +566,10 @@ class Outbox(OutboxViews):
     @staticmethod
     def _set_state(conn: sqlite3.Connection, key: str, value: str | None) -> None:
         conn.execute(f"INSERT OR REPLACE INTO {STATE} (key, value) VALUES (?, ?)", (key, value))
+
+
+def _note_unpulled(conn: sqlite3.Connection, keys: list[tuple[str, str]]) -> None:
+    """Note records written since the last pull: once each, as their latest write (a new
+    row id, so a pull that began before this write leaves it for the next one)."""
+    conn.executemany(f"DELETE FROM {UNPULLED} WHERE collection = ? AND rkey = ?", keys)
+    conn.executemany(f"INSERT INTO {UNPULLED} (collection, rkey) VALUES (?, ?)", keys)
