@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import pytest
 
-pytest_plugins = ["pds_fixtures"]
+# The PDS fixtures, and the `chromium` fixture of the OAuth tests (a browser on the PDS's pages).
+pytest_plugins = ["pds_fixtures", "oauth_browser"]
 
 # The fixtures in pds_fixtures.py that start a PDS; any fixture that uses one is covered too,
 # since a test's fixture closure includes the fixtures its fixtures use.

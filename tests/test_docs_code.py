@@ -12,7 +12,10 @@ temporary directory:
   directory with the virtualenv's ``bin`` first on ``PATH``. It must exit 0 — unless the
   output the guide shows starts with ``Error``: then it must fail with that message. The lines
   the guide shows after a command are its output, checked line by line (``…`` matches
-  anything);
+  anything). A command that runs until stopped (``atsync dev-pds``) is named in its guide's
+  ``background``: it is started, the guide goes on once it printed its first line (checked
+  against the one the guide shows), and after the guide's last block it is stopped with
+  SIGTERM, and must exit 0;
 - other blocks (schemas, trees, JSON, output samples) are not run; where cheap, a test below
   checks them against reality.
 
@@ -20,10 +23,14 @@ What a guide assumes but does not say (a running PDS, its test account's passwor
 its ``Doc`` entry below: a ``prelude`` run before the guide's first block, environment
 variables, and an explicit table of ``substitutions`` of the guide's text (e.g. its example
 handle by the dev PDS's); ``{pds_url}``, ``{plc_url}`` and ``{did_<name>}`` in them stand for
-the PDS's. Everything else is the guide's own text. What the guide states as results (in its
+the PDS's. A guide that opens the system browser (``login_oauth``, ``atsync login --oauth``)
+gets ``$BROWSER``, which Python's ``webbrowser`` runs: headless chromium signing in on the PDS's
+page with the password in its ``env`` and clicking Authorize (tests/oauth_browser.py).
+Everything else is the guide's own text. What the guide states as results (in its
 comments, or output it shows) is asserted by ``after`` checks (run right after a given block,
 in the guide's namespace; ``_`` holds a block's last expression value, as at the interactive
-prompt), ``checks`` (after the last block), ``stdout`` (all the Python code prints) and
+prompt, or what a command printed), ``checks`` (after the last block, and after a
+``background`` command stopped), ``stdout`` (all the Python code prints) and
 ``afterwards`` (in this process, on the guide's working directory). Guides without code to
 run have tests of their own at the end, where what they show can be checked cheaply.
 
@@ -42,15 +49,19 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import pytest
+
+from oauth_browser import PASSWORD_VARIABLE, browser_command
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS_DIR = ROOT / "docs"
@@ -59,7 +70,7 @@ BIN = Path(sys.executable).parent  # the virtualenv's: `atsync` is there
 # Guides whose code is not run here, and why.
 EXEMPT = {"real-pds.md": "needs a real Bluesky account and the internet (the issue exempts it)"}
 # Guides other people are editing in this pass; each becomes a line of DOCS once they are done.
-PENDING = ("blobs.md", "dev-pds.md", "lexicons.md", "oauth.md", "sessions.md", "sync.md")
+PENDING: tuple[str, ...] = ()
 
 # Blocks whose `$ ` lines are commands; ```text (or json, sql…) blocks are never run.
 SHELL_BLOCKS = ("", "sh", "shell", "console")
@@ -82,7 +93,7 @@ def _command_is_complete(command: str) -> bool:
     if command.endswith("\\"):
         return False
     try:
-        shlex.split(command)
+        shlex.split(command, comments=True)  # a quote in a comment opens nothing
     except ValueError:  # a quote still open: the command goes on on the next line
         return False
     return True
@@ -158,6 +169,14 @@ class Doc:
     # Called with the guide's text and its working directory after it ran: for what a guide
     # shows but does not run (a schema, a list of tables).
     afterwards: Callable[[str, Path], None] | None = None
+    # Commands (by their start) that run until stopped: started in the background, stopped
+    # with SIGTERM after the guide's last block (see the module's docstring).
+    background: tuple[str, ...] = ()
+    # The guide starts PDSes of its own (`atsync dev-pds`, `DevPDS`): the install is made
+    # first (its progress shown), and the test carries the pds marker.
+    starts_pds: bool = False
+    # The guide opens the system browser: $BROWSER signs in with env[PASSWORD_VARIABLE].
+    browser: bool = False
 
     @staticmethod
     def render(template: str, context: Mapping[str, str]) -> str:
@@ -191,6 +210,42 @@ DEV_RESOLVER = (
 )
 PHONE_RKEY = "3lphone22222a"  # pull.md: the note written on another device
 DAN_RKEY = "3ldan2222222a"  # collaborators.md: the note of the person followed
+
+
+# dev-pds.md's shell commands work on the reader's app: its database, notes.db, with a note
+# not pushed yet, and the module `atsync pull --app notes_app` imports.
+NOTES_APP = """\
+from atsync import Binding, Contract
+
+contract = Contract(models={"notes": {"id": "primary", "title": "string"}})
+bindings = {"notes": Binding("com.example.notes.note")}
+
+
+@contract.action
+def add_note(ctx, title):
+    ctx.db.set("notes", {"id": ctx.tid(), "title": title})
+"""
+AN_APP_WITH_A_NOTE = f"""
+from pathlib import Path
+
+def _an_app_with_a_note():
+    from atsync import App, ATSync, Manual
+
+    Path("notes_app.py").write_text({NOTES_APP!r})
+    notes_app = {{}}
+    exec(Path("notes_app.py").read_text(), notes_app)
+    with App.open("notes.db", notes_app["contract"]) as app:
+        sync = ATSync(app, bindings=notes_app["bindings"], push=Manual(), pull=Manual())
+        app.actions.add_note("written offline")
+        sync.close()
+
+_an_app_with_a_note()
+"""
+# What oauth.md says resolves the dev PDS's handles in Python (its § The development PDS).
+OAUTH_DEV_RESOLVER = (
+    'IdentityResolver(web_origin=lambda host: "{pds_url}", allow_test_handles=True, '
+    'allow_insecure_localhost=True, plc_url="{plc_url}")'
+)
 
 
 def write_note(pds: Any, handle: str, rkey: str, title: str) -> None:
@@ -275,6 +330,44 @@ assert [n["title"] for n in app.db.query("notes", order_by="id")] == ["hello", "
 """,
     ),
     "api.md": Doc(),  # the import line; what the prose names: test_api_md_names_…
+    "blobs.md": Doc(
+        prelude="""
+from pathlib import Path
+Path("harbour.jpg").write_bytes(b"\\xff\\xd8" + bytes(range(256)) * 40)  # the reader's photo
+""",
+        checks="""
+import base64, hashlib, json, sqlite3
+from pathlib import Path
+from atsync import NotFoundError
+from atsync.db import BlobRef
+
+photo = Path("harbour.jpg").read_bytes()
+ref = note["image"]
+assert data == photo
+assert isinstance(ref, BlobRef) and (ref.mime_type, ref.size) == ("image/jpeg", len(photo)), ref
+def raw_cid(data):  # CIDv1, raw codec, sha2-256: the CID a PDS gives the same bytes
+    cid = bytes([0x01, 0x55, 0x12, 0x20]) + hashlib.sha256(data).digest()
+    return "b" + base64.b32encode(cid).decode().lower().rstrip("=")
+assert ref.cid == raw_cid(photo), ref
+# The store: <database>.blobs/<cid>; the same bytes again are stored once.
+assert Path("notes.db.blobs", ref.cid).read_bytes() == photo
+assert app.blobs.put(photo, "image/jpeg") == ref
+assert [p.name for p in Path("notes.db.blobs").iterdir()] == [ref.cid]
+# A blob not in the store: read raises NotFoundError, has says False, size None.
+elsewhere = BlobRef(raw_cid(b"not here"), "image/png", 8)
+assert not app.blobs.has(elsewhere) and app.blobs.size(elsewhere) is None
+try:
+    app.blobs.read(elsewhere)
+    raise AssertionError("read a blob that is not in the store")
+except NotFoundError:
+    pass
+# § In a record: the queued record holds the blob object.
+with sqlite3.connect("notes.db") as db:
+    ((record,),) = db.execute("select record from _atsync_outbox").fetchall()
+image = {"$type": "blob", "ref": {"$link": ref.cid}, "mimeType": "image/jpeg", "size": len(photo)}
+assert json.loads(record) == {"$type": "com.example.note", "text": "the harbour", "image": image}
+""",
+    ),
     "collaborators.md": Doc(
         pds=(*ALICE, ("dan.test", "dan-pw"), ("bob.test", "bob-pw"), ("carol.test", "carol-pw")),
         setup=dan_has_a_note,
@@ -303,6 +396,52 @@ assert re.fullmatch(r"\d{14}\.\d{5}/did:\S+", record["syncClocks"]["title"]), re
 """,
         },
     ),
+    "dev-pds.md": Doc(
+        starts_pds=True,
+        background=("atsync dev-pds",),
+        browser=True,
+        prelude=AN_APP_WITH_A_NOTE,
+        # The default account's password: the login reads it from there, the browser types it.
+        env={"ATSYNC_PASSWORD": "hunter22", PASSWORD_VARIABLE: "hunter22"},
+        after={
+            "atsync dev-pds": """
+import json
+from atsync.cli._devpds import running_dir
+dev = json.loads(_)  # the line it printed
+assert set(dev) == {"pds_url", "plc_url", "admin_password", "accounts"}, dev
+# It lists itself before printing the line: running-dev-pds/<pid>.json under $ATSYNC_CACHE_DIR.
+listed = [json.loads(p.read_text()) for p in running_dir().glob("*.json")]
+mine = [entry for entry in listed if entry["pds_url"] == dev["pds_url"]]
+assert len(mine) == 1 and set(mine[0]) == {"pds_url", "plc_url", "pid"}, listed
+assert mine[0]["plc_url"] == dev["plc_url"], (mine, dev)
+""",
+            "atsync login --oauth": """
+from atsync.atproto import FileSessionStore
+stored = [json.loads(p.read_text()) for p in FileSessionStore().directory.glob("*.json")]
+assert [s.get("type") for s in stored] == ["oauth"], stored  # in place of the password one
+""",
+            "atsync push": """
+from atsync.atproto import BlockingXrpcClient
+with BlockingXrpcClient(dev["pds_url"]) as client:
+    did = dev["accounts"]["alice.test"]["did"]
+    records = [r.value for r in client.iter_records(did, "com.example.notes.note")]
+assert records == [{"$type": "com.example.notes.note", "title": "written offline"}], records
+""",
+            "atsync logout": """
+assert not list(FileSessionStore().directory.glob("*.json"))  # forgotten here
+""",
+            'account = pds.accounts["alice.test"]': """
+from atsync.atproto import DevAccount
+assert isinstance(account, DevAccount) and account.did.startswith("did:plc:"), account
+assert (account.handle, account.password) == ("alice.test", "pw") and not pds.running
+""",
+        },
+        checks="""
+# Stopped (SIGTERM, exit code 0: checked as it stopped), it is no longer listed.
+listed = [json.loads(p.read_text()) for p in running_dir().glob("*.json")]
+assert not [entry for entry in listed if entry["pds_url"] == dev["pds_url"]], listed
+""",
+    ),
     "identity.md": Doc(
         pds="shared",
         # The guide's `pds`: the running dev PDS (a DevPDS, see dev-pds.md).
@@ -329,6 +468,27 @@ async with _ as resolver:  # the resolver the guide made for the dev PDS
 """,
         },
     ),
+    "lexicons.md": Doc(
+        after={
+            "validate_record_json(": """
+from atsync import RecordError
+assert record == note  # no links or bytes in it: the same record
+try:
+    validate_record(lexicons, "com.example.notes.note", {**note, "tags": ["a", 5]})
+    raise AssertionError("a record breaking its Lexicon passed")
+except RecordError as e:
+    assert str(e).startswith("$.tags[1]: "), e  # the JSON path of the value first
+""",
+            "atsync lexicon model": """
+import json
+assert json.loads(_) == model_from_lexicon(lexicons, "com.example.notes.note")
+""",
+        },
+        checks="""
+assert contract.models["notes"] == model_from_lexicon(lexicons, "com.example.notes.note")
+assert list(sync.bindings) == ["notes"]
+""",
+    ),
     "modeldb.md": Doc(
         after={
             'order_by={"title": "desc"}, limit=10)': """
@@ -343,6 +503,38 @@ assert db.get("notes", "n2") == {"id": "n2", "title": "draft", "body": None, "me
         },
         # The live query's calls, as the comments show them: at once, then after one write.
         stdout=("['hello']", "['draft', 'hello']"),
+    ),
+    "oauth.md": Doc(
+        pds=(("alice.test", "alice-pw"),),
+        browser=True,
+        env={PASSWORD_VARIABLE: "alice-pw"},  # what the user types on the PDS's page
+        prelude="from atsync.atproto import IdentityResolver  # for the dev PDS, see below\n",
+        substitutions=(
+            (
+                'signer.login_oauth("alice.example.com")',
+                f'signer.login_oauth("alice.test", identity={OAUTH_DEV_RESOLVER})',
+            ),
+        ),
+        checks="""
+import json
+from atsync.atproto import FileSessionStore, OAuthSession
+session = signer.session
+assert isinstance(session, OAuthSession) and session.did == "{did_alice}", session
+# No engine attached: the scope is atproto transition:generic.
+assert session.data.scope == "atproto transition:generic", session.data.scope
+# § What is stored where: for ATPSigner under atsync-session-<did:key>, no password.
+key = f"atsync-session-{signer.key_did}"
+stored = FileSessionStore().load(key)
+assert stored["type"] == "oauth" and stored["did"] == "{did_alice}" and "dpop_jwk" in stored
+assert "alice-pw" not in json.dumps(stored)
+# App.open resumes it (resume_session: whichever kind was stored).
+again = ATPSigner()
+with App.open("notes.db", contract, signer=again) as app:
+    assert isinstance(again.session, OAuthSession) and app.did == "{did_alice}", again.session
+    assert [entry.name for entry in app.log] == ["add_note"]  # the note written offline
+    again.logout()  # revokes the grant, deletes the stored copy
+assert FileSessionStore().load(key) is None
+""",
     ),
     "pull.md": Doc(
         pds=ALICE,
@@ -363,6 +555,34 @@ assert sync.status.download_error is None and sync.status.rev is not None, sync.
         ),
     ),
     "raw-sql.md": Doc(afterwards=raw_sql_tables_are_the_real_ones),
+    "sessions.md": Doc(
+        pds=(("alice.test", "alice-pw"),),
+        # The reader's account: its DID (from an earlier login) and its password.
+        prelude='did, password = "{did_alice}", "alice-pw"\n',
+        substitutions=(('"https://pds.example"', '"{pds_url}"'),),
+        checks="""
+import json, os, stat
+from pathlib import Path
+# Logged out: revoked on the server, the stored copy deleted.
+assert not session.alive and store.load(did) is None
+assert store.directory == Path(os.environ["XDG_DATA_HOME"], "atsync", "sessions")
+# § What is persisted, where: five fields, 0600, the file named by the URL-quoted DID.
+session = await login("alice.test", password, "{pds_url}", store=store)
+path = store.path_for(did)
+assert path.name == did.replace(":", "%3A") + ".json", path
+fields = {"did", "handle", "pds_url", "access_jwt", "refresh_jwt"}
+assert set(json.loads(path.read_text())) == fields and password not in path.read_text()
+assert stat.S_IMODE(path.stat().st_mode) == 0o600
+assert stat.S_IMODE(store.directory.stat().st_mode) == 0o700
+# The next start resumes it without the password.
+resumed = Session.resume(store, did)
+async with XrpcClient(session=resumed) as client:
+    answer = await client.query("com.atproto.server.getSession", auth=True)
+assert (answer["did"], answer["handle"]) == (did, "alice.test"), answer
+await resumed.logout()
+assert store.load(did) is None
+""",
+    ),
     "signers.md": Doc(
         pds=ALICE,
         prelude=APP_PASSWORD + "from atsync.atproto import IdentityResolver  # see below\n",
@@ -427,6 +647,25 @@ assert Debounce() == Debounce(0.5) and Batch() == Batch(50, 5) and Interval() ==
 assert Live() == Live(fallback=5.0) and Poll() == Poll(30)
 """,
     ),
+    "sync.md": Doc(
+        pds=ALICE,
+        prelude=APP_PASSWORD,
+        substitutions=(LOGIN,),
+        env=DEV_PLC,
+        checks="""
+from atsync.atproto import BlockingXrpcClient
+with BlockingXrpcClient("{pds_url}") as client:
+    records = client.iter_records("{did_alice}", "com.example.notes.note")
+    on_pds = [(r.rkey, r.value) for r in records]
+(key,) = [row["id"] for row in app.db.query("notes")]
+# The note queued before login is a record, once; the async engine pulled it back, verified.
+assert on_pds == [(key, {"$type": "com.example.notes.note", "title": "hello"})], on_pds
+status = sync.status
+assert (status.pending, status.failed, status.has_synced) == (0, 0, True), status
+assert status.download_error is None and status.rev is not None, status
+assert app.did == "{did_alice}"
+""",
+    ),
     "xrpc.md": Doc(
         pds=(("alice.test", "hunter22"),),
         # The guide's PDS listens on the reference PDS's usual port; this one on a free port.
@@ -460,14 +699,21 @@ def lines_match(shown: list[str] | tuple[str, ...], actual: list[str]) -> bool:
     )
 
 
-def _run_command(step: Step, where: str) -> None:
-    done = subprocess.run(
-        ["bash", "-c", step.code],
-        capture_output=True,
-        text=True,
-        timeout=COMMAND_TIMEOUT,
-        stdin=subprocess.DEVNULL,
-    )
+def _run_command(step: Step, where: str) -> str:
+    """Run ``step``'s command, check it as the module's docstring says; what it printed."""
+    try:
+        done = subprocess.run(
+            ["bash", "-c", step.code],
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(
+            f"{where}: `{step.code}` did not finish within {COMMAND_TIMEOUT} s:\n"
+            f"{_text(e.stdout)}{_text(e.stderr)}"
+        ) from None
     # The transcript goes to stderr: stdout is what the guide's Python code prints.
     print(f"$ {step.code}\n{done.stdout}{done.stderr}", end="", file=sys.stderr, flush=True)
     fails = bool(step.output) and step.output[0].startswith("Error")
@@ -486,6 +732,49 @@ def _run_command(step: Step, where: str) -> None:
             + "\n\nthe guide shows\n"
             + "\n".join(step.output)
         )
+    return done.stdout
+
+
+def start_background(
+    command: str, where: str, *, cwd: Path | None = None, env: Mapping[str, str] | None = None
+) -> tuple[subprocess.Popen[str], str]:
+    """Start ``command``, which runs until stopped (``stop_background``), and wait for the
+    first line it prints: (the process, that line). Its stderr is this process's."""
+    process = subprocess.Popen(
+        # `exec`: the process is the command itself, so the SIGTERM reaches it.
+        ["bash", "-c", f"exec {command}"],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    # Not a delay: a bound on how long its first line may take (a PDS starts in seconds).
+    deadline = threading.Timer(COMMAND_TIMEOUT, process.kill)
+    deadline.start()
+    try:
+        line = process.stdout.readline().rstrip("\n")
+    finally:
+        deadline.cancel()
+    print(f"$ {command}   (in the background)\n{line}", file=sys.stderr, flush=True)
+    if not line:
+        code = process.wait()
+        raise AssertionError(f"{where}: `{command}` printed nothing and exited with {code}")
+    return process, line
+
+
+def stop_background(process: subprocess.Popen[str], how: int = signal.SIGTERM) -> int:
+    """Stop it (SIGTERM, or ``how``); its exit code (killed if it does not exit within
+    COMMAND_TIMEOUT)."""
+    if process.poll() is None:
+        process.send_signal(how)
+    try:
+        return process.wait(COMMAND_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise AssertionError(f"it did not stop within {COMMAND_TIMEOUT} s of SIGTERM") from None
 
 
 def drive(plan_file: str) -> None:
@@ -494,17 +783,39 @@ def drive(plan_file: str) -> None:
     namespace: dict[str, Any] = {"__name__": "__main__"}
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    for step in plan:
-        step_ = Step(step["kind"], step["line"], step["code"], tuple(step["output"]))
-        where = f"{step['file']}:{step['line']}"
-        if step_.kind == "shell":
-            _run_command(step_, where)
-            continue
-        code = _compile(step_.code, step_.line, step["file"])
-        result = eval(code, namespace)  # the guide's code: what is tested
-        if code.co_flags & inspect.CO_COROUTINE:
-            loop.run_until_complete(result)
-        sys.stdout.flush()
+    running: list[tuple[str, Step, subprocess.Popen[str]]] = []
+    try:
+        for step in plan:
+            where = f"{step['file']}:{step['line']}"
+            if step["kind"] == "stop":  # the guide is over: its background commands stop
+                while running:
+                    started, command, process = running.pop()
+                    code = stop_background(process)
+                    assert code == 0, f"{started}: `{command.code}` exited with {code} on SIGTERM"
+                continue
+            step_ = Step(step["kind"], step["line"], step["code"], tuple(step["output"]))
+            if step_.kind == "shell" and step["background"]:
+                process, line = start_background(step_.code, where)
+                running.append((where, step_, process))
+                if step_.output:
+                    assert lines_match(step_.output[:1], [line]), (
+                        f"{where}: `{step_.code}` printed\n{line}\n\nthe guide shows\n"
+                        + "\n".join(step_.output)
+                    )
+                namespace["_"] = line
+                continue
+            if step_.kind == "shell":
+                namespace["_"] = _run_command(step_, where)
+                continue
+            code = _compile(step_.code, step_.line, step["file"])
+            result = eval(code, namespace)  # the guide's code: what is tested
+            if code.co_flags & inspect.CO_COROUTINE:
+                loop.run_until_complete(result)
+            sys.stdout.flush()
+    finally:
+        for _, _, process in running:  # the guide failed: stop them all the same
+            with contextlib.suppress(AssertionError):
+                stop_background(process)
 
 
 def _compile(code: str, line: int, filename: str) -> Any:
@@ -521,7 +832,9 @@ def _compile(code: str, line: int, filename: str) -> Any:
     return compile(tree, filename, "exec", flags=flags)
 
 
-def run_doc(name: str, doc: Doc, tmp_path: Path, context: Mapping[str, str]) -> str:
+def run_doc(
+    name: str, doc: Doc, tmp_path: Path, context: Mapping[str, str], cache: Path | None = None
+) -> str:
     text = written = (DOCS_DIR / name).read_text()
     for old, new in doc.substitutions:
         assert old in text, f"docs/{name} no longer contains {old!r}: update its substitutions"
@@ -538,13 +851,19 @@ def run_doc(name: str, doc: Doc, tmp_path: Path, context: Mapping[str, str]) -> 
 
     plan = [{**ours(doc.prelude), "file": f"{here} (prelude of {name})"}] if doc.prelude else []
     for step, original in zip(steps, as_written, strict=True):
+        background = step.kind == "shell" and step.code.startswith(doc.background)
         plan.append({**step.__dict__, "output": list(step.output), "file": path})
+        plan[-1]["background"] = bool(doc.background) and background
         for anchor, check in doc.after.items():
             if anchor in original.code:
                 plan.append({**ours(check), "file": f"{here} (after {anchor!r})"})
     for anchor in doc.after:
         found = sum(anchor in s.code for s in as_written)
         assert found == 1, f"docs/{name}: {found} blocks hold {anchor!r}, the checks need one"
+    started = [p for p in plan if p.get("background")]
+    assert len(started) == len(doc.background), f"docs/{name}: no command starts {doc.background}"
+    if started:
+        plan.append({"kind": "stop", "line": 0, "code": "", "output": [], "file": path})
     if doc.checks:
         plan.append({**ours(doc.checks), "file": f"{here} (checks of {name})"})
     work = tmp_path / "work"
@@ -557,6 +876,11 @@ def run_doc(name: str, doc: Doc, tmp_path: Path, context: Mapping[str, str]) -> 
         "XDG_DATA_HOME": str(tmp_path / "data"),  # the session store: the test's own
         **{k: doc.render(v, context) for k, v in doc.env.items()},
     }
+    if cache is not None:
+        env["ATSYNC_CACHE_DIR"] = str(cache)
+    if doc.browser:
+        assert PASSWORD_VARIABLE in doc.env, f"docs/{name}: the browser needs a password"
+        env["BROWSER"] = str(browser_command(tmp_path))
     try:
         done = subprocess.run(
             [sys.executable, here, str(plan_file)],
@@ -652,7 +976,8 @@ def _pds_context(pds: Any) -> dict[str, str]:
 
 
 def _param(name: str) -> Any:
-    marks = [pytest.mark.pds] if DOCS[name].pds is not None else []
+    doc = DOCS[name]
+    marks = [pytest.mark.pds] if doc.pds is not None or doc.starts_pds else []
     return pytest.param(name, marks=marks, id=name)
 
 
@@ -664,6 +989,17 @@ def test_the_guide_runs_as_written(
     text = (DOCS_DIR / name).read_text()
     if any(s.kind == "shell" and re.match(r"sqlite3\b", s.code) for s in read_steps(text)):
         request.getfixturevalue("sqlite3_cli")
+    cache: Path | None = None
+    if doc.starts_pds:
+        install = request.getfixturevalue("pds_install")
+        # A cache directory of the guide's own, holding the real install: `atsync dev-pds`
+        # lists itself there, so the guide's `atsync login alice.test` finds its dev PDS and
+        # not another one running on this machine (another test run's, a developer's).
+        cache = tmp_path / "cache"
+        cache.mkdir()
+        (cache / install.install_dir.name).symlink_to(install.install_dir)
+    if doc.browser:
+        request.getfixturevalue("chromium")
     context: dict[str, str] = {}
     if doc.pds is not None:
         if doc.pds == "shared":
@@ -673,7 +1009,7 @@ def test_the_guide_runs_as_written(
         context = _pds_context(pds)
         if doc.setup is not None:
             doc.setup(pds)
-    out = run_doc(name, doc, tmp_path, context).splitlines()
+    out = run_doc(name, doc, tmp_path, context, cache).splitlines()
     if doc.afterwards is not None:
         doc.afterwards(text, tmp_path / "work")
     if doc.stdout is not None:
@@ -689,15 +1025,15 @@ def test_the_guide_runs_as_written(
 def test_the_reader_finds_blocks_commands_and_their_output() -> None:
     text = (
         '```python\nx = 1\n```\n\n```\n$ echo "a\n  b"   # two lines\na\n  b\n'
-        "$ true\n\n```\n\n```json\n{}\n```\n```\nCREATE TABLE t (x)\n```\n"
+        "$ true   # the PDS's own\n\n```\n\n```json\n{}\n```\n```\nCREATE TABLE t (x)\n```\n"
     )
     assert read_steps(text) == [
         Step("python", 2, "x = 1\n"),
         Step("shell", 6, 'echo "a\n  b"   # two lines', ("a", "  b")),
-        Step("shell", 10, "true"),
+        Step("shell", 10, "true   # the PDS's own"),  # a quote in a comment opens nothing
     ]
     assert plain_blocks(text) == [
-        '$ echo "a\n  b"   # two lines\na\n  b\n$ true\n',
+        '$ echo "a\n  b"   # two lines\na\n  b\n$ true   # the PDS\'s own\n',
         "CREATE TABLE t (x)",
     ]
     assert lines_match(["did:key:z6Mk…", "x"], ["did:key:z6MkABC", "x"])
@@ -714,6 +1050,18 @@ def test_a_command_must_print_what_the_guide_shows_and_fail_only_where_it_shows(
         _run_command(Step("shell", 1, "false"), "here")
     with pytest.raises(AssertionError, match="should fail"):
         _run_command(Step("shell", 1, "echo 'Error: no'", ("Error: no",)), "here")
+
+
+def test_a_background_command_runs_until_stopped_and_its_first_line_is_awaited() -> None:
+    ready = (
+        "import signal, sys; signal.signal(signal.SIGTERM, lambda *_: sys.exit(0)); "
+        "print('ready', flush=True); signal.pause()"
+    )
+    process, line = start_background(f'{shlex.quote(sys.executable)} -c "{ready}"', "here")
+    assert line == "ready" and process.poll() is None  # still running
+    assert stop_background(process) == 0
+    with pytest.raises(AssertionError, match="printed nothing and exited with 1"):
+        start_background("false", "here")
 
 
 # -- what guides show but do not run ----------------------------------------------------------

@@ -5,22 +5,31 @@ the sync block uses the Quickstart's ``contract``. The sync block runs against a
 loopback with only the ``login(...)`` call changed: the dev account's handle and password, and
 ``service=`` the PDS's URL. The script also prints a timestamp after ``login()`` returns and
 after ``wait_for_idle()`` returns (lines added, none changed), to check the push's promptness.
-The shell blocks (``make ...``, ``atsync dev-pds``) are not run here.
+
+Every command of its shell blocks is run by a test named in ``RUN_BY`` (``make test`` is exempt:
+it is the test suite itself); ``atsync dev-pds``, which runs until Ctrl-C, here: started as
+written from the repository's root, the line it prints compared with the one the README shows,
+then stopped with SIGINT.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from atsync.atproto import BlockingXrpcClient
+from atsync.atproto._devpds_install import InstallInfo
 from atsync.db import ModelDB
 from pds_fixtures import ACCOUNTS, MakePDS
+from test_docs_code import fenced_blocks, lines_match, read_steps, start_background, stop_background
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -178,3 +187,66 @@ def test_every_block_runs_in_order_and_the_offline_note_reaches_the_pds(
         f"the offline note reached the PDS {waited:.1f} s after login() returned "
         f"(the README promises it at once; allowed {PUSH_WITHIN} s)"
     )
+
+
+# -- the shell blocks --------------------------------------------------------------------------
+
+DEV_PDS = ".venv/bin/atsync dev-pds --account alice.test:hunter22"
+# Every command the README's shell blocks show, and the test that runs it.
+RUN_BY: dict[str, str | None] = {
+    "make demo": "test_make_demo.py",  # as a newcomer runs it, timed; what it leaves is read back
+    # `make test` is exempt: it is this test suite (CI runs it); run from inside the suite, it
+    # would run the suite within itself.
+    "make test": None,
+    DEV_PDS: "test_readme.py",  # below
+}
+
+
+def shell_commands() -> dict[str, tuple[str, ...]]:
+    """Every command of README's plain ``` blocks, with the output shown after it: lines
+    starting with ``$ `` (as in docs/, see test_docs_code.py), or, in a block without any,
+    each line (without its ``# comment``)."""
+    text = README.read_text()
+    commands = {s.code: s.output for s in read_steps(text) if s.kind == "shell"}
+    for info, _, body in fenced_blocks(text):
+        if info == "" and not any(line.startswith("$ ") for line in body):
+            commands.update((line.split("#")[0].strip(), ()) for line in body if line.strip())
+    return commands
+
+
+def test_every_command_the_readme_shows_is_run_by_a_test() -> None:
+    assert sorted(shell_commands()) == sorted(RUN_BY), "a command in README.md: add it to RUN_BY"
+    demo = (ROOT / "tests" / "test_make_demo.py").read_text()
+    assert '["make", "--no-print-directory", "demo"' in demo
+
+
+def same_shape(shown: Any, printed: Any, where: str = "$") -> None:
+    """``printed`` has ``shown``'s keys, and its values: ``…`` stands for anything, a URL's
+    port for any port (a free one is taken at each start)."""
+    if isinstance(shown, dict):
+        assert isinstance(printed, dict) and set(printed) == set(shown), (where, printed)
+        for key, value in shown.items():
+            same_shape(value, printed[key], f"{where}.{key}")
+    elif isinstance(shown, str) and re.fullmatch(r"http://[\w.]+:\d+", shown):
+        origin = re.escape(shown.rsplit(":", 1)[0])
+        found = isinstance(printed, str) and re.fullmatch(origin + r":\d+", printed)
+        assert found, (where, printed)
+    elif isinstance(shown, str):
+        assert isinstance(printed, str) and lines_match([shown], [printed]), (where, printed)
+    else:
+        assert printed == shown, (where, printed)
+
+
+def test_the_dev_pds_command_prints_what_the_readme_shows_and_stops_on_ctrl_c(
+    pds_install: InstallInfo,
+) -> None:
+    (shown,) = shell_commands()[DEV_PDS]
+    # As written, from the repository's root; the install is the one the other tests use.
+    process, line = start_background(DEV_PDS, "README.md", cwd=ROOT)
+    try:
+        printed = json.loads(line)
+    finally:
+        code = stop_background(process, signal.SIGINT)  # "runs until Ctrl-C"
+    same_shape(json.loads(shown), printed)
+    assert printed["accounts"]["alice.test"]["password"] == "hunter22"
+    assert code == 0
