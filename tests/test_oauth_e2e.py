@@ -33,6 +33,7 @@ from atsync.atproto import (
     MemorySessionStore,
     OAuthSession,
     OAuthSessionData,
+    Portal,
     XrpcClient,
     _oauth_flow,
     granular_scope,
@@ -58,6 +59,20 @@ def anyio_backend() -> str:
 
 
 # --- logging in through the browser (oauth_browser.py: BrowserUser, the chromium fixture) -----
+
+
+def login_in_browser(signer: ATPSigner, pds: Any, user: BrowserUser) -> OAuthSession:
+    """``signer.login_oauth_async("alice.test")`` from blocking code, the browser driven by
+    ``user`` (the caller joins it)."""
+
+    async def login() -> OAuthSession:
+        async with resolver_for(pds) as identity:
+            return await signer.login_oauth_async(
+                "alice.test", identity=identity, open_browser=user.open, show_url=print
+            )
+
+    with Portal() as portal:
+        return portal.call(login)
 
 
 def resolver_for(pds: Any, http: httpx.AsyncClient | None = None) -> IdentityResolver:
@@ -135,16 +150,7 @@ def test_deferred_login_with_oauth_pushes_earlier_work_as_the_account(
         offline = app.actions.note("a", "written offline")
         assert offline.result == signer.key_did
 
-        async def identity_login() -> OAuthSession:
-            async with resolver_for(dev_pds) as identity:
-                return await signer.login_oauth_async(
-                    "alice.test", identity=identity, open_browser=user.open, show_url=print
-                )
-
-        from atsync.atproto import Portal
-
-        with Portal() as portal:
-            session = portal.call(identity_login)
+        session = login_in_browser(signer, dev_pds, user)
         logged_in = time.monotonic()
         sync.wait_pushed(offline.id, timeout=30)
         # The login wakes the engine: the offline note goes at once, not at the next poll.
@@ -205,7 +211,6 @@ def photo(ctx: ActionContext, key: str, caption: str, image: dict[str, Any]) -> 
 def test_an_image_goes_up_under_the_granular_scope_an_oauth_login_asks_for(
     dev_pds: Any, chromium: Path, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    from atsync.atproto import Portal
     from atsync.sync import SyncThread
 
     alice = dev_pds.accounts["alice.test"]
@@ -220,14 +225,7 @@ def test_an_image_goes_up_under_the_granular_scope_an_oauth_login_asks_for(
         ref = app.blobs.put(data, "image/png")
         app.actions.photo("p1", "taken offline", ref.to_json())
 
-        async def identity_login() -> OAuthSession:
-            async with resolver_for(dev_pds) as identity:
-                return await signer.login_oauth_async(
-                    "alice.test", identity=identity, open_browser=user.open, show_url=print
-                )
-
-        with Portal() as portal:
-            session = portal.call(identity_login)
+        session = login_in_browser(signer, dev_pds, user)
         user.join()
         # Records that hold blobs: the login asked for blob uploads, and nothing general.
         granted = session.data.scope.split()
