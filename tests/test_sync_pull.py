@@ -144,6 +144,35 @@ async def test_a_fresh_device_restores_what_was_written_elsewhere(
     assert sync_b.status.pending == 0
 
 
+async def test_a_bulk_restore_checkpoints_once_after_the_rows_are_in(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    """Over a chunk of rows, a whole read writes them without WAL checkpoints (each would
+    sync the file) and runs one afterwards; the automatic checkpoints come back."""
+    collection = collection_for(request)
+    session = await alice(dev_pds)
+    async with device(tmp_path / "a.db", collection, session, resolver) as (a, sync_a):
+        with a.batch():
+            for i in range(1_200):
+                a.actions.put(f"k{i:04d}", f"note {i} " + "x" * 400, None, i)
+        await settle(sync_a)
+    path = tmp_path / "b.db"
+    with App.open(path, contract) as b:
+        sync_b = ATSync(
+            b, bindings={"notes": Binding(collection)}, session=session, identity=resolver,
+            pull=Manual(),
+        )  # fmt: skip
+        async with sync_b:
+            with anyio.fail_after(30):
+                await sync_b.wait_pulled()
+            assert len(rows(b)) == 1_200
+        # The engine has stopped, the app is open: its checkpoint ran, the setting is back.
+        (setting,) = b.model_db.connection.execute("PRAGMA wal_autocheckpoint").fetchone()
+        assert setting == 1000
+        assert path.stat().st_size > 1_200 * 400  # the rows are in the file, not only the WAL
+        sync_b.close()
+
+
 async def test_two_devices_converge_and_merge_field_by_field(
     dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
 ) -> None:

@@ -106,3 +106,44 @@ def test_before_commit_hook_failure_rolls_back(db: ModelDB) -> None:
     assert keys(db) == []
     db.set("items", {"id": "b", "n": 1})
     assert keys(db) == ["b"]
+
+
+def _pages(path: Path) -> tuple[int, int]:
+    """(pages in the database file, pages in its WAL): what a checkpoint has moved shows as
+    the file's growth."""
+    wal = path.with_name(path.name + "-wal")
+    return path.stat().st_size // 4096, (wal.stat().st_size if wal.exists() else 0) // 4096
+
+
+def test_checkpoints_deferred_leave_bulk_writes_in_the_wal_until_checkpoint(
+    db: ModelDB, tmp_path: Path
+) -> None:
+    def autocheckpoint() -> int:
+        (value,) = db.connection.execute("PRAGMA wal_autocheckpoint").fetchone()
+        return int(value)
+
+    assert autocheckpoint() == 1000
+    rows = [{"id": f"k{i:05}" + "x" * 200, "n": i} for i in range(20_000)]  # ~2,000 pages
+    with db.checkpoints_deferred():
+        assert autocheckpoint() == 0
+        with db.checkpoints_deferred():  # nested (or a concurrent bulk load): one restore
+            pass
+        assert autocheckpoint() == 0
+        for start in range(0, len(rows), 1000):
+            db.set_many("items", rows[start : start + 1000])  # a commit each
+    assert autocheckpoint() == 1000
+    in_file, in_wal = _pages(tmp_path / "t.db")
+    assert in_wal > 1000  # past the automatic threshold, and none of it moved yet
+    assert in_file < 100
+    assert db.count("items") == 20_000  # readers see the rows all the same
+    db.checkpoint()  # from another connection, so it may run on another thread
+    in_file, _ = _pages(tmp_path / "t.db")
+    assert in_file > 1000
+
+
+def test_checkpoint_of_a_database_in_memory_does_nothing() -> None:
+    with ModelDB.open(":memory:", MODELS) as memory:
+        with memory.checkpoints_deferred():
+            memory.set("items", {"id": "a", "n": 1})
+        memory.checkpoint()
+        assert memory.count("items") == 1

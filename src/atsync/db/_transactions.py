@@ -36,6 +36,8 @@ class Transactions:
         # would create one per statement.
         self._cursor = conn.cursor()
         self.path = path
+        self._deferrals = 0  # checkpoints_deferred() blocks running now
+        self._autocheckpoint = 1000  # SQLite's default, until one saves the connection's own
         self._lock = threading.RLock()
         self._depth = 0
         self._owner: int | None = None  # thread id holding the open transaction
@@ -260,6 +262,41 @@ class Transactions:
     def require_transaction(self) -> None:
         if not self.in_transaction:
             raise TransactionError("this operation must run inside db.transaction()")
+
+    @contextmanager
+    def checkpoints_deferred(self) -> Iterator[None]:
+        """Bulk writes inside: no WAL checkpoint while they run. SQLite checkpoints whenever
+        the WAL passes 1,000 pages, each time syncing the database file — several times in
+        one bulk load, the largest part of its commits' cost. The writes go to the WAL only,
+        readers see them all the same; ``checkpoint()`` afterwards moves them in one pass.
+        Keep the writes inside bounded: the WAL grows by all of them."""
+        with self._lock:
+            self._check_open()
+            if self._deferrals == 0:  # nested or concurrent bulk writes: the first saves it
+                (self._autocheckpoint,) = self._conn.execute("PRAGMA wal_autocheckpoint").fetchone()
+                self._conn.execute("PRAGMA wal_autocheckpoint = 0")
+            self._deferrals += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._deferrals -= 1
+                if self._deferrals == 0 and not self._closed:
+                    self._conn.execute(f"PRAGMA wal_autocheckpoint = {int(self._autocheckpoint)}")
+
+    def checkpoint(self) -> None:
+        """Move what the WAL holds into the database file, without waiting for or blocking
+        anyone (a passive checkpoint, on a connection of its own: safe to call from another
+        thread while this one is used). Nothing to do for a database in memory."""
+        if self._closed or self.path == ":memory:" or self.path.startswith("file::memory:"):
+            return
+        conn = sqlite3.connect(self.path, timeout=0)
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.OperationalError:
+            pass  # busy or gone: the next automatic checkpoint does it
+        finally:
+            conn.close()
 
 
 class _Transaction(Generic[_DB]):

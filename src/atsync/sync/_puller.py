@@ -153,6 +153,11 @@ class Puller:
                     self._read, path, did, signing_key, known_cids, stream
                 )
             result.commit, result.rev = commit, rev
+            if stream.in_memory and len(changes) > CHUNK:
+                # A bounded bulk load (its CAR fitted in memory): one checkpoint afterwards,
+                # off the way of whoever waits for the rows (see PullResult.checkpoint_due).
+                paused.enter_context(self._db.checkpoints_deferred())
+                result.checkpoint_due = True
             await self._apply(did, rev, changes, known, result, progress)
             self._finish(commit, rev, data, whole=True, tree=nodes, written=written)
         return result
