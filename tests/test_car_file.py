@@ -431,3 +431,64 @@ def test_a_stream_over_its_memory_limit_gives_up_and_the_file_is_indexed_on_disk
     ) as repo:
         assert repo.count() == 340
         assert next(p.name for p in tmp_path.iterdir()).startswith("atsync-car-index-")
+
+
+# --- the tree walked while downloading (CarStream(walk=True)) -------------------------------
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(order=st.randoms(use_true_random=False), cuts=st.lists(st.integers(0, 1 << 30), max_size=8))
+def test_a_tree_walked_while_downloading_is_the_tree_walked_after(
+    tmp_path_factory: pytest.TempPathFactory, order: Any, cuts: list[int]
+) -> None:
+    """In any block order (the commit first or not) and any chunks: the same leaves in key
+    order and the same nodes as ``iter_leaves`` walking the file."""
+    blocks = list(_blocks_of_repo(200, other=30))
+    commit = blocks[0]
+    rest = blocks[1:]
+    order.shuffle(rest)
+    at = order.randrange(len(rest) + 1)
+    path = tmp_path_factory.mktemp("walk") / "repo.car"
+    _write_repo(path, [*rest[:at], commit, *rest[at:]], root=commit[0])
+    data = path.read_bytes()
+    stream = _feed(data, [c % len(data) for c in cuts], decode={"com.example.note"}, walk=True)
+    with RepoFile(path, did=DID, signing_key=KEY.did) as plain:
+        expected_nodes: list[CID] = []
+        expected = list(plain.leaves(expected_nodes.append))
+    with RepoFile(path, did=DID, signing_key=KEY.did, stream=stream) as repo:
+        walked = repo.walked()
+        assert stream.in_memory
+        assert walked is not None
+        assert sorted(walked.nodes) == sorted(bytes(c) for c in expected_nodes)
+        nodes: list[CID] = []
+        assert list(repo.leaves(nodes.append)) == expected
+        assert sorted(map(bytes, nodes)) == sorted(map(bytes, expected_nodes))
+
+
+def test_a_tree_the_stream_cannot_walk_is_walked_after_and_refused_there(
+    tmp_path: Path,
+) -> None:
+    """A node missing from the CAR, or a commit naming another tree: the stream's walk is
+    not taken, and the walk after the download says what is wrong."""
+    blocks = list(_blocks_of_repo(120))
+    root = CID.from_raw(bytes(blocks[0][0]))
+    nodes = [b for b in blocks[1:] if b"$type" not in b[1]]
+    without = [b for b in blocks if b[0] != nodes[-1][0]]  # a leaf node dropped
+    path = _write_repo(tmp_path / "missing.car", without, root=root)
+    stream = _feed(path.read_bytes(), [], decode={"com.example.note"}, walk=True)
+    assert stream.walk is None or not stream.walk.complete
+    with RepoFile(path, did=DID, signing_key=KEY.did, stream=stream) as repo:
+        assert repo.walked() is None
+        with pytest.raises(VerificationError, match="missing"):
+            list(repo.leaves())
+
+
+def test_a_stream_over_its_memory_limit_walks_nothing(small_repo: Path, tmp_path: Path) -> None:
+    data = small_repo.read_bytes()
+    stream = _feed(data, [1000], walk=True, memory_limit=len(data) - 1)
+    assert stream.walk is None
+    with RepoFile(small_repo, did=DID, signing_key=KEY.did, stream=stream) as repo:
+        assert repo.walked() is None
+        assert repo.count() == 340

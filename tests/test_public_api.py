@@ -158,6 +158,7 @@ EXPECTED: dict[str, list[str]] = {
         "SessionAuthorization",
         "SessionData",
         "SessionStore",
+        "StreamWalk",
         "Tid",
         "TidClock",
         "Update",

@@ -88,6 +88,7 @@ from ._session import (
     SessionStore,
     login,
 )
+from ._stream_walk import StreamWalk
 from ._syntax import (
     AtUri,
     Tid,
@@ -181,6 +182,7 @@ __all__ = [
     "SessionAuthorization",
     "SessionData",
     "SessionStore",
+    "StreamWalk",
     "Tid",
     "TidClock",
     "Update",

@@ -32,6 +32,7 @@ from ._car import DEFAULT_MAX_BLOCK_SIZE, CarReader
 from ._car_stream import CarStream
 from ._cbor import CID
 from ._mst import get_block, iter_leaves
+from ._stream_walk import StreamWalk
 from ._verify import (
     Commit,
     RepoRecord,
@@ -276,10 +277,29 @@ class RepoFile:
         """``(collection, rkey, record CID)`` of every record, in key order, reading only MST
         nodes: what a comparison of the repository with a local copy needs (``on_node``
         sees each node's CID as it is read)."""
+        walk = self.walked()
+        if walk is not None:
+            if on_node is not None:
+                for raw in walk.nodes:
+                    on_node(CID.from_raw(raw))
+            for _, collection, rkey, value in walk.leaves:
+                yield collection, rkey, CID.from_raw(value)
+            return
         leaves = iter_leaves(self._car, self.commit.data, self._nodes, on_node, self._layers)
         for key, cid in leaves:
             collection, rkey = _split_path(key)
             yield collection, rkey, cid
+
+    def walked(self) -> StreamWalk | None:
+        """The tree as the ``stream`` walked it while downloading (``CarStream(walk=True)``),
+        its leaves in key order — when it is below the root this verified commit names and
+        complete; None: ``leaves()`` walks it now."""
+        stream = self._car.stream
+        walk = stream.walk if stream is not None else None
+        if walk is None or not walk.complete or walk.root != bytes(self.commit.data):
+            return None
+        walk.leaves.sort()  # by key: each leaf's first item, unique
+        return walk
 
     def count(self) -> int:
         """How many records the repository holds (walks the MST, reads no record)."""

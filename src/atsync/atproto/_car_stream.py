@@ -47,6 +47,7 @@ from ._cbor import (
     plain_record_from_libipld,
 )
 from ._mst import CompactNode, compact_layer, compact_node_from_libipld
+from ._stream_walk import StreamWalk
 
 __all__ = ["MEMORY_LIMIT", "CarStream"]
 
@@ -69,6 +70,7 @@ class CarStream:
         self,
         *,
         decode: Collection[str] | None = None,
+        walk: bool = False,
         memory_limit: int = MEMORY_LIMIT,
         max_block_size: int = DEFAULT_MAX_BLOCK_SIZE,
     ) -> None:
@@ -87,6 +89,9 @@ class CarStream:
         self._buf = bytearray()
         self._pos = 0
         self._finished = False
+        # A whole repository's tree, walked as its nodes arrive (see StreamWalk).
+        self.walk = StreamWalk(self.nodes, self.layers) if walk else None
+        self._root: bytes | None = None
 
     def feed(self, chunk: bytes) -> None:
         """The next bytes of the CAR. ``VerificationError`` as soon as they break it."""
@@ -121,6 +126,7 @@ class CarStream:
         self._buf = bytearray()
         self.offsets, self.nodes, self.records, self.record_json = {}, {}, {}, {}
         self.layers = {}
+        self.walk = None
 
     def _varint(self, pos: int, what: str) -> tuple[int, int] | None:
         """(value, position after it), or None if the buffer ends inside it."""
@@ -149,6 +155,7 @@ class CarStream:
             if start + size > len(buf):
                 return
             self.roots = parse_header(bytes(buf[start : start + size]))
+            self._root = bytes(self.roots[0]) if self.roots else None
             pos = start + size
         limit = self._max_block_size + CID_MAX_OVERHEAD
         sha256 = hashlib.sha256
@@ -189,6 +196,12 @@ class CarStream:
                     offsets[raw] = (data_at, end - data_at)
                     if self._decode is not None and prefix == _SHA256_DAG_CBOR:
                         self._decode_ahead(raw, bytes(view[data_at:end]))
+                    walk = self.walk
+                    if walk is not None:
+                        if raw == self._root and walk.root is None:
+                            walk.commit_arrived(bytes(view[data_at:end]))
+                        else:
+                            walk.block_arrived(raw, offsets)
                 pos = end
         self._pos = pos
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import anyio
 import anyio.lowlevel
+import libipld
 
 from .._errors import PermanentError, VerificationError
 from .._gc import gc_paused
@@ -40,6 +41,7 @@ from ..atproto import (
     MissingBlock,
     MstDiff,
     RepoFile,
+    StreamWalk,
     VerifiedCommit,
     XrpcClient,
     data_from_json,
@@ -137,7 +139,7 @@ class Puller:
             # Paused for the whole read while the repository is held in memory (a bounded
             # burst, <= 32 MiB of CAR); a larger one resumes it, and pauses per chunk.
             paused.enter_context(gc_paused())
-            stream = CarStream(decode=self.collections)
+            stream = CarStream(decode=self.collections, walk=True)
 
             def feed(chunk: bytes) -> None:
                 stream.feed(chunk)
@@ -261,6 +263,11 @@ class Puller:
                     node_cids = None
 
         with gc_paused(), RepoFile(path, did=did, signing_key=signing_key, stream=stream) as repo:
+            walk = repo.walked()
+            if walk is not None and not known:  # a first read: every record a new row
+                commit = repo.commit
+                changes, nodes = self._read_walked(repo, walk, stream)
+                return str(commit.cid), commit.rev, str(commit.data), changes, nodes
             for collection, rkey, cid in repo.leaves(on_node):
                 if collection not in collections:
                     continue
@@ -282,6 +289,33 @@ class Puller:
                 blocks = repo.blocks
                 nodes = [(bytes(cid), bytes(blocks[cid])) for cid in node_cids]
             return str(commit.cid), commit.rev, str(commit.data), changes, nodes
+
+    def _read_walked(
+        self, repo: RepoFile, walk: StreamWalk, stream: CarStream
+    ) -> tuple[list[Change], list[tuple[bytes, bytes]] | None]:
+        """``_read`` of a tree the stream walked while downloading, for a device that holds
+        none of its records: the changes straight from what the stream decoded."""
+        collections = self.collections
+        records, record_json = stream.records, stream.record_json
+        changes: list[Change] = []
+        for _, collection, rkey, raw in walk.leaves:
+            if collection not in collections:
+                continue
+            record = records.get(raw)
+            if record is not None:  # decoded ahead, its hash and data model checked
+                text = str(libipld.encode_multibase("b", raw))
+                changes.append((collection, rkey, text, record, record_json[raw]))
+            else:
+                cid = CID.from_raw(raw)
+                changes.append(_record_change(repo, collection, rkey, cid, str(cid)))
+        nodes = None
+        if len(walk.nodes) <= TREE_NODES_MAX:
+            data, offsets = stream.data, stream.offsets
+            nodes = []
+            for raw in walk.nodes:
+                start, size = offsets[raw]
+                nodes.append((raw, data[start : start + size]))
+        return changes, nodes
 
     def _read_since(
         self,
