@@ -195,6 +195,7 @@ EXPECTED: dict[str, list[str]] = {
         "iter_repo_records",
         "load_keypair",
         "login",
+        "mst_lookup",
         "outcome_unknown",
         "parse_at_uri",
         "parse_did_document",

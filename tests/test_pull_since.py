@@ -285,3 +285,25 @@ def test_the_list_of_unpulled_writes_stays_bounded(tmp_path: Path, monkeypatch: 
         outbox.complete(outbox.next_batch())
         assert db.execute("SELECT count(*) FROM _atsync_unpulled").fetchone() == (0,)
         assert TreeNodes(db, OWN).root() is None
+
+
+async def test_a_record_edited_here_and_put_back_before_the_next_pull_stays(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    """Written here since the last pull, yet unchanged in the new tree (an edit and its undo
+    both pushed): in no changed node, but still in the repository — not gone."""
+    collection = collection_for(request)
+    session = await alice(dev_pds)
+    reads, options = counting("com.atproto.sync.getRepo")
+    async with device(tmp_path / "a.db", collection, session, resolver, **options) as (a, sync):
+        a.actions.put("x", "as it was", None, 1)
+        a.actions.put("y", "another", None, 2)
+        await settle(sync)  # pushed, then pulled: the tree held has x as it is
+        a.actions.put("x", "an edit", None, 1)
+        with anyio.fail_after(30):
+            await sync.wait_for_idle()
+        a.actions.put("x", "as it was", None, 1)  # undone: the record as at the last pull
+        await settle(sync)
+        assert "since=" in reads[-1]  # the catch-up read only what changed
+        assert set(rows(a)) == {"x", "y"}
+        assert rows(a) == as_rows(await remote(session, collection))

@@ -77,6 +77,7 @@ from ._devpds import DevAccount, DevPDS, ensure_installed
 from ._did_doc import DidDocument, parse_did_document
 from ._firehose import FirehoseFrame, FirehoseSubscription
 from ._identity import DEFAULT_PLC_URL, BlockingIdentityResolver, Identity, IdentityResolver
+from ._mst import mst_lookup
 from ._mst_diff import MissingBlock, MstDiff, diff_trees
 from ._oauth_flow import DEFAULT_OAUTH_SCOPE, granular_scope, loopback_client_id, oauth_login
 from ._oauth_session import OAuthSession, OAuthSessionData, resume_session
@@ -221,6 +222,7 @@ __all__ = [
     "load_keypair",
     "login",
     "loopback_client_id",
+    "mst_lookup",
     "oauth_login",
     "outcome_unknown",
     "parse_at_uri",

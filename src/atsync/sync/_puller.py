@@ -24,9 +24,11 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections import ChainMap
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import cast
 
 import anyio
 import anyio.lowlevel
@@ -48,6 +50,7 @@ from ..atproto import (
     decode_dag_cbor,
     decode_plain_record,
     diff_trees,
+    mst_lookup,
 )
 from ..db import ModelDB
 from ..lexicon import LexiconSet
@@ -344,12 +347,21 @@ class Puller:
                 if collection in collections:
                     added[(collection, rkey)] = cid
             # Gone: what left with the old tree's nodes, and what this device wrote since
-            # (in neither tree) that the new tree's changed nodes do not hold. Once each.
+            # that the new tree does not hold. Such a write is in no changed node when it
+            # was deleted elsewhere (it was in no tree held here), but also when it ended as
+            # it was at the last pull (an edit and its undo): the new tree is asked.
             left = {tuple(k.partition("/")[::2]) for k in diff.removed}
+            # Read only: ChainMap's mutable typing aside, the held tree is never written here.
+            new_tree = ChainMap(diff.new_nodes, cast("MutableMapping[CID, bytes]", self._tree))
             gone = [
                 (collection, rkey)
                 for collection, rkey in sorted(left | self._written_since_pull(written))
-                if collection in collections and f"{collection}/{rkey}" not in diff.added
+                if collection in collections
+                and f"{collection}/{rkey}" not in diff.added
+                and (
+                    (collection, rkey) in left
+                    or mst_lookup(new_tree, commit.data, f"{collection}/{rkey}")[0] is None
+                )
             ]
             known = self._known([*added, *gone])
             changes: list[Change] = []
