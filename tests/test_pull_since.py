@@ -280,6 +280,12 @@ def test_the_list_of_unpulled_writes_stays_bounded(tmp_path: Path, monkeypatch: 
             outbox.complete([write])
         assert db.execute("SELECT count(*) FROM _atsync_unpulled").fetchone() == (5,)
         assert TreeNodes(db, OWN).root() == "bafyroot"
+        for n in range(12):  # many writes of records already noted: still 5 records
+            with db.transaction():
+                outbox.enqueue("c", "k0", "notes", "k0", "{}", f"again{n}", None)
+            outbox.complete(outbox.next_batch())
+        assert db.execute("SELECT count(*) FROM _atsync_unpulled").fetchone() == (5,)
+        assert TreeNodes(db, OWN).root() == "bafyroot"
         with db.transaction():
             outbox.enqueue("c", "k5", "notes", "k5", "{}", "cid5", None)
         outbox.complete(outbox.next_batch())
