@@ -361,9 +361,6 @@ class FollowRepos:
             log.info("pulling followed repository %s failed: %s", did, exc)
         else:
             self.follow_errors.pop(did, None)
-            if result.checkpoint_due:  # as for the user's own repository (see _steps)
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(self._follow_db.checkpoint)
             if result.applied or result.deleted:
                 log.info(
                     "pulled %s at rev %s: %d applied, %d deleted",

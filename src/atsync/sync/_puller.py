@@ -69,6 +69,7 @@ __all__ = ["Puller"]
 log = logging.getLogger("atsync.sync")
 
 CHUNK = 1000  # remote changes applied per transaction
+GC_PAUSE_MAX = 5.0  # seconds of download a whole read keeps the collector paused, at most
 # Trees of more nodes are not held (a pull after a gap reads such a repository whole):
 # holding them would make a whole read's memory grow with the repository (~4 records a node).
 TREE_NODES_MAX = 50_000
@@ -139,14 +140,16 @@ class Puller:
         with contextlib.ExitStack() as paused:
             # A whole read builds tens of thousands of objects that all last until it ends:
             # the collector would walk them again and again for nothing (a tenth of the time).
-            # Paused for the whole read while the repository is held in memory (a bounded
-            # burst, <= 32 MiB of CAR); a larger one resumes it, and pauses per chunk.
+            # Paused for the whole read while the repository is held in memory (<= 32 MiB of
+            # CAR) and the download is short (a slow network must not keep it off for the
+            # whole process); otherwise it resumes, and decoding pauses it per chunk.
             paused.enter_context(gc_paused())
             stream = CarStream(decode=self.collections, walk=True)
+            resume_at = time.monotonic() + GC_PAUSE_MAX
 
             def feed(chunk: bytes) -> None:
                 stream.feed(chunk)
-                if not stream.in_memory:
+                if not stream.in_memory or time.monotonic() > resume_at:
                     paused.close()
 
             with tempfile.TemporaryDirectory(prefix="atsync-pull-") as tmp:
@@ -158,7 +161,9 @@ class Puller:
                     self._read, path, did, signing_key, known_cids, stream
                 )
             result.commit, result.rev = commit, rev
-            if stream.in_memory and len(changes) > CHUNK:
+            # The user's own repository only: followed ones are pulled several at once, and
+            # their loads overlapping would keep the WAL from ever being checkpointed.
+            if stream.in_memory and len(changes) > CHUNK and self._repo.own:
                 # A bounded bulk load (its CAR fitted in memory): one checkpoint afterwards,
                 # off the way of whoever waits for the rows (see PullResult.checkpoint_due).
                 paused.enter_context(self._db.checkpoints_deferred())
