@@ -147,3 +147,9 @@ def test_checkpoint_of_a_database_in_memory_does_nothing() -> None:
             memory.set("items", {"id": "a", "n": 1})
         memory.checkpoint()
         assert memory.count("items") == 1
+
+
+def test_checkpoint_does_not_create_a_database_that_is_gone(db: ModelDB, tmp_path: Path) -> None:
+    (tmp_path / "t.db").rename(tmp_path / "moved.db")
+    db.checkpoint()
+    assert not (tmp_path / "t.db").exists()

@@ -69,6 +69,9 @@ async def login_resolver(identifier: str, service: str | None) -> IdentityResolv
             await resolver.resolve(identifier, strict=True)  # cached for the login's own
         except AtsyncError as exc:
             problems.append(f"{dev.pds_url}: {exc}")
+        except BaseException:  # Ctrl-C, a bug: the resolver is closed all the same
+            await resolver.aclose()
+            raise
         else:
             return resolver
         await resolver.aclose()

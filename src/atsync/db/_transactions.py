@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from threading import get_ident
 from typing import Any, Generic, Self, TypeVar
 
@@ -290,7 +292,12 @@ class Transactions:
         thread while this one is used). Nothing to do for a database in memory."""
         if self._closed or self.path == ":memory:" or self.path.startswith("file::memory:"):
             return
-        conn = sqlite3.connect(self.path, timeout=0)
+        # mode=rw: a database file gone meanwhile is not created empty.
+        uri = "file:" + urllib.parse.quote(Path(self.path).resolve().as_posix()) + "?mode=rw"
+        try:
+            conn = sqlite3.connect(uri, uri=True, timeout=0)
+        except sqlite3.OperationalError:
+            return
         try:
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         except sqlite3.OperationalError:

@@ -11,7 +11,6 @@ rest. With ``blobs="lazy"`` nothing is fetched until ``fetch_blob(ref)`` asks.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Mapping
@@ -87,8 +86,10 @@ class BlobSync:
         ``NotFoundError`` if no repository has it; network errors propagate."""
         store = self._db.blobs
         if store.has(ref):
-            with contextlib.suppress(VerificationError):  # damaged on disk: fetched again
+            try:
                 return store.read(ref)
+            except VerificationError as exc:  # damaged on disk: fetched again
+                log.warning("%s; fetching it again", exc)
         if did is not None:
             sources: list[str | None] = [did]
         else:
