@@ -433,6 +433,50 @@ def test_a_stream_over_its_memory_limit_gives_up_and_the_file_is_indexed_on_disk
         assert next(p.name for p in tmp_path.iterdir()).startswith("atsync-car-index-")
 
 
+@pytest.mark.parametrize("cut", [1, 700, 5000])
+def test_a_stream_that_gives_up_hands_over_every_byte_it_held(
+    small_repo_bytes: bytes, tmp_path: Path, cut: int
+) -> None:
+    """``on_give_up`` sees exactly the bytes fed before the chunk that did not fit: with the
+    chunks after it, the whole CAR — what a download that wrote nothing yet must put on disk."""
+    data = small_repo_bytes
+    spilled = bytearray()
+    gave_up: list[int] = []
+
+    def keep(held: bytearray) -> None:
+        gave_up.append(len(held))
+        spilled.extend(held)
+
+    stream = CarStream(memory_limit=len(data) - 1, on_give_up=keep)
+    for start in range(0, len(data), cut):
+        chunk = data[start : start + cut]
+        stream.feed(chunk)
+        if gave_up:
+            spilled.extend(chunk)
+    stream.finish()
+    assert len(gave_up) == 1 and not stream.in_memory
+    assert bytes(spilled) == data
+    path = tmp_path / "spilled.car"
+    path.write_bytes(spilled)
+    with RepoFile(path, did=DID, signing_key=KEY.did, stream=stream) as repo:
+        assert repo.count() == 340
+
+
+def test_a_car_held_in_memory_is_read_without_a_file(
+    small_repo: Path, small_repo_bytes: bytes
+) -> None:
+    stream = _feed(small_repo_bytes, [3000], decode={"com.example.note"}, walk=True)
+    with RepoFile(None, did=DID, signing_key=KEY.did, stream=stream) as repo:
+        assert repo.count() == 340
+        with RepoFile(small_repo, did=DID, signing_key=KEY.did) as on_disk:
+            assert list(repo.leaves()) == list(on_disk.leaves())
+    given_up = _feed(small_repo_bytes, [3000], memory_limit=100)
+    with pytest.raises(ValueError, match="holds in memory"):
+        RepoFile(None, did=DID, signing_key=KEY.did, stream=given_up)
+    with pytest.raises(ValueError, match="holds in memory"):
+        CarFile(None)
+
+
 # --- the tree walked while downloading (CarStream(walk=True)) -------------------------------
 
 

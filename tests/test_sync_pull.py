@@ -173,6 +173,69 @@ async def test_a_bulk_restore_checkpoints_once_after_the_rows_are_in(
         sync_b.close()
 
 
+async def test_a_repository_larger_than_memory_is_read_from_a_temporary_file_then_removed(
+    dev_pds: Any,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    resolver: IdentityResolver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A CAR that fits is never written to disk; one past the memory limit goes to a
+    temporary file from the moment it passes it (what was held first), for the whole read
+    and for a catch-up alike, and the file is gone afterwards."""
+    from atsync.sync import _puller, _spill
+
+    collection = collection_for(request)
+    session = await alice(dev_pds)
+    spills: list[int] = []
+    real_start = _spill.Spill.start
+
+    def start(self: _spill.Spill, held: bytearray) -> None:
+        spills.append(len(held))
+        real_start(self, held)
+
+    monkeypatch.setattr(_spill.Spill, "start", start)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(_spill.tempfile, "tempdir", str(temp))
+    async with device(tmp_path / "a.db", collection, session, resolver) as (a, sync_a):
+        with a.batch():
+            for i in range(200):
+                a.actions.put(f"k{i:03d}", f"note {i}", None, i)
+        await settle(sync_a)
+    async with device(tmp_path / "b.db", collection, session, resolver) as (b, sync_b):
+        with anyio.fail_after(30):
+            await sync_b.wait_pulled()
+        assert spills == []  # it fitted: nothing written
+        assert len(rows(b)) == 200
+    monkeypatch.setattr(_puller, "CAR_MEMORY_LIMIT", 2_000)
+    reads, options = counting("com.atproto.sync.getRepo")
+    async with device(tmp_path / "c.db", collection, session, resolver, **options) as (
+        c,
+        sync_c,
+    ):
+        with anyio.fail_after(30):
+            await sync_c.wait_pulled()
+        assert len(spills) == 1 and spills[0] <= 2_000
+        assert rows(c) == as_rows(await remote(session, collection))
+        assert list(temp.iterdir()) == []
+        async with device(tmp_path / "a.db", collection, session, resolver) as (a, sync_a):
+            with a.batch():
+                for i in range(200, 260):
+                    a.actions.put(f"k{i:03d}", "x" * 200, None, i)
+                a.actions.drop("k000")
+            await settle(sync_a)
+        spills.clear()  # device a's own catch-up spilled too
+        with anyio.fail_after(30):
+            sync_c.pull_now()
+            await sync_c.wait_pulled()
+        assert len(reads) == 2 and "since=" in reads[1]  # a catch-up, not a whole read
+        assert len(spills) == 1  # its CAR passed the limit too
+        assert rows(c) == as_rows(await remote(session, collection))
+        assert len(rows(c)) == 259
+        assert list(temp.iterdir()) == []
+
+
 async def test_two_devices_converge_and_merge_field_by_field(
     dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
 ) -> None:

@@ -21,12 +21,14 @@ docs/api.md.
 - proofs: ``verify_commit`` (→ ``Commit``), ``verify_record_proof``, ``iter_repo_records``
   (→ ``RepoRecord``, from a CAR in memory); ``RepoFile``, the same for a ``getRepo`` CAR in a
   file, in bounded memory whatever the repository's size (``CarStream`` indexes and decodes
-  it while it downloads: ``sync_get_repo(..., on_chunk=stream.feed)``); ``diff_trees``
-  (→ ``MstDiff``): what changed between two versions of a repository's MST, reading only the
-  changed paths (over a ``getRepo?since=`` CAR; ``MissingBlock`` if it lacks one); a firehose
-  ``#commit`` checked as sync 1.1 defines it (signature, records, ops inverted back to
-  ``prevData``): ``verify_commit_event`` → ``VerifiedCommit`` of ``RepoOp``; a session key's
-  authorization record: ``authorize_session_key``, ``revoke_session_key``, ``verify_session``
+  it while it downloads: ``sync_get_repo(..., on_chunk=stream.feed)``; it holds a CAR of up
+  to ``CAR_MEMORY_LIMIT`` bytes in memory, ``RepoFile(None, stream=...)`` reads that);
+  ``diff_trees`` (→ ``MstDiff``): what changed between two versions of a repository's MST,
+  reading only the changed paths (over a ``getRepo?since=`` CAR; ``MissingBlock`` if it lacks
+  one); a firehose ``#commit`` checked as sync 1.1 defines it (signature, records, ops
+  inverted back to ``prevData``): ``verify_commit_event`` → ``VerifiedCommit`` of
+  ``RepoOp``; a session key's authorization record: ``authorize_session_key``,
+  ``revoke_session_key``, ``verify_session``
 - identity: ``IdentityResolver`` → ``Identity``; ``parse_did_document`` → ``DidDocument``
 - sessions: ``login``, ``Session`` (``SessionData``), stores (``SessionStore``,
   ``FileSessionStore``, ``MemorySessionStore``); OAuth: ``oauth_login`` (browser, PAR, PKCE,
@@ -58,6 +60,7 @@ from ._blocking_client import (
 )
 from ._car import Car, CarReader, read_car, write_car
 from ._car_file import RepoFile
+from ._car_stream import MEMORY_LIMIT as CAR_MEMORY_LIMIT
 from ._car_stream import CarStream
 from ._cbor import (
     CID,
@@ -139,6 +142,7 @@ from ._xrpc import (
 )
 
 __all__ = [
+    "CAR_MEMORY_LIMIT",
     "CID",
     "DEFAULT_OAUTH_SCOPE",
     "DEFAULT_PLC_URL",

@@ -296,7 +296,7 @@ class BlockingXrpcClient:
     def sync_get_repo(
         self,
         did: str,
-        dest: str | os.PathLike[str] | BinaryIO,
+        dest: str | os.PathLike[str] | BinaryIO | None,
         *,
         since: str | None = None,
         max_size: int | None = None,

@@ -54,7 +54,7 @@ class _Held:
 
     __slots__ = ("buf", "db", "file", "offsets", "stream", "tmp_dir")
 
-    def __init__(self, file: BinaryIO) -> None:
+    def __init__(self, file: BinaryIO | None) -> None:
         self.file = file
         self.buf: bytes | None = None
         self.offsets: dict[bytes, tuple[int, int]] = {}
@@ -66,7 +66,8 @@ class _Held:
 def _cleanup(held: _Held) -> None:
     if held.db is not None:
         held.db.close()
-    held.file.close()
+    if held.file is not None:
+        held.file.close()
     held.buf, held.offsets, held.stream = None, {}, None
     if held.tmp_dir is not None:
         shutil.rmtree(held.tmp_dir, ignore_errors=True)
@@ -81,27 +82,31 @@ class CarFile(Mapping[CID, bytes]):
     block is hash-checked as it streams by (the checks of ``CarReader``) and its offset
     recorded in a SQLite index in a temporary directory (``index_dir``, default the
     system's), removed by ``close()``. Memory is bounded either way, whatever the file's
-    size. Not for concurrent use from several threads; one thread after another is fine.
+    size. ``path=None``: the CAR is only the one an in-memory ``stream`` holds (it was written
+    nowhere). Not for concurrent use from several threads; one thread after another is fine.
     """
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | None,
         *,
         max_block_size: int = DEFAULT_MAX_BLOCK_SIZE,
         index_dir: str | os.PathLike[str] | None = None,
         memory_limit: int | None = None,
         stream: CarStream | None = None,
     ) -> None:
-        self.path = Path(path)
-        held = self._held = _Held(open(self.path, "rb"))  # noqa: SIM115 - closed by close()
+        if path is None and (stream is None or not stream.in_memory):
+            raise ValueError("a CarFile without a path reads the CAR a CarStream holds in memory")
+        self.path = Path(path) if path is not None else None
+        file = open(self.path, "rb") if self.path is not None else None  # noqa: SIM115
+        held = self._held = _Held(file)  # closed by close()
         # Runs on close(), or when the object is collected, or at exit: the index never stays.
         self._closer = weakref.finalize(self, _cleanup, held)
         try:
             limit = _car_stream.MEMORY_LIMIT if memory_limit is None else memory_limit
-            if stream is None and os.fstat(held.file.fileno()).st_size <= limit:
+            if stream is None and file is not None and os.fstat(file.fileno()).st_size <= limit:
                 stream = CarStream(decode=(), memory_limit=limit, max_block_size=max_block_size)
-                while chunk := held.file.read(_READ_CHUNK):
+                while chunk := file.read(_READ_CHUNK):
                     stream.feed(chunk)
                 stream.finish()
             if stream is not None and stream.in_memory:
@@ -113,6 +118,10 @@ class CarFile(Mapping[CID, bytes]):
         except BaseException:
             self.close()
             raise
+
+    @property
+    def _name(self) -> str:
+        return str(self.path) if self.path is not None else "in memory"
 
     def _index(self, max_block_size: int, index_dir: str | os.PathLike[str] | None) -> list[CID]:
         if index_dir is not None:
@@ -131,6 +140,7 @@ class CarFile(Mapping[CID, bytes]):
             "CREATE TABLE blocks (cid BLOB PRIMARY KEY, offset INTEGER NOT NULL,"
             " length INTEGER NOT NULL) WITHOUT ROWID"
         )
+        assert held.file is not None  # a CAR on disk has its path
         reader = CarReader(held.file, max_block_size=max_block_size)
         insert = "INSERT OR IGNORE INTO blocks VALUES (?, ?, ?)"  # a repeated block is the same
         db.execute("BEGIN")
@@ -155,7 +165,7 @@ class CarFile(Mapping[CID, bytes]):
 
     def _where(self, cid: CID) -> tuple[int, int] | None:
         if not self._closer.alive:
-            raise ClosedError(f"the CAR file {self.path} was closed")
+            raise ClosedError(f"the CAR file {self._name} was closed")
         held = self._held
         if held.db is None:
             return held.offsets.get(bytes(cid))
@@ -172,10 +182,11 @@ class CarFile(Mapping[CID, bytes]):
         buf, file = self._held.buf, self._held.file
         if buf is not None:
             return buf[offset : offset + length]
+        assert file is not None  # only a CAR held in memory has none
         file.seek(offset)
         data = file.read(length)
         if len(data) != length:
-            raise VerificationError(f"the CAR file {self.path} was truncated after indexing")
+            raise VerificationError(f"the CAR file {self._name} was truncated after indexing")
         return data
 
     def __contains__(self, cid: object) -> bool:
@@ -183,7 +194,7 @@ class CarFile(Mapping[CID, bytes]):
 
     def __iter__(self) -> Iterator[CID]:
         if not self._closer.alive:
-            raise ClosedError(f"the CAR file {self.path} was closed")
+            raise ClosedError(f"the CAR file {self._name} was closed")
         held = self._held
         if held.db is None:
             yield from map(CID.from_raw, list(held.offsets))
@@ -193,7 +204,7 @@ class CarFile(Mapping[CID, bytes]):
 
     def __len__(self) -> int:
         if not self._closer.alive:
-            raise ClosedError(f"the CAR file {self.path} was closed")
+            raise ClosedError(f"the CAR file {self._name} was closed")
         held = self._held
         if held.db is None:
             return len(held.offsets)
@@ -224,12 +235,13 @@ class RepoFile:
     downloading, with its nodes and records decoded ahead) and checks the commit: its shape
     always, its DID when ``did`` is given, its signature with ``signing_key`` (a ``did:key`` or
     ``(alg, public key)``; then ``did`` is required). ``VerificationError`` says what failed.
-    Memory does not grow with the repository's size.
+    Memory does not grow with the repository's size. ``path=None`` with a ``stream`` that held
+    the whole CAR: a download written nowhere (see ``CarStream``).
     """
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | None,
         *,
         did: str | None = None,
         signing_key: SigningKey | None = None,

@@ -13,17 +13,21 @@ non-minimal varints, sections over the block limit (refused before they are buff
 CIDs that are not sha2-256 of dag-cbor or raw, blocks that do not hash to their CID.
 
 Memory is bounded: the CAR is held up to ``memory_limit`` bytes (32 MiB); a larger one makes
-the stream give up (``in_memory`` becomes False, everything is dropped) and ``RepoFile``
-indexes the file on disk instead. Records are decoded ahead only up to 16 MiB of them; the
-rest are decoded when read. Decoding ahead takes libipld's fast paths only
-(``compact_node_from_libipld``, ``plain_record_from_libipld``); a block they refuse is left for the
-strict decoders, which say what is wrong with it.
+the stream give up (``in_memory`` becomes False, everything is dropped; ``on_give_up`` sees the
+bytes held before they are) and ``RepoFile`` indexes the file on disk instead. A caller that
+writes the CAR nowhere while it fits (``sync_get_repo(did, None, on_chunk=...)``) starts its
+file from ``on_give_up``: a repository that fits never touches the disk.
+
+Records are decoded ahead only up to 16 MiB of them; the rest are decoded when read.
+Decoding ahead takes libipld's fast paths only (``compact_node_from_libipld``,
+``plain_record_from_libipld``); a block they refuse is left for the strict decoders, which
+say what is wrong with it.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 import libipld
@@ -73,6 +77,7 @@ class CarStream:
         walk: bool = False,
         memory_limit: int = MEMORY_LIMIT,
         max_block_size: int = DEFAULT_MAX_BLOCK_SIZE,
+        on_give_up: Callable[[bytearray], None] | None = None,
     ) -> None:
         self.in_memory = True
         self.roots: list[CID] = []
@@ -86,6 +91,7 @@ class CarStream:
         self._predecode_left = PREDECODE_LIMIT
         self._memory_limit = memory_limit
         self._max_block_size = max_block_size
+        self._on_give_up = on_give_up
         self._buf = bytearray()
         self._pos = 0
         self._finished = False
@@ -123,6 +129,8 @@ class CarStream:
 
     def _give_up(self) -> None:
         self.in_memory = False
+        if self._on_give_up is not None:
+            self._on_give_up(self._buf)  # every byte fed before the chunk that did not fit
         self._buf = bytearray()
         self.offsets, self.nodes, self.records, self.record_json = {}, {}, {}, {}
         self.layers = {}

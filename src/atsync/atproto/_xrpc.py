@@ -520,17 +520,17 @@ class XrpcClient:
     async def sync_get_repo(
         self,
         did: str,
-        dest: str | os.PathLike[str] | BinaryIO,
+        dest: str | os.PathLike[str] | BinaryIO | None,
         *,
         since: str | None = None,
         max_size: int | None = None,
         on_chunk: Callable[[bytes], None] | None = None,
     ) -> Download:
         """Stream the repository CAR (``since``: only what changed after that rev) to ``dest``,
-        a path (written to ``<path>.part``, fsynced, then renamed: a complete file or none) or
-        a binary file object. The CAR is never held in memory. ``on_chunk`` sees each chunk
-        as it arrives (e.g. ``CarStream.feed``, to index it meanwhile); its exception stops
-        the download."""
+        a path (written to ``<path>.part``, fsynced, then renamed: a complete file or none), a
+        binary file object, or None (written nowhere: ``on_chunk`` has it all). The CAR is
+        never held in memory here. ``on_chunk`` sees each chunk as it arrives (e.g.
+        ``CarStream.feed``, to index it meanwhile); its exception stops the download."""
         return await self._download(
             "com.atproto.sync.getRepo", {"did": did, "since": since}, dest, max_size, on_chunk
         )
@@ -565,7 +565,7 @@ class XrpcClient:
         self,
         nsid: str,
         params: Mapping[str, Any],
-        dest: str | os.PathLike[str] | BinaryIO,
+        dest: str | os.PathLike[str] | BinaryIO | None,
         max_size: int | None,
         observe: Callable[[bytes], None] | None = None,
         finish: Callable[[], None] | None = None,

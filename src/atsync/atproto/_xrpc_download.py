@@ -28,13 +28,14 @@ __all__ = ["save_body"]
 async def save_body(
     nsid: str,
     response: httpx.Response,
-    dest: str | os.PathLike[str] | BinaryIO,
+    dest: str | os.PathLike[str] | BinaryIO | None,
     max_size: int | None,
     observe: Callable[[bytes], None] | None = None,
     finish: Callable[[], None] | None = None,
 ) -> Download:
-    """Copy a streamed ``response`` into ``dest`` (a path or a binary stream), then close it;
-    ``observe(chunk)`` sees every chunk, ``finish()`` runs before a path is put in place."""
+    """Copy a streamed ``response`` into ``dest`` (a path or a binary stream; None: nowhere,
+    ``observe`` has it all), then close it; ``observe(chunk)`` sees every chunk, ``finish()``
+    runs before a path is put in place."""
     try:
         if isinstance(dest, str | os.PathLike):
             path = Path(dest)
@@ -51,12 +52,15 @@ async def save_body(
                 part.unlink(missing_ok=True)
                 raise
             return Download(path, size)
-        sink = dest
+        writer = None
+        if dest is not None:
+            sink = dest
 
-        async def write(chunk: bytes) -> int:
-            return await anyio.to_thread.run_sync(sink.write, chunk)
+            async def write(chunk: bytes) -> int:
+                return await anyio.to_thread.run_sync(sink.write, chunk)
 
-        size = await _copy(nsid, response, write, max_size, observe)
+            writer = write
+        size = await _copy(nsid, response, writer, max_size, observe)
         if finish is not None:
             finish()
         return Download(None, size)
@@ -67,7 +71,7 @@ async def save_body(
 async def _copy(
     nsid: str,
     response: httpx.Response,
-    write: Callable[[bytes], Awaitable[int]],
+    write: Callable[[bytes], Awaitable[int]] | None,
     max_size: int | None,
     observe: Callable[[bytes], None] | None,
 ) -> int:
@@ -79,7 +83,8 @@ async def _copy(
                 raise PermanentError(f"{nsid}: response exceeds max_size={max_size} bytes")
             if observe is not None:
                 observe(chunk)
-            await write(chunk)
+            if write is not None:
+                await write(chunk)
     except httpx.HTTPError as e:  # broken or timed-out stream mid-body
         raise classify_transport(nsid, str(response.url), e) from e
     return size

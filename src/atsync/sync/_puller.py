@@ -1,6 +1,7 @@
 """One pull: the repository's state, verified, into the bound models — merged with local edits.
 
-    repo CAR (getRepo, streamed to a temporary file; indexed and decoded as it arrives)
+    repo CAR (getRepo, held in memory up to 32 MiB, larger ones streamed to a temporary
+      file; indexed and decoded as it arrives)
       -> commit signature checked against the account's key, every block's hash, the MST
       -> the records of bound collections (direction "pull" or "both")
       -> compared with what was last synced (``_atsync_records``: CID and content per record)
@@ -22,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import tempfile
 import time
 from collections import ChainMap
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
@@ -38,6 +38,7 @@ from .._errors import PermanentError, VerificationError
 from .._gc import gc_paused
 from ..app import RemoteChange
 from ..atproto import (
+    CAR_MEMORY_LIMIT,
     CID,
     CarStream,
     MissingBlock,
@@ -62,6 +63,7 @@ from ._outbox import Outbox
 from ._outbox_views import UNPULLED
 from ._repo import OWN, Repo
 from ._shared import Hlc
+from ._spill import Spill
 from ._tree import TreeNodes
 
 __all__ = ["Puller"]
@@ -137,29 +139,30 @@ class Puller:
                 return result
         known = self._known()
         known_cids = {key: was.cid for key, was in known.items()}
-        with contextlib.ExitStack() as paused:
+        with Spill() as spill, contextlib.ExitStack() as paused:
             # A whole read builds tens of thousands of objects that all last until it ends:
             # the collector would walk them again and again for nothing (a tenth of the time).
             # Paused for the whole read while the repository is held in memory (<= 32 MiB of
             # CAR) and the download is short (a slow network must not keep it off for the
             # whole process); otherwise it resumes, and decoding pauses it per chunk.
             paused.enter_context(gc_paused())
-            stream = CarStream(decode=self.collections, walk=True)
+            stream = CarStream(
+                decode=self.collections, walk=True, memory_limit=CAR_MEMORY_LIMIT,
+                on_give_up=spill.start,
+            )  # fmt: skip
             resume_at = time.monotonic() + GC_PAUSE_MAX
 
             def feed(chunk: bytes) -> None:
                 stream.feed(chunk)
+                spill.write(chunk)  # to disk only past the stream's memory limit
                 if not stream.in_memory or time.monotonic() > resume_at:
                     paused.close()
 
-            with tempfile.TemporaryDirectory(prefix="atsync-pull-") as tmp:
-                path = Path(tmp) / "repo.car"
-                # Blocks are hash-checked and decoded as they arrive, while the network is
-                # slow.
-                await client.sync_get_repo(did, path, on_chunk=feed)
-                commit, rev, data, changes, nodes = await anyio.to_thread.run_sync(
-                    self._read, path, did, signing_key, known_cids, stream
-                )
+            # Blocks are hash-checked and decoded as they arrive, while the network is slow.
+            await client.sync_get_repo(did, None, on_chunk=feed)
+            commit, rev, data, changes, nodes = await anyio.to_thread.run_sync(
+                self._read, spill.finish(), did, signing_key, known_cids, stream
+            )
             result.commit, result.rev = commit, rev
             # The user's own repository only: followed ones are pulled several at once, and
             # their loads overlapping would keep the WAL from ever being checkpointed.
@@ -187,11 +190,17 @@ class Puller:
         rev, data = self.position()
         if rev is None or data is None or self._tree.root() != data:
             return False
-        with tempfile.TemporaryDirectory(prefix="atsync-pull-") as tmp:
-            path = Path(tmp) / "since.car"
-            stream = CarStream(decode=self.collections)
+        with Spill() as spill:
+            stream = CarStream(
+                decode=self.collections, memory_limit=CAR_MEMORY_LIMIT, on_give_up=spill.start
+            )
+
+            def feed(chunk: bytes) -> None:
+                stream.feed(chunk)
+                spill.write(chunk)
+
             try:
-                await client.sync_get_repo(did, path, since=rev, on_chunk=stream.feed)
+                await client.sync_get_repo(did, None, since=rev, on_chunk=feed)
             except PermanentError as exc:
                 # A rev the repository's history no longer has (after a #sync), or a PDS
                 # without ``since``: the whole repository says where things stand.
@@ -199,7 +208,7 @@ class Puller:
                 return False
             try:
                 commit, new_rev, new_data, changes, known, diff = self._read_since(
-                    path, did, signing_key, stream, data, written
+                    spill.finish(), did, signing_key, stream, data, written
                 )
             except MissingBlock as exc:
                 log.info("the changes since rev %s are incomplete (%s): reading it all", rev, exc)
@@ -249,7 +258,7 @@ class Puller:
 
     def _read(
         self,
-        path: Path,
+        path: Path | None,
         did: str,
         signing_key: str | None,
         known: Mapping[tuple[str, str], str | None],
@@ -327,7 +336,7 @@ class Puller:
 
     def _read_since(
         self,
-        path: Path,
+        path: Path | None,
         did: str,
         signing_key: str | None,
         stream: CarStream,
