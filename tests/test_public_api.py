@@ -123,6 +123,7 @@ EXPECTED: dict[str, list[str]] = {
         "BlockingFirehoseSubscription",
         "BlockingIdentityResolver",
         "BlockingXrpcClient",
+        "CAR_MEMORY_LIMIT",
         "CID",
         "Car",
         "CarReader",

@@ -441,11 +441,10 @@ def decode_record(data: bytes) -> dict[str, Any]:
 # may, which only costs the strict decoder. In its JSON text: the map shapes check_data_model
 # looks at ($link/$bytes keys, an empty or non-string $type, a blob), and — only when an 8-byte
 # argument (head 0x1b or 0x3b) is there at all — an integer that may not fit in 64 bits (19
-# digits or more). Substring tests and literal-prefixed patterns: this runs for every record.
+# digits or more). Substring tests and one literal-prefixed pattern: this runs for every record.
 _FLOAT_HEAD = b"\xfb"
-_LONG_HEADS = (b"\x1b", b"\x3b")
-_SHAPES = ('"$link"', '"$bytes"', '"$type":"blob"')
-_BAD_TYPE = re.compile(r'"\$type":(?!"[^"])')
+_LONG_HEAD, _LONG_NEGATIVE_HEAD = b"\x1b", b"\x3b"
+_REFUSED_SHAPE = re.compile(r'"\$link"|"\$bytes"|"\$type":(?:"blob"|(?!"[^"]))')
 _LONG_INT = re.compile(r"\d{19}")
 
 
@@ -475,12 +474,12 @@ def plain_record_from_libipld(value: Any, data: bytes) -> tuple[dict[str, Any], 
         text = compact_json(value)
     except (TypeError, ValueError, RecursionError):  # bytes or a link
         return None
-    if any(shape in text for shape in _SHAPES) or _BAD_TYPE.search(text) is not None:
+    if _REFUSED_SHAPE.search(text) is not None:
         return None
-    if (_LONG_HEADS[0] in data or _LONG_HEADS[1] in data) and _LONG_INT.search(text):
+    if (_LONG_HEAD in data or _LONG_NEGATIVE_HEAD in data) and _LONG_INT.search(text):
         return None
     # Nesting is at most the number of opening brackets; beyond MAX_DEPTH, ask the strict one.
-    if text.count("[") + text.count("{") > MAX_DEPTH:
+    if len(text) > MAX_DEPTH and text.count("[") + text.count("{") > MAX_DEPTH:
         return None
     return value, text
 
