@@ -226,6 +226,8 @@ class Applier:
         self, changes: list[Change], known: dict[tuple[str, str], Known], fresh: frozenset[str]
     ) -> set[tuple[str, str]]:
         """Which rows the changes would write already exist: ``(model, key)``."""
+        if all(b.model.name in fresh for b in self._by_collection.values()):
+            return set()  # every model was empty when the pull began: none to ask about
         keys: dict[str, list[str]] = {}
         for collection, rkey, *_ in changes:
             binding = self._by_collection.get(collection)
