@@ -104,7 +104,8 @@ def atsync_push(pds: DevPDS, did: str, blobs: list[bytes], collection: str, tmp:
 
 def landed(pds: DevPDS, did: str, collection: str) -> tuple[int, set[str]]:
     """How many records the collection holds, and the blob CIDs they reference."""
-    total, cids, cursor = 0, set(), None
+    total, cursor = 0, None
+    cids: set[str] = set()
     with httpx.Client(base_url=pds.pds_url, timeout=60) as http:
         while True:
             params: dict[str, Any] = {"repo": did, "collection": collection, "limit": 100}

@@ -201,7 +201,8 @@ def atsync_backfill(pds: DevPDS, did: str, db: Path) -> dict[str, Any]:
         text=True,
         check=True,
     )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
 
 
 async def running_catch_up(pds: DevPDS, did: str, rkeys: list[str], db: Path) -> tuple[float, int]:

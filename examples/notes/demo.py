@@ -261,7 +261,9 @@ def sync_part(
 
         async def signing_key() -> str:
             async with IdentityResolver(plc_url=pds.plc_url, allow_insecure_localhost=True) as r:
-                return (await r.resolve_did(did)).signing_key
+                key = (await r.resolve_did(did)).signing_key
+                assert key is not None  # resolve_did found the DID's #atproto key
+                return key
 
         auth = verify_session(
             proof,
@@ -331,10 +333,10 @@ def second_device(app: App, sync: SyncThread, data: Path, pds_url: str, did: str
         app2.actions.edit_note(note["id"], body="fly instead")  # on the laptop
         both_online(sync, sync2)
         (conflict,) = sync2.engine.outbox.conflicts(1)
-        local, remote = (json.loads(conflict[v])["body"] for v in ("local", "remote"))
+        local, remote = (json.loads(str(conflict[v]))["body"] for v in ("local", "remote"))
         print(
             f"   conflict on {conflict['fields']}: laptop {local!r} vs phone {remote!r}; "
-            f"policy 'local' kept {json.loads(conflict['merged'])['body']!r}"
+            f"policy 'local' kept {json.loads(str(conflict['merged']))['body']!r}"
         )
         print(f"   phone == laptop: {_notes(app) == _notes(app2)}; recorded conflicts: "
               f"{sync2.status.conflicts} (`atsync conflicts --db …` lists them)")  # fmt: skip
