@@ -313,3 +313,39 @@ async def test_a_record_edited_here_and_put_back_before_the_next_pull_stays(
         assert "since=" in reads[-1]  # the catch-up read only what changed
         assert set(rows(a)) == {"x", "y"}
         assert rows(a) == as_rows(await remote(session, collection))
+
+
+async def test_a_tree_grown_past_the_bound_by_catch_ups_is_no_longer_held(
+    dev_pds: Any,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    resolver: IdentityResolver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bound on the held tree (a whole read keeps none past it, so its memory stays
+    bounded) holds for a tree that catch-ups grow too: past it, the tree is dropped, and
+    the next pull after a gap reads the repository whole, as for one that was always large."""
+    from atsync.sync import _puller
+
+    collection = collection_for(request)
+    session = await alice(dev_pds)
+    for i in range(30):
+        await put_record(session, collection, f"k{i:02d}", title=f"k{i:02d}", n=i)
+    seen, options = counting(GET_REPO)
+    async with device(tmp_path / "b.db", collection, session, resolver, **options) as (b, sync):
+        await settle(sync)
+        tree = TreeNodes(b.model_db, OWN)
+        assert tree.root() is not None
+        held = len(tree)
+        monkeypatch.setattr(_puller, "TREE_NODES_MAX", held)  # the tree is at the bound
+        for i in range(60):  # a tree of 90 records has more nodes than one of 30
+            await put_record(session, collection, f"m{i:02d}", title=f"m{i:02d}", n=i)
+        await settle(sync)
+        assert len(seen) == 2 and "since=" in seen[1], seen  # a catch-up...
+        assert rows(b) == as_rows(await remote(session, collection))
+        assert tree.root() is None  # ...that grew the tree past the bound: not held
+        await put_record(session, collection, "again", title="again", n=9)
+        await settle(sync)
+        assert len(seen) == 3 and "since=" not in seen[2], seen  # so: a whole read
+        assert rows(b) == as_rows(await remote(session, collection))
+        assert tree.root() is None  # and one past the bound keeps none either

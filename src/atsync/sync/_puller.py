@@ -571,7 +571,7 @@ class Puller:
                     (written if written is not None else 1 << 62,),
                 )
             if diff is not None:
-                self._tree.update(data, diff)
+                self._tree.update(data, diff, TREE_NODES_MAX)
             elif whole:
                 # The nodes of what was read, or (a tree too big to hold) none.
                 self._tree.replace(data if tree is not None else None, tree or ())

@@ -93,10 +93,12 @@ class TreeNodes(Mapping[CID, bytes]):
             (self._repo, root, pack_nodes(nodes)),
         )
 
-    def update(self, root: str, diff: MstDiff) -> None:
-        """Move the held tree to ``root`` by ``diff``. Runs in the caller's transaction."""
+    def update(self, root: str, diff: MstDiff, limit: int) -> None:
+        """Move the held tree to ``root`` by ``diff``; a tree grown past ``limit`` nodes is
+        no longer held (as a whole read of it would not). Runs in the caller's
+        transaction."""
         nodes = dict(self._loaded())
         for cid in diff.gone_nodes:
             nodes.pop(bytes(cid), None)
         nodes.update((bytes(cid), node) for cid, node in diff.new_nodes.items())
-        self.replace(root, nodes.items())
+        self.replace(root if len(nodes) <= limit else None, nodes.items())
