@@ -228,8 +228,11 @@ class Puller:
                 log.info("no changes since rev %s (%s): reading it all", rev, exc)
                 return False
             try:
-                commit, new_rev, new_data, changes, known, diff = self._read_since(
-                    spill.finish(), did, signing_key, stream, data, written
+                # Off the event loop, as a whole read: a long absence makes a large delta.
+                # (It reads the held tree and the sync tables; the engine's own push does
+                # not run meanwhile, and the app's writes only add what ``written`` bounds.)
+                commit, new_rev, new_data, changes, known, diff = await anyio.to_thread.run_sync(
+                    self._read_since, spill.finish(), did, signing_key, stream, data, written
                 )
             except MissingBlock as exc:
                 log.info("the changes since rev %s are incomplete (%s): reading it all", rev, exc)
