@@ -179,6 +179,7 @@ EXPECTED: dict[str, list[str]] = {
         "decode_plain_record",
         "diff_trees",
         "encode_dag_cbor",
+        "default_cache_dir",
         "ensure_installed",
         "format_tid",
         "generate_keypair",

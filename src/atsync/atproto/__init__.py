@@ -43,6 +43,7 @@ docs/api.md.
   ``BlockingIdentityResolver``, ``blocking_login``, ``blocking_logout``; they run the async
   code on a ``Portal`` (an event loop on a background thread), their own or one they share
 - development: ``DevPDS`` (the reference PDS on loopback; ``DevAccount``), ``ensure_installed``
+  (into ``default_cache_dir()``)
 """
 
 from .._blocking import Portal
@@ -76,7 +77,7 @@ from ._cbor import (
 from ._commit_event import RepoOp, VerifiedCommit, verify_commit_event
 from ._crypto import Alg as KeyAlgorithm
 from ._crypto import Keypair, generate_keypair, load_keypair, parse_did_key, verify_signature
-from ._devpds import DevAccount, DevPDS, ensure_installed
+from ._devpds import DevAccount, DevPDS, default_cache_dir, ensure_installed
 from ._did_doc import DidDocument, parse_did_document
 from ._firehose import FirehoseFrame, FirehoseSubscription
 from ._identity import DEFAULT_PLC_URL, BlockingIdentityResolver, Identity, IdentityResolver
@@ -205,6 +206,7 @@ __all__ = [
     "data_to_json",
     "decode_dag_cbor",
     "decode_plain_record",
+    "default_cache_dir",
     "diff_trees",
     "encode_dag_cbor",
     "ensure_installed",

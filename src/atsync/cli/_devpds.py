@@ -19,10 +19,9 @@ from pathlib import Path
 from types import FrameType
 
 import click
-import platformdirs
 
 from atsync._errors import DevPDSError
-from atsync.atproto import DevPDS
+from atsync.atproto import DevPDS, default_cache_dir
 
 from ._main import main
 
@@ -59,10 +58,7 @@ def running_dir() -> Path:
     """Where running ``atsync dev-pds`` processes list themselves: in the default cache
     directory of the PDS install (``$ATSYNC_CACHE_DIR``, else the user cache directory),
     whatever ``--cache-dir`` says, since the other commands have no such option."""
-    # The install's rule (atproto's default_cache_dir), which is not public API.
-    env = os.environ.get("ATSYNC_CACHE_DIR")
-    base = Path(env) if env else Path(platformdirs.user_cache_dir("atsync"))
-    return base / "running-dev-pds"
+    return default_cache_dir() / "running-dev-pds"
 
 
 @contextlib.contextmanager
