@@ -165,8 +165,8 @@ async def test_a_forged_followed_repository_is_refused_and_nothing_applied(
     class ImpostorForBob:
         """Bob's DID document as an attacker would serve it: another signing key."""
 
-        async def resolve(self, did: str) -> Any:
-            identity = await resolver.resolve(did)
+        async def resolve(self, did: str, **options: Any) -> Any:
+            identity = await resolver.resolve(did, **options)
             return replace(identity, signing_key=impostor) if did == bob.did else identity
 
     async with device(
@@ -270,11 +270,11 @@ async def test_a_host_that_hangs_delays_only_its_own_repositories(
         class StuckHost:
             """Resolves ``stuck`` to the silent host, everyone else as usual."""
 
-            async def resolve(self, did: str) -> Any:
+            async def resolve(self, did: str, **options: Any) -> Any:
                 if did == stuck:
-                    bob_identity = await resolver.resolve(bob.did)
+                    bob_identity = await resolver.resolve(bob.did, **options)
                     return replace(bob_identity, did=stuck, pds=f"http://127.0.0.1:{port}")
-                return await resolver.resolve(did)
+                return await resolver.resolve(did, **options)
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(listener.serve, hold)

@@ -381,6 +381,33 @@ async def test_did_web_on_localhost_with_a_dns_verified_handle(
 
 
 @pytest.mark.anyio
+async def test_a_did_resolved_without_its_handle_asks_no_dns_and_no_web_for_it(
+    dns_server: LoopbackDNS, web: LoopbackHTTP
+) -> None:
+    """What a pull needs (the PDS and the signing key) costs the DID document alone: no DNS
+    query and no well-known request for the handle the document claims."""
+    did = did_web_for(web)
+    keypair = generate_keypair("k256")
+    serve_did_web(
+        web,
+        did,
+        did_doc(did, handles=("webby.test",), key=keypair.public_key_multibase,
+                pds="https://pds.example.com/"),
+    )  # fmt: skip
+    dns_server.txt("_atproto.webby.test", f"did={did}")
+    async with open_rig(dns_server, web, map_to_web=False, allow_insecure_localhost=True) as rig:
+        ident = await rig.resolver.resolve(did, check_handle=False)
+        assert ident.pds == "https://pds.example.com"
+        assert ident.signing_key == keypair.did
+        assert ident.handle is None and ident.handle_problem == "not checked"
+        assert dns_server.queries == []
+        assert rig.requests == [f"http://localhost:{web.port}/.well-known/did.json"]
+        checked = await rig.resolver.resolve(did)  # the same DID, its handle checked
+        assert checked.handle == "webby.test"
+        assert dns_server.queries == ["_atproto.webby.test"]
+
+
+@pytest.mark.anyio
 async def test_did_web_through_a_mapped_origin(dns_server: LoopbackDNS, web: LoopbackHTTP) -> None:
     did = "did:web:webhost.test"
     web.route("webhost.test", "/.well-known/did.json", did_doc(did))

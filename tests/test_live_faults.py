@@ -117,13 +117,13 @@ class PLCOf:
         self._resolvers: dict[str, IdentityResolver] = {}
         self._url = pds.plc_url
 
-    async def resolve(self, did: str) -> Any:
+    async def resolve(self, did: str, **options: Any) -> Any:
         if self.pds.running:  # while it is stopped, the old one: refused, the pull retried
             self._url = self.pds.plc_url
         url = self._url
         if url not in self._resolvers:
             self._resolvers[url] = IdentityResolver(plc_url=url, allow_insecure_localhost=True)
-        return await self._resolvers[url].resolve(did)
+        return await self._resolvers[url].resolve(did, **options)
 
     async def aclose(self) -> None:
         for resolver in self._resolvers.values():

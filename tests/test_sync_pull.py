@@ -549,8 +549,8 @@ async def test_a_commit_signed_by_another_key_is_rejected(
     class WrongKey:
         """The DID document as an attacker would have it: another key for alice's DID."""
 
-        async def resolve(self, did: str) -> Any:
-            return replace(await resolver.resolve(did), signing_key=impostor)
+        async def resolve(self, did: str, **options: Any) -> Any:
+            return replace(await resolver.resolve(did, **options), signing_key=impostor)
 
     async with device(tmp_path / "b.db", collection, session, resolver, identity=WrongKey()) as (
         b,

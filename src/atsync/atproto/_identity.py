@@ -190,14 +190,24 @@ class IdentityResolver:
 
     # -- public API ----------------------------------------------------------------------
 
-    async def resolve(self, identifier: str, *, strict: bool = False) -> Identity:
+    async def resolve(
+        self, identifier: str, *, strict: bool = False, check_handle: bool = True
+    ) -> Identity:
         """Resolve a handle or DID to an ``Identity`` with PDS and signing key.
 
         The handle is verified both ways; if that fails, ``handle`` is ``None`` and
         ``handle_problem`` says why — or, with ``strict=True``, ``VerificationError``.
+        ``check_handle=False`` (a DID only): the handle is not looked up at all, for callers
+        that need the PDS and key alone (verifying a repository's commits) — it costs a DNS
+        query and perhaps an HTTPS request; ``handle`` is then ``None``.
         """
         ident = validate_at_identifier(identifier)
-        if ident.startswith("did:"):
+        handle: str | None
+        problem: str | None
+        if ident.startswith("did:") and not check_handle:
+            doc = await self.resolve_did(ident)
+            handle, problem = None, "not checked"
+        elif ident.startswith("did:"):
             doc = await self.resolve_did(ident)
             handle, problem = await self._verify_claimed_handle(doc)
         else:

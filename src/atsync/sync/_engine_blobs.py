@@ -123,7 +123,7 @@ class BlobSync:
                 client = self._public_client(session.pds_url)
                 return await self._blob_fetcher.fetch(ref, own, client, self.max_blob_size)
             did = own
-        identity = await self._resolver().resolve(did)
+        identity = await self._resolver().resolve(did, check_handle=False)
         client = self._public_client(identity.pds)
         return await self._blob_fetcher.fetch(ref, did, client, self.max_blob_size)
 

@@ -342,7 +342,7 @@ class FollowRepos:
     async def _pull_followed(self, did: str) -> None:
         """One pull of a followed repository; a failure goes to ``follow_errors``."""
         try:
-            identity = await self._resolver().resolve(did)
+            identity = await self._resolver().resolve(did, check_handle=False)
             pds = identity.pds.rstrip("/")
             if self._follow_hosts.get(did) != pds:
                 self._follow_hosts[did] = pds  # a new host to listen to (or it moved)

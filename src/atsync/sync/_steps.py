@@ -299,7 +299,7 @@ class StepRunner:
 
     async def _signing_key(self, did: str, client: XrpcClient) -> str:
         """The account's current signing key, from its DID document."""
-        identity = await self.resolver(client).resolve(did)
+        identity = await self.resolver(client).resolve(did, check_handle=False)
         return identity.signing_key
 
     def resolver(self, client: XrpcClient) -> IdentityResolver:
