@@ -358,19 +358,26 @@ async def test_failures_that_could_hide_a_did_are_transient(
 # --- DID → document: did:web ---------------------------------------------------------------
 
 
-@pytest.mark.anyio
-async def test_did_web_on_localhost_with_a_dns_verified_handle(
-    dns_server: LoopbackDNS, web: LoopbackHTTP
-) -> None:
+def serve_webby(dns_server: LoopbackDNS, web: LoopbackHTTP, claimed: str) -> tuple[str, Any]:
+    """A did:web on localhost whose document claims ``claimed`` (any case), and the DNS
+    record of webby.test pointing back at it: its DID and signing keypair."""
     did = did_web_for(web)
     keypair = generate_keypair("k256")
     serve_did_web(
         web,
         did,
-        did_doc(did, handles=("Webby.test",), key=keypair.public_key_multibase,
+        did_doc(did, handles=(claimed,), key=keypair.public_key_multibase,
                 pds="https://pds.example.com/"),
     )  # fmt: skip
     dns_server.txt("_atproto.webby.test", f"did={did}")
+    return did, keypair
+
+
+@pytest.mark.anyio
+async def test_did_web_on_localhost_with_a_dns_verified_handle(
+    dns_server: LoopbackDNS, web: LoopbackHTTP
+) -> None:
+    did, keypair = serve_webby(dns_server, web, "Webby.test")
     # No origin mapping: did:web:localhost%3A<port> itself says where to go (plain http).
     async with open_rig(dns_server, web, map_to_web=False, allow_insecure_localhost=True) as rig:
         ident = await rig.resolver.resolve("webby.test")
@@ -386,15 +393,7 @@ async def test_a_did_resolved_without_its_handle_asks_no_dns_and_no_web_for_it(
 ) -> None:
     """What a pull needs (the PDS and the signing key) costs the DID document alone: no DNS
     query and no well-known request for the handle the document claims."""
-    did = did_web_for(web)
-    keypair = generate_keypair("k256")
-    serve_did_web(
-        web,
-        did,
-        did_doc(did, handles=("webby.test",), key=keypair.public_key_multibase,
-                pds="https://pds.example.com/"),
-    )  # fmt: skip
-    dns_server.txt("_atproto.webby.test", f"did={did}")
+    did, keypair = serve_webby(dns_server, web, "webby.test")
     async with open_rig(dns_server, web, map_to_web=False, allow_insecure_localhost=True) as rig:
         ident = await rig.resolver.resolve(did, check_handle=False)
         assert ident.pds == "https://pds.example.com"

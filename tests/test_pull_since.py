@@ -47,13 +47,18 @@ async def change_elsewhere(session: Session, collection: str) -> None:
         await client.delete_record(session.did, collection, "k17")
 
 
+async def seed(session: Session, collection: str, count: int) -> None:
+    """``count`` records written straight to the repository: k00, k01, …"""
+    for i in range(count):
+        await put_record(session, collection, f"k{i:02d}", title=f"k{i:02d}", n=i)
+
+
 async def test_a_later_pull_reads_only_what_changed_since(
     dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
 ) -> None:
     collection = collection_for(request)
     session = await alice(dev_pds)
-    for i in range(30):
-        await put_record(session, collection, f"k{i:02d}", title=f"k{i:02d}", n=i)
+    await seed(session, collection, 30)
     seen, options = counting(GET_REPO)
     async with device(tmp_path / "b.db", collection, session, resolver, **options) as (b, sync):
         await settle(sync)
@@ -127,8 +132,7 @@ async def test_without_the_held_tree_the_whole_repository_is_read(
     whole: the delta cannot be compared, and the repository is read as on a first start."""
     collection = collection_for(request)
     session = await alice(dev_pds)
-    for i in range(20):
-        await put_record(session, collection, f"k{i:02d}", title=f"k{i:02d}", n=i)
+    await seed(session, collection, 20)
     seen, options = counting(GET_REPO)
     async with device(tmp_path / "b.db", collection, session, resolver, **options) as (b, sync):
         await settle(sync)
@@ -329,8 +333,7 @@ async def test_a_tree_grown_past_the_bound_by_catch_ups_is_no_longer_held(
 
     collection = collection_for(request)
     session = await alice(dev_pds)
-    for i in range(30):
-        await put_record(session, collection, f"k{i:02d}", title=f"k{i:02d}", n=i)
+    await seed(session, collection, 30)
     seen, options = counting(GET_REPO)
     async with device(tmp_path / "b.db", collection, session, resolver, **options) as (b, sync):
         await settle(sync)
