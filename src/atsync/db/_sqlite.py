@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from ._migrations import META_TABLE, Upgrade, prepare_schema
 from ._query import Query, compile_query, quote
 from ._schema import Model, Property, Schema, parse_schema, relation_table
 from ._subscriptions import Change, Subscription, SubscriptionHub
-from ._transactions import Transactions
+from ._transactions import Transactions, file_uri
 from ._values import column_encoder, decode_column, reads_as_stored, validate_key
 
 __all__ = ["Durability", "ModelDB"]
@@ -172,8 +171,7 @@ class ModelDB(Transactions):
         """Open an existing atsync database with the schema stored in it (tools, the CLI)."""
         if not Path(path).is_file():
             raise ClosedError(f"no database at {path}")
-        uri = f"file:{urllib.parse.quote(Path(path).resolve().as_posix())}?mode=ro"
-        probe = sqlite3.connect(uri, uri=True)
+        probe = sqlite3.connect(file_uri(path, "ro"), uri=True)
         try:
             rows = dict(probe.execute(f"SELECT key, value FROM {META_TABLE}").fetchall())
         except sqlite3.DatabaseError as exc:
@@ -496,8 +494,7 @@ class ModelDB(Transactions):
             yield from self.run_query(query)
         else:
             self._check_open()
-            uri = "file:" + urllib.parse.quote(Path(self.path).resolve().as_posix()) + "?mode=ro"
-            reader = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            reader = sqlite3.connect(file_uri(self.path, "ro"), uri=True, check_same_thread=False)
             try:
                 reader.execute("BEGIN")  # one snapshot for the whole iteration
                 yield from self._stream(reader, plan, query, sql, params, batch_size)

@@ -19,12 +19,18 @@ from typing import Any, Generic, Self, TypeVar
 
 from .._errors import ClosedError, TransactionError
 
-__all__ = ["Transactions"]
+__all__ = ["Transactions", "file_uri"]
 
 # Staged lists and their lengths when a transaction or savepoint began; None: all were
 # empty (the usual start of a transaction), so a rollback empties them all.
 _Marks = list[tuple[list[Any], int]] | None
 _DB = TypeVar("_DB", bound="Transactions")
+
+
+def file_uri(path: str | Path, mode: str) -> str:
+    """The SQLite URI of the database file at ``path`` opened with ``mode`` (``ro``: read
+    only; ``rw``: a missing file is an error, not created)."""
+    return f"file:{urllib.parse.quote(Path(path).resolve().as_posix())}?mode={mode}"
 
 
 class Transactions:
@@ -293,9 +299,8 @@ class Transactions:
         if self._closed or self.path == ":memory:" or self.path.startswith("file::memory:"):
             return
         # mode=rw: a database file gone meanwhile is not created empty.
-        uri = "file:" + urllib.parse.quote(Path(self.path).resolve().as_posix()) + "?mode=rw"
         try:
-            conn = sqlite3.connect(uri, uri=True, timeout=0)
+            conn = sqlite3.connect(file_uri(self.path, "rw"), uri=True, timeout=0)
         except sqlite3.OperationalError:
             return
         try:
