@@ -352,3 +352,37 @@ async def test_a_tree_grown_past_the_bound_by_catch_ups_is_no_longer_held(
         assert len(seen) == 3 and "since=" not in seen[2], seen  # so: a whole read
         assert rows(b) == as_rows(await remote(session, collection))
         assert tree.root() is None  # and one past the bound keeps none either
+
+
+async def test_a_catch_up_is_read_off_the_event_loop(
+    dev_pds: Any,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    resolver: IdentityResolver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As a whole read: a catch-up's verification and comparison (large after a long
+    absence) run in a worker thread, so the app's tasks on the loop go on meanwhile."""
+    import threading
+
+    from atsync.sync import _puller
+
+    threads: list[int] = []
+    read_since = _puller.Puller._read_since
+
+    def recording(self: Any, *args: Any) -> Any:
+        threads.append(threading.get_ident())
+        return read_since(self, *args)
+
+    monkeypatch.setattr(_puller.Puller, "_read_since", recording)
+    collection = collection_for(request)
+    session = await alice(dev_pds)
+    await seed(session, collection, 5)
+    seen, options = counting(GET_REPO)
+    async with device(tmp_path / "b.db", collection, session, resolver, **options) as (b, sync):
+        await settle(sync)
+        await change_elsewhere(session, collection)
+        await settle(sync)
+        assert "since=" in seen[-1], seen
+        assert threads and threading.get_ident() not in threads
+        assert rows(b) == as_rows(await remote(session, collection))

@@ -236,6 +236,46 @@ async def test_a_repository_larger_than_memory_is_read_from_a_temporary_file_the
         assert list(temp.iterdir()) == []
 
 
+async def test_a_full_disk_while_spilling_fails_the_pull_clearly_and_the_next_one_restores(
+    dev_pds: Any,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    resolver: IdentityResolver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A repository past the memory limit needs a temporary file: with no room for it, the
+    pull fails with the system's reason in the status, applies nothing, and a later pull
+    (room made) restores everything."""
+    import errno
+
+    from atsync.sync import _puller, _spill
+
+    collection = collection_for(request)
+    session = await alice(dev_pds)
+    async with device(tmp_path / "a.db", collection, session, resolver) as (a, sync_a):
+        with a.batch():
+            for i in range(50):
+                a.actions.put(f"k{i:02d}", f"note {i}", None, i)
+        await settle(sync_a)
+
+    def no_space(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_puller, "CAR_MEMORY_LIMIT", 2_000)
+    monkeypatch.setattr(_spill.tempfile, "mkstemp", no_space)
+    async with device(tmp_path / "b.db", collection, session, resolver) as (b, sync_b):
+        sync_b.pull_now()
+        failed = await wait_status(sync_b, lambda s: s.download_error is not None, 30)
+        assert "No space left on device" in (failed.download_error or "")
+        assert rows(b) == {}
+        monkeypatch.undo()  # room made (and the limit as shipped)
+        with anyio.fail_after(30):
+            sync_b.pull_now()
+            await sync_b.wait_pulled()
+        assert rows(b) == as_rows(await remote(session, collection))
+        assert len(rows(b)) == 50
+
+
 async def test_two_devices_converge_and_merge_field_by_field(
     dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
 ) -> None:
