@@ -106,6 +106,18 @@ async def put_record(session: Session, collection: str, rkey: str, **fields: Any
         await client.create_record(session.did, collection, record, rkey=rkey)
 
 
+async def written_elsewhere(
+    path: Path, collection: str, session: Session, resolver: IdentityResolver, count: int
+) -> None:
+    """Another device of the account (its database at ``path``) writes notes k000, k001, …
+    and pushes them."""
+    async with device(path, collection, session, resolver) as (a, sync_a):
+        with a.batch():
+            for i in range(count):
+                a.actions.put(f"k{i:03d}", f"note {i}", None, i)
+        await settle(sync_a)
+
+
 def counting(nsid: str) -> tuple[list[str], dict[str, Any]]:
     """A list that records every request to ``nsid``, and the ATSync options that fill it."""
     seen: list[str] = []
@@ -122,11 +134,7 @@ async def test_a_fresh_device_restores_what_was_written_elsewhere(
 ) -> None:
     collection = collection_for(request)
     session = await alice(dev_pds)
-    async with device(tmp_path / "a.db", collection, session, resolver) as (a, sync_a):
-        with a.batch():
-            for i in range(300):
-                a.actions.put(f"k{i:03d}", f"note {i}", None, i)
-        await settle(sync_a)
+    await written_elsewhere(tmp_path / "a.db", collection, session, resolver, 300)
     progress: list[tuple[int, int]] = []
     async with device(tmp_path / "b.db", collection, session, resolver, pull=Live()) as (
         b,
@@ -198,11 +206,7 @@ async def test_a_repository_larger_than_memory_is_read_from_a_temporary_file_the
     temp = tmp_path / "temp"
     temp.mkdir()
     monkeypatch.setattr(_spill.tempfile, "tempdir", str(temp))
-    async with device(tmp_path / "a.db", collection, session, resolver) as (a, sync_a):
-        with a.batch():
-            for i in range(200):
-                a.actions.put(f"k{i:03d}", f"note {i}", None, i)
-        await settle(sync_a)
+    await written_elsewhere(tmp_path / "a.db", collection, session, resolver, 200)
     async with device(tmp_path / "b.db", collection, session, resolver) as (b, sync_b):
         with anyio.fail_after(30):
             await sync_b.wait_pulled()
@@ -252,11 +256,7 @@ async def test_a_full_disk_while_spilling_fails_the_pull_clearly_and_the_next_on
 
     collection = collection_for(request)
     session = await alice(dev_pds)
-    async with device(tmp_path / "a.db", collection, session, resolver) as (a, sync_a):
-        with a.batch():
-            for i in range(50):
-                a.actions.put(f"k{i:02d}", f"note {i}", None, i)
-        await settle(sync_a)
+    await written_elsewhere(tmp_path / "a.db", collection, session, resolver, 50)
 
     def no_space(*args: Any, **kwargs: Any) -> Any:
         raise OSError(errno.ENOSPC, "No space left on device")
