@@ -205,7 +205,7 @@ def test_a_database_of_the_previous_release_upgrades_with_its_queue_intact(
         version = db.execute(
             "SELECT value FROM _atsync_sync_state WHERE key = 'tables_version'"
         ).fetchone()
-        assert version == ("6",)
+        assert version == ("7",)
         assert [w.rkey for w in sync.outbox.next_batch()] == ["q"]
         sync.close()
 

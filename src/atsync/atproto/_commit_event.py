@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from atsync._errors import InvalidSyntaxError, VerificationError
@@ -66,7 +66,8 @@ class VerifiedCommit:
 
     ``commit`` is the signed commit's CID, ``data`` its MST root (store it: the next event's
     ``prev_data`` must equal it), ``since``/``prev_data`` what the event claims came before
-    (unsigned: compare them with what you stored), ``seq`` the stream position if present.
+    (unsigned: compare them with what you stored), ``seq`` the stream position if present,
+    ``blocks`` the event's blocks, each hash-checked (among them the tree's new nodes).
     """
 
     did: str
@@ -77,6 +78,7 @@ class VerifiedCommit:
     prev_data: CID | None
     ops: tuple[RepoOp, ...]
     seq: int | None = None
+    blocks: Mapping[CID, bytes] = field(default_factory=dict, repr=False, compare=False)
 
 
 def _malformed(why: str) -> VerificationError:
@@ -234,7 +236,9 @@ def verify_commit_event(
             )
     # The records last: a wrong CID in an op is then reported as such, not as a missing block.
     verified = tuple(_with_record(car.blocks, op) for op in ops)
-    return VerifiedCommit(repo, rev, since, commit_cid, commit.data, prev_data, verified, seq)
+    return VerifiedCommit(
+        repo, rev, since, commit_cid, commit.data, prev_data, verified, seq, car.blocks
+    )
 
 
 def _with_record(blocks: Mapping[CID, bytes], op: RepoOp) -> RepoOp:

@@ -23,7 +23,7 @@ from ..db import ModelDB
 from ._binding import BoundBinding
 from ._migrate import FOLLOWED, FOLLOWS
 from ._outbox import RECORDS, STATE
-from ._outbox_views import TREE
+from ._outbox_views import TREE, TREE_DELTA
 from ._shared import merge_shared, shared_records
 
 __all__ = ["FollowedRepo", "Follows", "Origin", "followed_repositories"]
@@ -122,6 +122,7 @@ class Follows:
             ).fetchall()
             conn.execute(f"DELETE FROM {FOLLOWED} WHERE did = ?", (did,))
             conn.execute(f"DELETE FROM {TREE} WHERE repo = ?", (did,))
+            conn.execute(f"DELETE FROM {TREE_DELTA} WHERE repo = ?", (did,))
             written: list[RemoteChange] = []
             with applying_remote():
                 for model, key, collection, rkey in rows:

@@ -14,6 +14,9 @@
     6  ``_atsync_unpulled`` holds each record once (its latest write), found by an index on
        (collection, rkey): it grew by one row per write, so an app that pushes often and
        pulls rarely filled it up and lost its next catch-up to a whole read
+    7  ``_atsync_tree_delta`` and ``_atsync_tree.moved_root``: a live ``#commit`` moves the
+       held tree by the few nodes it changes, so the next gap reads only what changed since
+       (the tree was dropped by every live event, and the next gap read the whole repository)
 
 ``upgrade_sync_tables`` runs inside the caller's transaction after ``create_sync_tables``;
 it only adds (columns, tables), so a database written by an older release keeps every
@@ -36,6 +39,7 @@ from ._outbox_views import (
     SENT,
     STATE,
     TREE,
+    TREE_DELTA,
     UNPULLED,
 )
 
@@ -48,7 +52,7 @@ __all__ = [
     "upgrade_sync_tables",
 ]
 
-TABLES_VERSION = 6
+TABLES_VERSION = 7
 
 _ADDED_COLUMNS = {
     RECORDS: ("record TEXT",),
@@ -92,8 +96,17 @@ def upgrade_sync_tables(conn: sqlite3.Connection) -> None:
     create_blob_table(conn)
     conn.execute(
         f"""CREATE TABLE IF NOT EXISTS {TREE} (
-            repo TEXT PRIMARY KEY NOT NULL, root TEXT NOT NULL, nodes BLOB NOT NULL
+            repo TEXT PRIMARY KEY NOT NULL, root TEXT NOT NULL, nodes BLOB NOT NULL,
+            moved_root TEXT
         )"""
+    )
+    if "moved_root" not in {r[1] for r in conn.execute(f"PRAGMA table_info({TREE})")}:
+        conn.execute(f"ALTER TABLE {TREE} ADD COLUMN moved_root TEXT")
+    conn.execute(
+        f"""CREATE TABLE IF NOT EXISTS {TREE_DELTA} (
+            repo TEXT NOT NULL, cid BLOB NOT NULL, node BLOB,
+            PRIMARY KEY (repo, cid)
+        ) WITHOUT ROWID"""
     )
     conn.execute(
         f"""CREATE TABLE IF NOT EXISTS {UNPULLED} (

@@ -39,6 +39,7 @@ from ._outbox_views import (
     SENT,
     STATE,
     TREE,
+    TREE_DELTA,
     UNPULLED,
     DeadLetter,
     OutboxViews,
@@ -386,6 +387,7 @@ class Outbox(OutboxViews):
                 return
             conn.execute(f"DELETE FROM {UNPULLED}")
             conn.execute(f"DELETE FROM {TREE} WHERE repo = ''")
+            conn.execute(f"DELETE FROM {TREE_DELTA} WHERE repo = ''")
 
     def rebase(self, write: PendingWrite, *, remote_cid: str | None) -> None:
         """The PDS holds ``remote_cid`` for this record (None: absent): resend on top of it."""
@@ -444,7 +446,18 @@ class Outbox(OutboxViews):
     def forget_everything(self) -> None:
         """Drop every sync table's content (see ``ATSync.start_fresh``)."""
         with self._db.transaction():
-            for table in (OUTBOX, RECORDS, DEAD, STATE, CONFLICTS, SENT, BLOBS, TREE, UNPULLED):
+            for table in (
+                OUTBOX,
+                RECORDS,
+                DEAD,
+                STATE,
+                CONFLICTS,
+                SENT,
+                BLOBS,
+                TREE,
+                TREE_DELTA,
+                UNPULLED,
+            ):
                 self._db.connection.execute(f"DELETE FROM {table}")
 
     def dead_letter(self, write: PendingWrite, error: str | None, message: str) -> None:

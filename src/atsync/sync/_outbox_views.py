@@ -20,6 +20,7 @@ __all__ = [
     "SENT",
     "STATE",
     "TREE",
+    "TREE_DELTA",
     "UNPULLED",
     "DeadLetter",
     "OutboxViews",
@@ -36,6 +37,7 @@ REJECTED = "_atsync_rejected"  # created by _migrate (tables version 2)
 BLOBS = "_atsync_blobs"  # created by _migrate (tables version 4), kept by _blobsync
 FOLLOWS = "_atsync_follows"  # created by _migrate (tables version 3), kept by _follows
 TREE = "_atsync_tree"  # created by _migrate (tables version 5), kept by _tree
+TREE_DELTA = "_atsync_tree_delta"  # version 7, kept by _tree
 # Records this device wrote since its last pull (version 5): what the held tree cannot show.
 UNPULLED = "_atsync_unpulled"
 FOLLOWED = "_atsync_followed"

@@ -60,11 +60,10 @@ from ._binding import BoundBinding
 from ._capture import Validator
 from ._merge import ConflictPolicy
 from ._outbox import Outbox
-from ._outbox_views import UNPULLED
+from ._pull_position import PullPosition
 from ._repo import OWN, Repo
 from ._shared import Hlc
 from ._spill import Spill
-from ._tree import TreeNodes
 
 __all__ = ["Puller"]
 
@@ -100,7 +99,8 @@ class Puller:
     ) -> None:
         self._db = db
         self._repo = repo
-        self._tree = TreeNodes(db, repo)
+        self._position = PullPosition(db, outbox, repo)
+        self._tree = self._position.tree
         self._outbox = outbox
         self._by_collection = {b.collection: b for b in bindings.values() if b.direction != "push"}
         # Collections read for on_pds_action alone (no binding, no rows).
@@ -127,8 +127,8 @@ class Puller:
         """Bring the bound models up to the repository's head. Raises network errors and
         ``VerificationError`` (then nothing of this pull is applied)."""
         result = PullResult()
-        written = self._written_mark()
-        pulled = self._outbox.get_state(self._repo.state("pulled_commit"))
+        written = self._position.written_mark()
+        pulled = self._position.pulled_commit()
         if pulled is not None and self.covers_collections():
             # Read before, these collections included: nothing to do if the head is the same.
             latest = await client.sync_get_latest_commit(did)
@@ -158,7 +158,10 @@ class Puller:
                 paused.enter_context(self._db.checkpoints_deferred())
                 result.checkpoint_due = True
             await self._apply(did, rev, changes, known, result, progress)
-            self._finish(commit, rev, data, whole=True, tree=nodes, written=written)
+            self._position.record(
+                commit, rev, data, tree_limit=TREE_NODES_MAX, collections=self.collections,
+                tree=nodes, written=written,
+            )  # fmt: skip
             # Let go of the read (records, nodes, changes) before the collector resumes as
             # this block ends: its first pass would walk all of it, for nothing (40-60 ms
             # for 20,000 records, between the rows landing and wait_pulled() returning).
@@ -239,21 +242,19 @@ class Puller:
                 return False
         result.commit, result.rev = commit, new_rev
         await self._apply(did, new_rev, changes, known, result, progress)
-        self._finish(commit, new_rev, new_data, diff=diff, written=written)
+        self._position.record(
+            commit, new_rev, new_data, tree_limit=TREE_NODES_MAX, diff=diff, written=written
+        )
         return True
 
     def covers_collections(self) -> bool:
         """Whether the last whole read included every collection pulled now: a binding added
         since (a new version of the app) needs one, or its records were never read."""
-        held = self._outbox.get_state(self._repo.state("pulled_collections"))
-        return held is not None and self.collections <= set(held.split(","))
+        return self._position.covers(self.collections)
 
     def position(self) -> tuple[str | None, str | None]:
         """The rev and MST root (``data``) the local state includes."""
-        state = self._repo.state
-        return self._outbox.get_state(state("pulled_rev")), self._outbox.get_state(
-            state("pulled_data")
-        )
+        return self._position.position()
 
     def apply_commit(self, did: str, event: VerifiedCommit) -> PullResult:
         """Apply one verified ``#commit`` that directly follows ``position()`` — its
@@ -273,9 +274,16 @@ class Puller:
                     changes.append((op.collection, op.rkey, None, None, None))
             elif was is None or was.cid != str(op.cid):
                 changes.append((op.collection, op.rkey, str(op.cid), op.record, None))
+        diff = self._position.tree_after(event)
+        # The records the event puts in the held tree: any later delete of them shows in the
+        # next catch-up's comparison, so this device's writes of them need no note.
+        kept = [(op.collection, op.rkey) for op in event.ops if op.cid is not None]
         with self._db.transaction():
             self._applier.apply_chunk(did, event.rev, changes, known, result)
-            self._finish(str(event.commit), event.rev, str(event.data), cursor=event.seq)
+            self._position.record(
+                str(event.commit), event.rev, str(event.data), tree_limit=TREE_NODES_MAX,
+                cursor=event.seq, diff=diff, in_tree=kept if diff is not None else None,
+            )  # fmt: skip
         return result
 
     # -- reading ----------------------------------------------------------------------------
@@ -393,7 +401,7 @@ class Puller:
             new_tree = ChainMap(diff.new_nodes, cast("MutableMapping[CID, bytes]", self._tree))
             gone = [
                 (collection, rkey)
-                for collection, rkey in sorted(left | self._written_since_pull(written))
+                for collection, rkey in sorted(left | self._position.written_since_pull(written))
                 if collection in collections
                 and f"{collection}/{rkey}" not in diff.added
                 and (
@@ -493,23 +501,6 @@ class Puller:
             ).fetchall()
         }
 
-    def _written_mark(self) -> int:
-        """The last of this device's writes noted as landed (0: none; followed: 0)."""
-        if not self._repo.own:
-            return 0
-        (mark,) = self._db.execute(f"SELECT max(id) FROM {UNPULLED}").fetchone()
-        return int(mark or 0)
-
-    def _written_since_pull(self, upto: int) -> set[tuple[str, str]]:
-        if not self._repo.own:
-            return set()
-        return {
-            (collection, rkey)
-            for collection, rkey in self._db.execute(
-                f"SELECT collection, rkey FROM {UNPULLED} WHERE id <= ?", (upto,)
-            )
-        }
-
     def _records_by_cid(self, cids: set[str]) -> dict[str, str]:
         """The content (JSON) of held records with these CIDs, as last synced."""
         found: dict[str, str] = {}
@@ -528,56 +519,6 @@ class Puller:
     def reject_all(self, did: str, reason: str, detail: str) -> None:
         """The whole pull was refused (a forged or damaged repository): say so once."""
         self._applier.reject_all(did, reason, detail)
-
-    def _finish(
-        self,
-        commit: str,
-        rev: str,
-        data: str,
-        *,
-        cursor: int | None = None,
-        whole: bool = False,
-        tree: list[tuple[bytes, bytes]] | None = None,
-        diff: MstDiff | None = None,
-        written: int | None = None,
-    ) -> None:
-        """Record the pulled position (and with ``whole``/``tree``/``diff``, the tree held
-        for the next pull) in one transaction."""
-        state = self._repo.state
-        values: list[tuple[str, str]] = [
-            (state("pulled_commit"), commit),
-            (state("pulled_rev"), rev),
-            (state("pulled_data"), data),
-            (state("last_pulled_at"), repr(time.time())),
-        ]
-        if whole:  # every record of these collections was read
-            values.append((state("pulled_collections"), ",".join(sorted(self.collections))))
-        if cursor is not None:
-            values.append((state("stream_cursor"), str(cursor)))
-        if self._repo.own:
-            values += [
-                ("has_synced", "1"),
-                # The next push is sent against the commit we now include: another device's
-                # commit costs no InvalidSwap and no record-by-record reconcile.
-                ("commit_cid", commit),
-                ("commit_rev", rev),
-            ]
-        with self._db.transaction():
-            self._db.connection.executemany(
-                "INSERT OR REPLACE INTO _atsync_sync_state (key, value) VALUES (?, ?)", values
-            )
-            if self._repo.own:
-                # What the pulled state now includes (all of it after live events: they
-                # leave no tree held, so the next pull reads everything).
-                self._db.connection.execute(
-                    f"DELETE FROM {UNPULLED} WHERE id <= ?",
-                    (written if written is not None else 1 << 62,),
-                )
-            if diff is not None:
-                self._tree.update(data, diff, TREE_NODES_MAX)
-            elif whole:
-                # The nodes of what was read, or (a tree too big to hold) none.
-                self._tree.replace(data if tree is not None else None, tree or ())
 
 
 def _record_change(repo: RepoFile, collection: str, rkey: str, cid: CID, text: str) -> Change:
