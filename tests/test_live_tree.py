@@ -63,6 +63,14 @@ async def caught_up(sync: ATSync, session: Session) -> None:
     await wait_status(sync, lambda s: s.rev == head, 15)
 
 
+async def following(sync: ATSync, app: Any, session: Session, collection: str, seeded: int) -> None:
+    """Until the device follows the stream: the ``seeded`` records read, then an event
+    applied (from here on, events only)."""
+    await wait_status(sync, lambda s: s.live and len(rows(app)) == seeded, 30)
+    await put_record(session, collection, "warm", title="warm", n=0)
+    await caught_up(sync, session)
+
+
 @pytest.mark.parametrize("fold_at", [4, 10_000], ids=["folding", "delta"])
 async def test_after_live_events_a_gap_reads_only_what_changed_since(
     dev_pds: Any,
@@ -82,11 +90,8 @@ async def test_after_live_events_a_gap_reads_only_what_changed_since(
         b,
         sync,
     ):
-        await wait_status(sync, lambda s: s.live and len(rows(b)) == 12, 30)
+        await following(sync, b, session, collection, 12)
         assert "since=" not in seen[0]  # the first read: whole
-        # A first event through the stream: from here on, events only.
-        await put_record(session, collection, "warm", title="warm", n=0)
-        await caught_up(sync, session)
         reads = len(seen)
         (blob_root,) = b.model_db.execute("SELECT root FROM _atsync_tree").fetchone()
         # Live events: another device's writes, and this device's own coming back.
@@ -152,9 +157,7 @@ async def test_a_write_in_no_held_tree_deleted_elsewhere_is_deleted_by_the_catch
         b,
         sync,
     ):
-        await wait_status(sync, lambda s: s.live and len(rows(b)) == 3, 30)
-        await put_record(session, collection, "seen", title="seen live", n=1)
-        await caught_up(sync, session)  # the held tree has moved by an event
+        await following(sync, b, session, collection, 3)  # the held tree moved by an event
     # The device pushes without listening (Manual): its write is in no tree it holds.
     async with device(db_path, collection, session, resolver, pull=Manual(), **options) as (
         b,
