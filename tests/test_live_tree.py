@@ -16,8 +16,10 @@ from typing import Any
 
 import anyio
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from atsync.atproto import CID, IdentityResolver, RepoFile, Session, XrpcClient
+from atsync.atproto import CID, IdentityResolver, MstDiff, RepoFile, Session, XrpcClient
 from atsync.db import ModelDB
 from atsync.sync import ATSync, Live, Manual
 from atsync.sync import _tree as tree_module
@@ -208,8 +210,6 @@ def test_a_delta_left_by_a_release_that_replaced_the_tree_is_ignored(tmp_path: P
             )
         tree = TreeNodes(db, OWN)
         assert tree.root() == "root3" and set(tree) == {a}  # the delta left is not applied
-        from atsync.atproto import MstDiff
-
         with db.transaction():
             tree.update("root4", MstDiff(new_nodes={c: b"node c"}), 100)
         assert db.execute("SELECT cid FROM _atsync_tree_delta").fetchall() == [(bytes(c),)]
@@ -239,3 +239,48 @@ def test_a_version_6_database_keeps_its_held_tree(tmp_path: Path) -> None:
             "SELECT value FROM _atsync_sync_state WHERE key = 'tables_version'"
         ).fetchone()
         assert version == ("7",)
+
+
+node_ids = st.integers(min_value=0, max_value=40)
+moves = st.lists(
+    st.tuples(st.sets(node_ids, max_size=6), st.sets(node_ids, max_size=6)), max_size=30
+)
+
+
+@given(start=st.sets(node_ids, max_size=20), steps=moves, fold_at=st.sampled_from([1, 3, 256]))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_the_delta_holds_exactly_the_nodes_of_every_update(
+    tmp_path_factory: pytest.TempPathFactory,
+    start: set[int],
+    steps: list[tuple[set[int], set[int]]],
+    fold_at: int,
+) -> None:
+    """Any sequence of updates (nodes gone, nodes new: again after going, gone after coming,
+    through folds): the held nodes are exactly what the updates leave, read back afresh."""
+    cid = {n: CID.for_data(n.to_bytes(2, "big")) for n in range(41)}
+    path = tmp_path_factory.mktemp("delta") / "t.db"
+    original = tree_module.DELTA_MIN
+    tree_module.DELTA_MIN = fold_at
+    try:
+        with ModelDB.open(path, {"notes": {"id": "primary"}}) as db:
+            Outbox(db).create_tables()
+            with db.transaction():
+                TreeNodes(db, OWN).replace("r0", [(bytes(cid[n]), b"%d" % n) for n in start])
+            held, tree = set(start), TreeNodes(db, OWN)
+            for i, (gone, new) in enumerate(steps, 1):
+                gone_now = gone & held  # a diff names nodes of the held tree as gone
+                diff = MstDiff(
+                    new_nodes={cid[n]: b"%d" % n for n in new - (held - gone_now)},
+                    gone_nodes=[cid[n] for n in gone_now],
+                )
+                assert tree.root() == f"r{i - 1}"
+                with db.transaction():
+                    tree.update(f"r{i}", diff, 10_000, keep=i % 2 == 0)
+                held = (held - gone_now) | new
+                fresh = TreeNodes(db, OWN)
+                assert fresh.root() == f"r{i}"
+                assert {bytes(c): fresh[c] for c in fresh} == {
+                    bytes(cid[n]): b"%d" % n for n in held
+                }
+    finally:
+        tree_module.DELTA_MIN = original
