@@ -349,6 +349,7 @@ class ProxyEvent:
     status: int | None = None
     answered_at: float | None = None
     done: bool = False
+    target: str = ""  # the path with its query string
 
 
 # --- the proxy ---------------------------------------------------------------------------------
@@ -511,6 +512,7 @@ class FaultProxy:
             request.nsid,
             fault.name,
             time.monotonic(),
+            target=request.target,
         )
         self.events.append(event)
         self.counts[fault.name] += 1

@@ -23,7 +23,7 @@ import anyio
 import pytest
 
 from atsync.app import ActionContext, App, Contract
-from atsync.atproto import IdentityResolver, Session
+from atsync.atproto import IdentityResolver, Session, XrpcClient
 from atsync.sync import ATSync, Binding, Immediate, Live, Manual
 from fault_proxy import (
     Cut,
@@ -723,3 +723,30 @@ async def test_a_frame_that_never_decodes_does_not_stop_live_following(
         assert (stream_cursor(b) or 0) > poison
         reasons = {r for (r,) in b.model_db.execute("select reason from _atsync_rejected")}
         assert "MalformedFrame" in reasons  # said, with its reason
+
+
+async def test_a_write_whose_event_is_lost_then_deleted_elsewhere_is_deleted_by_the_catch_up(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    """B follows the stream (its held tree moves with each event). B's own write x lands,
+    but the event of it is lost; another device deletes x. The next event is a gap: B
+    catches up by what changed since the last event it applied, where x is in neither
+    tree — its note of the write must delete it."""
+    async with live_pair(dev_pds, tmp_path, request, resolver) as pair:
+        proxy, session, collection, a, sync_a, b, sync_b = pair
+        await live_and_warm(a, sync_a, b, sync_b)
+        lost = proxy.add_frame(DropFrame(), type="#commit", path=f"{collection}/x", times=1)
+        b.actions.put("x", "from B")
+        with anyio.fail_after(30):
+            await sync_b.wait_for_idle()
+        noted = "SELECT rkey FROM _atsync_unpulled WHERE rkey = 'x'"
+        assert b.model_db.execute(noted).fetchall() == [("x",)]
+        reads = len(proxy.requests(GET_REPO))
+        async with XrpcClient(session=session) as other_device:
+            await other_device.delete_record(session.did, collection, "x")
+        await wait_status(sync_b, lambda s: "x" not in rows(b), 15)
+        assert lost.fired == 1
+        assert rows(b) == as_rows(await remote(session, collection))
+        gap_reads = proxy.requests(GET_REPO)[reads:]
+        assert len(gap_reads) == 1 and "since=" in gap_reads[0].target  # only what changed
+        assert b.model_db.execute(noted).fetchall() == []  # the catch-up let go of it
