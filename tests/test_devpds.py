@@ -73,7 +73,10 @@ def _listening(pid: int) -> list[tuple[str, int]]:
     """(hex local address, port) of every listening TCP socket the process holds."""
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
-        target = os.readlink(fd)
+        try:
+            target = os.readlink(fd)
+        except FileNotFoundError:
+            continue  # closed since the listing (a connection ending): not a listener
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
     found = []
