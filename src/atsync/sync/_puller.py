@@ -139,7 +139,8 @@ class Puller:
                 return result
         known = self._known()
         known_cids = {key: was.cid for key, was in known.items()}
-        with Spill() as spill, contextlib.ExitStack() as paused:
+        spill = Spill(decode=self.collections, walk=True, memory_limit=CAR_MEMORY_LIMIT)
+        with spill, contextlib.ExitStack() as paused:
             # A whole read builds tens of thousands of objects that all last until it ends:
             # the collector would walk them again and again for nothing (a tenth of the time).
             # Paused for the whole read while the repository is held in memory (<= 32 MiB of
@@ -180,15 +181,11 @@ class Puller:
         """Download and read the whole repository; ``paused`` ends the collector's pause
         when the CAR outgrows memory or the download takes long. The last item: whether the
         CAR was held in memory."""
-        stream = CarStream(
-            decode=self.collections, walk=True, memory_limit=CAR_MEMORY_LIMIT,
-            on_give_up=spill.start,
-        )  # fmt: skip
+        stream = spill.stream
         resume_at = time.monotonic() + GC_PAUSE_MAX
 
         def feed(chunk: bytes) -> None:
-            stream.feed(chunk)
-            spill.write(chunk)  # to disk only past the stream's memory limit
+            spill.feed(chunk)
             if not stream.in_memory or time.monotonic() > resume_at:
                 paused.close()
 
@@ -214,17 +211,9 @@ class Puller:
         rev, data = self.position()
         if rev is None or data is None or self._tree.root() != data:
             return False
-        with Spill() as spill:
-            stream = CarStream(
-                decode=self.collections, memory_limit=CAR_MEMORY_LIMIT, on_give_up=spill.start
-            )
-
-            def feed(chunk: bytes) -> None:
-                stream.feed(chunk)
-                spill.write(chunk)
-
+        with Spill(decode=self.collections, memory_limit=CAR_MEMORY_LIMIT) as spill:
             try:
-                await client.sync_get_repo(did, None, since=rev, on_chunk=feed)
+                await client.sync_get_repo(did, None, since=rev, on_chunk=spill.feed)
             except PermanentError as exc:
                 # A rev the repository's history no longer has (after a #sync), or a PDS
                 # without ``since``: the whole repository says where things stand.
@@ -235,7 +224,7 @@ class Puller:
                 # (It reads the held tree and the sync tables; the engine's own push does
                 # not run meanwhile, and the app's writes only add what ``written`` bounds.)
                 commit, new_rev, new_data, changes, known, diff = await anyio.to_thread.run_sync(
-                    self._read_since, spill.finish(), did, signing_key, stream, data, written
+                    self._read_since, spill.finish(), did, signing_key, spill.stream, data, written
                 )
             except MissingBlock as exc:
                 log.info("the changes since rev %s are incomplete (%s): reading it all", rev, exc)

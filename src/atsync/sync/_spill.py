@@ -3,17 +3,11 @@
 A ``CarStream`` holds a CAR of up to 32 MiB in memory (most repositories), hash-checked and
 indexed as it arrives: writing it to a temporary file as well would only duplicate it, and
 the file's writes and fsync cost more than the rest of a small pull. So a pull downloads
-with ``sync_get_repo(did, None, on_chunk=...)`` and a ``Spill``:
+with ``sync_get_repo(did, None, on_chunk=...)`` into a ``Spill``, which owns the stream:
 
-    with Spill() as spill:
-        stream = CarStream(decode=..., on_give_up=spill.start)
-
-        def feed(chunk: bytes) -> None:
-            stream.feed(chunk)
-            spill.write(chunk)        # nothing while the stream holds the CAR
-
-        await client.sync_get_repo(did, None, on_chunk=feed)
-        path = spill.finish()         # None: read the CAR from the stream
+    with Spill(decode=..., memory_limit=...) as spill:   # the CarStream's options
+        await client.sync_get_repo(did, None, on_chunk=spill.feed)
+        path = spill.finish()         # None: read the CAR from spill.stream
 
 Past the limit, the bytes the stream held and every later chunk are written to a temporary
 file (plain writes of one chunk each, into the page cache), read afterwards by ``RepoFile``
@@ -26,15 +20,21 @@ import os
 import tempfile
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, Self
+from typing import Any, BinaryIO, Self
+
+from ..atproto import CarStream
 
 __all__ = ["Spill"]
 
 
 class Spill:
-    def __init__(self) -> None:
+    """A download's ``CarStream`` (``options``: its own), and the temporary file the CAR
+    continues in once it outgrows the stream's memory."""
+
+    def __init__(self, **options: Any) -> None:
         self._file: BinaryIO | None = None
         self._path: Path | None = None
+        self.stream = CarStream(on_give_up=self.start, **options)
 
     def start(self, held: bytearray) -> None:
         """The stream gave up holding the CAR: ``held`` is everything it had been fed."""
@@ -43,7 +43,10 @@ class Spill:
         self._file = os.fdopen(fd, "wb")
         self._file.write(held)
 
-    def write(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes) -> None:
+        """The next chunk of the download: checked by the stream, and written to the file
+        only past the stream's memory limit."""
+        self.stream.feed(chunk)
         if self._file is not None:
             self._file.write(chunk)
 
