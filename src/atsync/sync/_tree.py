@@ -34,6 +34,7 @@ from ._repo import Repo
 __all__ = ["TreeNodes", "pack_nodes", "unpack_nodes"]
 
 DELTA_MIN = 256  # rows of delta allowed before folding, whatever the tree's size
+DELTA_SHARE = 0.25  # ... and beyond that, up to this share of the blob's nodes
 
 
 def pack_nodes(nodes: Iterable[tuple[bytes, bytes]]) -> bytes:
@@ -151,7 +152,7 @@ class TreeNodes(Mapping[CID, bytes]):
         (held,) = conn.execute(
             f"SELECT count(*) FROM {TREE_DELTA} WHERE repo = ?", (self._repo,)
         ).fetchone()
-        if held + len(gone) + len(new) > max(DELTA_MIN, self._blob_size // 4):
+        if held + len(gone) + len(new) > max(DELTA_MIN, int(self._blob_size * DELTA_SHARE)):
             self.replace(root, nodes.items())  # folded into a new blob
             self._blob_size = len(nodes)
         else:
