@@ -19,7 +19,7 @@ import pytest
 from atsync import ActionError
 from atsync.app import ActionContext, App, Contract
 from atsync.atproto import IdentityResolver, Session, XrpcClient, generate_keypair
-from atsync.sync import ATSync, Binding, Immediate, Live, Manual, Origin
+from atsync.sync import ATSync, Binding, Immediate, Live, Manual, Origin, RemoteRecord
 from pds_fixtures import MakePDS
 from sync_devices import ForgetfulResolver, remote, session_of
 from sync_devices import collection_for as shared_collection_for
@@ -372,3 +372,28 @@ async def test_followed_rows_are_never_queued_by_a_later_start(
             status = await sync.wait_for_idle()
         assert (status.pending, status.failed, status.upload_error) == (0, 0, None)
         assert sync.outbox.counts() == (0, 0, 0)
+
+
+@pytest.mark.anyio
+async def test_a_followed_repository_is_applied_after_its_hosts_download_slot_is_free(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    """The host's slot (``HOST_PULLS`` downloads at once) is held while talking to the PDS
+    only: while one repository is verified and applied, the host serves the next."""
+    collection = collection_for(request)
+    alice, bob = await session_of(dev_pds, "alice.test"), await session_of(dev_pds, "bob.test")
+    for rkey in ("s1", "s2"):
+        await write(bob, collection, rkey, title=f"bob {rkey}")
+    held_while_applying: list[int] = []
+
+    def seen(record: RemoteRecord) -> None:
+        if record.did == bob.did:
+            (host,) = sync._host_limits.values()
+            held_while_applying.append(host.borrowed_tokens)
+
+    async with device(
+        tmp_path / "alice.db", collection, alice, resolver, follow=[bob.did], on_pds_action=seen
+    ) as (app, sync):
+        await pulled(sync)
+        assert f"at://{bob.did}/{collection}/s2" in rows(app)
+    assert held_while_applying and set(held_while_applying) == {0}

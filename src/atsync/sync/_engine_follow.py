@@ -45,7 +45,10 @@ if TYPE_CHECKING:
 __all__ = ["FollowRepos"]
 
 log = logging.getLogger("atsync.sync")
-HOST_PULLS = 4  # followed repositories of one host pulled at once
+HOST_PULLS = 4  # followed repositories of one host downloading at once
+# Followed repositories pulled at once, all hosts together: each holds its read (up to 32 MiB
+# in memory) until it is applied.
+FOLLOW_PULLS = 8
 
 
 class FollowRepos:
@@ -88,6 +91,7 @@ class FollowRepos:
         self._follow_progress = anyio.Event()
         self._follow_clients: dict[str, XrpcClient] = {}  # by host, no credentials
         self._host_limits: dict[str, anyio.CapacityLimiter] = {}
+        self._follow_pulls = anyio.CapacityLimiter(FOLLOW_PULLS)
         self._follow_resolver: IdentityResolver | None = None  # made here, closed at stop
         # Handles are resolved when the engine starts (a failure goes to follow_errors).
         self._follow_handles: list[str] = []
@@ -347,11 +351,14 @@ class FollowRepos:
             if self._follow_hosts.get(did) != pds:
                 self._follow_hosts[did] = pds  # a new host to listen to (or it moved)
                 self._hosts_changed.set()
-            limit = self._host_limits.setdefault(pds, anyio.CapacityLimiter(HOST_PULLS))
-            async with limit:
+            host = self._host_limits.setdefault(pds, anyio.CapacityLimiter(HOST_PULLS))
+            # The host's slot only while downloading: it serves the next repository while
+            # this one is verified and applied.
+            async with self._follow_pulls:
                 theirs = self._public_client(pds)
                 key = identity.signing_key if self.verify else None
-                result = await self._followed_puller(did).pull(did, theirs, key)
+                puller = self._followed_puller(did)
+                result = await puller.pull(did, theirs, key, download_slot=host)
         except VerificationError as exc:
             self._followed_puller(did).reject_all(did, "VerificationError", str(exc))
             self.follow_errors[did] = f"the repository failed verification: {exc}"

@@ -105,6 +105,7 @@ class Puller:
         self._by_collection = {b.collection: b for b in bindings.values() if b.direction != "push"}
         # Collections read for on_pds_action alone (no binding, no rows).
         self._watched = set(watch) - set(self._by_collection) if on_pds_action else set()
+        self._slot: contextlib.AbstractAsyncContextManager[object] = contextlib.nullcontext()
         self._applier = Applier(
             db, outbox, self._by_collection,
             {b.collection for b in bindings.values() if b.direction != "pull"},
@@ -123,15 +124,20 @@ class Puller:
         client: XrpcClient,
         signing_key: str | None,
         progress: Progress | None = None,
+        download_slot: anyio.CapacityLimiter | None = None,
     ) -> PullResult:
         """Bring the bound models up to the repository's head. Raises network errors and
-        ``VerificationError`` (then nothing of this pull is applied)."""
+        ``VerificationError`` (then nothing of this pull is applied). ``download_slot``: held
+        while talking to the PDS only, not while the read is verified and applied (followed
+        repositories: the host serves the next one meanwhile)."""
+        self._slot = download_slot or contextlib.nullcontext()
         result = PullResult()
         written = self._position.written_mark()
         pulled = self._position.pulled_commit()
         if pulled is not None and self.covers_collections():
             # Read before, these collections included: nothing to do if the head is the same.
-            latest = await client.sync_get_latest_commit(did)
+            async with self._slot:
+                latest = await client.sync_get_latest_commit(did)
             if latest.cid == pulled:
                 result.commit, result.rev, result.unchanged = latest.cid, latest.rev, True
                 return result
@@ -190,7 +196,8 @@ class Puller:
                 paused.close()
 
         # Blocks are hash-checked and decoded as they arrive, while the network is slow.
-        await client.sync_get_repo(did, None, on_chunk=feed)
+        async with self._slot:
+            await client.sync_get_repo(did, None, on_chunk=feed)
         read = await anyio.to_thread.run_sync(
             self._read, spill.finish(), did, signing_key, known_cids, stream
         )
@@ -213,7 +220,8 @@ class Puller:
             return False
         with Spill(decode=self.collections, memory_limit=CAR_MEMORY_LIMIT) as spill:
             try:
-                await client.sync_get_repo(did, None, since=rev, on_chunk=spill.feed)
+                async with self._slot:
+                    await client.sync_get_repo(did, None, since=rev, on_chunk=spill.feed)
             except PermanentError as exc:
                 # A rev the repository's history no longer has (after a #sync), or a PDS
                 # without ``since``: the whole repository says where things stand.
