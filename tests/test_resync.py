@@ -386,6 +386,57 @@ def test_app_threads_are_not_blocked_for_long_by_a_scan(big_db: Path, tmp_path: 
 
 
 @pytest.mark.anyio
+async def test_app_threads_are_not_blocked_for_long_by_an_engines_scan(
+    big_db: Path, tmp_path: Path
+) -> None:
+    """The engine's scan (``run_async``, on the event loop) lets an app thread's writes
+    through all along, each waiting at most about one chunk."""
+    with App.open(copy_db(big_db, tmp_path / "app.db"), contract) as app:
+        sync = attach(app)
+        resync = ResyncScan(app, sync.outbox, sync.bindings, chunk_size=500)
+        stop = threading.Event()
+        waits: list[tuple[float, float]] = []
+
+        def writer() -> None:
+            i = 0
+            while not stop.is_set():
+                start = time.perf_counter()
+                app.actions.put_other(f"o{i}", i)
+                waits.append((start, time.perf_counter() - start))
+                i += 1
+                time.sleep(0.002)  # the workload: an app writing every 2 ms
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        try:
+            began = time.perf_counter()
+            await resync.run_async()
+            ended = time.perf_counter()
+        finally:
+            stop.set()
+            thread.join()
+        assert resync.queued == BIG
+        during = [wait for when, wait in waits if began <= when and when + wait <= ended]
+        assert len(during) >= 20, (len(during), ended - began)
+        assert max(during) < 0.5, sorted(during)[-5:]
+        sync.close()
+
+
+def test_a_scan_nobody_waits_for_does_not_pause(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sleeping between chunks with no thread waiting would be most of the scan's time."""
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    with App.open(path, contract) as app:
+        app.actions.put_notes(0, 2_000)
+        sync = attach(app)
+        assert scan(sync, chunk_size=100).queued == 2_000
+        assert slept == []
+        sync.close()
+
+
+@pytest.mark.anyio
 async def test_the_engine_can_await_between_chunks(path: Path) -> None:
     with App.open(path, contract) as app:
         app.actions.put_notes(0, 50)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,30 @@ def test_checkpoint_does_not_create_a_database_that_is_gone(db: ModelDB, tmp_pat
     (tmp_path / "t.db").rename(tmp_path / "moved.db")
     db.checkpoint()
     assert not (tmp_path / "t.db").exists()
+
+
+def test_waiting_threads_counts_the_threads_waiting_for_the_database(db: ModelDB) -> None:
+    """A long job done in chunks asks it, to pause between two only while someone waits."""
+    started, done = threading.Event(), threading.Event()
+
+    def other() -> None:
+        started.set()
+        with db.transaction():  # waits for this thread's transaction
+            db.set("items", {"id": "theirs", "n": 2})
+        done.set()
+
+    with db.transaction():
+        db.set("items", {"id": "mine", "n": 1})
+        assert db.waiting_threads == 0
+        with db.transaction():  # this thread's own lock, taken again: nobody waits
+            assert db.waiting_threads == 0
+        thread = threading.Thread(target=other)
+        thread.start()
+        started.wait(5)
+        deadline = time.monotonic() + 5
+        while db.waiting_threads == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)  # polling a counter another thread sets: no event to await
+        assert db.waiting_threads == 1 and not done.is_set()
+    thread.join(5)
+    assert done.is_set() and db.waiting_threads == 0
+    assert keys(db) == ["mine", "theirs"]

@@ -33,6 +33,40 @@ def file_uri(path: str | Path, mode: str) -> str:
     return f"file:{urllib.parse.quote(Path(path).resolve().as_posix())}?mode={mode}"
 
 
+class _CountingLock:
+    """The connection's reentrant lock, knowing how many threads wait for it. The lock is
+    not fair: a thread that takes it again at once keeps one waiting for it waiting, so a
+    long job that takes it chunk after chunk pauses between chunks — only while someone
+    waits (``Transactions.waiting_threads``)."""
+
+    __slots__ = ("_counting", "_lock", "waiting")
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._counting = threading.Lock()
+        self.waiting = 0
+
+    def acquire(self) -> None:
+        if self._lock.acquire(blocking=False):
+            return
+        with self._counting:
+            self.waiting += 1
+        try:
+            self._lock.acquire()
+        finally:
+            with self._counting:
+                self.waiting -= 1
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> None:
+        self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
 class Transactions:
     """Transactions on one connection; ``ModelDB`` adds models, reads and live queries."""
 
@@ -46,7 +80,7 @@ class Transactions:
         self.path = path
         self._deferrals = 0  # checkpoints_deferred() blocks running now
         self._autocheckpoint = 1000  # SQLite's default, until one saves the connection's own
-        self._lock = threading.RLock()
+        self._lock = _CountingLock()
         self._depth = 0
         self._owner: int | None = None  # thread id holding the open transaction
         self._failure: str | None = None  # why the open transaction may not commit
@@ -75,6 +109,12 @@ class Transactions:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def waiting_threads(self) -> int:
+        """How many other threads wait for this database right now (its transactions and
+        statements take turns): a long job done in chunks pauses between two while any do."""
+        return self._lock.waiting
 
     @property
     def in_transaction(self) -> bool:
