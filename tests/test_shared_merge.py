@@ -115,3 +115,40 @@ def test_stamps_order_by_clock_then_did_and_the_clock_never_runs_behind() -> Non
     assert merge_shared([a, b], FIELDS)[0] == merge_shared([b, a], FIELDS)[0] == {"title": "b"}
     bad = {**TYPE, "title": "x", CLOCKS: {"title": "yesterday"}, DELETED: 5}
     assert merge_shared([a, bad], FIELDS)[0] == {"title": "a"}  # malformed stamps do not count
+
+
+def test_a_shared_keys_records_are_found_without_reading_every_followed_record() -> None:
+    """Applying a shared record reads that key's versions; with many followed records held
+    (here 5,000 of another collection) it must not walk all of them (it did: a full scan of
+    the followed table per shared record)."""
+    import json
+    import sqlite3
+
+    from atsync.sync._migrate import create_and_upgrade
+    from atsync.sync._shared import shared_records
+
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    create_and_upgrade(conn)
+    note = "INSERT INTO _atsync_followed VALUES (?, ?, ?, ?, ?, ?, ?)"
+    conn.executemany(
+        note,
+        [
+            ("did:plc:a", "app.note", f"r{i:05}", "notes", f"at://did:plc:a/app.note/r{i:05}",
+             "bafy", json.dumps({"$type": "app.note", "text": "x"}))
+            for i in range(5000)
+        ],
+    )  # fmt: skip
+    doc = json.dumps({"$type": "app.doc", "title": "shared"})
+    conn.execute(note, ("did:plc:b", "app.doc", "k1", "docs", "k1", "bafy", doc))
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    conn.set_progress_handler(count, 100)  # called every 100 virtual machine instructions
+    found = shared_records(conn, "docs", "app.doc", "k1")
+    conn.set_progress_handler(None, 0)
+    assert found == [{"$type": "app.doc", "title": "shared"}]
+    assert steps < 10, f"{steps * 100} instructions: the followed records were scanned"

@@ -338,7 +338,7 @@ class Applier:
                 result.rejected += 1
                 return
         self._note(collection, rkey, model, rkey, cid, record, record_json)
-        records = shared_records(self._db.connection, collection, rkey)
+        records = shared_records(self._db.connection, model, collection, rkey)
         hlc = self._hlc
         if hlc is not None:  # an edit here must order after what was seen
             for held in records:

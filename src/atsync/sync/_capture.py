@@ -339,7 +339,7 @@ class Capture:
         assert hlc is not None, "the engine gives a shared binding its clock"
         self._write_held()  # this key's queued record must be in the outbox to be read
         conn = self._db.connection
-        records = shared_records(conn, collection, rkey)
+        records = shared_records(conn, binding.model.name, collection, rkey)
         for record in records:  # the clock never runs behind a stamp it has seen
             for stamp in [*(record.get(CLOCKS) or {}).values(), record.get(DELETED)]:
                 if isinstance(stamp, str):

@@ -132,7 +132,7 @@ class Follows:
                     if binding is not None:
                         # A shared row stays, made again from the repositories still held.
                         merged, _ = merge_shared(
-                            shared_records(conn, collection, rkey), binding.data_fields
+                            shared_records(conn, model, collection, rkey), binding.data_fields
                         )
                         if merged is not None:
                             row = binding.from_record({"$type": collection, **merged}, key)

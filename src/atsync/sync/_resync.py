@@ -279,7 +279,9 @@ class ResyncScan:
         where they differ."""
         try:
             rkey = binding.rkey_of(key)
-            records = shared_records(self._db.connection, binding.collection, rkey)
+            records = shared_records(
+                self._db.connection, binding.model.name, binding.collection, rkey
+            )
             merged, _ = merge_shared(records, binding.data_fields)
             if row is None:
                 if merged is None:

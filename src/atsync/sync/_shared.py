@@ -148,7 +148,9 @@ def stamp_record(
     return out
 
 
-def shared_records(conn: sqlite3.Connection, collection: str, rkey: str) -> list[dict[str, Any]]:
+def shared_records(
+    conn: sqlite3.Connection, model: str, collection: str, rkey: str
+) -> list[dict[str, Any]]:
     """Every repository's record for one shared key as this device holds it: its own (the
     write still queued, if any, else what was last synced) and each followed repository's."""
     found: list[dict[str, Any]] = []
@@ -163,9 +165,12 @@ def shared_records(conn: sqlite3.Connection, collection: str, rkey: str) -> list
         ).fetchone()
         if row is not None and row[0] is not None:
             found.append(_loads(row[0]))
+    # By the model and key (a shared record's row key is its record key): indexed, where
+    # collection and record key would scan every followed record.
     for (text,) in conn.execute(
-        f"SELECT record FROM {FOLLOWED} WHERE collection = ? AND rkey = ? AND record IS NOT NULL",
-        (collection, rkey),
+        f"SELECT record FROM {FOLLOWED} WHERE model = ? AND key = ? AND collection = ? "
+        "AND record IS NOT NULL",
+        (model, rkey, collection),
     ):
         found.append(_loads(text))
     return found
