@@ -263,3 +263,57 @@ def test_a_blob_damaged_on_disk_is_refused_by_read_and_repaired_by_put(tmp_path:
             assert raw.read(1) == b"X"
         assert db.blobs.put(data, "image/jpeg") == ref  # the right bytes again: repaired
         assert db.blobs.read(ref) == data
+
+
+def test_put_file_streams_a_large_file_and_gives_the_same_reference_as_put(
+    tmp_path: Path,
+) -> None:
+    """A 24 MiB file is stored without being held in memory (it was read whole, then copied
+    again: three times its size)."""
+    import tracemalloc
+
+    big = tmp_path / "video.mp4"
+    with big.open("wb") as out:
+        for i in range(24):
+            out.write(bytes([i]) * (1024 * 1024))
+    with ModelDB.open(tmp_path / "v.db", {"notes": {"id": "primary"}}) as db:
+        tracemalloc.start()
+        try:
+            ref = db.blobs.put_file(big, "video/mp4")
+            again = db.blobs.put_file(big, "video/mp4")  # there already: checked, kept
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 4 * 1024 * 1024, f"peak {peak / 2**20:.1f} MiB while storing 24 MiB"
+        data = big.read_bytes()
+        assert (
+            ref
+            == again
+            == BlobRef(str(CID.for_data(data, codec=CODEC_RAW)), "video/mp4", len(data))
+        )
+        assert db.blobs.put(data, "video/mp4") == ref
+        assert db.blobs.read(ref) == data
+        assert [p.name for p in (tmp_path / "v.db.blobs").iterdir()] == [ref.cid]
+        # Damaged on disk since: the file's bytes are stored again, whole.
+        stored = tmp_path / "v.db.blobs" / ref.cid
+        stored.chmod(0o644)
+        stored.write_bytes(b"X" + data[1:])
+        assert db.blobs.put_file(big, "video/mp4") == ref
+        assert db.blobs.read(ref) == data
+        with pytest.raises(ValidationError, match="MIME type"):
+            db.blobs.put_file(big, "mp4")
+        with pytest.raises(FileNotFoundError):
+            db.blobs.put_file(tmp_path / "absent.png", "image/png")
+        assert [p.name for p in (tmp_path / "v.db.blobs").iterdir()] == [ref.cid]
+
+
+def test_collect_removes_what_a_store_interrupted_by_a_crash_left(tmp_path: Path) -> None:
+    with ModelDB.open(tmp_path / "c.db", {"notes": {"id": "primary"}}) as db:
+        ref = db.blobs.put(b"kept", "text/plain")
+        store = tmp_path / "c.db.blobs"
+        stale, fresh = store / ".incoming-crashed", store / ".incoming-in-progress"
+        stale.write_bytes(b"half a blob")
+        fresh.write_bytes(b"being written")
+        os.utime(stale, (1, 1))
+        assert db.blobs.collect({ref.cid}, older_than=60) == (0, len(b"half a blob"))
+        assert sorted(p.name for p in store.iterdir()) == sorted([ref.cid, fresh.name])

@@ -21,7 +21,7 @@ import io
 import os
 import tempfile
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -31,13 +31,17 @@ from .._errors import NotFoundError, ValidationError, VerificationError
 __all__ = ["BlobRef", "BlobStore"]
 
 _RAW_SHA256 = bytes((1, 0x55, 0x12, 32))
+_CHUNK = 1024 * 1024  # bytes read at a time from a file being stored or checked
 
 
 def blob_cid(data: bytes) -> str:
     """The CID of a blob's bytes: CIDv1, raw codec, sha2-256, base32 (``bafkrei…``). Built
     here because ``db`` sits below ``atproto`` (whose ``CID.for_data(data, CODEC_RAW)`` gives
     the same string: tests/test_blobs.py checks it)."""
-    digest = hashlib.sha256(data).digest()
+    return _cid_of_digest(hashlib.sha256(data).digest())
+
+
+def _cid_of_digest(digest: bytes) -> str:
     return "b" + base64.b32encode(_RAW_SHA256 + digest).decode("ascii").lower().rstrip("=")
 
 
@@ -74,44 +78,80 @@ class BlobStore:
         """Store ``data`` (a no-op if it is there already) and return its reference."""
         if not isinstance(data, bytes | bytearray | memoryview):
             raise ValidationError(f"a blob is bytes, got {type(data).__name__}")
-        if not isinstance(mime_type, str) or "/" not in mime_type:
-            raise ValidationError(f"a blob needs a MIME type such as image/png, got {mime_type!r}")
+        _check_mime_type(mime_type)
         data = bytes(data)
         cid = blob_cid(data)
         if self.directory is None:
             self._memory.setdefault(cid, data)
             self._stored_at[cid] = time.time()
-        else:
-            path = self.directory / cid
-            try:
-                # There already, whole: now it is wanted again (see collect). A file damaged
-                # on disk since is written again from these bytes, the right ones.
-                intact = path.read_bytes() == data
-            except FileNotFoundError:
-                intact = False
-            if intact:
-                os.utime(path)
-            else:
-                self._write(path, data)
+        elif not self._kept_again(cid):
+            self._store(cid, lambda out: out.write(data))
         return BlobRef(cid, mime_type, len(data))
 
-    def _write(self, path: Path, data: bytes) -> None:
+    def put_file(self, path: str | os.PathLike[str], mime_type: str) -> BlobRef:
+        """``put`` the contents of a file, copied in chunks and hashed on the way: memory
+        stays flat whatever the file's size (a video, a vault's attachments)."""
+        _check_mime_type(mime_type)
+        if self.directory is None:
+            return self.put(Path(path).read_bytes(), mime_type)
+        digest = hashlib.sha256()
+        size = 0
+
+        def copy(out: BinaryIO) -> None:
+            nonlocal size
+            with open(path, "rb") as source:
+                while chunk := source.read(_CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+
+        # Its CID is known only once it is read: copied first, renamed to it (or dropped, if
+        # the store has it whole already).
+        incoming = self._incoming(copy)
+        try:
+            cid = _cid_of_digest(digest.digest())
+            if not self._kept_again(cid):
+                os.replace(incoming, self.directory / cid)
+        finally:
+            incoming.unlink(missing_ok=True)  # renamed already, unless kept or failed
+        return BlobRef(cid, mime_type, size)
+
+    def _kept_again(self, cid: str) -> bool:
+        """The store has this blob whole already: now it is wanted again (see collect). A
+        file damaged on disk since is not whole: the caller writes it again."""
+        assert self.directory is not None
+        path = self.directory / cid
+        digest = hashlib.sha256()
+        try:
+            with path.open("rb") as stored:
+                while chunk := stored.read(_CHUNK):
+                    digest.update(chunk)
+        except FileNotFoundError:
+            return False
+        if _cid_of_digest(digest.digest()) != cid:
+            return False
+        os.utime(path)
+        return True
+
+    def _store(self, cid: str, write: Callable[[BinaryIO], object]) -> None:
+        assert self.directory is not None
+        os.replace(self._incoming(write), self.directory / cid)
+
+    def _incoming(self, write: Callable[[BinaryIO], object]) -> Path:
+        """A temporary file in the store, filled by ``write`` and synced to disk: renamed
+        to its CID, a crash leaves either the whole blob or none."""
         assert self.directory is not None
         self.directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".incoming-")
         try:
             with os.fdopen(fd, "wb") as out:
-                out.write(data)
+                write(out)
                 out.flush()
                 os.fsync(out.fileno())
-            os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-
-    def put_file(self, path: str | os.PathLike[str], mime_type: str) -> BlobRef:
-        """``put`` the contents of a file."""
-        return self.put(Path(path).read_bytes(), mime_type)
+        return Path(tmp)
 
     def has(self, ref: BlobRef | str) -> bool:
         cid = ref.cid if isinstance(ref, BlobRef) else ref
@@ -158,6 +198,22 @@ class BlobStore:
             )
         return data
 
+    def _drop_stale_incoming(self, cutoff: float) -> int:
+        """Delete the temporary files of stores a crash interrupted (older than ``cutoff``);
+        returns the bytes freed."""
+        if self.directory is None or not self.directory.is_dir():
+            return 0
+        freed = 0
+        for path in self.directory.glob(".incoming-*"):
+            try:
+                info = path.stat()
+                if info.st_mtime <= cutoff:
+                    path.unlink()
+                    freed += info.st_size
+            except FileNotFoundError:
+                continue
+        return freed
+
     def cids(self) -> list[str]:
         """The CIDs of every blob in the store."""
         if self.directory is None:
@@ -172,6 +228,7 @@ class BlobStore:
         just stored for a row it has not committed yet."""
         removed = freed = 0
         cutoff = time.time() - older_than
+        freed += self._drop_stale_incoming(cutoff)
         for cid in self.cids():
             if cid in keep:
                 continue
@@ -193,6 +250,11 @@ class BlobStore:
             removed += 1
             freed += info.st_size
         return removed, freed
+
+
+def _check_mime_type(mime_type: object) -> None:
+    if not isinstance(mime_type, str) or "/" not in mime_type:
+        raise ValidationError(f"a blob needs a MIME type such as image/png, got {mime_type!r}")
 
 
 def _checked(cid: str) -> str:
