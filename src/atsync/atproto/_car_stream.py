@@ -168,12 +168,21 @@ class CarStream:
         limit = self._max_block_size + CID_MAX_OVERHEAD
         sha256 = hashlib.sha256
         offsets = self.offsets
+        end_of_buf = len(buf)
         with memoryview(buf) as view:  # released before the next feed() grows the buffer
             while True:
-                got = self._varint(pos, "section length")
-                if got is None:
-                    break
-                size, start = got
+                # Sections of up to 16 KiB (records, tree nodes) have a length of one or two
+                # bytes: read here; others (and a non-minimal one, refused) by _varint.
+                first = buf[pos] if pos < end_of_buf else 0x80
+                if first < 0x80:
+                    size, start = first, pos + 1
+                elif pos + 1 < end_of_buf and 0 < buf[pos + 1] < 0x80:
+                    size, start = (first & 0x7F) | (buf[pos + 1] << 7), pos + 2
+                else:
+                    got = self._varint(pos, "section length")
+                    if got is None:
+                        break
+                    size, start = got
                 if size == 0:
                     raise VerificationError(f"empty CAR section at offset {pos}")
                 if size > limit:
@@ -184,12 +193,14 @@ class CarStream:
                 end = start + size
                 if end > len(buf):
                     break
-                prefix = bytes(view[start : start + 4])
+                raw = bytes(view[start : start + 36])
+                prefix = raw[:4]
+                data: bytes | None = None
                 if size >= 36 and prefix in (_SHA256_DAG_CBOR, _SHA256_RAW):
-                    raw = bytes(view[start : start + 36])
                     data_at = start + 36
-                    if sha256(view[data_at:end]).digest() != raw[4:]:
-                        check_block(CID.from_raw(raw), bytes(view[data_at:end]))  # names it
+                    data = bytes(view[data_at:end])  # one copy: hashed, then decoded
+                    if sha256(data).digest() != raw[4:]:
+                        check_block(CID.from_raw(raw), data)  # names it
                 else:
                     try:
                         data_at = _parse_cid(view[start:end], 0) + start
@@ -202,12 +213,14 @@ class CarStream:
                     raw = bytes(cid)
                 if raw not in offsets:  # a repeated block is the same block
                     offsets[raw] = (data_at, end - data_at)
+                    if data is None:
+                        data = bytes(view[data_at:end])
                     if self._decode is not None and prefix == _SHA256_DAG_CBOR:
-                        self._decode_ahead(raw, bytes(view[data_at:end]))
+                        self._decode_ahead(raw, data)
                     walk = self.walk
                     if walk is not None:
                         if raw == self._root and walk.root is None:
-                            walk.commit_arrived(bytes(view[data_at:end]))
+                            walk.commit_arrived(data)
                         else:
                             walk.block_arrived(raw, offsets)
                 pos = end
