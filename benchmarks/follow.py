@@ -62,10 +62,20 @@ def record(n: int) -> dict[str, Any]:
     return {"$type": COLLECTION, "text": f"a note shared with the people I work with, #{n}", "n": n}
 
 
-async def fill(pds: DevPDS, handle: str, records: int) -> None:
+FILLING = 8  # accounts filled at once: 50 at once timed out on a slow day of this VM
+
+
+async def fill(pds: DevPDS, handle: str, records: int, slots: anyio.CapacityLimiter) -> None:
+    """Not measured: written a few accounts at a time, with a long timeout per batch."""
+    async with slots:
+        await _fill(pds, handle, records)
+
+
+async def _fill(pds: DevPDS, handle: str, records: int) -> None:
     account = pds.accounts[handle]
     clock = TidClock()
-    async with XrpcClient(session=await login(account.did, PASSWORD, pds.pds_url)) as client:
+    session = await login(account.did, PASSWORD, pds.pds_url)
+    async with XrpcClient(session=session, timeout=120.0) as client:
         for first in range(0, records, 200):
             batch = range(first, min(records, first + 200))
             writes = [Create(COLLECTION, record(i), rkey=clock.next()) for i in batch]
@@ -193,9 +203,10 @@ def main() -> int:
             start = time.perf_counter()
 
             async def fill_all() -> None:
+                slots = anyio.CapacityLimiter(FILLING)
                 async with anyio.create_task_group() as tg:
                     for pds, handle in owners:
-                        tg.start_soon(fill, pds, handle, args.records)
+                        tg.start_soon(fill, pds, handle, args.records, slots)
 
             anyio.run(fill_all, backend="asyncio")
             print(f"  filled in {time.perf_counter() - start:.1f} s", flush=True)

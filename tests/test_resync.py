@@ -7,10 +7,11 @@ simulated by marking queued writes as landed (``Outbox.mark_attempted`` + ``comp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -351,37 +352,49 @@ def test_a_large_table_is_scanned_in_chunks_between_which_the_app_writes(
         sync.close()
 
 
+@contextlib.contextmanager
+def app_writing(app: App) -> Iterator[list[tuple[float, float]]]:
+    """An app thread writing a row every 2 ms while the block runs; yields (when, how long)
+    of each write as they happen."""
+    stop = threading.Event()
+    waits: list[tuple[float, float]] = []
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            start = time.perf_counter()
+            app.actions.put_other(f"o{i}", i)
+            waits.append((start, time.perf_counter() - start))
+            i += 1
+            time.sleep(0.002)  # the workload
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        yield waits
+    finally:
+        stop.set()
+        thread.join()
+
+
+def assert_writes_went_through(
+    waits: list[tuple[float, float]], began: float, ended: float
+) -> None:
+    """Writes went through all along the scan, each waiting at most about one chunk."""
+    during = [wait for when, wait in waits if began <= when and when + wait <= ended]
+    assert len(during) >= 20, (len(during), ended - began)
+    assert max(during) < 0.5, sorted(during)[-5:]
+
+
 def test_app_threads_are_not_blocked_for_long_by_a_scan(big_db: Path, tmp_path: Path) -> None:
     with App.open(copy_db(big_db, tmp_path / "app.db"), contract) as app:
         sync = attach(app)
-        scanning, stop = threading.Event(), threading.Event()
-        waits: list[tuple[float, float]] = []  # (when, how long) of each app write
-
-        def writer() -> None:
-            scanning.wait()
-            i = 0
-            while not stop.is_set():
-                start = time.perf_counter()
-                app.actions.put_other(f"o{i}", i)
-                waits.append((start, time.perf_counter() - start))
-                i += 1
-                time.sleep(0.002)  # the workload: an app writing every 2 ms
-
-        thread = threading.Thread(target=writer)
-        thread.start()
-        try:
+        with app_writing(app) as waits:
             began = time.perf_counter()
-            scanning.set()
             result = scan(sync, chunk_size=500)
             ended = time.perf_counter()
-        finally:
-            stop.set()
-            thread.join()
         assert result.queued == BIG
-        during = [wait for when, wait in waits if began <= when and when + wait <= ended]
-        # Writes went through all along the scan, each waiting at most about one chunk.
-        assert len(during) >= 20, (len(during), ended - began)
-        assert max(during) < 0.5, sorted(during)[-5:]
+        assert_writes_went_through(waits, began, ended)
         sync.close()
 
 
@@ -394,31 +407,12 @@ async def test_app_threads_are_not_blocked_for_long_by_an_engines_scan(
     with App.open(copy_db(big_db, tmp_path / "app.db"), contract) as app:
         sync = attach(app)
         resync = ResyncScan(app, sync.outbox, sync.bindings, chunk_size=500)
-        stop = threading.Event()
-        waits: list[tuple[float, float]] = []
-
-        def writer() -> None:
-            i = 0
-            while not stop.is_set():
-                start = time.perf_counter()
-                app.actions.put_other(f"o{i}", i)
-                waits.append((start, time.perf_counter() - start))
-                i += 1
-                time.sleep(0.002)  # the workload: an app writing every 2 ms
-
-        thread = threading.Thread(target=writer)
-        thread.start()
-        try:
+        with app_writing(app) as waits:
             began = time.perf_counter()
             await resync.run_async()
             ended = time.perf_counter()
-        finally:
-            stop.set()
-            thread.join()
         assert resync.queued == BIG
-        during = [wait for when, wait in waits if began <= when and when + wait <= ended]
-        assert len(during) >= 20, (len(during), ended - began)
-        assert max(during) < 0.5, sorted(during)[-5:]
+        assert_writes_went_through(waits, began, ended)
         sync.close()
 
 
