@@ -314,9 +314,39 @@ async def test_a_corrupted_download_is_rejected_by_its_cid_and_fetched_again(
         ref = b.db.get("notes", "n1")["image"]  # type: ignore[index]
         assert flip.fired >= 1 and not b.blobs.has(ref)  # the tampered bytes were not kept
         assert status.blobs_missing == 1 and "do not match" in (status.blob_error or "")
+        store = b.blobs.directory
+        assert store is not None and not list(store.glob(".incoming-*"))  # nothing left over
         tampering = False
         status = await pulled(sync_b)  # asked again: fetched again, whole
         assert b.blobs.read(ref) == png and (status.blobs_missing, status.blob_error) == (0, None)
+
+
+@pytest.mark.anyio
+async def test_a_large_blob_is_fetched_into_the_store_without_sitting_in_memory(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    """A 4 MiB image reaches the other device streamed to a file in its store (it was held
+    whole in memory: 4.8 MiB at the peak)."""
+    import tracemalloc
+
+    collection = collection_for(request, "test.atsync.blobs")
+    alice = await session_of(dev_pds, "alice.test")
+    big = image(request, "large", size=4 * 1024 * 1024)
+    async with device(tmp_path / "a.db", collection, alice, resolver) as (a, sync_a):
+        a.actions.add("n1", "a large image", b64(big))
+        await idle(sync_a)
+    async with device(tmp_path / "b.db", collection, alice, resolver) as (b, sync):
+        tracemalloc.start()
+        try:
+            status = await pulled(sync)  # the row, then its image (eager, the default)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        ref = b.db.get("notes", "n1")["image"]  # type: ignore[index]
+        assert status.blobs_missing == 0 and b.blobs.read(ref) == big
+        assert peak < 3 * 1024 * 1024, f"peak {peak / 2**20:.1f} MiB fetching a 4 MiB blob"
+        store = b.blobs.directory
+        assert store is not None and sorted(p.name for p in store.iterdir()) == [ref.cid]
 
 
 @pytest.mark.anyio

@@ -317,3 +317,22 @@ def test_collect_removes_what_a_store_interrupted_by_a_crash_left(tmp_path: Path
         os.utime(stale, (1, 1))
         assert db.blobs.collect({ref.cid}, older_than=60) == (0, len(b"half a blob"))
         assert sorted(p.name for p in store.iterdir()) == sorted([ref.cid, fresh.name])
+
+
+def test_a_download_written_where_receiving_says_is_adopted_without_a_copy(
+    tmp_path: Path,
+) -> None:
+    data = b"downloaded " * 1000
+    for path in (tmp_path / "r.db", ":memory:"):
+        with ModelDB.open(path, {"notes": {"id": "primary"}}) as db:
+            with db.blobs.receiving() as incoming:
+                incoming.write_bytes(data)  # as a download would
+                inode = incoming.stat().st_ino
+                ref = db.blobs.adopt(incoming, "text/plain")
+            assert ref == BlobRef(str(CID.for_data(data, codec=CODEC_RAW)), "text/plain", len(data))
+            assert db.blobs.read(ref) == data and db.blobs.cids() == [ref.cid]
+            if db.blobs.directory is not None:
+                assert (db.blobs.directory / ref.cid).stat().st_ino == inode  # renamed
+                with db.blobs.receiving() as incoming:
+                    incoming.write_bytes(b"a download that failed halfway")
+                assert [p.name for p in db.blobs.directory.iterdir()] == [ref.cid]

@@ -21,7 +21,8 @@ import io
 import os
 import tempfile
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -114,6 +115,43 @@ class BlobStore:
                 os.replace(incoming, self.directory / cid)
         finally:
             incoming.unlink(missing_ok=True)  # renamed already, unless kept or failed
+        return BlobRef(cid, mime_type, size)
+
+    @contextmanager
+    def receiving(self) -> Iterator[Path]:
+        """A path for a download to write a blob to, then ``adopt`` it (no copy): inside the
+        store (a temporary name, which ``cids`` never lists), or in a temporary directory for
+        an in-memory store. Whatever is left there is removed when the block ends."""
+        if self.directory is None:
+            with tempfile.TemporaryDirectory(prefix="atsync-blob-") as scratch:
+                yield Path(scratch) / "incoming"
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=self.directory, prefix=".incoming-")
+        os.close(fd)
+        path = Path(name)
+        try:
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+
+    def adopt(self, path: Path, mime_type: str) -> BlobRef:
+        """Take the file a download wrote at a ``receiving`` path as a blob: hashed in
+        chunks, synced to disk and renamed to its CID (dropped if the store has it whole)."""
+        _check_mime_type(mime_type)
+        if self.directory is None:
+            return self.put(path.read_bytes(), mime_type)
+        digest = hashlib.sha256()
+        with path.open("rb") as received:
+            while chunk := received.read(_CHUNK):
+                digest.update(chunk)
+            os.fsync(received.fileno())
+            size = received.tell()
+        cid = _cid_of_digest(digest.digest())
+        if self._kept_again(cid):
+            path.unlink(missing_ok=True)
+        else:
+            os.replace(path, self.directory / cid)
         return BlobRef(cid, mime_type, size)
 
     def _kept_again(self, cid: str) -> bool:

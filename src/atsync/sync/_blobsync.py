@@ -21,7 +21,6 @@ or when asked (``fetch_blob``).
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import sqlite3
@@ -247,17 +246,17 @@ class BlobFetcher:
                         sources.add(None)
         return wanted
 
-    async def fetch(self, ref: BlobRef, did: str, client: XrpcClient, max_size: int) -> bytes:
-        """Download one blob from ``did``'s PDS, check it against its CID, store it."""
-        sink = io.BytesIO()
-        await client.sync_get_blob(did, ref.cid, sink, max_size=max_size)
-        data = sink.getvalue()
-        stored = self._db.blobs.put(data, ref.mime_type)
+    async def fetch(self, ref: BlobRef, did: str, client: XrpcClient, max_size: int) -> None:
+        """Download one blob from ``did``'s PDS into the store, checked against its CID on the
+        way (streamed to a file in the store: a large blob never sits in memory)."""
+        store = self._db.blobs
+        with store.receiving() as path:
+            await client.sync_get_blob(did, ref.cid, path, max_size=max_size)
+            stored = store.adopt(path, ref.mime_type)
         assert stored.cid == ref.cid, "sync_get_blob checked the bytes against the CID"
         self.present.add(ref.cid)
         self.fetched += 1
         self.failures.pop(ref.cid, None)
-        return data
 
 
 def _cid_of_column(raw: str) -> str | None:

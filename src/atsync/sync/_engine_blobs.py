@@ -99,7 +99,8 @@ class BlobSync:
         failure: Exception | None = None
         for source in sources:
             try:
-                return await self._fetch_from(ref, source)
+                await self._fetch_from(ref, source)
+                return store.read(ref)
             except (NetworkError, VerificationError, NotFoundError) as exc:
                 failure = exc
         raise NotFoundError(f"blob {ref.cid} could not be fetched from {sources}: {failure}")
@@ -112,7 +113,7 @@ class BlobSync:
         self._blob_fetcher.present.clear()
         return self._db.blobs.collect(referenced_blobs(self._db), older_than=older_than)
 
-    async def _fetch_from(self, ref: BlobRef, did: str | None) -> bytes:
+    async def _fetch_from(self, ref: BlobRef, did: str | None) -> None:
         own = self._own_did()
         runner = self._runner
         if did is None or did == own:
@@ -121,11 +122,12 @@ class BlobSync:
             session = runner.session if runner is not None else None
             if session is not None:
                 client = self._public_client(session.pds_url)
-                return await self._blob_fetcher.fetch(ref, own, client, self.max_blob_size)
+                await self._blob_fetcher.fetch(ref, own, client, self.max_blob_size)
+                return
             did = own
         identity = await self._resolver().resolve(did, check_handle=False)
         client = self._public_client(identity.pds)
-        return await self._blob_fetcher.fetch(ref, did, client, self.max_blob_size)
+        await self._blob_fetcher.fetch(ref, did, client, self.max_blob_size)
 
     async def _run_blob_fetches(self) -> None:
         """Run until cancelled (in the engine's task group)."""
