@@ -1,8 +1,11 @@
 """Blobs: files and images kept beside the database, content-addressed.
 
     ref = db.blobs.put(b"…png bytes…", "image/png")        # -> BlobRef(cid, mime_type, size)
+    ref = db.blobs.put_file("video.mp4", "video/mp4")       # copied and hashed in chunks
     db.set("notes", {"id": "n1", "image": ref})             # a "blob" property holds the ref
     db.blobs.read(ref) / db.blobs.open(ref)                 # the bytes back
+    with db.blobs.receiving() as path:                      # a download writes to path,
+        ref = db.blobs.adopt(path, "image/png")             # then it is renamed: no copy
 
 A blob is stored once under its CID (CIDv1, raw codec, sha2-256 — the CID a PDS gives it), in
 ``<database>.blobs/`` as ``<cid>``: written to a temporary file and renamed, so a crash
@@ -141,13 +144,7 @@ class BlobStore:
         _check_mime_type(mime_type)
         if self.directory is None:
             return self.put(path.read_bytes(), mime_type)
-        digest = hashlib.sha256()
-        with path.open("rb") as received:
-            while chunk := received.read(_CHUNK):
-                digest.update(chunk)
-            os.fsync(received.fileno())
-            size = received.tell()
-        cid = _cid_of_digest(digest.digest())
+        cid, size = _file_cid(path, sync=True)
         if self._kept_again(cid):
             path.unlink(missing_ok=True)
         else:
@@ -159,21 +156,21 @@ class BlobStore:
         file damaged on disk since is not whole: the caller writes it again."""
         assert self.directory is not None
         path = self.directory / cid
-        digest = hashlib.sha256()
         try:
-            with path.open("rb") as stored:
-                while chunk := stored.read(_CHUNK):
-                    digest.update(chunk)
+            if _file_cid(path)[0] != cid:
+                return False
         except FileNotFoundError:
-            return False
-        if _cid_of_digest(digest.digest()) != cid:
             return False
         os.utime(path)
         return True
 
     def _store(self, cid: str, write: Callable[[BinaryIO], object]) -> None:
         assert self.directory is not None
-        os.replace(self._incoming(write), self.directory / cid)
+        incoming = self._incoming(write)
+        try:
+            os.replace(incoming, self.directory / cid)
+        finally:
+            incoming.unlink(missing_ok=True)  # renamed already, unless that failed
 
     def _incoming(self, write: Callable[[BinaryIO], object]) -> Path:
         """A temporary file in the store, filled by ``write`` and synced to disk: renamed
@@ -288,6 +285,17 @@ class BlobStore:
             removed += 1
             freed += info.st_size
         return removed, freed
+
+
+def _file_cid(path: Path, *, sync: bool = False) -> tuple[str, int]:
+    """The blob CID and size of a file, read in chunks; ``sync``: flushed to disk too."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(_CHUNK):
+            digest.update(chunk)
+        if sync:
+            os.fsync(file.fileno())
+        return _cid_of_digest(digest.digest()), file.tell()
 
 
 def _check_mime_type(mime_type: object) -> None:
