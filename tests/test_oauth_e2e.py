@@ -658,3 +658,30 @@ def test_cli_login_with_oauth_stores_a_session_that_status_push_and_logout_use(
     assert exc.value.error == "invalid_grant"
     again = runner.invoke(main, ["logout", *args])
     assert again.exit_code == 0 and "not logged in" in again.stdout
+
+
+async def test_a_write_beyond_the_granted_scope_waits_for_a_new_login_and_is_kept(
+    dev_pds: Any, chromium: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A binding added after the login (the grant names another collection): the PDS refuses
+    with 403 ScopeMissingError. The engine asks for a new login and keeps the write queued;
+    it used to dead-letter it (and, batch by batch, every write of that collection)."""
+    collection = collection_for(request)
+    session, _ = await browser_login(
+        dev_pds, chromium, scope=granular_scope([f"{collection}.before"])
+    )
+    try:
+        with App.open(tmp_path / "s.db", contract) as app:
+            sync = ATSync(
+                app, bindings={"notes": Binding(collection)}, session=session,
+                push=Immediate(), pull=Manual(),
+            )  # fmt: skip
+            async with sync:
+                app.actions.note("a", "beyond the grant")
+                status = await wait_status(sync, lambda s: s.state == "needs_auth", within=30)
+                assert "ScopeMissingError" in (status.upload_error or ""), status
+                assert f"repo:{collection}" in (status.upload_error or ""), status
+                assert (status.pending, status.failed) == (1, 0)
+            sync.close()
+    finally:
+        await session.logout()

@@ -55,6 +55,9 @@ AUTH_ERROR_NAMES = frozenset(
         "BadJwtAudience",
         "BadJwtSignature",
         "UntrustedIss",
+        # An OAuth grant narrower than the call (a binding added after the login): only a new
+        # login with a wider scope helps; the writes wait for it instead of failing one by one.
+        "ScopeMissingError",
     }
 )
 
