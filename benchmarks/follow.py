@@ -67,19 +67,15 @@ FILLING = 8  # accounts filled at once: 50 at once timed out on a slow day of th
 
 async def fill(pds: DevPDS, handle: str, records: int, slots: anyio.CapacityLimiter) -> None:
     """Not measured: written a few accounts at a time, with a long timeout per batch."""
-    async with slots:
-        await _fill(pds, handle, records)
-
-
-async def _fill(pds: DevPDS, handle: str, records: int) -> None:
     account = pds.accounts[handle]
     clock = TidClock()
-    session = await login(account.did, PASSWORD, pds.pds_url)
-    async with XrpcClient(session=session, timeout=120.0) as client:
-        for first in range(0, records, 200):
-            batch = range(first, min(records, first + 200))
-            writes = [Create(COLLECTION, record(i), rkey=clock.next()) for i in batch]
-            await client.apply_writes(account.did, writes)
+    async with slots:
+        session = await login(account.did, PASSWORD, pds.pds_url)
+        async with XrpcClient(session=session, timeout=120.0) as client:
+            for first in range(0, records, 200):
+                batch = range(first, min(records, first + 200))
+                writes = [Create(COLLECTION, record(i), rkey=clock.next()) for i in batch]
+                await client.apply_writes(account.did, writes)
 
 
 @asynccontextmanager

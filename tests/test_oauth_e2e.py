@@ -663,25 +663,42 @@ def test_cli_login_with_oauth_stores_a_session_that_status_push_and_logout_use(
 async def test_a_write_beyond_the_granted_scope_waits_for_a_new_login_and_is_kept(
     dev_pds: Any, chromium: Path, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    """A binding added after the login (the grant names another collection): the PDS refuses
-    with 403 ScopeMissingError. The engine asks for a new login and keeps the write queued;
-    it used to dead-letter it (and, batch by batch, every write of that collection)."""
+    """The user logged in when the app wrote another collection (the grant names only that
+    one); this version binds a new one. The PDS refuses with 403 ScopeMissingError: the
+    engine asks for a new login and keeps the write queued (it used to dead-letter it, and,
+    batch by batch, every write of that collection). The new login asks for the engine's
+    collections and wakes it: the write goes."""
+    alice = dev_pds.accounts["alice.test"]
     collection = collection_for(request)
-    session, _ = await browser_login(
-        dev_pds, chromium, scope=granular_scope([f"{collection}.before"])
-    )
-    try:
-        with App.open(tmp_path / "s.db", contract) as app:
-            sync = ATSync(
-                app, bindings={"notes": Binding(collection)}, session=session,
-                push=Immediate(), pull=Manual(),
-            )  # fmt: skip
-            async with sync:
-                app.actions.note("a", "beyond the grant")
-                status = await wait_status(sync, lambda s: s.state == "needs_auth", within=30)
-                assert "ScopeMissingError" in (status.upload_error or ""), status
-                assert f"repo:{collection}" in (status.upload_error or ""), status
-                assert (status.pending, status.failed) == (1, 0)
-            sync.close()
-    finally:
-        await session.logout()
+    signer = ATPSigner(store=FileSessionStore(tmp_path / "sessions"))
+    with App.open(tmp_path / "s.db", contract, signer=signer) as app:
+        sync = ATSync(app, bindings={"notes": Binding(collection)}, pull=Manual())
+        async with sync, resolver_for(dev_pds) as identity:
+
+            async def log_in(scope: str | None) -> OAuthSession:
+                user = BrowserUser(chromium, alice.password)
+                try:
+                    return await signer.login_oauth_async(
+                        "alice.test", scope=scope, identity=identity, open_browser=user.open,
+                        show_url=print,
+                    )  # fmt: skip
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await anyio.to_thread.run_sync(user.join)
+
+            before = granular_scope([f"{collection}.before", f"{contract.nsid}.session"])
+            await log_in(before)  # the grant of the app's earlier version
+            app.actions.note("a", "beyond the grant")
+            status = await wait_status(sync, lambda s: s.state == "needs_auth", within=30)
+            assert "ScopeMissingError" in (status.upload_error or ""), status
+            assert f"repo:{collection}" in (status.upload_error or ""), status
+            assert (status.pending, status.failed) == (1, 0)
+
+            again = await log_in(None)  # asks for what the engine writes now
+            assert f"repo:{collection}" in again.data.scope.split()
+            status = await wait_status(sync, lambda s: s.pending == 0, within=30)
+            assert (status.failed, status.upload_error) == (0, None)
+        sync.close()
+    async with XrpcClient(dev_pds.pds_url) as client:
+        written = {r.rkey: r.value async for r in client.iter_records(alice.did, collection)}
+    assert {k: v["text"] for k, v in written.items()} == {"a": "beyond the grant"}

@@ -366,7 +366,7 @@ def app_writing(app: App) -> Iterator[list[tuple[float, float]]]:
             app.actions.put_other(f"o{i}", i)
             waits.append((start, time.perf_counter() - start))
             i += 1
-            time.sleep(0.002)  # the workload
+            stop.wait(0.002)  # the workload's pace (a write every ~2 ms), not a synchronisation
 
     thread = threading.Thread(target=writer)
     thread.start()

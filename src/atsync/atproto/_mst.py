@@ -56,13 +56,14 @@ def _b(key: str | bytes) -> bytes:
 
 def key_height(key: str | bytes) -> int:
     """Leading zero bits of sha256(key), in 2-bit chunks (a fanout of 4)."""
-    digest = hashlib.sha256(_b(key)).digest()
+    return _height(hashlib.sha256(_b(key)).digest())
+
+
+def _height(digest: bytes) -> int:
     first = digest[0]
     if first >= 4:  # all but 1 in 64 keys: the height is in the first byte
         return 0 if first >= 64 else 1 if first >= 16 else 2
-    n = int.from_bytes(digest, "big")
-    leading_zero_bits = 256 - n.bit_length()
-    return leading_zero_bits // 2
+    return (256 - int.from_bytes(digest, "big").bit_length()) // 2
 
 
 def common_prefix_len(a: str | bytes, b: str | bytes) -> int:
@@ -343,13 +344,8 @@ def check_node(
 def compact_layer(compact: CompactNode) -> int | None:
     """The height every key of a node has, or None (no keys, or keys of several heights:
     then ``check_node`` says which is wrong)."""
-    sha256 = hashlib.sha256
-    heights = set()
-    for key, _, _ in compact[1]:
-        first = sha256(key).digest()[0]  # key_height, inlined: a node is checked per key
-        heights.add(
-            (0 if first >= 64 else 1 if first >= 16 else 2) if first >= 4 else key_height(key)
-        )
+    sha256 = hashlib.sha256  # the keys are bytes: key_height's conversion is not needed
+    heights = {_height(sha256(key).digest()) for key, _, _ in compact[1]}
     return heights.pop() if len(heights) == 1 else None
 
 

@@ -20,7 +20,7 @@ from ._car import Car, read_car
 from ._cbor import CID, CODEC_DAG_CBOR, check_data_model, decode_dag_cbor, encode_dag_cbor
 from ._crypto import Alg, Keypair, verify_signature
 from ._mst import get_block, iter_leaves, mst_lookup
-from ._syntax import _RKEY, validate_did, validate_nsid, validate_record_key, validate_tid
+from ._syntax import validate_did, validate_nsid, validate_record_key, validate_tid
 
 __all__ = [
     "Commit",
@@ -146,12 +146,6 @@ def _valid_collection(collection: str) -> str:
 
 def _split_path(key: str) -> tuple[str, str]:
     collection, sep, rkey = key.partition("/")
-    if sep and _RKEY.fullmatch(rkey) and rkey not in (".", ".."):
-        try:
-            _valid_collection(collection)
-            return collection, rkey  # the common case, in short
-        except InvalidSyntaxError:
-            pass  # said below
     try:
         if not sep:
             raise InvalidSyntaxError("no '/'")

@@ -22,9 +22,10 @@ import base64
 import hashlib
 import io
 import os
+import shutil
 import tempfile
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,36 +90,17 @@ class BlobStore:
             self._memory.setdefault(cid, data)
             self._stored_at[cid] = time.time()
         elif not self._kept_again(cid):
-            self._store(cid, lambda out: out.write(data))
+            self._store(cid, data)
         return BlobRef(cid, mime_type, len(data))
 
     def put_file(self, path: str | os.PathLike[str], mime_type: str) -> BlobRef:
-        """``put`` the contents of a file, copied in chunks and hashed on the way: memory
-        stays flat whatever the file's size (a video, a vault's attachments)."""
+        """``put`` the contents of a file, copied in chunks, then hashed in chunks (its CID
+        is known only once it is read): memory stays flat whatever the file's size (a video,
+        a vault's attachments)."""
         _check_mime_type(mime_type)
-        if self.directory is None:
-            return self.put(Path(path).read_bytes(), mime_type)
-        digest = hashlib.sha256()
-        size = 0
-
-        def copy(out: BinaryIO) -> None:
-            nonlocal size
-            with open(path, "rb") as source:
-                while chunk := source.read(_CHUNK):
-                    digest.update(chunk)
-                    out.write(chunk)
-                    size += len(chunk)
-
-        # Its CID is known only once it is read: copied first, renamed to it (or dropped, if
-        # the store has it whole already).
-        incoming = self._incoming(copy)
-        try:
-            cid = _cid_of_digest(digest.digest())
-            if not self._kept_again(cid):
-                os.replace(incoming, self.directory / cid)
-        finally:
-            incoming.unlink(missing_ok=True)  # renamed already, unless kept or failed
-        return BlobRef(cid, mime_type, size)
+        with self.receiving() as incoming:
+            shutil.copyfile(path, incoming)
+            return self.adopt(incoming, mime_type)
 
     @contextmanager
     def receiving(self) -> Iterator[Path]:
@@ -164,29 +146,20 @@ class BlobStore:
         os.utime(path)
         return True
 
-    def _store(self, cid: str, write: Callable[[BinaryIO], object]) -> None:
-        assert self.directory is not None
-        incoming = self._incoming(write)
-        try:
-            os.replace(incoming, self.directory / cid)
-        finally:
-            incoming.unlink(missing_ok=True)  # renamed already, unless that failed
-
-    def _incoming(self, write: Callable[[BinaryIO], object]) -> Path:
-        """A temporary file in the store, filled by ``write`` and synced to disk: renamed
-        to its CID, a crash leaves either the whole blob or none."""
+    def _store(self, cid: str, data: bytes) -> None:
+        """Write ``data`` to a temporary file in the store, sync it to disk and rename it to
+        its CID: a crash leaves either the whole blob or none."""
         assert self.directory is not None
         self.directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".incoming-")
         try:
             with os.fdopen(fd, "wb") as out:
-                write(out)
+                out.write(data)
                 out.flush()
                 os.fsync(out.fileno())
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return Path(tmp)
+            os.replace(tmp, self.directory / cid)
+        finally:
+            Path(tmp).unlink(missing_ok=True)  # renamed already, unless that failed
 
     def has(self, ref: BlobRef | str) -> bool:
         cid = ref.cid if isinstance(ref, BlobRef) else ref
