@@ -84,6 +84,15 @@ class PullPosition:
             log.info("the held tree does not follow commit %s: %s", event.commit, exc)
             return None
 
+    def stream_passed(self, seq: int) -> None:
+        """The local state includes the stream's events up to ``seq`` (a whole read that
+        began after they arrived, or one that came back again): resume after it."""
+        with self._db.transaction():
+            self._db.connection.execute(
+                "INSERT OR REPLACE INTO _atsync_sync_state (key, value) VALUES (?, ?)",
+                (self._repo.state("stream_cursor"), str(seq)),
+            )
+
     def record(
         self,
         commit: str,

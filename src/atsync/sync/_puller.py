@@ -283,6 +283,11 @@ class Puller:
             )  # fmt: skip
         return result
 
+    def stream_passed(self, seq: int | None) -> None:
+        """The local state includes the stream's events up to ``seq``: resume after it."""
+        if seq is not None:
+            self._position.stream_passed(seq)
+
     # -- reading ----------------------------------------------------------------------------
 
     def _read(

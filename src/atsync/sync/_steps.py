@@ -201,6 +201,9 @@ class StepRunner:
                 )
             if not followed or not await self._apply_events(did, key or "", frames):
                 result = await puller.pull(did, client, key, progress)
+                # The events that arrived before this read are in it: the stream resumes
+                # after them, not from an older position (or none: the whole read again).
+                puller.stream_passed(max((f.seq or 0 for f in frames), default=None) or None)
             elif engine._pull_wanted > engine._pull_done:
                 # Asked for the head as of now: the events may not have reached it yet.
                 result = await puller.pull(did, client, key, progress)
@@ -267,7 +270,10 @@ class StepRunner:
                 puller.reject_all(did, "VerificationError", f"#commit event: {exc}")
                 return False
             if event.rev <= rev:
-                continue  # already included (a replayed event)
+                # Already included (a replayed event, or one a whole read brought first):
+                # the stream resumes after it.
+                puller.stream_passed(event.seq)
+                continue
             prev_data = str(event.prev_data) if event.prev_data is not None else None
             if event.since != rev or (data is not None and prev_data != data):
                 log.info(
