@@ -9,14 +9,18 @@ One run, one PDS. A repository of ``n`` records (``applyWrites`` batches of 200)
     atsync  a fresh device: ``ATSync(..., pull=Manual(), push=Manual())``, timed from entering
             ``async with sync`` to ``wait_pulled()`` returning — getRepo streamed to a file,
             the commit's signature checked against the account's key, every block's hash and
-            the MST, every record applied as a row. Run in a child process, which also
-            measures its peak RSS growth (VmHWM, reset through /proc/self/clear_refs when the
-            kernel allows it).
+            the MST, every record applied as a row. (Stopping the engine afterwards, with
+            the WAL checkpoint it began once the rows landed, is shown apart.) Run in a child
+            process, which also measures its peak RSS growth (VmHWM, reset through
+            /proc/self/clear_refs when the kernel allows it). From a PDS on loopback the CAR
+            is asked for uncompressed (``XrpcClient``: compressing it costs both ends CPU
+            and holds back its first byte, for bytes that cross no wire).
     (a)     the ``atproto`` SDK: a ``com.atproto.repo.listRecords`` loop (limit 100, cursor),
             each record inserted into a plain ``sqlite3`` table (WAL, synchronous=NORMAL, as
-            atsync's default; one transaction per page). No verification.
-    (b)     the floor: ``getRepo`` downloaded into memory and decoded with
-            ``libipld.decode_car``; nothing verified, nothing written.
+            atsync's default; one transaction per page), timed to its last commit. No
+            verification. The SDK's own HTTP settings (it accepts gzip).
+    (b)     the floor: ``getRepo`` downloaded into memory, uncompressed as atsync asks for
+            it, and decoded with ``libipld.decode_car``; nothing verified, nothing written.
 
 (ii) live latency: device A (``push=Immediate()``) does an action; device B (``pull=Live()``)
     has the row — p50 and p99 (nearest rank: with 50 writes, p99 is the slowest) over
@@ -176,12 +180,16 @@ def child_backfill(pds_url: str, plc_url: str, did: str, db: str) -> dict[str, A
                 start = time.perf_counter()
                 async with sync:
                     status = await sync.wait_pulled()
-                seconds = time.perf_counter() - start
+                    seconds = time.perf_counter() - start
+                # Stopping the engine: it finishes the WAL checkpoint it began after the rows
+                # landed (the SDK's loop leaves its WAL as it is). Shown, not counted.
+                stop = time.perf_counter() - start - seconds
                 after = proc_status()
                 sync.close()
                 rows = app.model_db.execute("SELECT count(*) FROM posts").fetchone()[0]
         return {
             "seconds": seconds,
+            "stop": stop,
             "to_first_chunk": (first_chunk[0] - start) if first_chunk else None,
             "rows": rows,
             "rss_before": before["VmRSS"],
@@ -276,7 +284,9 @@ def sdk_list_records(pds: DevPDS, did: str, db: Path) -> tuple[float, int]:
 def floor_get_repo(pds: DevPDS, did: str) -> tuple[float, int]:
     import libipld
 
-    with httpx.Client(base_url=pds.pds_url, timeout=120) as http:
+    # Asked for as atsync asks a PDS on loopback: uncompressed (see XrpcClient).
+    headers = {"Accept-Encoding": "identity"}
+    with httpx.Client(base_url=pds.pds_url, timeout=120, headers=headers) as http:
         start = time.perf_counter()
         answer = http.get("/xrpc/com.atproto.sync.getRepo", params={"did": did})
         answer.raise_for_status()
@@ -544,6 +554,8 @@ def main() -> int:
             f"verification, the first chunk of rows), {whole - to_first:.2f} s applying the rest "
             "(medians)"
         )
+        stop = statistics.median(b["stop"] for b in backfills)
+        print(f"  then stopping the engine (its WAL checkpoint), not counted: {stop:.2f} s")
     reset = "reset via clear_refs" if all(b["peak_reset"] for b in backfills) else "not reset"
     print(
         f"  peak RSS growth during the backfill: {rss:.1f} MB (max of "

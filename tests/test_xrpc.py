@@ -275,6 +275,53 @@ async def test_get_repo_streams_to_disk(
         assert not (tmp_path / "small.car.part").exists()
 
 
+async def test_get_repo_from_loopback_is_not_compressed_unless_asked(
+    alice_data: SessionData,
+) -> None:
+    # Over loopback the CAR comes as it is (the PDS's compression costs both ends CPU and
+    # holds back the first byte, for bytes that cross no wire); a caller who asks for gzip
+    # gets it, decoded to the same bytes.
+    answers: list[httpx.Response] = []
+
+    async def seen(response: httpx.Response) -> None:
+        answers.append(response)
+
+    hooks = {"response": [seen]}
+    plain = XrpcClient(session=Session(alice_data), event_hooks=hooks)
+    zipped = XrpcClient(
+        session=Session(alice_data), headers={"Accept-Encoding": "gzip"}, event_hooks=hooks
+    )
+    async with plain, zipped:
+        repo = alice_did(plain)
+        for i in range(30):  # enough for the PDS to think compressing it worthwhile
+            await plain.create_record(
+                repo, COLL, note(f"compressible {i} " * 20), rkey=CLOCK.next()
+            )
+        as_is, gzipped = io.BytesIO(), io.BytesIO()
+        await plain.sync_get_repo(repo, as_is)
+        await zipped.sync_get_repo(repo, gzipped)
+        assert [r.request.headers["accept-encoding"] for r in answers[-2:]] == ["identity", "gzip"]
+        assert [r.headers.get("content-encoding") for r in answers[-2:]] == [None, "gzip"]
+        assert as_is.getvalue() == gzipped.getvalue()
+        # Other calls keep httpx's defaults: only the downloads are asked for as they are.
+        await plain.sync_get_latest_commit(repo)
+        assert "gzip" in answers[-1].request.headers["accept-encoding"]
+
+
+def test_loopback_urls() -> None:
+    from atsync.atproto._tls import is_loopback_url
+
+    for url in (
+        "http://localhost:2583",
+        "http://127.0.0.1",
+        "http://[::1]:80/x",
+        "http://LOCALHOST",
+    ):
+        assert is_loopback_url(url), url
+    for url in ("https://bsky.social", "http://127.0.0.2.example", "http://localhost.evil.com"):
+        assert not is_loopback_url(url), url
+
+
 async def test_get_repo_since_has_only_the_delta(client: XrpcClient, tmp_path: Path) -> None:
     async with client:
         repo = alice_did(client)

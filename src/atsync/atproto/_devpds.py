@@ -19,7 +19,6 @@ import subprocess
 import tempfile
 import threading
 import time
-import urllib.parse
 import weakref
 from collections import deque
 from collections.abc import Iterable
@@ -45,6 +44,7 @@ from ._devpds_install import (
     default_cache_dir,
     ensure_installed,
 )
+from ._tls import is_loopback_url
 
 __all__ = [
     "NODE_PACKAGE_VERSION",
@@ -124,11 +124,6 @@ def _finalize(proc: subprocess.Popen[str] | None, temp_dir: Path | None) -> None
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _is_loopback_url(url: str) -> bool:
-    parsed = urllib.parse.urlsplit(url)
-    return parsed.scheme == "http" and parsed.hostname in ("127.0.0.1", "localhost", "::1")
-
-
 class DevPDS:
     """The reference PDS and a PLC directory on loopback, with ``.test`` accounts.
 
@@ -164,7 +159,7 @@ class DevPDS:
         # How long the OAuth provider's access tokens live (one hour by default): short in
         # the tests that watch a token expire on the server.
         self._oauth_token_ttl_ms = oauth_token_ttl_ms
-        if plc_url is not None and not _is_loopback_url(plc_url):
+        if plc_url is not None and not (plc_url.startswith("http://") and is_loopback_url(plc_url)):
             raise DevPDSError(f"plc_url must be a loopback http URL, got {plc_url!r}")
         # Join another dev PDS's PLC directory instead of running one: two PDS hosts whose
         # accounts resolve through one directory (following someone on another host).

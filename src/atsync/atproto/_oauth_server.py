@@ -29,20 +29,18 @@ import httpx
 from atsync._errors import AuthError, PermanentError, RateLimitedError, TransientError
 
 from ._oauth_crypto import DpopKey, dpop_proof
-from ._tls import tls_context
+from ._tls import is_loopback_url, tls_context
 from ._xrpc_errors import retry_at
 
 __all__ = [
     "AuthServer",
     "NonceCache",
     "discover",
-    "is_loopback_url",
     "oauth_http_client",
     "origin_of",
     "post_form",
 ]
 
-_LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
 _METADATA_LIMIT = 64 * 1024
 DEFAULT_OAUTH_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 
@@ -50,10 +48,6 @@ DEFAULT_OAUTH_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 def origin_of(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme.lower()}://{parts.netloc.lower()}"
-
-
-def is_loopback_url(url: str) -> bool:
-    return (urlsplit(url).hostname or "").lower() in _LOOPBACK_HOSTS
 
 
 def oauth_http_client(timeout: httpx.Timeout | float = DEFAULT_OAUTH_TIMEOUT) -> httpx.AsyncClient:
