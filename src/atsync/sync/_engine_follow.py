@@ -31,6 +31,7 @@ from ..atproto import DEFAULT_PLC_URL, IdentityResolver, XrpcClient, is_valid_di
 from ..db import ModelDB
 from ._binding import BoundBinding
 from ._follows import Follows, Origin
+from ._key_ahead import known_key
 from ._live import listen_for_others
 from ._merge import ConflictPolicy
 from ._puller import Puller
@@ -102,6 +103,11 @@ class FollowRepos:
                 self._follow_handles.append(who)
             else:
                 raise ValidationError(f"follow=[…] takes DIDs and handles, not {who!r}")
+        # wait_pulled() includes the repositories of these handles: they are not followed
+        # until the engine has resolved them.
+        self._handles_resolved = anyio.Event()
+        if not self._follow_handles:
+            self._handles_resolved.set()
         if self._capture is not None:
             self._capture.read_only = self._follows.followed_row
 
@@ -238,6 +244,7 @@ class FollowRepos:
     async def _wait_follows(self, generation: int) -> None:
         """Until every followed repository finished a pull asked at ``generation`` (or
         later); a failed pull counts (its error is in ``follow_errors``)."""
+        await self._handles_resolved.wait()
         while any(self._follow_done.get(did, 0) < generation for did in self._follows.dids()):
             await self._follow_progress.wait()
 
@@ -280,6 +287,7 @@ class FollowRepos:
             except (ValidationError, NetworkError, VerificationError) as exc:
                 self.follow_errors[handle] = f"cannot follow {handle!r}: {exc}"
                 log.warning("cannot follow %s: %s", handle, exc)
+        self._handles_resolved.set()
         async with anyio.create_task_group() as tg:
             if isinstance(self.pull_strategy, Live):
                 tg.start_soon(self._watch_follow_hosts, own_host)
@@ -358,7 +366,7 @@ class FollowRepos:
                 theirs = self._public_client(pds)
                 key = identity.signing_key if self.verify else None
                 puller = self._followed_puller(did)
-                result = await puller.pull(did, theirs, key, download_slot=host)
+                result = await puller.pull(did, theirs, known_key(key), download_slot=host)
         except VerificationError as exc:
             self._followed_puller(did).reject_all(did, "VerificationError", str(exc))
             self.follow_errors[did] = f"the repository failed verification: {exc}"
