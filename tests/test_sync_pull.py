@@ -16,8 +16,9 @@ from typing import Any
 import anyio
 import pytest
 
+from atsync import TransientError
 from atsync.app import REMOTE_ACTION, ActionContext, App, Contract
-from atsync.atproto import IdentityResolver, Session, XrpcClient, login
+from atsync.atproto import Identity, IdentityResolver, Session, XrpcClient, login
 from atsync.sync import ATSync, Binding, Immediate, Live, Manual, OnStart, SyncStatus
 from sync_devices import ForgetfulResolver, as_rows, remote, rows, session_of, wait_status
 from sync_devices import collection_for as shared_collection_for
@@ -782,6 +783,45 @@ async def test_live_resumes_from_its_cursor_after_a_restart(
         ):
             await wait_status(sync_b, lambda s: {"m1", "m2", "m3"} <= set(rows(b)), 15)
             assert downloads == []  # replayed from the cursor, not read whole
+
+
+class PlcDown(IdentityResolver):
+    """An identity resolver whose PLC directory does not answer until ``up`` is set."""
+
+    up = False
+
+    async def resolve(self, identifier: str, **options: Any) -> Identity:
+        if not self.up:
+            raise TransientError("the PLC directory did not answer (test)")
+        return await super().resolve(identifier, **options)
+
+
+async def test_the_signing_key_is_resolved_beside_the_download_and_its_failure_said(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    # The DID document is asked for while the repository downloads (one round trip to
+    # another host less before the first byte). Without it nothing is verified, so nothing
+    # is applied; it is no fault of the repository, so nothing is rejected; once the
+    # directory answers, the next pull restores the records.
+    collection = collection_for(request)
+    session = await alice(dev_pds)
+    await put_record(session, collection, "k1", title="before", n=1)
+    downloads, counted = counting("com.atproto.sync.getRepo")
+    async with (
+        PlcDown(plc_url=dev_pds.plc_url, allow_insecure_localhost=True) as plc,
+        device(tmp_path / "b.db", collection, session, plc, **counted) as (b, sync_b),
+    ):
+        status = await wait_status(
+            sync_b, lambda s: "cannot resolve the account's signing key" in (s.download_error or "")
+        )
+        assert "PLC directory did not answer" in (status.download_error or "")
+        assert downloads, "the download began beside the key's resolution"
+        assert (status.rejected, rows(b)) == (0, {})
+        plc.up = True
+        with anyio.fail_after(30):
+            status = await sync_b.wait_pulled()
+        assert status.download_error is None
+        assert rows(b)["k1"]["title"] == "before"
 
 
 async def test_a_cursor_older_than_the_replay_window_reads_the_repository(

@@ -58,6 +58,7 @@ from ..lexicon import LexiconSet
 from ._apply import Applier, Change, Known, OnPdsAction, PullResult
 from ._binding import BoundBinding
 from ._capture import Validator
+from ._key_ahead import KeyAhead, KeySource
 from ._merge import ConflictPolicy
 from ._outbox import Outbox
 from ._pull_position import PullPosition
@@ -122,16 +123,39 @@ class Puller:
         self,
         did: str,
         client: XrpcClient,
-        signing_key: str | None,
+        signing_key: KeySource,
         progress: Progress | None = None,
         download_slot: anyio.CapacityLimiter | None = None,
     ) -> PullResult:
-        """Bring the bound models up to the repository's head. Raises network errors and
-        ``VerificationError`` (then nothing of this pull is applied). ``download_slot``: held
-        while talking to the PDS only, not while the read is verified and applied (followed
+        """Bring the bound models up to the repository's head. Raises network errors,
+        ``VerificationError`` (then nothing of this pull is applied) and ``SigningKeyError``.
+        ``signing_key`` is resolved beside the first request. ``download_slot``: held while
+        talking to the PDS only, not while the read is verified and applied (followed
         repositories: the host serves the next one meanwhile)."""
-        self._slot = download_slot or contextlib.nullcontext()
+        key = KeyAhead(signing_key)
+        failure: Exception | None = None
         result = PullResult()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(key.resolve)
+            try:
+                await self._pull(did, client, key, result, progress, download_slot)
+            except Exception as exc:  # raised as itself below, not wrapped in a group
+                failure = exc
+            tg.cancel_scope.cancel()  # a key nobody needed (the head had not moved)
+        if failure is not None:
+            raise failure
+        return result
+
+    async def _pull(
+        self,
+        did: str,
+        client: XrpcClient,
+        key: KeyAhead,
+        result: PullResult,
+        progress: Progress | None,
+        download_slot: anyio.CapacityLimiter | None,
+    ) -> None:
+        self._slot = download_slot or contextlib.nullcontext()
         written = self._position.written_mark()
         pulled = self._position.pulled_commit()
         if pulled is not None and self.covers_collections():
@@ -140,9 +164,9 @@ class Puller:
                 latest = await client.sync_get_latest_commit(did)
             if latest.cid == pulled:
                 result.commit, result.rev, result.unchanged = latest.cid, latest.rev, True
-                return result
-            if await self._pull_since(did, client, signing_key, result, progress, written):
-                return result
+                return
+            if await self._pull_since(did, client, key, result, progress, written):
+                return
         known = self._known()
         known_cids = {key: was.cid for key, was in known.items()}
         spill = Spill(decode=self.collections, walk=True, memory_limit=CAR_MEMORY_LIMIT)
@@ -154,7 +178,7 @@ class Puller:
             # whole process); otherwise it resumes, and decoding pauses it per chunk.
             paused.enter_context(gc_paused())
             commit, rev, data, changes, nodes, in_memory = await self._read_whole(
-                did, client, signing_key, known_cids, spill, paused
+                did, client, key, known_cids, spill, paused
             )
             result.commit, result.rev = commit, rev
             # The user's own repository only: followed ones are pulled several at once, and
@@ -173,13 +197,12 @@ class Puller:
             # this block ends: its first pass would walk all of it, for nothing (40-60 ms
             # for 20,000 records, between the rows landing and wait_pulled() returning).
             del changes, nodes, known, known_cids
-        return result
 
     async def _read_whole(
         self,
         did: str,
         client: XrpcClient,
-        signing_key: str | None,
+        key: KeyAhead,
         known_cids: dict[tuple[str, str], str | None],
         spill: Spill,
         paused: contextlib.ExitStack,
@@ -198,6 +221,7 @@ class Puller:
         # Blocks are hash-checked and decoded as they arrive, while the network is slow.
         async with self._slot:
             await client.sync_get_repo(did, None, on_chunk=feed)
+        signing_key = await key.get()
         read = await anyio.to_thread.run_sync(
             self._read, spill.finish(), did, signing_key, known_cids, stream
         )
@@ -207,7 +231,7 @@ class Puller:
         self,
         did: str,
         client: XrpcClient,
-        signing_key: str | None,
+        key: KeyAhead,
         result: PullResult,
         progress: Progress | None,
         written: int,
@@ -227,6 +251,7 @@ class Puller:
                 # without ``since``: the whole repository says where things stand.
                 log.info("no changes since rev %s (%s): reading it all", rev, exc)
                 return False
+            signing_key = await key.get()
             try:
                 # Off the event loop, as a whole read: a long absence makes a large delta.
                 # (It reads the held tree and the sync tables; the engine's own push does

@@ -37,6 +37,7 @@ from ..lexicon import LexiconSet, check_model_against_lexicon, validate_record
 from ._apply import PullResult
 from ._binding import BoundBinding
 from ._capture import Validator
+from ._key_ahead import KeyAhead, SigningKeyError, known_key
 from ._pusher import PushResult, RepoMoved
 from ._resync import ResyncScan
 from ._status import State, WaitReason
@@ -182,33 +183,37 @@ class StepRunner:
         def progress(done: int, total: int) -> None:
             engine._refresh_status(pull_progress=(done, total))
 
-        try:
-            key = await self._signing_key(did, client) if engine.verify else None
-        except (VerificationError, NetworkError, OSError) as exc:
-            self._pull_failed(f"cannot resolve the account's signing key: {exc}", None)
-            return False
+        async def signing_key() -> str | None:
+            return await self._signing_key(did, client) if engine.verify else None
+
         frames, engine._events = list(engine._events), deque()
         lost, engine._events_lost = engine._events_lost, False
         log.debug(
             "pull: %d events, lost=%s, asked %d/%d, stream %s", len(frames), lost,
             engine._pull_done, engine._pull_wanted, "up" if engine._stream_up else "down",
         )  # fmt: skip
+        key: str | None = None
         try:
+            if frames and not lost:
+                key = await KeyAhead.now(signing_key)  # the events are checked with it first
             followed = frames and not lost and key is not None
             if frames and not followed:
                 log.info(
                     "%d events, but the stream lost track: reading the repository", len(frames)
                 )
             if not followed or not await self._apply_events(did, key or "", frames):
-                result = await puller.pull(did, client, key, progress)
+                result = await puller.pull(did, client, signing_key, progress)
                 # The events that arrived before this read are in it: the stream resumes
                 # after them, not from an older position (or none: the whole read again).
                 puller.stream_passed(max((f.seq or 0 for f in frames), default=None) or None)
             elif engine._pull_wanted > engine._pull_done:
                 # Asked for the head as of now: the events may not have reached it yet.
-                result = await puller.pull(did, client, key, progress)
+                result = await puller.pull(did, client, known_key(key), progress)
             else:
                 result = PullResult()
+        except SigningKeyError as exc:
+            self._pull_failed(f"cannot resolve the account's signing key: {exc}", None)
+            return False
         except RateLimitedError as exc:
             wait = max(0.0, (exc.reset_at or time.time() + 60) - time.time())
             self._pull_failed(str(exc), wait)
