@@ -477,6 +477,21 @@ def test_a_car_held_in_memory_is_read_without_a_file(
         CarFile(None)
 
 
+def test_a_spill_lets_go_of_what_its_stream_read(small_repo_bytes: bytes) -> None:
+    # Once a pull is done with it, nothing decoded lives on for the collector to walk.
+    from atsync.sync._spill import Spill
+
+    with Spill(decode={"com.example.note"}, walk=True) as spill:
+        spill.feed(small_repo_bytes)
+        assert spill.finish() is None
+        stream = spill.stream
+        stream.finish()  # as the reader does
+        assert stream.records and stream.nodes and stream.offsets and stream.data
+        assert stream.walk is not None and stream.walk.complete
+    held = (stream.records, stream.record_json, stream.nodes, stream.layers, stream.offsets)
+    assert held == ({}, {}, {}, {}, {}) and stream.data == b"" and stream.walk is None
+
+
 # --- the tree walked while downloading (CarStream(walk=True)) -------------------------------
 
 

@@ -127,10 +127,19 @@ class CarStream:
         self._buf = bytearray()
         self._finished = True
 
+    def close(self) -> None:
+        """Let go of the CAR and of all that was read from it, once a reader is done: held
+        by the stream, those containers would live on and the collector walk them."""
+        self.data = b""
+        self._let_go()
+
     def _give_up(self) -> None:
         self.in_memory = False
         if self._on_give_up is not None:
             self._on_give_up(self._buf)  # every byte fed before the chunk that did not fit
+        self._let_go()
+
+    def _let_go(self) -> None:
         self._buf = bytearray()
         self.offsets, self.nodes, self.records, self.record_json = {}, {}, {}, {}
         self.layers = {}

@@ -170,7 +170,9 @@ class Puller:
         known = self._known()
         known_cids = {key: was.cid for key, was in known.items()}
         spill = Spill(decode=self.collections, walk=True, memory_limit=CAR_MEMORY_LIMIT)
-        with spill, contextlib.ExitStack() as paused:
+        # The spill ends first: what its stream decoded is let go before the collector
+        # resumes, whose first pass would otherwise walk all of it.
+        with contextlib.ExitStack() as paused, spill:
             # A whole read builds tens of thousands of objects that all last until it ends:
             # the collector would walk them again and again for nothing (a tenth of the time).
             # Paused for the whole read while the repository is held in memory (<= 32 MiB of

@@ -11,7 +11,8 @@ with ``sync_get_repo(did, None, on_chunk=...)`` into a ``Spill``, which owns the
 
 Past the limit, the bytes the stream held and every later chunk are written to a temporary
 file (plain writes of one chunk each, into the page cache), read afterwards by ``RepoFile``
-without holding it in memory. The file is removed when the ``with`` block ends.
+without holding it in memory. The file is removed, and the stream lets go of what it read,
+when the ``with`` block ends.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class Spill:
     def __exit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self.stream.close()
         if self._file is not None:
             self._file.close()
         if self._path is not None:
