@@ -168,7 +168,7 @@ class Puller:
             if await self._pull_since(did, client, key, result, progress, written):
                 return
         known = self._known()
-        known_cids = {key: was.cid for key, was in known.items()}
+        known_cids = {record: was.cid for record, was in known.items()}
         spill = Spill(decode=self.collections, walk=True, memory_limit=CAR_MEMORY_LIMIT)
         # The spill ends first: what its stream decoded is let go before the collector
         # resumes, whose first pass would otherwise walk all of it.

@@ -205,7 +205,8 @@ class StepRunner:
                 result = await puller.pull(did, client, signing_key, progress)
                 # The events that arrived before this read are in it: the stream resumes
                 # after them, not from an older position (or none: the whole read again).
-                puller.stream_passed(max((f.seq or 0 for f in frames), default=None) or None)
+                seqs = [frame.seq for frame in frames if frame.seq is not None]
+                puller.stream_passed(max(seqs) if seqs else None)
             elif engine._pull_wanted > engine._pull_done:
                 # Asked for the head as of now: the events may not have reached it yet.
                 result = await puller.pull(did, client, known_key(key), progress)
