@@ -278,6 +278,7 @@ SHARED_PRIVATE = {"atsync._errors", "atsync._blocking", "atsync._json", "atsync.
 # Exceptions that are defined under src/ but never reach a caller, and why.
 INTERNAL_EXCEPTIONS = {
     "atsync.sync._pusher.RepoMoved": "caught by the engine, which pulls (and merges) instead",
+    "atsync.sync._key_ahead.SigningKeyError": "caught by the engine, said in download_error",
     "atsync.lexicon._checks.Invalid": "turned into RecordError (with the field's path)",
     "atsync.cli._devpds._StopDuringStart": "a signal during start-up, handled by the command",
 }
