@@ -800,28 +800,113 @@ async def test_the_signing_key_is_resolved_beside_the_download_and_its_failure_s
     dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     # The DID document is asked for while the repository downloads (one round trip to
-    # another host less before the first byte). Without it nothing is verified, so nothing
+    # another host less before the first byte: the next test shows the download under way
+    # when the directory fails). Without it nothing is verified, so nothing
     # is applied; it is no fault of the repository, so nothing is rejected; once the
     # directory answers, the next pull restores the records.
     collection = collection_for(request)
     session = await alice(dev_pds)
     await put_record(session, collection, "k1", title="before", n=1)
-    downloads, counted = counting("com.atproto.sync.getRepo")
     async with (
         PlcDown(plc_url=dev_pds.plc_url, allow_insecure_localhost=True) as plc,
-        device(tmp_path / "b.db", collection, session, plc, **counted) as (b, sync_b),
+        device(tmp_path / "b.db", collection, session, plc) as (b, sync_b),
     ):
+        sync_b.pull_now()
         status = await wait_status(
             sync_b, lambda s: "cannot resolve the account's signing key" in (s.download_error or "")
         )
         assert "PLC directory did not answer" in (status.download_error or "")
-        assert downloads, "the download began beside the key's resolution"
         assert (status.rejected, rows(b)) == (0, {})
         plc.up = True
         with anyio.fail_after(30):
             status = await sync_b.wait_pulled()
         assert status.download_error is None
         assert rows(b)["k1"]["title"] == "before"
+
+
+class PlcDownOnceDownloading(PlcDown):
+    """The PLC directory fails only once the repository's download is being held back."""
+
+    downloading: anyio.Event | None = None
+
+    async def resolve(self, identifier: str, **options: Any) -> Identity:
+        if not self.up and self.downloading is not None:
+            await self.downloading.wait()
+        return await super().resolve(identifier, **options)
+
+
+async def test_a_signing_key_that_cannot_be_resolved_stops_the_download(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    # Without the key nothing is verified, so nothing is applied: the download running
+    # beside it (a whole getRepo on a new device) stops at once instead of going on for
+    # nothing — here it would never end, its answer is held back.
+    from fault_proxy import FaultProxy, Hold, proxied_session
+
+    collection = collection_for(request)
+    session = await alice(dev_pds)
+    await put_record(session, collection, "k1", title="before", n=1)
+    held = Hold()
+    async with FaultProxy(dev_pds.pds_url) as proxy:
+        proxy.add(held, nsid="com.atproto.sync.getRepo", nth=1)
+        proxied = proxied_session(session, proxy.url)
+        plc = PlcDownOnceDownloading(plc_url=dev_pds.plc_url, allow_insecure_localhost=True)
+        plc.downloading = held.reached
+        async with plc, device(tmp_path / "b.db", collection, proxied, plc) as (b, sync_b):
+            sync_b.pull_now()
+            status = await wait_status(
+                sync_b,
+                lambda s: "cannot resolve the account's signing key" in (s.download_error or ""),
+                10,
+            )
+            assert not held.gate.is_set(), "the pull ended while its download was held"
+            assert (status.rejected, rows(b)) == (0, {})
+            held.release()
+            plc.up = True
+            with anyio.fail_after(30):
+                await sync_b.wait_pulled()
+            assert rows(b)["k1"]["title"] == "before"
+
+
+async def test_a_login_under_manual_pull_pulls_only_when_asked(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    # Manual() pulls on pull_now() / wait_pulled() alone: a login pushes at once, and reads
+    # nothing. A pull asked for before the login is made once the session is there.
+    from atsync.app import ATPSigner
+    from atsync.atproto import MemorySessionStore
+
+    collection = collection_for(request)
+    session = await alice(dev_pds)
+    await put_record(session, collection, "r1", title="remote", n=1)
+    downloads, counted = counting("com.atproto.sync.getRepo")
+    for name, asked_before_login in (("b.db", False), ("c.db", True)):
+        downloads.clear()
+        signer = ATPSigner(store=MemorySessionStore())
+        with App.open(tmp_path / name, contract, signer=signer) as app:
+            sync = ATSync(
+                app,
+                bindings={"notes": Binding(collection)},
+                identity=resolver,
+                push=Immediate(),
+                pull=Manual(),
+                **counted,
+            )
+            async with sync:
+                app.actions.put(f"local-{name}", "written here", None, 0)
+                if asked_before_login:
+                    sync.pull_now()
+                signer.session = session
+                with anyio.fail_after(30):
+                    await sync.wait_for_idle()
+                if asked_before_login:
+                    await wait_status(sync, lambda s: "r1" in rows(app), 30)
+                else:
+                    assert downloads == [] and "r1" not in rows(app)
+                    with anyio.fail_after(30):
+                        await sync.wait_pulled()
+                assert downloads and rows(app)["r1"]["title"] == "remote"
+            sync.close()
 
 
 async def test_a_cursor_older_than_the_replay_window_reads_the_repository(

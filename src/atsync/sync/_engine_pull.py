@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from ..atproto import FirehoseFrame
 from ._outbox import Outbox
 from ._puller import Puller
-from ._strategies import Live, PullStrategy
+from ._strategies import Live, Manual, PullStrategy
 
 if TYPE_CHECKING:
     from ._engine import SessionLike
@@ -83,6 +83,10 @@ class PullEvents:
         except Exception:  # a hint failed: the next pull still reads the repository
             log.exception("could not record a malformed frame")
         self._refresh_status()
+
+    def _pulls_after_login(self) -> bool:
+        """A login pulls: every strategy but Manual, unless the stream resumes from its cursor."""
+        return not isinstance(self.pull_strategy, Manual) and not self._resumes_stream()
 
     def _resumes_stream(self) -> bool:
         """Live, with a stored stream position: the stream replays what was missed."""

@@ -59,6 +59,11 @@ class KeyAhead:
         finally:
             self._done.set()
 
+    @property
+    def failed(self) -> bool:
+        """Resolved, with an error (``get()`` raises it)."""
+        return self._done.is_set() and self._error is not None
+
     async def get(self) -> str | None:
         await self._done.wait()
         error = self._error

@@ -135,13 +135,27 @@ class Puller:
         key = KeyAhead(signing_key)
         failure: Exception | None = None
         result = PullResult()
+        pulling, cut = True, False
+
+        async def resolve_key(scope: anyio.CancelScope) -> None:
+            nonlocal cut
+            await key.resolve()
+            if key.failed and pulling:
+                # Nothing can be verified, so nothing will be applied: stop the download
+                # (a whole getRepo on a new device) instead of finishing it for nothing.
+                cut = True
+                scope.cancel()
+
         async with anyio.create_task_group() as tg:
-            tg.start_soon(key.resolve)
+            tg.start_soon(resolve_key, tg.cancel_scope)
             try:
                 await self._pull(did, client, key, result, progress, download_slot)
             except Exception as exc:  # raised as itself below, not wrapped in a group
                 failure = exc
+            pulling = False
             tg.cancel_scope.cancel()  # a key nobody needed (the head had not moved)
+        if cut:
+            await key.get()  # raises SigningKeyError
         if failure is not None:
             raise failure
         return result

@@ -107,8 +107,9 @@ class StepRunner:
                 "with the new account from scratch."
             )
         engine._eager = True  # a login pushes at once
-        # And pulls — unless the event stream will replay from its stored cursor.
-        engine._pull_forced = not engine._resumes_stream()
+        # And pulls — unless the strategy is Manual (only when asked) or the event stream will
+        # replay from its stored cursor. A pull asked for before the login stays asked for.
+        engine._pull_forced = engine._pull_forced or engine._pulls_after_login()
         self.pull_retry_at = None
         return current
 
