@@ -10,9 +10,18 @@ runs on a machine without Node.js. Nobody has to remember it:
 - a test without the marker runs with ``ATSYNC_CACHE_DIR`` pointing below ``/dev/null``, so if it
   starts a PDS anyway (in process or in a child) it fails at once, naming the marker, instead of
   installing or starting one. ``tests/test_pds_marker.py`` checks all three.
+
+Only loopback addresses, ever: an audit hook sees every name lookup and connection this
+process makes, and a test that reached for another host (say a PLC directory on the
+internet, because an engine was built without the test's resolver) fails, naming it.
+``tests/test_loopback_only.py`` checks the guard.
 """
 
 from __future__ import annotations
+
+import ipaddress
+import sys
+from typing import Any
 
 import pytest
 
@@ -57,3 +66,45 @@ def _no_pds_without_the_marker(
 ) -> None:
     if request.node.get_closest_marker("pds") is None:
         monkeypatch.setenv("ATSYNC_CACHE_DIR", NO_PDS_CACHE)
+
+
+# Hosts this process tried to reach that are not loopback, since the last test ended.
+OFF_LOOPBACK: list[str] = []
+
+
+def is_loopback(host: object) -> bool:
+    if isinstance(host, bytes):
+        host = host.decode(errors="replace")
+    if host is None or host == "":
+        return True  # the local host (e.g. getaddrinfo(None, port) for a listening socket)
+    if not isinstance(host, str):
+        return False
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return False  # a name other than localhost: a DNS lookup leaves the machine
+    return address.is_loopback or address.is_unspecified
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    if event == "socket.getaddrinfo":
+        host = args[0]
+    elif event in ("socket.connect", "socket.sendto") and isinstance(args[1], tuple):
+        host = args[1][0]
+    else:
+        return
+    if not is_loopback(host):
+        OFF_LOOPBACK.append(f"{event} {host!r}")
+
+
+sys.addaudithook(_audit)
+
+
+@pytest.fixture(autouse=True)
+def _loopback_only() -> Any:
+    OFF_LOOPBACK.clear()
+    yield
+    reached, OFF_LOOPBACK[:] = sorted(set(OFF_LOOPBACK)), []
+    assert not reached, f"this test reached beyond loopback: {reached}"

@@ -37,6 +37,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,7 +171,19 @@ def watch(device: Device, *, interval: float = 0.5, stop: threading.Event | None
     while not stop.is_set():
         device.vault.scan()
         device.vault.apply()
-        stop.wait(interval)
+        _pause(stop, interval)
+
+
+def _pause(stop: threading.Event, seconds: float) -> None:
+    """Sleep until ``seconds`` have passed or ``stop`` is set. Not ``stop.wait()``: the signal
+    handler sets ``stop`` in this thread, and when the signal lands while ``wait()`` holds the
+    event's lock, ``set()`` waits for that lock forever (a watcher that ignored Ctrl-C)."""
+    deadline = time.monotonic() + seconds
+    while not stop.is_set():  # is_set() takes no lock
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(left, 0.05))
 
 
 def _stop_on_signals() -> threading.Event:

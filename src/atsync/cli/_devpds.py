@@ -12,7 +12,7 @@ import json
 import os
 import signal
 import sys
-import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +31,7 @@ _DEFAULT_ACCOUNT = ("alice.test", "hunter22")
 # How often to look whether our parent process is still there. There is no portable event
 # for that (PR_SET_PDEATHSIG fires when the parent *thread* exits, which a thread pool does
 # routinely), so this is a watch interval, not a synchronisation delay.
-_PARENT_CHECK_S = 0.5
+_PARENT_CHECK_S = 0.2
 
 
 def _parse_account(value: str) -> tuple[str, str]:
@@ -161,11 +161,15 @@ def dev_pds(
     """
     parsed = [_parse_account(a) for a in accounts] or [_DEFAULT_ACCOUNT]
     parent = os.getppid()
-    stop = threading.Event()
+    # A plain flag, not a threading.Event: the handler runs in the main thread between two
+    # bytecodes, and Event.set() there deadlocks when the signal lands while the main
+    # thread's Event.wait() holds the event's lock (seen: a dev PDS that ignored Ctrl-C).
+    stopping = False
     started = False
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        stop.set()
+        nonlocal stopping
+        stopping = True
         if not started:  # abort the install or the start; DevPDS cleans up on the way out
             raise _StopDuringStart
 
@@ -200,7 +204,10 @@ def dev_pds(
                     f"dev PDS ready at {pds.pds_url} (PLC {pds.plc_url}); "
                     "SIGTERM or Ctrl-C stops it"
                 )
-                while not stop.wait(_PARENT_CHECK_S):
+                while not stopping:
+                    time.sleep(_PARENT_CHECK_S)  # a signal's handler runs, then it sleeps on
+                    if stopping:
+                        break
                     if os.getppid() != parent:
                         say("parent process exited; stopping")
                         break
