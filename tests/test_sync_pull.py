@@ -135,7 +135,7 @@ async def test_a_fresh_device_restores_what_was_written_elsewhere(
 ) -> None:
     collection = collection_for(request)
     session = await alice(dev_pds)
-    await written_elsewhere(tmp_path / "a.db", collection, session, resolver, 300)
+    await written_elsewhere(tmp_path / "a.db", collection, session, resolver, 1_000)
     progress: list[tuple[int, int]] = []
     async with device(tmp_path / "b.db", collection, session, resolver, pull=Live()) as (
         b,
@@ -144,11 +144,11 @@ async def test_a_fresh_device_restores_what_was_written_elsewhere(
         sync_b.on_status(lambda s: progress.append(s.pull_progress) if s.pull_progress else None)
         with anyio.fail_after(30):
             status = await sync_b.wait_pulled()
-        assert len(rows(b)) == 300
+        assert len(rows(b)) == 1_000
         assert rows(b) == as_rows(await remote(session, collection))
         assert status.download_error is None and status.rev is not None
         assert status.last_pulled_at is not None and status.pending == 0  # no echo
-        assert progress and progress[-1] == (300, 300)
+        assert progress and progress[-1] == (1_000, 1_000)
     # The restored rows are not pushed back.
     assert sync_b.status.pending == 0
 
