@@ -204,7 +204,7 @@ def dev_pds(
                     f"dev PDS ready at {pds.pds_url} (PLC {pds.plc_url}); "
                     "SIGTERM or Ctrl-C stops it"
                 )
-                while not stopping:
+                while True:
                     time.sleep(_PARENT_CHECK_S)  # a signal's handler runs, then it sleeps on
                     if stopping:
                         break
