@@ -377,3 +377,31 @@ def test_a_second_host_joins_the_first_ones_plc_directory(
 def test_plc_url_must_be_loopback() -> None:
     with pytest.raises(DevPDSError, match="loopback"):
         DevPDS(plc_url="https://plc.directory")
+
+
+def test_an_account_moves_to_another_host_with_its_did_and_records(make_pds: MakePDS) -> None:
+    old = make_pds(accounts=[("mover.test", "mover-pw-1")])
+    new = make_pds(plc_url=old.plc_url, accounts=[("dan.test", "dan-pw-1")])
+    elsewhere = make_pds(accounts=[("erin.test", "erin-pw-1")])  # a directory of its own
+    session = _session(old, "mover.test", "mover-pw-1")
+    assert _put_note(old, session, "before-the-move", "hi")
+    did = old.accounts["mover.test"].did
+    with pytest.raises(DevPDSError, match="share a PLC directory"):
+        old.move_account("mover.test", elsewhere)
+    with pytest.raises(DevPDSError, match="not an account"):
+        old.move_account("nobody.test", new)
+    moved = old.move_account("mover.test", new)
+    assert moved.did == did and new.accounts["mover.test"] == moved
+    assert "mover.test" not in old.accounts
+    doc = httpx.get(f"{old.plc_url}/{did}").json()
+    assert doc["service"][0]["serviceEndpoint"] == new.pds_url
+    latest = "/xrpc/com.atproto.sync.getLatestCommit"
+    gone = httpx.get(f"{old.pds_url}{latest}", params={"did": did})
+    assert gone.status_code == 400 and gone.json()["error"] == "RepoDeactivated"
+    record = httpx.get(
+        f"{new.pds_url}/xrpc/com.atproto.repo.getRecord",
+        params={"repo": did, "collection": "com.example.note", "rkey": "before-the-move"},
+    )
+    assert record.status_code == 200, record.text
+    # It logs in on its new host with the same password, and writes there.
+    assert _put_note(new, _session(new, "mover.test", "mover-pw-1"), "after-the-move", "hi")

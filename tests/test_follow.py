@@ -397,3 +397,46 @@ async def test_a_followed_repository_is_applied_after_its_hosts_download_slot_is
         await pulled(sync)
         assert f"at://{bob.did}/{collection}/s2" in rows(app)
     assert held_while_applying and set(held_while_applying) == {0}
+
+
+@pytest.mark.anyio
+async def test_a_followed_account_that_moves_to_another_host_is_followed_there(
+    make_pds: MakePDS, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A real account migration (``DevPDS.move_account``: same DID, records imported, the DID
+    document naming the new host and its new key, deactivated on the old one). Live(fallback=60)
+    polls nothing within the test: the old host's ``#account`` event is all alice hears, and
+    her engine resolves the DID afresh, pulls it from its new host (verified against the new
+    key) and listens to that host's stream from then on."""
+    collection = collection_for(request)
+    old = make_pds(accounts=[("alice.test", "alice-pw-1"), ("mover.test", "mover-pw-1")])
+    new = make_pds(plc_url=old.plc_url, accounts=[("dan.test", "dan-pw-1")])
+    alice, mover = await session_of(old, "alice.test"), await session_of(old, "mover.test")
+    await write(mover, collection, "m1", title="written on the old host")
+    resolver = IdentityResolver(plc_url=old.plc_url, allow_insecure_localhost=True)
+    live = {"pull": Live(fallback=60)}
+    async with resolver:
+        async with device(tmp_path / "a.db", collection, alice, resolver, **live) as (app, sync):
+            await sync.follow(mover.did)
+            first = f"at://{mover.did}/{collection}/m1"
+            await wait_for(app, lambda state: first in state, within=15)
+            before = (await resolver.resolve_did(mover.did)).signing_key
+
+            moved = await anyio.to_thread.run_sync(old.move_account, "mover.test", new)
+            assert moved.did == mover.did and "mover.test" in new.accounts
+            assert "mover.test" not in old.accounts
+            mover = await session_of(new, "mover.test")
+            await write(mover, collection, "m2", title="written on the new host")
+            second = f"at://{mover.did}/{collection}/m2"
+            await wait_for(app, lambda state: second in state, within=20)
+            assert first in rows(app)  # the imported record stays, under the same key
+            origin = sync.origin("notes", second)
+            assert origin is not None and origin.did == mover.did
+            assert mover.did not in sync.follow_errors
+            # Its new key: the old one no longer signs this repository.
+            assert (await resolver.resolve_did(mover.did)).signing_key != before
+
+            # From now on its new host's stream brings its changes.
+            await write(mover, collection, "m3", title="live from the new host")
+            third = f"at://{mover.did}/{collection}/m3"
+            await wait_for(app, lambda state: third in state, within=15)

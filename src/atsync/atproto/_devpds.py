@@ -44,6 +44,7 @@ from ._devpds_install import (
     default_cache_dir,
     ensure_installed,
 )
+from ._devpds_move import move_account
 from ._tls import is_loopback_url
 
 __all__ = [
@@ -248,6 +249,22 @@ class DevPDS:
                 h: {"did": a.did, "password": a.password} for h, a in self.accounts.items()
             },
         }
+
+    def move_account(self, handle: str, to: DevPDS) -> DevAccount:
+        """Move ``handle`` to the dev PDS ``to`` (running, joined to this one's PLC directory)
+        as an account migrates on the network: the same DID, its records imported there,
+        its DID document naming ``to`` and its new signing key, active there and deactivated
+        here. Both hosts' event streams say so (``#identity``, ``#account``). Blobs stay."""
+        account = self.accounts.get(handle.lower())
+        if account is None:
+            raise DevPDSError(f"{handle!r} is not an account of this dev PDS")
+        move_account(self, to, account.handle, account.password, self._need("rotation_key_hex"))
+        moved = {"did": account.did, "password": account.password}
+        to._state.setdefault("accounts", {})[account.handle] = moved
+        to._save_state()
+        del self._state["accounts"][account.handle]
+        self._save_state()
+        return DevAccount(account.handle, account.did, account.password)
 
     def start(self) -> Self:
         if self.running:

@@ -115,7 +115,10 @@ async function main() {
   if (stopping) return
 
   const env = readEnv()
-  env.didPlcUrl = didPlcUrl
+  // By name: the PDS resolves DIDs with a fetch that refuses IP literals, so a directory at
+  // 127.0.0.1 cannot be read back (an account moving in from another host fails its
+  // createAccount). localhost is the same loopback directory.
+  env.didPlcUrl = didPlcUrl.replace(`//${LOOPBACK}:`, '//localhost:')
   pdsServer = await PDS.create(envToCfg(env), envToSecrets(env))
   bindToLoopback(pdsServer.app)
   // The PDS has no setting for it; tests that watch an access token expire on the server

@@ -12,7 +12,10 @@ where followed accounts live, shared by all of them; an event about a followed a
 stream's (re)connect, makes its task pull that repository (a verified whole comparison: the
 events are hints, never applied as such). While a host's stream is down its repositories are
 polled every ``fallback`` seconds. A followed repository that fails (offline host, forged
-data) is reported in ``follow_errors`` and retried with its next pull.
+data, an account not active on its host) is reported in ``follow_errors`` and retried with
+its next pull, at the latest after ``fallback`` seconds. ``#identity`` and ``#account`` events
+make the next pull resolve the DID afresh; an account its host says is not active is resolved
+afresh at once, and pulled from its new host if it moved.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from .._errors import NetworkError, ValidationError, VerificationError
+from .._errors import NetworkError, PermanentError, ValidationError, VerificationError
 from ..app import App
 from ..atproto import DEFAULT_PLC_URL, IdentityResolver, XrpcClient, is_valid_did
 from ..db import ModelDB
@@ -36,6 +39,7 @@ from ._live import listen_for_others
 from ._merge import ConflictPolicy
 from ._puller import Puller
 from ._repo import Repo
+from ._status import INACTIVE_ERRORS
 from ._strategies import Live, Manual, Poll, PullStrategy
 
 if TYPE_CHECKING:
@@ -255,7 +259,9 @@ class FollowRepos:
         if isinstance(strategy, Live):
             host = self._follow_hosts.get(did)
             streamed = host is not None and self._host_streams.get(host, False)
-            return math.inf if streamed else strategy.fallback
+            # A repository whose last pull failed is tried again without waiting for an
+            # event: an account that moved may say so only on its new host's stream.
+            return math.inf if streamed and did not in self.follow_errors else strategy.fallback
         return math.inf  # OnStart, Manual: when asked
 
     def _on_other(self, did: str | None, host: str, kind: str) -> None:
@@ -263,11 +269,16 @@ class FollowRepos:
         if did is None:
             self._kick_follows(d for d, h in self._follow_hosts.items() if h == host)
         elif did in self._follow_wake:
-            if kind == "#identity":  # a new key or host: resolved afresh by its next pull
-                invalidate = getattr(self._resolver(), "invalidate", None)
-                if invalidate is not None:
-                    invalidate(did)
+            # A new key or host (#identity), or an account deactivated here because it moved
+            # to another host (#account): resolved afresh by its next pull.
+            if kind in ("#identity", "#account"):
+                self._forget_identity(did)
             self._follow_wake[did].set()
+
+    def _forget_identity(self, did: str) -> None:
+        invalidate = getattr(self._resolver(), "invalidate", None)
+        if invalidate is not None:
+            invalidate(did)
 
     def _on_host_stream(self, host: str, up: bool) -> None:
         self._host_streams[host] = up
@@ -352,7 +363,32 @@ class FollowRepos:
             )
 
     async def _pull_followed(self, did: str) -> None:
-        """One pull of a followed repository; a failure goes to ``follow_errors``."""
+        """One pull of a followed repository; a failure goes to ``follow_errors``. An account
+        that is not active on its host is resolved afresh once: if it moved to another host,
+        it is pulled from there at once."""
+        host = self._follow_hosts.get(did)
+        try:
+            await self._pull_followed_once(did)
+        except PermanentError as exc:
+            if exc.error not in INACTIVE_ERRORS:
+                raise
+            self._forget_identity(did)
+            try:
+                moved = (await self._resolver().resolve(did, check_handle=False)).pds.rstrip("/")
+            except (NetworkError, VerificationError):
+                moved = host
+            if moved == host:
+                self.follow_errors[did] = (
+                    f"the account is not active on its PDS {host} ({exc.error})"
+                )
+                log.info("followed repository %s is not active on %s: %s", did, host, exc)
+                return
+            log.info("followed repository %s moved from %s to %s", did, host, moved)
+            await self._pull_followed_once(did)
+
+    async def _pull_followed_once(self, did: str) -> None:
+        """``_pull_followed`` at the host the DID resolves to now (``PermanentError`` raised
+        when the account is not active there; any other failure goes to ``follow_errors``)."""
         try:
             identity = await self._resolver().resolve(did, check_handle=False)
             pds = identity.pds.rstrip("/")
@@ -371,6 +407,11 @@ class FollowRepos:
             self._followed_puller(did).reject_all(did, "VerificationError", str(exc))
             self.follow_errors[did] = f"the repository failed verification: {exc}"
             log.warning("followed repository %s failed verification: %s", did, exc)
+        except PermanentError as exc:
+            if exc.error in INACTIVE_ERRORS:
+                raise
+            self.follow_errors[did] = str(exc)
+            log.info("pulling followed repository %s failed: %s", did, exc)
         except (NetworkError, OSError) as exc:
             self.follow_errors[did] = str(exc)
             log.info("pulling followed repository %s failed: %s", did, exc)

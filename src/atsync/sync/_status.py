@@ -5,7 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-__all__ = ["RowState", "State", "SyncStatus", "WaitReason"]
+__all__ = ["INACTIVE_ERRORS", "RowState", "State", "SyncStatus", "WaitReason"]
+
+# What a PDS answers about an account that is not active there (deactivated, taken down,
+# or moved to another host).
+INACTIVE_ERRORS = frozenset(
+    {"RepoDeactivated", "RepoTakendown", "RepoSuspended", "AccountDeactivated", "AccountTakedown"}
+)
 
 
 class State(StrEnum):

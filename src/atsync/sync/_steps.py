@@ -40,7 +40,7 @@ from ._capture import Validator
 from ._key_ahead import KeyAhead, SigningKeyError, known_key
 from ._pusher import PushResult, RepoMoved
 from ._resync import ResyncScan
-from ._status import State, WaitReason
+from ._status import INACTIVE_ERRORS, State, WaitReason
 
 if TYPE_CHECKING:
     from ._engine import ATSync, SessionLike
@@ -52,9 +52,6 @@ OFFLINE_PROBE_SECONDS = 5.0  # while the PDS does not answer, try at least this 
 AUTH_RETRY_SECONDS = 60.0  # a refused session is tried again this long after
 PRUNE_CHUNK = 5000  # settled bookkeeping rows forgotten per idle tick
 # What the PDS answers for a repository whose account is not active.
-INACTIVE_ERRORS = frozenset(
-    {"RepoDeactivated", "RepoTakendown", "RepoSuspended", "AccountDeactivated", "AccountTakedown"}
-)
 
 
 class StepRunner:
