@@ -440,3 +440,35 @@ async def test_a_followed_account_that_moves_to_another_host_is_followed_there(
             await write(mover, collection, "m3", title="live from the new host")
             third = f"at://{mover.did}/{collection}/m3"
             await wait_for(app, lambda state: third in state, within=15)
+
+
+@pytest.mark.anyio
+async def test_a_followed_account_deactivated_on_its_host_is_said_and_back_when_active(
+    make_pds: MakePDS, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    collection = collection_for(request)
+    host = make_pds(accounts=[("alice.test", "alice-pw-1"), ("quiet.test", "quiet-pw-1")])
+    alice, quiet = await session_of(host, "alice.test"), await session_of(host, "quiet.test")
+    await write(quiet, collection, "q1", title="before the pause")
+    resolver = IdentityResolver(plc_url=host.plc_url, allow_insecure_localhost=True)
+    live = {"pull": Live(fallback=60)}
+    async with resolver:
+        async with device(tmp_path / "a.db", collection, alice, resolver, **live) as (app, sync):
+            await sync.follow(quiet.did)
+            first = f"at://{quiet.did}/{collection}/q1"
+            await wait_for(app, lambda state: first in state, within=15)
+            async with XrpcClient(session=quiet) as client:
+                await client.procedure("com.atproto.server.deactivateAccount", {}, auth=True)
+                sync.pull_now()
+                await pulled(sync)
+                error = sync.follow_errors.get(quiet.did, "")
+                assert "not active on its PDS" in error and "RepoDeactivated" in error
+                assert first in rows(app)  # nothing is taken away while it is paused
+                await client.procedure("com.atproto.server.activateAccount", None, auth=True)
+            # The #account event of its return brings it back: no pull asked for.
+            await write(quiet, collection, "q2", title="after the pause")
+            second = f"at://{quiet.did}/{collection}/q2"
+            await wait_for(app, lambda state: second in state, within=15)
+            sync.pull_now()  # (the error is cleared as that pull ends, after its rows)
+            await pulled(sync)
+            assert quiet.did not in sync.follow_errors

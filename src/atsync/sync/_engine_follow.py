@@ -85,6 +85,7 @@ class FollowRepos:
         self._follow_options = puller_options
         self._followed_pullers: dict[str, Puller] = {}
         self.follow_errors: dict[str, str] = {}  # DID -> the last failure of its pull
+        self._follow_retry: set[str] = set()  # failed for a reason a later try may not meet
         self._follow_hosts: dict[str, str] = {}  # DID -> its PDS, as last resolved
         self._host_streams: dict[str, bool] = {}  # host -> its event stream is up
         self._hosts_changed = anyio.Event()
@@ -169,6 +170,7 @@ class FollowRepos:
             return False
         self._followed_pullers.pop(did, None)
         self.follow_errors.pop(did, None)
+        self._follow_retry.discard(did)
         self._follow_done.pop(did, None)
         if self._follow_hosts.pop(did, None) is not None:
             self._hosts_changed.set()
@@ -259,9 +261,10 @@ class FollowRepos:
         if isinstance(strategy, Live):
             host = self._follow_hosts.get(did)
             streamed = host is not None and self._host_streams.get(host, False)
-            # A repository whose last pull failed is tried again without waiting for an
-            # event: an account that moved may say so only on its new host's stream.
-            return math.inf if streamed and did not in self.follow_errors else strategy.fallback
+            # A repository whose host failed, or says the account is not active there, is
+            # tried again without waiting for an event: an account that moved may say so
+            # only on its new host's stream.
+            return math.inf if streamed and did not in self._follow_retry else strategy.fallback
         return math.inf  # OnStart, Manual: when asked
 
     def _on_other(self, did: str | None, host: str, kind: str) -> None:
@@ -367,28 +370,27 @@ class FollowRepos:
         that is not active on its host is resolved afresh once: if it moved to another host,
         it is pulled from there at once."""
         host = self._follow_hosts.get(did)
+        inactive = await self._pull_followed_once(did)
+        if inactive is None:
+            return
+        self._forget_identity(did)
         try:
-            await self._pull_followed_once(did)
-        except PermanentError as exc:
-            if exc.error not in INACTIVE_ERRORS:
-                raise
-            self._forget_identity(did)
-            try:
-                moved = (await self._resolver().resolve(did, check_handle=False)).pds.rstrip("/")
-            except (NetworkError, VerificationError):
-                moved = host
-            if moved == host:
-                self.follow_errors[did] = (
-                    f"the account is not active on its PDS {host} ({exc.error})"
-                )
-                log.info("followed repository %s is not active on %s: %s", did, host, exc)
-                return
+            moved = (await self._resolver().resolve(did, check_handle=False)).pds.rstrip("/")
+        except (NetworkError, VerificationError):
+            moved = host
+        if moved != host:
             log.info("followed repository %s moved from %s to %s", did, host, moved)
-            await self._pull_followed_once(did)
+            inactive = await self._pull_followed_once(did)
+            if inactive is None:
+                return
+        where = self._follow_hosts.get(did)
+        self.follow_errors[did] = f"the account is not active on its PDS {where} ({inactive.error})"
+        self._follow_retry.add(did)
+        log.info("followed repository %s is not active on %s: %s", did, where, inactive)
 
-    async def _pull_followed_once(self, did: str) -> None:
-        """``_pull_followed`` at the host the DID resolves to now (``PermanentError`` raised
-        when the account is not active there; any other failure goes to ``follow_errors``)."""
+    async def _pull_followed_once(self, did: str) -> PermanentError | None:
+        """``_pull_followed`` at the host the DID resolves to now. Returns the host's answer
+        when the account is not active there; any other failure goes to ``follow_errors``."""
         try:
             identity = await self._resolver().resolve(did, check_handle=False)
             pds = identity.pds.rstrip("/")
@@ -404,24 +406,31 @@ class FollowRepos:
                 puller = self._followed_puller(did)
                 result = await puller.pull(did, theirs, known_key(key), download_slot=host)
         except VerificationError as exc:
+            # Forged or damaged: tried again on the next event or ask, not on a timer (each
+            # try records its refusal).
+            self._follow_retry.discard(did)
             self._followed_puller(did).reject_all(did, "VerificationError", str(exc))
             self.follow_errors[did] = f"the repository failed verification: {exc}"
             log.warning("followed repository %s failed verification: %s", did, exc)
         except PermanentError as exc:
             if exc.error in INACTIVE_ERRORS:
-                raise
+                return exc
+            self._follow_retry.discard(did)
             self.follow_errors[did] = str(exc)
             log.info("pulling followed repository %s failed: %s", did, exc)
         except (NetworkError, OSError) as exc:
+            self._follow_retry.add(did)
             self.follow_errors[did] = str(exc)
             log.info("pulling followed repository %s failed: %s", did, exc)
         else:
+            self._follow_retry.discard(did)
             self.follow_errors.pop(did, None)
             if result.applied or result.deleted:
                 log.info(
                     "pulled %s at rev %s: %d applied, %d deleted",
                     did, result.rev, result.applied, result.deleted,
                 )  # fmt: skip
+        return None
 
 
 def follow_options(
