@@ -399,6 +399,25 @@ async def test_a_followed_repository_is_applied_after_its_hosts_download_slot_is
     assert held_while_applying and set(held_while_applying) == {0}
 
 
+@asynccontextmanager
+async def alice_following(
+    host: Any, who: str, collection: str, tmp_path: Path
+) -> AsyncIterator[tuple[App, ATSync, IdentityResolver, Session]]:
+    """alice.test's device on ``host`` (Live(fallback=60): nothing polled within a test)
+    following ``who`` there, once its record ``first`` has arrived; its resolver, and ``who``'s
+    session."""
+    alice, theirs = await session_of(host, "alice.test"), await session_of(host, who)
+    await write(theirs, collection, "first", title="before")
+    resolver = IdentityResolver(plc_url=host.plc_url, allow_insecure_localhost=True)
+    live = {"pull": Live(fallback=60)}
+    async with resolver:
+        async with device(tmp_path / "a.db", collection, alice, resolver, **live) as (app, sync):
+            await sync.follow(theirs.did)
+            first = f"at://{theirs.did}/{collection}/first"
+            await wait_for(app, lambda state: first in state, within=15)
+            yield app, sync, resolver, theirs
+
+
 @pytest.mark.anyio
 async def test_a_followed_account_that_moves_to_another_host_is_followed_there(
     make_pds: MakePDS, tmp_path: Path, request: pytest.FixtureRequest
@@ -411,35 +430,29 @@ async def test_a_followed_account_that_moves_to_another_host_is_followed_there(
     collection = collection_for(request)
     old = make_pds(accounts=[("alice.test", "alice-pw-1"), ("mover.test", "mover-pw-1")])
     new = make_pds(plc_url=old.plc_url, accounts=[("dan.test", "dan-pw-1")])
-    alice, mover = await session_of(old, "alice.test"), await session_of(old, "mover.test")
-    await write(mover, collection, "m1", title="written on the old host")
-    resolver = IdentityResolver(plc_url=old.plc_url, allow_insecure_localhost=True)
-    live = {"pull": Live(fallback=60)}
-    async with resolver:
-        async with device(tmp_path / "a.db", collection, alice, resolver, **live) as (app, sync):
-            await sync.follow(mover.did)
-            first = f"at://{mover.did}/{collection}/m1"
-            await wait_for(app, lambda state: first in state, within=15)
-            before = (await resolver.resolve_did(mover.did)).signing_key
+    async with alice_following(old, "mover.test", collection, tmp_path) as (
+        app, sync, resolver, mover,
+    ):  # fmt: skip
+        before = (await resolver.resolve_did(mover.did)).signing_key
+        moved = await anyio.to_thread.run_sync(old.move_account, "mover.test", new)
+        assert moved.did == mover.did and "mover.test" in new.accounts
+        assert "mover.test" not in old.accounts
+        mover = await session_of(new, "mover.test")
+        await write(mover, collection, "m2", title="written on the new host")
+        second = f"at://{mover.did}/{collection}/m2"
+        await wait_for(app, lambda state: second in state, within=20)
+        # The imported record stays, under the same key.
+        assert f"at://{mover.did}/{collection}/first" in rows(app)
+        origin = sync.origin("notes", second)
+        assert origin is not None and origin.did == mover.did
+        assert mover.did not in sync.follow_errors
+        # Its new key: the old one no longer signs this repository.
+        assert (await resolver.resolve_did(mover.did)).signing_key != before
 
-            moved = await anyio.to_thread.run_sync(old.move_account, "mover.test", new)
-            assert moved.did == mover.did and "mover.test" in new.accounts
-            assert "mover.test" not in old.accounts
-            mover = await session_of(new, "mover.test")
-            await write(mover, collection, "m2", title="written on the new host")
-            second = f"at://{mover.did}/{collection}/m2"
-            await wait_for(app, lambda state: second in state, within=20)
-            assert first in rows(app)  # the imported record stays, under the same key
-            origin = sync.origin("notes", second)
-            assert origin is not None and origin.did == mover.did
-            assert mover.did not in sync.follow_errors
-            # Its new key: the old one no longer signs this repository.
-            assert (await resolver.resolve_did(mover.did)).signing_key != before
-
-            # From now on its new host's stream brings its changes.
-            await write(mover, collection, "m3", title="live from the new host")
-            third = f"at://{mover.did}/{collection}/m3"
-            await wait_for(app, lambda state: third in state, within=15)
+        # From now on its new host's stream brings its changes.
+        await write(mover, collection, "m3", title="live from the new host")
+        third = f"at://{mover.did}/{collection}/m3"
+        await wait_for(app, lambda state: third in state, within=15)
 
 
 @pytest.mark.anyio
@@ -448,27 +461,22 @@ async def test_a_followed_account_deactivated_on_its_host_is_said_and_back_when_
 ) -> None:
     collection = collection_for(request)
     host = make_pds(accounts=[("alice.test", "alice-pw-1"), ("quiet.test", "quiet-pw-1")])
-    alice, quiet = await session_of(host, "alice.test"), await session_of(host, "quiet.test")
-    await write(quiet, collection, "q1", title="before the pause")
-    resolver = IdentityResolver(plc_url=host.plc_url, allow_insecure_localhost=True)
-    live = {"pull": Live(fallback=60)}
-    async with resolver:
-        async with device(tmp_path / "a.db", collection, alice, resolver, **live) as (app, sync):
-            await sync.follow(quiet.did)
-            first = f"at://{quiet.did}/{collection}/q1"
-            await wait_for(app, lambda state: first in state, within=15)
-            async with XrpcClient(session=quiet) as client:
-                await client.procedure("com.atproto.server.deactivateAccount", {}, auth=True)
-                sync.pull_now()
-                await pulled(sync)
-                error = sync.follow_errors.get(quiet.did, "")
-                assert "not active on its PDS" in error and "RepoDeactivated" in error
-                assert first in rows(app)  # nothing is taken away while it is paused
-                await client.procedure("com.atproto.server.activateAccount", None, auth=True)
-            # The #account event of its return brings it back: no pull asked for.
-            await write(quiet, collection, "q2", title="after the pause")
-            second = f"at://{quiet.did}/{collection}/q2"
-            await wait_for(app, lambda state: second in state, within=15)
-            sync.pull_now()  # (the error is cleared as that pull ends, after its rows)
+    async with alice_following(host, "quiet.test", collection, tmp_path) as (
+        app, sync, _, quiet,
+    ):  # fmt: skip
+        async with XrpcClient(session=quiet) as client:
+            await client.procedure("com.atproto.server.deactivateAccount", {}, auth=True)
+            sync.pull_now()
             await pulled(sync)
-            assert quiet.did not in sync.follow_errors
+            error = sync.follow_errors.get(quiet.did, "")
+            assert "not active on its PDS" in error and "RepoDeactivated" in error
+            # Nothing is taken away while it is paused.
+            assert f"at://{quiet.did}/{collection}/first" in rows(app)
+            await client.procedure("com.atproto.server.activateAccount", None, auth=True)
+        # The #account event of its return brings it back: no pull asked for.
+        await write(quiet, collection, "q2", title="after the pause")
+        second = f"at://{quiet.did}/{collection}/q2"
+        await wait_for(app, lambda state: second in state, within=15)
+        sync.pull_now()  # (the error is cleared as that pull ends, after its rows)
+        await pulled(sync)
+        assert quiet.did not in sync.follow_errors
