@@ -369,10 +369,10 @@ class FollowRepos:
         """One pull of a followed repository; a failure goes to ``follow_errors``. An account
         that is not active on its host is resolved afresh once: if it moved to another host,
         it is pulled from there at once."""
-        host = self._follow_hosts.get(did)
         inactive = await self._pull_followed_once(did)
         if inactive is None:
             return
+        host = self._follow_hosts.get(did)  # the host that said so
         self._forget_identity(did)
         try:
             moved = (await self._resolver().resolve(did, check_handle=False)).pds.rstrip("/")
