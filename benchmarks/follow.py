@@ -42,9 +42,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from _keys import create_all
 
 from atsync.app import App, Contract
-from atsync.atproto import Create, DevPDS, IdentityResolver, TidClock, XrpcClient, login
+from atsync.atproto import DevPDS, IdentityResolver, TidClock, XrpcClient, login
 from atsync.sync import ATSync, Binding, Live, Manual, PullStrategy
 
 TARGET_SDK, TARGET_P50 = 2.0, 0.300
@@ -73,9 +74,8 @@ async def fill(pds: DevPDS, handle: str, records: int, slots: anyio.CapacityLimi
         session = await login(account.did, PASSWORD, pds.pds_url)
         async with XrpcClient(session=session, timeout=120.0) as client:
             for first in range(0, records, 200):
-                batch = range(first, min(records, first + 200))
-                writes = [Create(COLLECTION, record(i), rkey=clock.next()) for i in batch]
-                await client.apply_writes(account.did, writes)
+                batch = [record(i) for i in range(first, min(records, first + 200))]
+                await create_all(client, account.did, COLLECTION, batch, clock)
 
 
 @asynccontextmanager

@@ -58,6 +58,7 @@ from typing import Any
 
 import anyio
 import httpx
+from _keys import create_all
 
 from atsync.app import App, Contract
 from atsync.atproto import (
@@ -105,10 +106,8 @@ async def fill(pds: DevPDS, did: str, n: int) -> tuple[float, list[str]]:
     start = time.perf_counter()
     async with XrpcClient(session=await login(did, PASSWORD, pds.pds_url)) as client:
         for first in range(0, n, 200):
-            batch = range(first, min(n, first + 200))
-            writes = [Create(COLLECTION, record(i), rkey=clock.next()) for i in batch]
-            rkeys += [w.rkey for w in writes if w.rkey is not None]
-            await client.apply_writes(did, writes)
+            batch = [record(i) for i in range(first, min(n, first + 200))]
+            rkeys += await create_all(client, did, COLLECTION, batch, clock)
     return time.perf_counter() - start, rkeys
 
 
