@@ -47,7 +47,6 @@ async def listen(
     cursor: Callable[[], int | None],
     on_bad_frame: Callable[[str], None],
     on_other: Callable[[str | None, str], None] | None = None,
-    session_changed: Callable[[], anyio.Event] | None = None,
 ) -> None:
     """Run until cancelled: keep a stream open to the current session's PDS, from
     ``cursor()`` (the last applied event) when there is one; call ``on_event(frame)`` for
@@ -56,9 +55,7 @@ async def listen(
     refused the cursor), and ``on_stream(up)`` when the stream comes up or goes down.
     ``on_other(did, kind)``: every event about another account on the same host (followed
     ones are pulled then; ``kind`` is the frame's type, e.g. ``#identity``), and
-    ``on_other(None, "")`` at each connect (anything may have changed). ``session_changed()``:
-    an event set when the session changes, so the stream moves to a new login's host at once
-    (a silent old host would otherwise keep it)."""
+    ``on_other(None, "")`` at each connect (anything may have changed)."""
     backoff = Backoff(base=1.0, cap=30.0)
     refused = False
     failed_at: int | None = None  # the cursor from which a malformed frame came
@@ -77,27 +74,19 @@ async def listen(
                 if on_other is not None:
                     on_other(None, "")
                 refused = False
-                async with anyio.create_task_group() as watching:
-                    if session_changed is not None:
-                        watching.start_soon(
-                            _until_session_changes, session_changed,
-                            lambda held=session: current_session() is held,
-                            watching.cancel_scope,
-                        )  # fmt: skip
-                    async for frame in stream:
-                        backoff.succeeded()
-                        if current_session() is not session:
-                            break  # logged out, or another login: reconnect for it
-                        body = frame.body
-                        if frame.type == "#info" and body.get("name") == "OutdatedCursor":
-                            on_event(None)  # the PDS no longer has all events since the cursor
-                        elif body.get("repo") == session.did or body.get("did") == session.did:
-                            on_event(frame)
-                        elif on_other is not None:
-                            other = body.get("repo") or body.get("did")
-                            if isinstance(other, str):
-                                on_other(other, frame.type or "")
-                    watching.cancel_scope.cancel()
+                async for frame in stream:
+                    backoff.succeeded()
+                    if current_session() is not session:
+                        break  # logged out, or another login: reconnect for it
+                    body = frame.body
+                    if frame.type == "#info" and body.get("name") == "OutdatedCursor":
+                        on_event(None)  # the PDS no longer has all events since the cursor
+                    elif body.get("repo") == session.did or body.get("did") == session.did:
+                        on_event(frame)
+                    elif on_other is not None:
+                        other = body.get("repo") or body.get("did")
+                        if isinstance(other, str):
+                            on_other(other, frame.type or "")
         except PermanentError as exc:
             # E.g. FutureCursor: this cursor will never work; connect without one.
             refused = since is not None
@@ -118,8 +107,6 @@ async def listen(
             log.info("event stream of %s is down: %s", session.pds_url, exc)
         finally:
             on_stream(False)
-        if current_session() is not session:
-            continue  # another login (or a logout): no backoff, connect for it now
         await anyio.sleep(backoff.next_delay())
 
 
@@ -149,14 +136,3 @@ async def listen_for_others(
         finally:
             on_stream(False)
         await anyio.sleep(backoff.next_delay())
-
-
-async def _until_session_changes(
-    changed: Callable[[], anyio.Event], unchanged: Callable[[], bool], scope: anyio.CancelScope
-) -> None:
-    while True:
-        event = changed()  # taken before the check: a change in between sets this one
-        if not unchanged():
-            break
-        await event.wait()
-    scope.cancel()

@@ -103,17 +103,6 @@ class StepRunner:
                 f"nothing is pushed. Log in as {account}, or call start_fresh() to sync "
                 "with the new account from scratch."
             )
-        # A new session: whatever a stream said of the account's state was said by the host
-        # it came from. If the account moved, the old host's event positions mean nothing on
-        # the new one, and the stream moves to the new host now.
-        engine._account_inactive = None
-        host = str(current.pds_url).rstrip("/")
-        if engine.outbox.get_state("stream_host") not in (None, host):
-            engine.outbox.set_state("stream_cursor", None)
-            self.forget_identity()  # a move comes with a new signing key
-        engine.outbox.set_state("stream_host", host)
-        changed, engine._session_changed = engine._session_changed, anyio.Event()
-        changed.set()
         engine._eager = True  # a login pushes at once
         # And pulls — unless the strategy is Manual (only when asked) or the event stream will
         # replay from its stored cursor. A pull asked for before the login stays asked for.
