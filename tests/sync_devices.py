@@ -76,3 +76,10 @@ class ForgetfulResolver(IdentityResolver):
         super().invalidate(identifier)
         self.forgotten.append(identifier)
         self.forgot.set()
+
+    async def forgets(self, did: str, since: int) -> None:
+        """Until ``did`` is forgotten after the first ``since`` entries of ``forgotten`` (a
+        login forgets the account's identity too: only what came after counts)."""
+        while did not in self.forgotten[since:]:
+            self.forgot = anyio.Event()
+            await self.forgot.wait()

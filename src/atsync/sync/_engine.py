@@ -259,6 +259,7 @@ class ATSync(StatusKeeper, PullEvents, FollowRepos, BlobSync):
         self._pull_wanted = 0
         self._pull_done = 0
         self._stream_up = False
+        self._session_changed = anyio.Event()  # set, and replaced, at each session change
         # #commit events waiting for the next pull; lost: one was dropped or is not a
         # #commit (the next pull reads the whole repository).
         self._events: deque[FirehoseFrame] = deque()
@@ -324,7 +325,8 @@ class ATSync(StatusKeeper, PullEvents, FollowRepos, BlobSync):
                 if isinstance(self.pull_strategy, Live) and self._pulls():
                     tg.start_soon(listen, self._stream_session, self._on_repo_event,
                                   self._on_stream, self._stream_cursor,
-                                  self._on_bad_frame, self._on_own_host_event)  # fmt: skip
+                                  self._on_bad_frame, self._on_own_host_event,
+                                  lambda: self._session_changed)  # fmt: skip
                 if self._pulls():
                     tg.start_soon(self._run_follows, self._own_host)
                     tg.start_soon(self._run_blob_fetches)

@@ -47,6 +47,7 @@ async def listen(
     cursor: Callable[[], int | None],
     on_bad_frame: Callable[[str], None],
     on_other: Callable[[str | None, str], None] | None = None,
+    session_changed: Callable[[], anyio.Event] | None = None,
 ) -> None:
     """Run until cancelled: keep a stream open to the current session's PDS, from
     ``cursor()`` (the last applied event) when there is one; call ``on_event(frame)`` for
@@ -55,38 +56,65 @@ async def listen(
     refused the cursor), and ``on_stream(up)`` when the stream comes up or goes down.
     ``on_other(did, kind)``: every event about another account on the same host (followed
     ones are pulled then; ``kind`` is the frame's type, e.g. ``#identity``), and
-    ``on_other(None, "")`` at each connect (anything may have changed)."""
+    ``on_other(None, "")`` at each connect (anything may have changed).
+    ``session_changed()``: an event set when the session changes; the stream then moves to
+    the new session's host at once (a silent old host — the account moved away — would
+    otherwise hold it: the session is compared only when a frame arrives)."""
     backoff = Backoff(base=1.0, cap=30.0)
     refused = False
     failed_at: int | None = None  # the cursor from which a malformed frame came
+
+    async def read(session: SessionLike, since: int | None) -> None:
+        nonlocal refused
+        url = stream_url(session.pds_url) + (f"?cursor={since}" if since is not None else "")
+        async with FirehoseSubscription(url) as stream:
+            on_stream(True)
+            if since is None:
+                on_event(None)  # whatever happened while we were not listening
+            if on_other is not None:
+                on_other(None, "")
+            refused = False
+            async for frame in stream:
+                backoff.succeeded()
+                if current_session() is not session:
+                    break  # logged out, or another login: reconnect for it
+                body = frame.body
+                if frame.type == "#info" and body.get("name") == "OutdatedCursor":
+                    on_event(None)  # the PDS no longer has all events since the cursor
+                elif body.get("repo") == session.did or body.get("did") == session.did:
+                    on_event(frame)
+                elif on_other is not None:
+                    other = body.get("repo") or body.get("did")
+                    if isinstance(other, str):
+                        on_other(other, frame.type or "")
+
     while True:
+        changed = session_changed() if session_changed is not None else None
         session = current_session()
         if session is None:
-            await anyio.sleep(1.0)
+            with anyio.move_on_after(1.0):  # a login sets ``changed``
+                await (changed.wait() if changed is not None else anyio.sleep(1.0))
             continue
         since = None if refused else cursor()
-        url = stream_url(session.pds_url) + (f"?cursor={since}" if since is not None else "")
+        failure: Exception | None = None
+        # Connecting and reading end at once when the session changes: a silent host (the
+        # account moved away) would otherwise hold the stream until a frame came.
+        async with anyio.create_task_group() as watching:
+            if session_changed is not None:
+                watching.start_soon(
+                    _cancel_on_session_change, session_changed,
+                    lambda held=session: current_session() is held, watching.cancel_scope,
+                )  # fmt: skip
+            try:
+                await read(session, since)
+            except Exception as exc:  # handled as itself below, not wrapped in a group
+                failure = exc
+            finally:
+                on_stream(False)
+            watching.cancel_scope.cancel()
         try:
-            async with FirehoseSubscription(url) as stream:
-                on_stream(True)
-                if since is None:
-                    on_event(None)  # whatever happened while we were not listening
-                if on_other is not None:
-                    on_other(None, "")
-                refused = False
-                async for frame in stream:
-                    backoff.succeeded()
-                    if current_session() is not session:
-                        break  # logged out, or another login: reconnect for it
-                    body = frame.body
-                    if frame.type == "#info" and body.get("name") == "OutdatedCursor":
-                        on_event(None)  # the PDS no longer has all events since the cursor
-                    elif body.get("repo") == session.did or body.get("did") == session.did:
-                        on_event(frame)
-                    elif on_other is not None:
-                        other = body.get("repo") or body.get("did")
-                        if isinstance(other, str):
-                            on_other(other, frame.type or "")
+            if failure is not None:
+                raise failure
         except PermanentError as exc:
             # E.g. FutureCursor: this cursor will never work; connect without one.
             refused = since is not None
@@ -105,9 +133,20 @@ async def listen(
                 on_bad_frame(str(exc))
         except Exception as exc:  # the stream is a hint: any failure means "poll meanwhile"
             log.info("event stream of %s is down: %s", session.pds_url, exc)
-        finally:
-            on_stream(False)
+        if current_session() is not session:
+            continue  # another login (or a logout): connect for it now, no backoff
         await anyio.sleep(backoff.next_delay())
+
+
+async def _cancel_on_session_change(
+    changed: Callable[[], anyio.Event], unchanged: Callable[[], bool], scope: anyio.CancelScope
+) -> None:
+    while True:
+        event = changed()  # taken before the check: a change in between sets this one
+        if not unchanged():
+            break
+        await event.wait()
+    scope.cancel()
 
 
 async def listen_for_others(

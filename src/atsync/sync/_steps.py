@@ -84,9 +84,11 @@ class StepRunner:
             return current
         await self.drop_client()
         self.session = current
+        engine = self.engine
+        changed, engine._session_changed = engine._session_changed, anyio.Event()
+        changed.set()  # the event stream follows the session: to its host, or closed
         if current is None:
             return None
-        engine = self.engine
         self.client = XrpcClient(session=current, **engine._client_options)
         self.auth_failed = False
         self.retry_at = None
@@ -103,6 +105,12 @@ class StepRunner:
                 f"nothing is pushed. Log in as {account}, or call start_fresh() to sync "
                 "with the new account from scratch."
             )
+        # What the old session's stream said of the account (deactivated, a signing key) was
+        # said by its host: after a move the new host says otherwise. The stored stream cursor
+        # stays: on another host it is refused or outdated (a whole read), or its replay is
+        # checked event by event against the stored rev and MST root like any other.
+        engine._account_inactive = None
+        self.forget_identity()
         engine._eager = True  # a login pushes at once
         # And pulls — unless the strategy is Manual (only when asked) or the event stream will
         # replay from its stored cursor. A pull asked for before the login stays asked for.
