@@ -1,11 +1,19 @@
 """The user's own account moves to another PDS host (a real migration between two dev PDS
 hosts sharing a PLC directory, ``DevPDS.move_account``): nothing queued is lost, a login at the
 new host pushes what waited, and pulls go on there — its stream, its signing key — by
-themselves (``Live(fallback=60)``: nothing is polled within the test)."""
+themselves (``Live(fallback=60)``: nothing is polled within the test). Before, the stream
+stayed on the silent old host, the old host's ``#account`` (deactivated) kept pulls off, and
+the old signing key refused the new host's commits.
+
+The new host keeps the imported head commit, signed with the old key, until its first commit:
+a pull before it asks the host for one (an empty ``applyWrites``) instead of failing."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -29,16 +37,15 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.mark.anyio
-async def test_the_users_account_moves_to_another_host_and_syncs_there(
-    make_pds: MakePDS, tmp_path: Path, request: pytest.FixtureRequest
-) -> None:
-    collection = collection_for(request, "test.atsync.move")
+@asynccontextmanager
+async def alice_before_the_move(
+    make_pds: MakePDS, tmp_path: Path, collection: str
+) -> AsyncIterator[tuple[Any, Any, ATPSigner, App, ATSync]]:
+    """Alice's device on the old host, live, with n1 pushed; a new host beside it."""
     old = make_pds(accounts=[("alice.test", "alice-pw-1")])
     new = make_pds(plc_url=old.plc_url, accounts=[("dan.test", "dan-pw-1")])
     signer = ATPSigner(store=FileSessionStore(tmp_path / "sessions"))
-    resolver = IdentityResolver(plc_url=old.plc_url, allow_insecure_localhost=True)
-    async with resolver:
+    async with IdentityResolver(plc_url=old.plc_url, allow_insecure_localhost=True) as resolver:
         with App.open(tmp_path / "a.db", contract, signer=signer) as app:
             sync = ATSync(
                 app, bindings={"notes": Binding(collection)}, identity=resolver,
@@ -50,42 +57,90 @@ async def test_the_users_account_moves_to_another_host_and_syncs_there(
                 with anyio.fail_after(30):
                     await sync.wait_for_idle()
                 await wait_status(sync, lambda s: s.live)
-
-                await anyio.to_thread.run_sync(old.move_account, "alice.test", new)
-                app.actions.put("n2", "after the move, before the new login")
-                status = await wait_status(sync, lambda s: s.state == State.NEEDS_AUTH, 30)
-                assert "AccountDeactivated" in str(status.upload_error)
-                assert status.pending == 1 and status.failed == 0  # kept, not dead-lettered
-
-                # The login at the new host wakes the engine: no push_now().
-                await signer.login_async("alice.test", "alice-pw-1", new.pds_url)
-                with anyio.fail_after(30):
-                    await sync.wait_for_idle()
-                moved = await session_of(new, "alice.test")
-                assert set(await remote(moved, collection)) == {"n1", "n2"}
-
-                # Another device writes at the new host: its stream brings it, verified
-                # against the new signing key.
-                async with XrpcClient(session=moved) as client:
-                    record = {"$type": collection, "title": "from another device", "n": 1}
-                    await client.put_record(moved.did, collection, "n3", record)
-                arrived = anyio.Event()
-                with app.db.subscribe(
-                    "notes", lambda found: found and arrived.set(), where={"id": "n3"}
-                ):
-                    with anyio.fail_after(15):
-                        await arrived.wait()
-                status = await wait_status(sync, lambda s: s.live)
-                assert status.download_error is None
-                # The new host keeps the imported head commit, signed with the old key, until
-                # its first commit: a pull that came before the push of n2 was refused, and
-                # said so. Nothing else was.
-                refused = app.model_db.execute(
-                    "select reason, detail from _atsync_rejected"
-                ).fetchall()
-                assert all(
-                    reason == "VerificationError" and "is not signed by" in detail
-                    for reason, detail in refused
-                ), refused
-                assert status.rejected == len(refused)
+                yield old, new, signer, app, sync
             sync.close()
+
+
+async def arrives_from_another_device(new: Any, app: App, collection: str) -> None:
+    """Another device writes n3 at the new host: the stream brings it, verified against the
+    new signing key."""
+    moved = await session_of(new, "alice.test")
+    async with XrpcClient(session=moved) as client:
+        record = {"$type": collection, "title": "from another device", "n": 1}
+        await client.put_record(moved.did, collection, "n3", record)
+    arrived = anyio.Event()
+    with app.db.subscribe("notes", lambda found: found and arrived.set(), where={"id": "n3"}):
+        with anyio.fail_after(15):
+            await arrived.wait()
+
+
+def refused(app: App) -> list[tuple[str, str]]:
+    return [tuple(r) for r in app.model_db.execute("select reason, detail from _atsync_rejected")]
+
+
+@pytest.mark.anyio
+async def test_the_users_account_moves_to_another_host_and_syncs_there(
+    make_pds: MakePDS, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    collection = collection_for(request, "test.atsync.move")
+    async with alice_before_the_move(make_pds, tmp_path, collection) as moving:
+        old, new, signer, app, sync = moving
+        await anyio.to_thread.run_sync(old.move_account, "alice.test", new)
+        app.actions.put("n2", "after the move, before the new login")
+        status = await wait_status(sync, lambda s: s.state == State.NEEDS_AUTH, 30)
+        assert "AccountDeactivated" in str(status.upload_error)
+        assert status.pending == 1 and status.failed == 0  # kept, not dead-lettered
+
+        # The login at the new host wakes the engine: no push_now().
+        await signer.login_async("alice.test", "alice-pw-1", new.pds_url)
+        with anyio.fail_after(30):
+            await sync.wait_for_idle()
+        moved = await session_of(new, "alice.test")
+        assert set(await remote(moved, collection)) == {"n1", "n2"}
+
+        await arrives_from_another_device(new, app, collection)
+        status = await wait_status(sync, lambda s: s.live)
+        assert status.download_error is None and status.rejected == 0 == len(refused(app))
+
+
+@pytest.mark.anyio
+async def test_a_new_device_reads_a_moved_account_before_its_new_host_made_a_commit(
+    make_pds: MakePDS, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A device set up after the move, before any write at the new host: its first read
+    finds the imported head, signed with the old key. It asks the host for a new commit (an
+    empty ``applyWrites``) and reads that, instead of failing until someone writes."""
+    collection = collection_for(request, "test.atsync.move")
+    async with alice_before_the_move(make_pds, tmp_path, collection) as moving:
+        old, new, _, _, _ = moving
+        did = old.accounts["alice.test"].did
+        async with XrpcClient(old.pds_url) as client:
+            before = await client.sync_get_latest_commit(did)
+        await anyio.to_thread.run_sync(old.move_account, "alice.test", new)
+        async with XrpcClient(new.pds_url) as client:
+            imported = await client.sync_get_latest_commit(did)
+        assert imported.cid == before.cid  # signed with the old key
+
+        laptop = ATPSigner(store=FileSessionStore(tmp_path / "laptop-sessions"))
+        resolver = IdentityResolver(plc_url=old.plc_url, allow_insecure_localhost=True)
+        async with resolver:
+            with App.open(tmp_path / "laptop.db", contract, signer=laptop) as app:
+                sync = ATSync(
+                    app, bindings={"notes": Binding(collection)}, identity=resolver,
+                    push=Immediate(), pull=Live(fallback=60),
+                )  # fmt: skip
+                async with sync:
+                    await laptop.login_async("alice.test", "alice-pw-1", new.pds_url)
+                    with anyio.fail_after(30):
+                        await sync.wait_pulled()
+                    assert {row["id"] for row in app.db.query("notes")} == {"n1"}
+                    status = sync.status
+                    assert status.download_error is None and refused(app) == []
+                    async with XrpcClient(new.pds_url) as client:
+                        renewed = await client.sync_get_latest_commit(did)
+                    assert renewed.cid != imported.cid and renewed.rev == status.rev
+
+                    await arrives_from_another_device(new, app, collection)
+                    status = await wait_status(sync, lambda s: s.live)
+                    assert status.download_error is None and status.rejected == 0
+                sync.close()

@@ -38,6 +38,7 @@ EXPECTED: dict[str, list[str]] = {
         "App",
         "AtsyncError",
         "AuthError",
+        "BadSignature",
         "Batch",
         "Binding",
         "BlobRef",

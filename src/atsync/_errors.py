@@ -15,6 +15,7 @@ An operation that raises has written nothing (its transaction is rolled back).
     ├── SignerError               a key cannot be created, loaded, or used
     ├── InvalidSyntaxError        a handle, DID, NSID, AT URI, TID or record key is malformed
     ├── VerificationError         a signature, CID, CAR, or MST proof does not check out
+    │   ├── BadSignature          a commit is not signed by the key it must be signed by
     │   └── MissingBlock          a block a comparison needs is in none of its sources
     ├── DevPDSError               the local reference PDS could not be installed or started
     └── NetworkError              a call to a PDS or another service failed
@@ -32,6 +33,7 @@ __all__ = [
     "ActionError",
     "AtsyncError",
     "AuthError",
+    "BadSignature",
     "ClosedError",
     "DevPDSError",
     "InvalidSyntaxError",
@@ -103,6 +105,12 @@ class InvalidSyntaxError(AtsyncError, ValueError):
 
 class VerificationError(AtsyncError):
     """A signature, CID, CAR file or MST proof does not check out."""
+
+
+class BadSignature(VerificationError):
+    """A commit is not signed by the key it must be signed by (the account's signing key as
+    its DID document names it now). Right after an account moved to another host, its head
+    commit is still signed with the old key until the new host makes a commit."""
 
 
 class MissingBlock(VerificationError):

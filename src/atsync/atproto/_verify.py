@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from atsync._errors import InvalidSyntaxError, RecordError, VerificationError
+from atsync._errors import BadSignature, InvalidSyntaxError, RecordError, VerificationError
 
 from ._car import Car, read_car
 from ._cbor import CID, CODEC_DAG_CBOR, check_data_model, decode_dag_cbor, encode_dag_cbor
@@ -93,7 +93,7 @@ def verify_commit(blocks: Blocks, root_cid: CID | str, did: str, signing_key: Si
     unsigned = encode_dag_cbor({k: v for k, v in raw.items() if k != "sig"})
     if not verify_signature(signing_key, unsigned, commit.sig):
         shown = signing_key if isinstance(signing_key, str) else signing_key[0] + " key"
-        raise VerificationError(f"bad signature: commit {root} is not signed by {shown}")
+        raise BadSignature(f"bad signature: commit {root} is not signed by {shown}")
     return commit
 
 

@@ -324,6 +324,13 @@ class Pusher:
             self.outbox.set_commit(answer.commit.cid, answer.commit.rev)
         self.fence_needed = False
 
+    async def renew_head(self, did: str, client: XrpcClient) -> None:
+        """A commit of nothing (an empty ``applyWrites``), signed by the PDS with the key it
+        holds for the account now (``StepRunner._renew_head``)."""
+        answer = await client.apply_writes(did, [])
+        if answer.commit is not None:
+            self.outbox.set_commit(answer.commit.cid, answer.commit.rev)
+
     async def _fence_at(self, did: str, client: XrpcClient, swap: str) -> LatestCommit:
         """Move the repo off ``swap`` with an empty commit; returns the repo's commit after.
         Either way (ours, or another one that beat it) no request sent with ``swap`` can

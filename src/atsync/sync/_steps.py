@@ -19,6 +19,7 @@ import anyio
 
 from .._errors import (
     AuthError,
+    BadSignature,
     NetworkError,
     PermanentError,
     RateLimitedError,
@@ -67,6 +68,7 @@ class StepRunner:
         self.auth_failed = False
         self.wrong_account: str | None = None  # why this session's account is refused
         self.pull_retry_at: float | None = None  # a failed pull is tried again then
+        self.head_renewed = False  # see _renew_head: once per session
         self._data_version: int | None = None
 
     # -- what the engine observes on every tick ------------------------------------------
@@ -111,6 +113,7 @@ class StepRunner:
         # checked event by event against the stored rev and MST root like any other.
         engine._account_inactive = None
         self.forget_identity()
+        self.head_renewed = False
         engine._eager = True  # a login pushes at once
         # And pulls — unless the strategy is Manual (only when asked) or the event stream will
         # replay from its stored cursor. A pull asked for before the login stays asked for.
@@ -231,6 +234,8 @@ class StepRunner:
             engine._refresh_status(state=State.NEEDS_AUTH, download_error=str(exc))
             return False
         except VerificationError as exc:
+            if isinstance(exc, BadSignature) and await self._renew_head(did, client):
+                return False  # read again at once, its new head signed with the current key
             # Forged, tampered or damaged: nothing of it was applied. Said once per failure.
             puller.reject_all(did, "VerificationError", str(exc))
             self._pull_failed(f"the repository failed verification: {exc}", None)
@@ -314,6 +319,24 @@ class StepRunner:
         engine._last_pull = engine._clock()
         engine._refresh_status(download_error=message, pull_progress=None)
         log.info("pull failed (%s); retrying in %.2f s", message, delay)
+
+    async def _renew_head(self, did: str, client: XrpcClient) -> bool:
+        """The account's head commit is not signed with its current key: after a move to
+        another host, that host keeps the imported head, signed with the old key, until its
+        first commit. Ask it for one — an empty ``applyWrites``, signed with the key it holds
+        for the account — once per session. True if it made one. (A host that does not hold
+        the account's key signs it with another: the next read fails as before.)"""
+        if self.head_renewed:
+            return False
+        self.head_renewed = True
+        try:
+            await self.engine._pusher.renew_head(did, client)
+        except NetworkError as exc:
+            log.info("could not ask for a new head commit: %s", exc)
+            return False
+        log.info("the head commit of %s was not signed with its current key: renewed", did)
+        self.engine._pull_forced = True
+        return True
 
     async def _signing_key(self, did: str, client: XrpcClient) -> str:
         """The account's current signing key, from its DID document."""
