@@ -183,6 +183,35 @@ async def test_a_forged_followed_repository_is_refused_and_nothing_applied(
 
 
 @pytest.mark.anyio
+async def test_a_database_failing_under_a_followed_repository_does_not_end_the_engine(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    """The database refuses bob's rows (a trigger stands in for a damaged disk): said for bob,
+    while alice's own sync goes on; once the database takes them, the next pull brings them."""
+    collection = collection_for(request)
+    alice, bob = await session_of(dev_pds, "alice.test"), await session_of(dev_pds, "bob.test")
+    await write(bob, collection, "x", title="bob x")
+    async with device(tmp_path / "alice.db", collection, alice, resolver) as (app, sync):
+        app.model_db.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON notes WHEN NEW.id LIKE 'at://%' "
+            "BEGIN SELECT RAISE(ABORT, 'disk I/O error, as it were'); END"
+        )
+        await sync.follow(bob.did)
+        await pulled(sync)  # a failed pull counts: it returns
+        assert "disk I/O error, as it were" in sync.follow_errors[bob.did]
+        assert rows(app) == {}
+        app.actions.put("mine", "alice's own")  # the engine is still there
+        with anyio.fail_after(30):
+            await sync.wait_for_idle()
+        assert set(await remote(alice, collection)) == {"mine"}
+
+        app.model_db.execute("DROP TRIGGER refuse")
+        await pulled(sync)
+        assert set(rows(app)) == {"mine", f"at://{bob.did}/{collection}/x"}
+        assert bob.did not in sync.follow_errors
+
+
+@pytest.mark.anyio
 async def test_an_account_on_a_second_host_is_followed_like_one_on_the_first(
     dev_pds: Any,
     make_pds: MakePDS,

@@ -334,7 +334,15 @@ class FollowRepos:
                 # A new event before the pull: what is asked meanwhile makes another one.
                 wake = self._follow_wake[did] = anyio.Event()
                 generation = self._follow_asked
-                await self._pull_followed(did)
+                try:
+                    await self._pull_followed(did)
+                except Exception as exc:
+                    # A bug, or the database failing under this repository's rows: said for
+                    # this repository, tried again by the usual rules; the engine and the
+                    # other repositories go on.
+                    log.exception("pulling followed repository %s failed", did)
+                    self._follow_retry.add(did)
+                    self.follow_errors[did] = f"unexpected error: {exc!r}"
                 self._follow_done[did] = max(self._follow_done.get(did, 0), generation)
                 self._kick_blobs()
                 progress, self._follow_progress = self._follow_progress, anyio.Event()
