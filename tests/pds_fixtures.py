@@ -23,7 +23,12 @@ from atsync.atproto import IdentityResolver
 from atsync.atproto._devpds import DevPDS, ensure_installed
 from atsync.atproto._devpds_install import InstallInfo
 
-ACCOUNTS: tuple[tuple[str, str], ...] = (("alice.test", "alice-pw-1"), ("bob.test", "bob-pw-1"))
+ACCOUNTS: tuple[tuple[str, str], ...] = (
+    ("alice.test", "alice-pw-1"),
+    ("bob.test", "bob-pw-1"),
+    ("erin.test", "erin-pw-1"),  # erin follows dan (issue #10's test accounts)
+    ("dan.test", "dan-pw-1"),
+)
 
 MakePDS = Callable[..., DevPDS]
 

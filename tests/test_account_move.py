@@ -38,27 +38,36 @@ def anyio_backend() -> str:
 
 
 @asynccontextmanager
+async def alice_device(
+    tmp_path: Path, name: str, collection: str, plc_url: str
+) -> AsyncIterator[tuple[ATPSigner, App, ATSync]]:
+    """One of alice's devices, not logged in yet."""
+    signer = ATPSigner(store=FileSessionStore(tmp_path / f"{name}-sessions"))
+    async with IdentityResolver(plc_url=plc_url, allow_insecure_localhost=True) as resolver:
+        with App.open(tmp_path / f"{name}.db", contract, signer=signer) as app:
+            sync = ATSync(
+                app, bindings={"notes": Binding(collection)}, identity=resolver,
+                push=Immediate(), pull=Live(fallback=60),
+            )  # fmt: skip
+            async with sync:
+                yield signer, app, sync
+            sync.close()
+
+
+@asynccontextmanager
 async def alice_before_the_move(
     make_pds: MakePDS, tmp_path: Path, collection: str
 ) -> AsyncIterator[tuple[Any, Any, ATPSigner, App, ATSync]]:
     """Alice's device on the old host, live, with n1 pushed; a new host beside it."""
     old = make_pds(accounts=[("alice.test", "alice-pw-1")])
     new = make_pds(plc_url=old.plc_url, accounts=[("dan.test", "dan-pw-1")])
-    signer = ATPSigner(store=FileSessionStore(tmp_path / "sessions"))
-    async with IdentityResolver(plc_url=old.plc_url, allow_insecure_localhost=True) as resolver:
-        with App.open(tmp_path / "a.db", contract, signer=signer) as app:
-            sync = ATSync(
-                app, bindings={"notes": Binding(collection)}, identity=resolver,
-                push=Immediate(), pull=Live(fallback=60),
-            )  # fmt: skip
-            async with sync:
-                await signer.login_async("alice.test", "alice-pw-1", old.pds_url)
-                app.actions.put("n1", "before the move")
-                with anyio.fail_after(30):
-                    await sync.wait_for_idle()
-                await wait_status(sync, lambda s: s.live)
-                yield old, new, signer, app, sync
-            sync.close()
+    async with alice_device(tmp_path, "a", collection, old.plc_url) as (signer, app, sync):
+        await signer.login_async("alice.test", "alice-pw-1", old.pds_url)
+        app.actions.put("n1", "before the move")
+        with anyio.fail_after(30):
+            await sync.wait_for_idle()
+        await wait_status(sync, lambda s: s.live)
+        yield old, new, signer, app, sync
 
 
 async def arrives_from_another_device(new: Any, app: App, collection: str) -> None:
@@ -112,7 +121,7 @@ async def test_a_new_device_reads_a_moved_account_before_its_new_host_made_a_com
     empty ``applyWrites``) and reads that, instead of failing until someone writes."""
     collection = collection_for(request, "test.atsync.move")
     async with alice_before_the_move(make_pds, tmp_path, collection) as moving:
-        old, new, _, _, _ = moving
+        old, new = moving[:2]
         did = old.accounts["alice.test"].did
         async with XrpcClient(old.pds_url) as client:
             before = await client.sync_get_latest_commit(did)
@@ -121,26 +130,18 @@ async def test_a_new_device_reads_a_moved_account_before_its_new_host_made_a_com
             imported = await client.sync_get_latest_commit(did)
         assert imported.cid == before.cid  # signed with the old key
 
-        laptop = ATPSigner(store=FileSessionStore(tmp_path / "laptop-sessions"))
-        resolver = IdentityResolver(plc_url=old.plc_url, allow_insecure_localhost=True)
-        async with resolver:
-            with App.open(tmp_path / "laptop.db", contract, signer=laptop) as app:
-                sync = ATSync(
-                    app, bindings={"notes": Binding(collection)}, identity=resolver,
-                    push=Immediate(), pull=Live(fallback=60),
-                )  # fmt: skip
-                async with sync:
-                    await laptop.login_async("alice.test", "alice-pw-1", new.pds_url)
-                    with anyio.fail_after(30):
-                        await sync.wait_pulled()
-                    assert {row["id"] for row in app.db.query("notes")} == {"n1"}
-                    status = sync.status
-                    assert status.download_error is None and refused(app) == []
-                    async with XrpcClient(new.pds_url) as client:
-                        renewed = await client.sync_get_latest_commit(did)
-                    assert renewed.cid != imported.cid and renewed.rev == status.rev
+        async with alice_device(tmp_path, "laptop", collection, old.plc_url) as laptop:
+            signer, app, sync = laptop
+            await signer.login_async("alice.test", "alice-pw-1", new.pds_url)
+            with anyio.fail_after(30):
+                await sync.wait_pulled()
+            assert {row["id"] for row in app.db.query("notes")} == {"n1"}
+            status = sync.status
+            assert status.download_error is None and refused(app) == []
+            async with XrpcClient(new.pds_url) as client:
+                renewed = await client.sync_get_latest_commit(did)
+            assert renewed.cid != imported.cid and renewed.rev == status.rev
 
-                    await arrives_from_another_device(new, app, collection)
-                    status = await wait_status(sync, lambda s: s.live)
-                    assert status.download_error is None and status.rejected == 0
-                sync.close()
+            await arrives_from_another_device(new, app, collection)
+            status = await wait_status(sync, lambda s: s.live)
+            assert status.download_error is None and status.rejected == 0

@@ -133,7 +133,7 @@ def test_health_answers_with_the_pinned_version(dev_pds: DevPDS) -> None:
 
 
 def test_created_accounts_log_in(dev_pds: DevPDS) -> None:
-    assert sorted(dev_pds.accounts) == ["alice.test", "bob.test"]
+    assert sorted(dev_pds.accounts) == ["alice.test", "bob.test", "dan.test", "erin.test"]
     for handle, password in ACCOUNTS:
         account = dev_pds.accounts[handle]
         assert account.password == password

@@ -100,56 +100,56 @@ async def test_a_followed_repository_arrives_read_only_and_follows_its_edits(
     dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
 ) -> None:
     collection = collection_for(request)
-    alice, bob = await session_of(dev_pds, "alice.test"), await session_of(dev_pds, "bob.test")
-    cids = {rkey: await write(bob, collection, rkey, title=f"bob {rkey}") for rkey in ("a", "b")}
-    async with device(tmp_path / "alice.db", collection, alice, resolver) as (app, sync):
-        app.actions.put("mine", "alice's own")
-        assert await sync.follow(bob.did) == bob.did
-        assert sync.following == [bob.did]
+    erin, dan = await session_of(dev_pds, "erin.test"), await session_of(dev_pds, "dan.test")
+    cids = {rkey: await write(dan, collection, rkey, title=f"dan {rkey}") for rkey in ("a", "b")}
+    async with device(
+        tmp_path / "erin.db", collection, erin, resolver, pull=Live(fallback=60)
+    ) as (app, sync):  # fmt: skip
+        app.actions.put("mine", "erin's own")
+        assert await sync.follow(dan.did) == dan.did
+        assert sync.following == [dan.did]
         await pulled(sync)
-        uri = f"at://{bob.did}/{collection}/a"
+        uri = f"at://{dan.did}/{collection}/a"
         state = rows(app)
-        assert set(state) == {"mine", uri, f"at://{bob.did}/{collection}/b"}
-        assert state[uri]["title"] == "bob a"
-        assert sync.origin("notes", uri) == Origin(bob.did, uri, cids["a"])
+        assert set(state) == {"mine", uri, f"at://{dan.did}/{collection}/b"}
+        assert state[uri]["title"] == "dan a"
+        assert sync.origin("notes", uri) == Origin(dan.did, uri, cids["a"])
         shown = await anyio.run_process(
-            [sys.executable, "-m", "atsync", "status", "--db", str(tmp_path / "alice.db"), "--json"]
+            [sys.executable, "-m", "atsync", "status", "--db", str(tmp_path / "erin.db"), "--json"]
         )
         (followed,) = json.loads(shown.stdout)["following"]
-        assert (followed["did"], followed["records"]) == (bob.did, 2)
+        assert (followed["did"], followed["records"]) == (dan.did, 2)
         assert followed["rev"] is not None and followed["last_pulled_at"] is not None
 
-        # Bob edits one, deletes the other: both reach alice's database.
-        cids["a"] = await write(bob, collection, "a", title="bob a, edited")
-        await delete(bob, collection, "b")
-        sync.pull_now()
-        await pulled(sync)
-        assert set(rows(app)) == {"mine", uri}
-        assert rows(app)[uri]["title"] == "bob a, edited"
-        assert sync.origin("notes", uri) == Origin(bob.did, uri, cids["a"])
+        # Dan edits one, deletes the other: both reach erin's database live (no pull_now()).
+        cids["a"] = await write(dan, collection, "a", title="dan a, edited")
+        await delete(dan, collection, "b")
+        await wait_for(app, lambda state: set(state) == {"mine", uri}, within=15)
+        assert rows(app)[uri]["title"] == "dan a, edited"
+        assert sync.origin("notes", uri) == Origin(dan.did, uri, cids["a"])
 
-        # Alice cannot edit or delete bob's row: refused in the action, nothing queued.
+        # Erin cannot edit or delete dan's row: refused in the action, nothing queued.
         for attempt in (lambda: app.actions.edit(uri, "hijacked"), lambda: app.actions.drop(uri)):
             with pytest.raises(ActionError, match="read-only"):
                 attempt()
-        assert rows(app)[uri]["title"] == "bob a, edited"
+        assert rows(app)[uri]["title"] == "dan a, edited"
         with anyio.fail_after(30):
-            await sync.wait_for_idle()  # alice's own note is pushed; nothing else was queued
+            await sync.wait_for_idle()  # erin's own note is pushed; nothing else was queued
         assert sync.status.pending == 0
         own = sync.origin("notes", "mine")
-        assert own is not None and own.did == alice.did
-        assert own.uri == f"at://{alice.did}/{collection}/mine"
-        mine = await remote(alice, collection)
-        assert set(mine) == {"mine"}  # nothing of bob's went into alice's repository
+        assert own is not None and own.did == erin.did
+        assert own.uri == f"at://{erin.did}/{collection}/mine"
+        mine = await remote(erin, collection)
+        assert set(mine) == {"mine"}  # nothing of dan's went into erin's repository
 
-        # The log holds bob's rows too: a rebuild gives the same state.
+        # The log holds dan's rows too: a rebuild gives the same state.
         state = rows(app)
         assert app.rebuild() == len(app.log) and rows(app) == state
 
-        assert sync.unfollow(bob.did) is True and sync.following == []
+        assert sync.unfollow(dan.did) is True and sync.following == []
         assert set(rows(app)) == {"mine"}
         assert sync.origin("notes", uri) is None
-        assert sync.unfollow(bob.did) is False
+        assert sync.unfollow(dan.did) is False
         assert app.rebuild() == len(app.log) and set(rows(app)) == {"mine"}
 
 
