@@ -111,6 +111,10 @@ async def test_the_users_account_moves_to_another_host_and_syncs_there(
         status = await wait_status(sync, lambda s: s.live)
         assert status.download_error is None and status.rejected == 0 == len(refused(app))
 
+        # A logout closes the stream at once, though the host sends nothing meanwhile.
+        await signer.logout_async()
+        await wait_status(sync, lambda s: not s.live, 5)
+
 
 @pytest.mark.anyio
 async def test_a_new_device_reads_a_moved_account_before_its_new_host_made_a_commit(

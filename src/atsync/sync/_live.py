@@ -46,8 +46,8 @@ async def listen(
     on_stream: Callable[[bool], None],
     cursor: Callable[[], int | None],
     on_bad_frame: Callable[[str], None],
-    on_other: Callable[[str | None, str], None] | None = None,
-    session_changed: Callable[[], anyio.Event] | None = None,
+    on_other: Callable[[str | None, str], None],
+    session_changed: Callable[[], anyio.Event],
 ) -> None:
     """Run until cancelled: keep a stream open to the current session's PDS, from
     ``cursor()`` (the last applied event) when there is one; call ``on_event(frame)`` for
@@ -71,8 +71,7 @@ async def listen(
             on_stream(True)
             if since is None:
                 on_event(None)  # whatever happened while we were not listening
-            if on_other is not None:
-                on_other(None, "")
+            on_other(None, "")
             refused = False
             async for frame in stream:
                 backoff.succeeded()
@@ -83,28 +82,27 @@ async def listen(
                     on_event(None)  # the PDS no longer has all events since the cursor
                 elif body.get("repo") == session.did or body.get("did") == session.did:
                     on_event(frame)
-                elif on_other is not None:
+                else:
                     other = body.get("repo") or body.get("did")
                     if isinstance(other, str):
                         on_other(other, frame.type or "")
 
     while True:
-        changed = session_changed() if session_changed is not None else None
+        changed = session_changed()  # taken before the look: a login in between sets it
         session = current_session()
         if session is None:
-            with anyio.move_on_after(1.0):  # a login sets ``changed``
-                await (changed.wait() if changed is not None else anyio.sleep(1.0))
+            with anyio.move_on_after(1.0):  # and a look every second, whatever sets it
+                await changed.wait()
             continue
         since = None if refused else cursor()
         failure: Exception | None = None
         # Connecting and reading end at once when the session changes: a silent host (the
         # account moved away) would otherwise hold the stream until a frame came.
         async with anyio.create_task_group() as watching:
-            if session_changed is not None:
-                watching.start_soon(
-                    _cancel_on_session_change, session_changed,
-                    lambda held=session: current_session() is held, watching.cancel_scope,
-                )  # fmt: skip
+            watching.start_soon(
+                _cancel_on_session_change, session_changed,
+                lambda held=session: current_session() is held, watching.cancel_scope,
+            )  # fmt: skip
             try:
                 await read(session, since)
             except Exception as exc:  # handled as itself below, not wrapped in a group

@@ -325,16 +325,15 @@ class Pusher:
         self.fence_needed = False
 
     async def renew_head(self, did: str, client: XrpcClient) -> None:
-        """A commit of nothing (an empty ``applyWrites``), signed by the PDS with the key it
-        holds for the account now (``StepRunner._renew_head``)."""
-        answer = await client.apply_writes(did, [])
-        if answer.commit is not None:
-            self.outbox.set_commit(answer.commit.cid, answer.commit.rev)
+        """A new head commit, signed by the PDS with the key it holds for the account now
+        (``StepRunner._renew_head``): the empty commit of a fence, off the known commit."""
+        latest = await self._fence_at(did, client, self.outbox.get_state("commit_cid"))
+        self.outbox.set_commit(latest.cid, latest.rev)
 
-    async def _fence_at(self, did: str, client: XrpcClient, swap: str) -> LatestCommit:
-        """Move the repo off ``swap`` with an empty commit; returns the repo's commit after.
-        Either way (ours, or another one that beat it) no request sent with ``swap`` can
-        land any more."""
+    async def _fence_at(self, did: str, client: XrpcClient, swap: str | None) -> LatestCommit:
+        """Move the repo off ``swap`` (None: whatever it is at) with an empty commit; returns
+        the repo's commit after. Either way (ours, or another one that beat it) no request
+        sent with ``swap`` can land any more."""
         try:
             answer = await client.apply_writes(did, [], swap_commit=swap)
         except PermanentError as exc:
