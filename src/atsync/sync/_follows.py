@@ -23,7 +23,8 @@ from ..db import ModelDB
 from ._binding import BoundBinding
 from ._migrate import FOLLOWED, FOLLOWS
 from ._outbox import RECORDS, STATE
-from ._outbox_views import TREE, TREE_DELTA
+from ._outbox_views import FOLLOWED_SHARED_KEY, TREE, TREE_DELTA
+from ._repo import split_followed_key
 from ._shared import merge_shared, shared_records
 
 __all__ = ["FollowedRepo", "Follows", "Origin", "followed_repositories"]
@@ -150,10 +151,27 @@ class Follows:
 
     def followed_row(self, model: str, key: str) -> str | None:
         """The DID whose repository the row ``model``/``key`` came from, if followed."""
-        row = self._db.connection.execute(
-            f"SELECT did FROM {FOLLOWED} WHERE model = ? AND key = ?", (model, key)
-        ).fetchone()
+        row = self._first(model, key, "did")
         return None if row is None else str(row[0])
+
+    def _first(self, model: str, key: str, columns: str) -> tuple[object, ...] | None:
+        """``columns`` of the followed record the row ``model``/``key`` was made from (of a
+        shared row: the first repository's, by DID)."""
+        where = split_followed_key(key)
+        row: tuple[object, ...] | None
+        if where is not None:  # by its AT URI: the primary key
+            row = self._db.connection.execute(
+                f"SELECT {columns} FROM {FOLLOWED} WHERE did = ? AND collection = ? "
+                "AND rkey = ? AND model = ? AND key = ?",
+                (*where, model, key),
+            ).fetchone()
+        else:
+            row = self._db.connection.execute(
+                f"SELECT {columns} FROM {FOLLOWED} WHERE model = ? AND key = ? "
+                f"AND {FOLLOWED_SHARED_KEY} ORDER BY did LIMIT 1",
+                (model, key),
+            ).fetchone()
+        return row
 
     def origin(self, model: str, key: str, own_did: str | None) -> Origin | None:
         """A followed row's record, by its AT URI key; any other row's own record (a shared
@@ -167,12 +185,8 @@ class Follows:
         if own is not None and own[2] is not None:
             collection, rkey, cid = own
             return Origin(str(own_did), f"at://{own_did}/{collection}/{rkey}", cid)
-        row = self._db.execute(
-            f"SELECT did, collection, rkey, cid FROM {FOLLOWED} WHERE model = ? AND key = ? "
-            "ORDER BY did LIMIT 1",
-            (model, key),
-        ).fetchone()
+        row = self._first(model, key, "did, collection, rkey, cid")
         if row is None:
             return None  # not synced (yet): it has no record
-        did, collection, rkey, cid = row
-        return Origin(did, f"at://{did}/{collection}/{rkey}", cid)
+        did, collection, rkey, cid = (None if v is None else str(v) for v in row)
+        return Origin(str(did), f"at://{did}/{collection}/{rkey}", cid)

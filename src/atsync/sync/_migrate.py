@@ -32,6 +32,7 @@ from ._outbox_views import (
     CONFLICTS,
     DEAD,
     FOLLOWED,
+    FOLLOWED_SHARED_KEY,
     FOLLOWS,
     OUTBOX,
     RECORDS,
@@ -52,7 +53,7 @@ __all__ = [
     "upgrade_sync_tables",
 ]
 
-TABLES_VERSION = 7
+TABLES_VERSION = 8
 
 _ADDED_COLUMNS = {
     RECORDS: ("record TEXT",),
@@ -92,7 +93,13 @@ def upgrade_sync_tables(conn: sqlite3.Connection) -> None:
             PRIMARY KEY (did, collection, rkey)
         ) WITHOUT ROWID"""
     )
-    conn.execute(f"CREATE INDEX IF NOT EXISTS {FOLLOWED}__by__model_key ON {FOLLOWED} (model, key)")
+    # Version 8: the index holds shared rows only (see FOLLOWED_SHARED_KEY); version 3-7's
+    # held every row. (An older release opening the database builds its own again.)
+    conn.execute(f"DROP INDEX IF EXISTS {FOLLOWED}__by__model_key")
+    conn.execute(
+        f"CREATE INDEX IF NOT EXISTS {FOLLOWED}__by__model_shared_key ON {FOLLOWED} (model, key) "
+        f"WHERE {FOLLOWED_SHARED_KEY}"
+    )
     create_blob_table(conn)
     conn.execute(
         f"""CREATE TABLE IF NOT EXISTS {TREE} (

@@ -13,6 +13,7 @@ __all__ = [
     "CONFLICTS",
     "DEAD",
     "FOLLOWED",
+    "FOLLOWED_SHARED_KEY",
     "FOLLOWS",
     "OUTBOX",
     "RECORDS",
@@ -41,6 +42,12 @@ TREE_DELTA = "_atsync_tree_delta"  # version 7, kept by _tree
 # Records this device wrote since its last pull (version 5): what the held tree cannot show.
 UNPULLED = "_atsync_unpulled"
 FOLLOWED = "_atsync_followed"
+# The rows of ``FOLLOWED`` its ``(model, key)`` index holds: those of shared bindings (their
+# key is the record key). Every other row's key is its AT URI, found by the primary key
+# (``split_followed_key``): indexed too, they made a fifth of what a followed record writes.
+# A query that uses the index repeats this term word for word (SQLite's rule for partial
+# indexes).
+FOLLOWED_SHARED_KEY = "substr(key, 1, 5) <> 'at://'"
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,6 +50,7 @@ from ._binding import BoundBinding
 from ._capture import Validator, encode_record, encode_trusted
 from ._migrate import FOLLOWED
 from ._outbox import DEAD, OUTBOX, RECORDS, Outbox
+from ._repo import split_followed_key
 from ._shared import merge_shared, shared_records
 
 __all__ = ["ResyncFailure", "ResyncScan", "queue_unsynced"]
@@ -185,21 +186,37 @@ class ResyncScan:
         self.scanned += len(rows)
         lo, hi = rows[0][pk], rows[-1][pk]
         queued, records, dead = self._known(binding, lo, hi)
-        followed = self._followed(binding, lo, hi)
+        # A shared binding's rows are everyone's: none is skipped.
+        followed = set() if binding.shared else self._followed(binding, [r[pk] for r in rows])
         for row in rows:
             key = row[pk]
-            if key in followed and not binding.shared:
+            if key in followed:
                 continue  # someone else's record, read-only here: never ours to push
             self._check_row(binding, key, row, queued.get(key), records.get(key), dead.get(key))
         return str(hi) if len(rows) == self._chunk else None
 
-    def _followed(self, binding: BoundBinding, lo: str, hi: str) -> set[str]:
-        """The keys in [lo, hi] of rows that came from a followed repository."""
-        rows = self._db.connection.execute(
-            f"SELECT key FROM {FOLLOWED} WHERE model = ? AND key >= ? AND key <= ?",
-            (binding.model.name, lo, hi),
-        )
-        return {key for (key,) in rows}
+    def _followed(self, binding: BoundBinding, keys: list[str]) -> set[str]:
+        """Which of these row keys of a binding that is not shared came from a followed
+        repository: AT URIs, looked up by the primary key they name."""
+        rkeys: dict[tuple[str, str], list[str]] = {}
+        for key in keys:
+            where = split_followed_key(key) if isinstance(key, str) else None
+            if where is not None:
+                rkeys.setdefault((where[0], where[1]), []).append(where[2])
+        found: set[str] = set()
+        conn = self._db.connection
+        for (did, collection), some in rkeys.items():
+            for start in range(0, len(some), 500):
+                chunk = some[start : start + 500]
+                found.update(
+                    key
+                    for (key,) in conn.execute(
+                        f"SELECT key FROM {FOLLOWED} WHERE did = ? AND collection = ? "
+                        f"AND rkey IN ({', '.join('?' * len(chunk))}) AND model = ?",
+                        (did, collection, *chunk, binding.model.name),
+                    )
+                )
+        return found
 
     def _known(
         self, binding: BoundBinding, lo: str, hi: str

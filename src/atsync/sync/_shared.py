@@ -35,6 +35,7 @@ from typing import Any
 from ..atproto import data_from_json
 from ._migrate import FOLLOWED
 from ._outbox import OUTBOX, RECORDS
+from ._outbox_views import FOLLOWED_SHARED_KEY
 
 __all__ = ["CLOCKS", "DELETED", "Hlc", "merge_shared", "shared_records", "stamp_record"]
 
@@ -168,8 +169,8 @@ def shared_records(
     # By the model and key (a shared record's row key is its record key): indexed, where
     # collection and record key would scan every followed record.
     for (text,) in conn.execute(
-        f"SELECT record FROM {FOLLOWED} WHERE model = ? AND key = ? AND collection = ? "
-        "AND record IS NOT NULL",
+        f"SELECT record FROM {FOLLOWED} WHERE model = ? AND key = ? AND {FOLLOWED_SHARED_KEY} "
+        "AND collection = ? AND record IS NOT NULL",
         (model, rkey, collection),
     ):
         found.append(_loads(text))
