@@ -509,3 +509,32 @@ async def test_a_followed_account_deactivated_on_its_host_is_said_and_back_when_
         sync.pull_now()  # (the error is cleared as that pull ends, after its rows)
         await pulled(sync)
         assert quiet.did not in sync.follow_errors
+
+
+@pytest.mark.anyio
+async def test_a_followed_repository_is_written_off_the_event_loop_and_told_on_it(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    """Its rows are written in a worker thread (the loop goes on meanwhile); live queries
+    hear of them in the loop's thread, as of every other change."""
+    import threading
+
+    collection = collection_for(request)
+    alice, bob = await session_of(dev_pds, "alice.test"), await session_of(dev_pds, "bob.test")
+    for rkey in ("t1", "t2", "t3"):
+        await write(bob, collection, rkey, title=f"bob {rkey}")
+    written_in: set[int] = set()
+    told_in: list[tuple[int, int]] = []
+    async with device(tmp_path / "alice.db", collection, alice, resolver) as (app, sync):
+        app.model_db.write_listeners.append(lambda *_: written_in.add(threading.get_ident()))
+        app.db.subscribe(
+            "notes", lambda found: told_in.append((len(found), threading.get_ident())),
+            initial=False,
+        )  # fmt: skip
+        await sync.follow(bob.did)
+        await pulled(sync)
+        assert len(rows(app)) == 3
+    loop = threading.get_ident()
+    assert written_in and loop not in written_in
+    assert told_in and {thread for _, thread in told_in} == {loop}
+    assert told_in[-1][0] == 3

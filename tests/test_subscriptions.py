@@ -107,3 +107,33 @@ def test_clear_notifies(db: ModelDB) -> None:
     with db.subscribe("tasks", seen.append, initial=False):
         db.clear("tasks")
     assert seen == [[]]
+
+
+def test_changes_held_in_a_worker_thread_are_told_in_the_thread_that_delivers_them(
+    db: ModelDB,
+) -> None:
+    import threading
+
+    seen: list[tuple[list[str], str]] = []
+
+    def callback(rows: list[dict]) -> None:
+        seen.append(([r["id"] for r in rows], threading.current_thread().name))
+
+    db.subscribe("tasks", callback, initial=False)
+    held: list[object] = []
+
+    def worker() -> None:
+        with db.changes_held(held):
+            with db.transaction():
+                db.set("tasks", task("a"))
+            db.set("tasks", task("b"))  # a transaction of its own: held too
+
+    thread = threading.Thread(target=worker, name="applier")
+    thread.start()
+    thread.join()
+    assert seen == [] and len(held) == 2  # committed, not told yet
+    assert {r["id"] for r in db.query("tasks")} == {"a", "b"}
+    db.deliver(held)
+    assert seen == [(["a", "b"], threading.current_thread().name)]
+    db.set("tasks", task("c"))  # outside changes_held: told at once, as always
+    assert seen[-1][0] == ["a", "b", "c"]

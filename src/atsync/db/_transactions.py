@@ -98,6 +98,7 @@ class Transactions:
         self._staged: list[list[Any]] = [changes]
         # Writes a layer above holds back and writes in bulk (see ``defer``).
         self._deferred: list[tuple[list[Any], Callable[[], None]]] = []
+        self._holding = threading.local()  # per thread: where changes_held() gathers
 
     def close(self) -> None:
         """Close the database; later calls raise ``ClosedError``. Safe to call twice."""
@@ -184,7 +185,11 @@ class Transactions:
                 self._owner = None
             self._lock.release()
         if changes:
-            self._committed(changes)  # outside the lock: callbacks may use the database
+            held = getattr(self._holding, "changes", None)
+            if held is not None:
+                held.extend(changes)
+            else:
+                self._committed(changes)  # outside the lock: callbacks may use the database
 
     def fail_transaction(self, reason: str) -> None:
         """Doom the open transaction: its end rolls it back and raises ``TransactionError``.
@@ -272,6 +277,24 @@ class Transactions:
 
     def _committed(self, changes: list[Any]) -> None:
         """Called with the committed transaction's changes, after the lock is released."""
+
+    @contextmanager
+    def changes_held(self, into: list[Any]) -> Iterator[None]:
+        """What the transactions this thread commits inside change is added to ``into``
+        instead of being told to live queries; ``deliver(into)`` tells them later, from any
+        thread. For work done in a worker thread whose callbacks belong to another (the sync
+        engine applies followed repositories off its event loop)."""
+        previous = getattr(self._holding, "changes", None)
+        self._holding.changes = into
+        try:
+            yield
+        finally:
+            self._holding.changes = previous
+
+    def deliver(self, changes: list[Any]) -> None:
+        """Tell live queries about committed changes that ``changes_held`` kept back."""
+        if changes:
+            self._committed(changes)
 
     # -- raw access for the layers above ------------------------------------------------
 

@@ -81,6 +81,11 @@ class Applier:
         self._creates: dict[str, list[dict[str, Any]]] | None = None
         self._fresh: frozenset[str] = frozenset()  # see restoring()
 
+    @property
+    def has_hook(self) -> bool:
+        """Whether an ``on_pds_action`` hook (the app's code) sees each change."""
+        return self._on_pds_action is not None
+
     def apply_chunk(
         self,
         did: str,

@@ -500,16 +500,44 @@ class Puller:
                 b.model.name for b in self._by_collection.values() if not b.shared and not known
             )
         self._applier.restoring(fresh)
+        # A followed repository's chunks are applied in a worker thread: SQLite's part of
+        # the work (inserts, the commit) runs beside the event loop's (the next downloads),
+        # and the loop is not held ~20 ms per chunk. Not the user's own, whose merges may
+        # call the app's conflict policy, nor with an on_pds_action hook: the app's code
+        # runs in the app's thread (a followed repository's rows are never merged). Live
+        # queries are told in the loop's thread too (changes_held).
+        threaded = not self._repo.own and not self._applier.has_hook
         try:
             for start in range(0, total, CHUNK):
-                with self._db.transaction():
-                    chunk = changes[start : start + CHUNK]
-                    self._applier.apply_chunk(did, rev, chunk, known, result)
+                chunk = changes[start : start + CHUNK]
+                if threaded:
+                    held: list[object] = []
+                    try:
+                        await anyio.to_thread.run_sync(
+                            self._apply_held, did, rev, chunk, known, result, held
+                        )
+                    finally:
+                        self._db.deliver(held)
+                else:
+                    with self._db.transaction():
+                        self._applier.apply_chunk(did, rev, chunk, known, result)
                 if progress is not None:
                     progress(min(total, start + CHUNK), total)
                 await anyio.lowlevel.checkpoint()  # the app's writes go between two chunks
         finally:
             self._applier.restoring(frozenset())
+
+    def _apply_held(
+        self,
+        did: str,
+        rev: str,
+        chunk: list[Change],
+        known: dict[tuple[str, str], Known],
+        result: PullResult,
+        held: list[object],
+    ) -> None:
+        with self._db.changes_held(held), self._db.transaction():
+            self._applier.apply_chunk(did, rev, chunk, known, result)
 
     def _known(self, keys: list[tuple[str, str]] | None = None) -> dict[tuple[str, str], Known]:
         """What was last synced, per record of the pulled collections (or of ``keys``)."""
