@@ -188,6 +188,7 @@ def test_a_database_of_the_previous_release_upgrades_with_its_queue_intact(
     """Sync tables version 4 (before ``_atsync_tree``): the table is added, the queue kept."""
     from atsync.app import App
     from atsync.sync import ATSync, Binding, Manual
+    from atsync.sync._migrate import TABLES_VERSION
     from test_sync_pull import contract
 
     path = tmp_path / "old.db"
@@ -205,7 +206,7 @@ def test_a_database_of_the_previous_release_upgrades_with_its_queue_intact(
         version = db.execute(
             "SELECT value FROM _atsync_sync_state WHERE key = 'tables_version'"
         ).fetchone()
-        assert version == ("7",)
+        assert version == (str(TABLES_VERSION),)
         assert [w.rkey for w in sync.outbox.next_batch()] == ["q"]
         sync.close()
 
