@@ -137,3 +137,29 @@ def test_changes_held_in_a_worker_thread_are_told_in_the_thread_that_delivers_th
     assert seen == [(["a", "b"], threading.current_thread().name)]
     db.set("tasks", task("c"))  # outside changes_held: told at once, as always
     assert seen[-1][0] == ["a", "b", "c"]
+
+
+def test_set_many_on_a_watched_model_fires_once_with_what_left_and_entered_the_results(
+    tmp_path: Path,
+) -> None:
+    """One statement for the batch, live query or not: the rows before are read in one go,
+    so a row that leaves the filter is still noticed."""
+    with ModelDB.open(tmp_path / "m.db", {"notes": {"id": "primary", "done": "boolean"}}) as db:
+        seen: list[list[str]] = []
+        db.subscribe(
+            "notes", lambda rows: seen.append([r["id"] for r in rows]), where={"done": False},
+            initial=False,
+        )  # fmt: skip
+        assert db.set_many("notes", [{"id": "a", "done": False}, {"id": "b", "done": False}]) == 2
+        assert seen == [["a", "b"]]
+        db.set_many("notes", [{"id": "a", "done": True}])  # leaves the results
+        assert seen[-1] == ["b"]
+        # The same key twice: the second write is the row's state.
+        db.set_many("notes", [{"id": "c", "done": True}, {"id": "c", "done": False}])
+        assert seen[-1] == ["b", "c"] and len(seen) == 3
+        db.set_many("notes", [{"id": "b", "done": True}, {"id": "x", "done": True}])
+        assert seen[-1] == ["c"] and len(seen) == 4
+        with pytest.raises(RuntimeError), db.transaction():
+            db.set_many("notes", [{"id": "d", "done": False}])
+            raise RuntimeError
+        assert len(seen) == 4 and db.get("notes", "d") is None

@@ -226,12 +226,12 @@ class ModelDB(Transactions):
                 self._write(plan, params, relations, given)
 
     def set_many(self, model: str, values: Iterable[Mapping[str, Any]]) -> int:
-        """``set`` each value, all in one transaction; returns how many. The same checks and
-        listeners as ``set``, with one statement for the whole batch unless a live query
-        watches the model or it has relations (then one ``set`` each)."""
+        """``set`` each value, all in one transaction; returns how many. The same checks,
+        listeners and live queries as ``set``, with one statement for the whole batch unless
+        the model has relations (then one ``set`` each)."""
         plan = self._plan(model)
         with self.transaction():
-            if plan.has_relations or model in self._watched:
+            if plan.has_relations:
                 count = 0
                 for value in values:
                     self.set(model, value)
@@ -239,15 +239,28 @@ class ModelDB(Transactions):
                 return count
             rows = [value if type(value) is dict else dict(value) for value in values]
             batch = [self._encode(plan, row) for row in rows]
+            key_index = plan.key_index
+            # A live query on the model: the rows before, read in one go (set() reads each).
+            before = (
+                self._stored_many(plan, [params[key_index] for params in batch])
+                if model in self._watched
+                else None
+            )
             try:
                 self._cursor.executemany(plan.upsert, batch)
             except UnicodeEncodeError as exc:
                 raise ValidationError(
                     f"{model}: a string is not valid Unicode ({exc.reason}): {exc.object!r}"
                 ) from None
+            if before is not None:
+                pending, names = self._hub.pending, plan.names
+                for params in batch:
+                    new = dict(zip(names, params, strict=True))
+                    key = params[key_index]
+                    pending.append(Change(model, before.get(key), new))
+                    before[key] = new  # a key given twice: its second write follows the first
             listeners = self.write_listeners
             if listeners:
-                key_index = plan.key_index
                 for row, params in zip(rows, batch, strict=True):
                     if not (plan.passes_through and len(row) == len(params)):
                         row = (
@@ -410,6 +423,20 @@ class ModelDB(Transactions):
         for prop in plan.model.relations:
             stored[prop.name] = tuple(self._relation(plan.model.name, prop.name, key))
         return stored
+
+    def _stored_many(self, plan: _Plan, keys: list[object]) -> dict[object, Row]:
+        """``_stored`` of several keys at once, by key (a model without relations)."""
+        found: dict[object, Row] = {}
+        pk, names, key_index = quote(plan.model.primary_key), plan.names, plan.key_index
+        cols = ", ".join(quote(n) for n in names)
+        unique = list(dict.fromkeys(keys))
+        for start in range(0, len(unique), 500):
+            chunk = unique[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            sql = f"SELECT {cols} FROM {quote(plan.name)} WHERE {pk} IN ({marks})"
+            for row in self._conn.execute(sql, chunk):
+                found[row[key_index]] = dict(zip(names, row, strict=True))
+        return found
 
     # -- reads --------------------------------------------------------------------------
 
