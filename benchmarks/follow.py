@@ -243,6 +243,10 @@ def main() -> int:
     print(
         f"  atsync / (a) = {a / s:5.2f}x   target >= {TARGET_SDK}x   {'PASS' if ok_sdk else 'FAIL'}"
     )
+    # Each round runs both, one after the other: its ratio shows how much of the spread is
+    # the machine's (both move together) and how much is one side's.
+    paired = [x / y for x, y in zip(ours, sdk, strict=True)]
+    print(f"  per round: {min(paired):.2f}x to {max(paired):.2f}x")
     print(f"(ii) live fan-in, write -> the follower's row, {len(latencies)} writes")
     print(f"  p50 {p50 * 1000:7.1f} ms   p99 {p99 * 1000:7.1f} ms   target p50 < 300 ms   "
           f"{'PASS' if ok_live else 'FAIL'}")  # fmt: skip
