@@ -1745,3 +1745,54 @@ async def test_a_late_attempt_cannot_resurrect_a_record_deleted_in_the_meantime(
                 await idle(sync, 30)
             await assert_pds_equals_local(app, sync, dev_pds.pds_url, direct.did)
             sync.close()
+
+
+async def test_a_record_key_the_pds_finds_offensive_is_chosen_again_when_atsync_chose_it(
+    dev_pds: DevPDS, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The reference PDS refuses a record key that matches its list of slurs ("Unacceptable
+    slur in record key"), and a random TID can. A key atsync minted (``rkey="tid"``) is
+    minted again and the row reaches the PDS; a row whose key is its record key is
+    dead-lettered with the PDS's reason (the key is the app's)."""
+    collection = collection_for(request)
+    slur = Answer(400, "InvalidRequest", "Unacceptable slur in record key")
+
+    def first_try_of(title: str) -> Callable[[ProxyRequest], bool]:
+        def matches(req: ProxyRequest) -> bool:
+            writes = (req.json() or {}).get("writes", [])
+            return any((w.get("value") or {}).get("title") == title for w in writes)
+
+        return matches
+
+    async with FaultProxy(dev_pds.pds_url) as proxy:
+        direct, session = await proxied_engine_setup(dev_pds, proxy)
+        proxy.add(slur, nsid=APPLY, when=first_try_of("minted"), times=1)
+        proxy.add(slur, nsid=APPLY, when=first_try_of("own key"))
+        tids = collection + "tid"
+        with App.open(tmp_path / "a.db", contract) as app:
+            sync = ATSync(
+                app, pull=Manual(), push=Manual(), session=session, budget=RateBudget.off(),
+                bindings={"notes": Binding(tids, rkey="tid")},
+            )  # fmt: skip
+            async with sync:
+                app.actions.put_note("m", "minted", 1)
+                refused = sync.outbox.rkey_for(tids, "notes", "m")
+                sync.push_now()
+                status = await idle(sync)
+                assert (status.pending, status.failed) == (0, 0)
+                chosen = sync.outbox.rkey_for(tids, "notes", "m")
+                assert chosen is not None and chosen != refused
+                remote = await pds_records(dev_pds.pds_url, direct.did, tids)
+                assert set(remote) == {chosen} and remote[chosen]["title"] == "minted"
+            sync.close()
+        with App.open(tmp_path / "b.db", contract) as app:
+            sync = notes_engine(app, collection, session, push=Manual())
+            async with sync:
+                app.actions.put_note("own", "own key", 1)
+                sync.push_now()
+                status = await idle(sync)
+                assert status.failed == 1
+                (dead,) = sync.outbox.dead_letters()
+                assert dead.rkey == "own" and "slur in record key" in (dead.message or "")
+            sync.close()
+        assert proxy.counts["answer"] >= 2

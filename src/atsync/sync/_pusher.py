@@ -15,6 +15,8 @@ writer changed since our last push is a conflict: it is recorded, and the local 
 from __future__ import annotations
 
 import json
+import logging
+import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from ..atproto import (
     Delete,
     LatestCommit,
     RateLimitInfo,
+    TidClock,
     Update,
     Write,
     XrpcClient,
@@ -33,13 +36,15 @@ from ..atproto import (
 from ._blobsync import BlobUploads, blob_refs
 from ._budget import RateBudget
 from ._carry import carry_unmapped
-from ._outbox import Outbox, PendingWrite
+from ._outbox import OUTBOX, SENT, Outbox, PendingWrite
 
 __all__ = ["PushResult", "Pusher", "RepoMoved"]
 
 MAX_WRITES = 200
 MAX_BYTES = 900_000  # under the PDS's 1 MB body limit, leaving room for the JSON envelope
 UNREADABLE_TRIES = 5  # refusals without a readable error name before a write is dead-lettered
+
+log = logging.getLogger("atsync.sync")
 
 
 class RepoMoved(Exception):
@@ -74,6 +79,7 @@ class Pusher:
         self.needs_reconcile = False  # an unknown outcome is still unsettled
         self.fence_needed = False  # an unheard request might still land: see fence()
         self.blobs = BlobUploads(outbox.db)
+        self._tids = TidClock()  # record keys chosen again (see _rekey)
 
     def _writes(self, batch: Sequence[PendingWrite]) -> tuple[list[Write], list[PendingWrite]]:
         """The batch as XRPC writes. A row that cannot be read back (a damaged file, a manual
@@ -220,6 +226,8 @@ class Pusher:
                 # applyWrites is atomic: one bad write fails the batch. Halve until alone.
                 self.batch_limit = max(1, len(batch) // 2)
                 return True
+            if _refused_record_key(exc) and self._rekey(batch[0]):
+                return True  # sent again under another record key
             self.outbox.dead_letter(batch[0], exc.error, str(exc))
             result.dead_letters += 1
             self.batch_limit = MAX_WRITES
@@ -236,6 +244,35 @@ class Pusher:
         if self.batch_limit < MAX_WRITES:
             self.batch_limit = min(MAX_WRITES, self.batch_limit * 2)
         return True
+
+    def _rekey(self, write: PendingWrite) -> bool:
+        """Give a create another record key, if atsync chose the refused one (a row of a
+        ``rkey="tid"`` binding, whose key is not its record key): the record never reached
+        the PDS under it (the check comes before any write). False: the key is the row's own
+        (then the write is dead-lettered, naming the key)."""
+        new = self._tids.next()
+        db = self.outbox.db
+        try:
+            with db.transaction():
+                moved = db.connection.execute(
+                    f"UPDATE {OUTBOX} SET rkey = ?, attempted = 0, sent_op = NULL, "
+                    "sent_cid = NULL WHERE seq = ? AND rkey = ? AND op = 'create' "
+                    "AND key <> rkey",
+                    (new, write.seq, write.rkey),
+                ).rowcount
+                if moved:
+                    db.connection.execute(
+                        f"DELETE FROM {SENT} WHERE collection = ? AND rkey = ?",
+                        (write.collection, write.rkey),
+                    )
+        except sqlite3.IntegrityError:
+            return False  # the new key is taken (two clocks met): dead-lettered instead
+        if moved:
+            log.warning(
+                "the PDS refused the record key %s/%s; sending it as %s",
+                write.collection, write.rkey, new,
+            )  # fmt: skip
+        return bool(moved)
 
     def _refused(
         self, write: PendingWrite, error: str | None, why: str, result: PushResult
@@ -353,6 +390,13 @@ class Pusher:
                 return None
             raise
         return view.cid
+
+
+def _refused_record_key(exc: PermanentError) -> bool:
+    """The reference PDS refusing a record key it finds offensive (it matches a list of
+    slurs against every record key given to it; a random TID can match). Its own TIDs are
+    not checked."""
+    return exc.error == "InvalidRequest" and "slur in record key" in str(exc)
 
 
 def _as_write(w: PendingWrite) -> Write:
