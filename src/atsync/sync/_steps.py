@@ -280,27 +280,33 @@ class StepRunner:
         rev, data = puller.position()
         if rev is None or not puller.covers_collections():
             return False  # never pulled in full (or not these collections): nothing to follow
-        for frame in frames:
-            try:
-                event = verify_commit_event(frame, key, did=did)
-            except VerificationError as exc:
-                puller.reject_all(did, "VerificationError", f"#commit event: {exc}")
-                return False
-            if event.rev <= rev:
-                # Already included (a replayed event, or one a whole read brought first):
-                # the stream resumes after it.
-                puller.stream_passed(event.seq)
-                continue
-            prev_data = str(event.prev_data) if event.prev_data is not None else None
-            if event.since != rev or (data is not None and prev_data != data):
-                log.info(
-                    "event %s (since %s) does not follow rev %s: reading the repository",
-                    event.rev, event.since, rev,
-                )  # fmt: skip
-                return False  # a gap: something happened that we did not see
-            puller.apply_commit(did, event)
-            rev, data = event.rev, str(event.data)
-        return True
+        # Already included events (replayed, or brought first by a whole read): the stream
+        # resumes after them. Their seq is written once for a run of them (an applied event
+        # writes its own with its rows), not in a transaction each.
+        passed: int | None = None
+        try:
+            for frame in frames:
+                try:
+                    event = verify_commit_event(frame, key, did=did)
+                except VerificationError as exc:
+                    puller.reject_all(did, "VerificationError", f"#commit event: {exc}")
+                    return False
+                if event.rev <= rev:
+                    passed = event.seq if event.seq is not None else passed
+                    continue
+                prev_data = str(event.prev_data) if event.prev_data is not None else None
+                if event.since != rev or (data is not None and prev_data != data):
+                    log.info(
+                        "event %s (since %s) does not follow rev %s: reading the repository",
+                        event.rev, event.since, rev,
+                    )  # fmt: skip
+                    return False  # a gap: something happened that we did not see
+                passed = None  # this event's seq is later, and written with it
+                puller.apply_commit(did, event)
+                rev, data = event.rev, str(event.data)
+            return True
+        finally:
+            puller.stream_passed(passed)
 
     def _show_inactive(self) -> None:
         engine = self.engine
