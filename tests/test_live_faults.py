@@ -552,6 +552,9 @@ async def test_duplicated_and_reordered_events_are_applied_once(
         await converged(a, b, sync_b, session, collection)
         assert len(proxy.requests(GET_REPO)) == reads  # repeats are not gaps
         assert proxy.frame_counts["duplicate"] == 2
+        # Skipped repeats never move the stream position back: it is the last event's.
+        seqs = [f.seq for f in proxy.frames("#commit") if f.repo == session.did and f.seq]
+        assert stream_cursor(b) == max(seqs)
 
         proxy.add_frame(ReorderFrame(), **mine, nth=2)
         await write_each(a, sync_a, ["v1", "v2", "v3", "v4"])

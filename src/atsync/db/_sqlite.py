@@ -424,19 +424,23 @@ class ModelDB(Transactions):
             stored[prop.name] = tuple(self._relation(plan.model.name, prop.name, key))
         return stored
 
-    def _stored_many(self, plan: _Plan, keys: list[object]) -> dict[object, Row]:
+    def _stored_many(self, plan: _Plan, keys: Sequence[object]) -> dict[object, Row]:
         """``_stored`` of several keys at once, by key (a model without relations)."""
-        found: dict[object, Row] = {}
-        pk, names, key_index = quote(plan.model.primary_key), plan.names, plan.key_index
-        cols = ", ".join(quote(n) for n in names)
+        names, key_index = plan.names, plan.key_index
+        return {
+            row[key_index]: dict(zip(names, row, strict=True)) for row in self._rows_of(plan, keys)
+        }
+
+    def _rows_of(self, plan: _Plan, keys: Sequence[object]) -> Iterator[tuple[Any, ...]]:
+        """The stored rows (every column, as stored) with these keys, 500 keys a query."""
+        pk, cols = quote(plan.model.primary_key), ", ".join(quote(n) for n in plan.names)
         unique = list(dict.fromkeys(keys))
         for start in range(0, len(unique), 500):
             chunk = unique[start : start + 500]
             marks = ", ".join("?" * len(chunk))
-            sql = f"SELECT {cols} FROM {quote(plan.name)} WHERE {pk} IN ({marks})"
-            for row in self._conn.execute(sql, chunk):
-                found[row[key_index]] = dict(zip(names, row, strict=True))
-        return found
+            yield from self._conn.execute(
+                f"SELECT {cols} FROM {quote(plan.name)} WHERE {pk} IN ({marks})", chunk
+            )
 
     # -- reads --------------------------------------------------------------------------
 
@@ -456,19 +460,11 @@ class ModelDB(Transactions):
             validate_key(plan.model, key)
         found: dict[str, Row] = {}
         pk = plan.model.primary_key
-        cols = ", ".join(quote(n) for n in plan.names)
         with self._lock:
             self._check_open()
-            unique = list(dict.fromkeys(keys))
-            for start in range(0, len(unique), 500):
-                chunk = unique[start : start + 500]
-                sql = (
-                    f"SELECT {cols} FROM {quote(model)} WHERE {quote(pk)} IN "
-                    f"({', '.join('?' * len(chunk))})"
-                )
-                for row in self._conn.execute(sql, chunk):
-                    record = self._decode(plan, row, plan.names)
-                    found[record[pk]] = record
+            for row in self._rows_of(plan, keys):
+                record = self._decode(plan, row, plan.names)
+                found[record[pk]] = record
         return [found.get(key) for key in keys]
 
     def query(

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 from ..app import RemoteChange
 from ..db import ModelDB
@@ -154,11 +155,11 @@ class Follows:
         row = self._first(model, key, "did")
         return None if row is None else str(row[0])
 
-    def _first(self, model: str, key: str, columns: str) -> tuple[object, ...] | None:
+    def _first(self, model: str, key: str, columns: str) -> tuple[Any, ...] | None:
         """``columns`` of the followed record the row ``model``/``key`` was made from (of a
         shared row: the first repository's, by DID)."""
         where = split_followed_key(key)
-        row: tuple[object, ...] | None
+        row: tuple[Any, ...] | None
         if where is not None:  # by its AT URI: the primary key
             row = self._db.connection.execute(
                 f"SELECT {columns} FROM {FOLLOWED} WHERE did = ? AND collection = ? "
@@ -188,5 +189,5 @@ class Follows:
         row = self._first(model, key, "did, collection, rkey, cid")
         if row is None:
             return None  # not synced (yet): it has no record
-        did, collection, rkey, cid = (None if v is None else str(v) for v in row)
-        return Origin(str(did), f"at://{did}/{collection}/{rkey}", cid)
+        did, collection, rkey, cid = row
+        return Origin(did, f"at://{did}/{collection}/{rkey}", cid)
