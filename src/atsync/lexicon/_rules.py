@@ -16,6 +16,7 @@ from typing import Any
 from atsync._errors import InvalidSyntaxError, SchemaError
 from atsync.atproto import is_valid_language, is_valid_nsid, validate_record_key
 from atsync.lexicon._checks import Invalid, primitive_check
+from atsync.lexicon._checks import kind as kind_of
 from atsync.lexicon._formats import FORMATS
 
 __all__ = [
@@ -149,19 +150,19 @@ class Checker:
 
     def obj(self, value: Any, path: str) -> Mapping[str, Any]:
         if not isinstance(value, Mapping):
-            raise self.fail(path, f"must be a JSON object, got {_kind(value)}")
+            raise self.fail(path, f"must be a JSON object, got {kind_of(value)}")
         return value
 
     def opt_str(self, node: Mapping[str, Any], key: str, path: str) -> str | None:
         v = node.get(key)
         if v is not None and not isinstance(v, str):
-            raise self.fail(f"{path}.{key}", f"must be a string, got {_kind(v)}")
+            raise self.fail(f"{path}.{key}", f"must be a string, got {kind_of(v)}")
         return v
 
     def opt_bool(self, node: Mapping[str, Any], key: str, path: str) -> bool | None:
         v = node.get(key)
         if v is not None and not isinstance(v, bool):
-            raise self.fail(f"{path}.{key}", f"must be a boolean, got {_kind(v)}")
+            raise self.fail(f"{path}.{key}", f"must be a boolean, got {kind_of(v)}")
         return v
 
     def opt_int(
@@ -205,7 +206,7 @@ class Checker:
             raise self.fail("lexicon", f"must be the integer 1, got {version!r}")
         doc_id = data.get("id")
         if not isinstance(doc_id, str):
-            raise self.fail("id", f"must be an NSID string, got {_kind(doc_id)}")
+            raise self.fail("id", f"must be an NSID string, got {kind_of(doc_id)}")
         if not is_valid_nsid(doc_id):
             raise self.fail("id", f"{doc_id!r} is not a valid NSID")
         if "$type" in data and data["$type"] != "com.atproto.lexicon.schema":
@@ -269,7 +270,7 @@ class Checker:
             key = d.get("key")
             if not isinstance(key, str):
                 raise self.fail(
-                    f"{path}.key", f"must be a record key type string, got {_kind(key)}"
+                    f"{path}.key", f"must be a record key type string, got {kind_of(key)}"
                 )
             if key.startswith("literal:"):
                 try:
@@ -462,7 +463,7 @@ class Checker:
         elif t == "union":
             refs = d.get("refs")
             if not isinstance(refs, list):
-                raise self.fail(f"{path}.refs", f"must be a list of refs, got {_kind(refs)}")
+                raise self.fail(f"{path}.refs", f"must be a list of refs, got {kind_of(refs)}")
             for i, r in enumerate(refs):
                 self.ref(r, f"{path}.refs[{i}]", "union")
             if self.opt_bool(d, "closed", path) and not refs:
@@ -541,20 +542,3 @@ def _a(word: str) -> str:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _kind(v: Any) -> str:
-    """A JSON-ish name for a value's type, for messages."""
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "boolean"
-    if isinstance(v, int):
-        return "integer"
-    if isinstance(v, str):
-        return "string"
-    if isinstance(v, Mapping):
-        return "object"
-    if isinstance(v, list | tuple):
-        return "array"
-    return type(v).__name__
