@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import pytest
 
-from atsync import ActionError
+from atsync import ActionError, InvalidSyntaxError
 from atsync.app import ActionContext, App, Contract
 from atsync.atproto import IdentityResolver, Session, XrpcClient, generate_keypair
 from atsync.sync import ATSync, Binding, Immediate, Live, Manual, Origin, RemoteRecord
@@ -180,6 +180,39 @@ async def test_a_forged_followed_repository_is_refused_and_nothing_applied(
         ).fetchall()
         assert rejected == [(bob.did, "VerificationError")]
         assert sync.status.download_error is None  # alice's own sync is not affected
+
+
+@pytest.mark.anyio
+async def test_a_did_no_resolver_takes_is_refused_at_once_and_one_not_found_is_said(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    collection = collection_for(request)
+    alice = await session_of(dev_pds, "alice.test")
+    malformed = [
+        "did:plc:UPPERCASE0000000000000000",  # not 24 of a-z 2-7
+        "did:plc:short",
+        "did:web:example.com:user:alice",  # path-based did:web: not in atproto
+        "did:key:zQ3shokFTS3brHcDQrn82RUDfCZESWL1ZdCEJwekUDPQiYBme",  # not a repository's DID
+    ]
+    with App.open(tmp_path / "alice.db", contract) as app:
+        for did in malformed:
+            with pytest.raises(InvalidSyntaxError, match="did:"):
+                ATSync(app, bindings={"notes": Binding(collection)}, session=alice, follow=[did])
+        followed = app.model_db.execute("select count(*) from _atsync_follows").fetchone()
+        assert followed == (0,)  # nothing of a refused list was kept
+    missing = "did:plc:" + "a" * 24  # well formed, in no PLC directory
+    async with device(tmp_path / "alice.db", collection, alice, resolver) as (app, sync):
+        for did in malformed:
+            with pytest.raises(InvalidSyntaxError, match="did:"):
+                await sync.follow(did)
+        assert sync.following == []
+        assert await sync.follow(missing) == missing
+        await pulled(sync)  # returns: the failure is said, not waited through
+        assert sync.follow_errors[missing].startswith("its identity does not resolve: ")
+        assert "404" in sync.follow_errors[missing]
+        rejected = app.model_db.execute("select count(*) from _atsync_rejected").fetchone()
+        assert rejected == (0,)  # no repository was read, so no record of it was refused
+        assert sync.status.download_error is None
 
 
 @pytest.mark.anyio

@@ -22,6 +22,7 @@ from atsync._errors import (
     TransientError,
     VerificationError,
 )
+from atsync.atproto import validate_atproto_did
 from atsync.atproto._car import read_car
 from atsync.atproto._crypto import generate_keypair
 from atsync.atproto._devpds import DevPDS
@@ -498,6 +499,38 @@ async def test_rejected_before_any_network_call(
         with pytest.raises(error, match=match):
             await rig.resolver.resolve(identifier)
     assert rig.requests == [] and dns_server.queries == [] and web.hits == []
+
+
+@pytest.mark.parametrize(
+    ("did", "error", "match"),
+    [
+        ("did:plc:tooshort", InvalidSyntaxError, "invalid did:plc"),
+        ("did:plc:UPPERCASE0000000000000000", InvalidSyntaxError, "invalid did:plc"),
+        ("did:web:bad%20host.test", InvalidSyntaxError, "only %3A"),
+        ("did:web:host.test%3A8080", VerificationError, "ports are allowed only on localhost"),
+        ("did:web:example.com:user:alice", VerificationError, "path-based did:web"),
+        ("did:web:printer.local", VerificationError, r"\.local top-level domain is reserved"),
+        ("did:key:zQ3shZc2QzApp2oymGvQbzP8eKheVshBHbU4ZYjeXqwSKEn6N", VerificationError,
+         "unsupported DID method did:key"),
+        ("not a did", InvalidSyntaxError, "DID"),
+    ],
+)  # fmt: skip
+def test_validate_atproto_did_refuses_what_no_resolver_takes(
+    did: str, error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        validate_atproto_did(did)
+
+
+@pytest.mark.parametrize(
+    "did",
+    ["did:plc:ewvi7nxzyoun6zhxrhs64oiz", "did:web:example.com", "did:web:localhost%3A2583",
+     "did:web:dev.test"],
+)  # fmt: skip
+def test_validate_atproto_did_leaves_policy_to_the_resolver(did: str) -> None:
+    # localhost ports and .test hosts are well formed; whether to resolve them is the
+    # resolver's choice (allow_insecure_localhost, allow_test_handles)
+    assert validate_atproto_did(did) == did
 
 
 # --- caching -----------------------------------------------------------------------------------

@@ -209,6 +209,7 @@ EXPECTED: dict[str, list[str]] = {
         "validate_at_uri",
         "validate_cid",
         "validate_datetime",
+        "validate_atproto_did",
         "validate_did",
         "validate_handle",
         "validate_language",

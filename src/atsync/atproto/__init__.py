@@ -29,7 +29,8 @@ docs/api.md.
   inverted back to ``prevData``): ``verify_commit_event`` → ``VerifiedCommit`` of
   ``RepoOp``; a session key's authorization record: ``authorize_session_key``,
   ``revoke_session_key``, ``verify_session``
-- identity: ``IdentityResolver`` → ``Identity``; ``parse_did_document`` → ``DidDocument``
+- identity: ``IdentityResolver`` → ``Identity``; ``parse_did_document`` → ``DidDocument``;
+  ``validate_atproto_did`` (a did:plc or did:web a resolver can take, by syntax alone)
 - sessions: ``login``, ``Session`` (``SessionData``), stores (``SessionStore``,
   ``FileSessionStore``, ``MemorySessionStore``); OAuth: ``oauth_login`` (browser, PAR, PKCE,
   DPoP; ``loopback_client_id``, ``DEFAULT_OAUTH_SCOPE``, ``granular_scope``) → ``OAuthSession``
@@ -78,7 +79,7 @@ from ._commit_event import RepoOp, VerifiedCommit, verify_commit_event
 from ._crypto import Alg as KeyAlgorithm
 from ._crypto import Keypair, generate_keypair, load_keypair, parse_did_key, verify_signature
 from ._devpds import DevAccount, DevPDS, default_cache_dir, ensure_installed
-from ._did_doc import DidDocument, parse_did_document
+from ._did_doc import DidDocument, parse_did_document, validate_atproto_did
 from ._firehose import FirehoseFrame, FirehoseSubscription
 from ._identity import DEFAULT_PLC_URL, BlockingIdentityResolver, Identity, IdentityResolver
 from ._mst import mst_lookup
@@ -239,6 +240,7 @@ __all__ = [
     "revoke_session_key",
     "validate_at_identifier",
     "validate_at_uri",
+    "validate_atproto_did",
     "validate_cid",
     "validate_datetime",
     "validate_did",

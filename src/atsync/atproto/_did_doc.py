@@ -34,6 +34,7 @@ __all__ = [
     "did_web_host",
     "handle_tld_problem",
     "parse_did_document",
+    "validate_atproto_did",
     "validate_did_plc",
 ]
 
@@ -52,6 +53,23 @@ def validate_did_plc(did: str) -> str:
     if not _DID_PLC.fullmatch(did):
         raise InvalidSyntaxError(f"invalid did:plc {did!r:.80}: must be did:plc: + 24 of a-z 2-7")
     return did
+
+
+def validate_atproto_did(did: str) -> str:
+    """A DID atproto can resolve, by syntax alone: ``did:plc:`` and 24 base32 characters, or
+    a hostname ``did:web`` (a port only on localhost; whether that and ``.test`` hosts may be
+    resolved is the resolver's policy). ``InvalidSyntaxError`` for a malformed DID;
+    ``VerificationError`` for a method or form atproto does not use."""
+    validate_did(did)
+    if did.startswith("did:plc:"):
+        return validate_did_plc(did)
+    if did.startswith("did:web:"):
+        did_web_host(did, allow_localhost=True, allow_test=True)
+        return did
+    method = did.split(":", 2)[1]
+    raise VerificationError(
+        f"unsupported DID method did:{method} ({did:.80}): atproto uses did:plc and did:web"
+    )
 
 
 def handle_tld_problem(hostname: str, *, allow_test: bool) -> str | None:

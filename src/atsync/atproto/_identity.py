@@ -49,9 +49,9 @@ from ._did_doc import (
     did_web_host,
     handle_tld_problem,
     parse_did_document,
-    validate_did_plc,
+    validate_atproto_did,
 )
-from ._syntax import is_valid_did, validate_at_identifier, validate_did, validate_handle
+from ._syntax import is_valid_did, validate_at_identifier, validate_handle
 from ._tls import tls_context
 from ._ttl_cache import TtlCache
 from ._xrpc_errors import retry_at
@@ -300,16 +300,9 @@ class IdentityResolver:
         return h
 
     def _check_did(self, did: str) -> None:
-        validate_did(did)
-        if did.startswith("did:plc:"):
-            validate_did_plc(did)
-        elif did.startswith("did:web:"):
+        validate_atproto_did(did)
+        if did.startswith("did:web:"):  # and what this resolver's policy allows of it
             did_web_host(did, allow_localhost=self._allow_localhost, allow_test=self._allow_test)
-        else:
-            method = did.split(":", 2)[1]
-            raise VerificationError(
-                f"unsupported DID method did:{method} ({did:.80}): atproto uses did:plc and did:web"
-            )
 
     # -- cache with single flight ---------------------------------------------------------
 

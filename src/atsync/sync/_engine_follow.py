@@ -28,9 +28,21 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from .._errors import NetworkError, PermanentError, ValidationError, VerificationError
+from .._errors import (
+    InvalidSyntaxError,
+    NetworkError,
+    PermanentError,
+    ValidationError,
+    VerificationError,
+)
 from ..app import App
-from ..atproto import DEFAULT_PLC_URL, IdentityResolver, XrpcClient, is_valid_did
+from ..atproto import (
+    DEFAULT_PLC_URL,
+    IdentityResolver,
+    XrpcClient,
+    is_valid_did,
+    validate_atproto_did,
+)
 from ..db import ModelDB
 from ._binding import BoundBinding
 from ._follows import Follows, Origin
@@ -103,7 +115,7 @@ class FollowRepos:
         self._follow_handles: list[str] = []
         for who in follow:
             if is_valid_did(who):
-                self._follows.add(who, None)
+                self._follows.add(_followable(who), None)
             elif isinstance(who, str) and "." in who:
                 self._follow_handles.append(who)
             else:
@@ -126,7 +138,9 @@ class FollowRepos:
         records arrive with the next pull (one is started now). Returns its DID."""
         handle = None
         did = who
-        if not is_valid_did(who):
+        if is_valid_did(who):
+            _followable(who)  # a DID no resolver takes is refused now, not at each pull
+        else:
             handle = who
             did = await self._did_of_handle(who)
         own = self._own_did()
@@ -401,6 +415,19 @@ class FollowRepos:
         when the account is not active there; any other failure goes to ``follow_errors``."""
         try:
             identity = await self._resolver().resolve(did, check_handle=False)
+        except (VerificationError, InvalidSyntaxError) as exc:
+            # No document (yet), or one without a usable PDS or key: tried again on the next
+            # event or ask, not on a timer. Nothing of the repository was read to refuse.
+            self._follow_retry.discard(did)
+            self.follow_errors[did] = f"its identity does not resolve: {exc}"
+            log.warning("followed repository %s: its identity does not resolve: %s", did, exc)
+            return None
+        except (NetworkError, OSError) as exc:
+            self._follow_retry.add(did)
+            self.follow_errors[did] = str(exc)
+            log.info("resolving followed repository %s failed: %s", did, exc)
+            return None
+        try:
             pds = identity.pds.rstrip("/")
             if self._follow_hosts.get(did) != pds:
                 self._follow_hosts[did] = pds  # a new host to listen to (or it moved)
@@ -466,3 +493,12 @@ def follow_options(
         "lexicons": lexicons,
         "log_remote": log_remote,
     }
+
+
+def _followable(did: str) -> str:
+    """``did`` if a resolver can take it (``validate_atproto_did``); else the error, which
+    names what is wrong, as an ``InvalidSyntaxError`` (a method atproto does not use too)."""
+    try:
+        return validate_atproto_did(did)
+    except VerificationError as exc:
+        raise InvalidSyntaxError(f"cannot follow {did!r:.80}: {exc}") from None
