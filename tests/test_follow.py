@@ -18,7 +18,14 @@ import pytest
 
 from atsync import ActionError, InvalidSyntaxError
 from atsync.app import ActionContext, App, Contract
-from atsync.atproto import IdentityResolver, Session, XrpcClient, generate_keypair
+from atsync.atproto import (
+    Create,
+    IdentityResolver,
+    Session,
+    TidClock,
+    XrpcClient,
+    generate_keypair,
+)
 from atsync.sync import ATSync, Binding, Immediate, Live, Manual, Origin, RemoteRecord
 from pds_fixtures import MakePDS
 from sync_devices import ForgetfulResolver, remote, session_of
@@ -213,6 +220,48 @@ async def test_a_did_no_resolver_takes_is_refused_at_once_and_one_not_found_is_s
         rejected = app.model_db.execute("select count(*) from _atsync_rejected").fetchone()
         assert rejected == (0,)  # no repository was read, so no record of it was refused
         assert sync.status.download_error is None
+
+
+@pytest.mark.anyio
+async def test_unfollow_in_the_middle_of_a_backfill_leaves_nothing_of_that_repository(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    collection = collection_for(request)
+    alice, bob = await session_of(dev_pds, "alice.test"), await session_of(dev_pds, "bob.test")
+    clock = TidClock()
+    async with XrpcClient(session=bob) as client:
+        for first in range(0, 2400, 200):  # more than one applied chunk
+            writes = [
+                Create(collection, {"$type": collection, "title": f"t{i}", "n": i},
+                       rkey=clock.next())
+                for i in range(first, first + 200)
+            ]  # fmt: skip
+            await client.apply_writes(bob.did, writes)
+    first_rows = anyio.Event()
+    seen: list[int] = []
+
+    def arrived(found: list[Any]) -> None:
+        seen.append(len(found))
+        if found:
+            first_rows.set()
+
+    async with device(tmp_path / "alice.db", collection, alice, resolver) as (app, sync):
+        sub = app.db.subscribe("notes", arrived, initial=False)
+        await sync.follow(bob.did)
+        with anyio.fail_after(30):
+            await first_rows.wait()  # the backfill is under way: its first chunk is in
+        assert sync.unfollow(bob.did) is True
+        await pulled(sync)
+        sub.cancel()
+        assert 0 < seen[0] < 2400  # it was stopped partway
+        assert sync.following == []
+        assert rows(app) == {}
+        db = app.model_db
+        assert db.execute("select count(*) from _atsync_followed").fetchone() == (0,)
+        state = db.execute(
+            "select count(*) from _atsync_sync_state where key like ?", (f"follow:{bob.did}:%",)
+        ).fetchone()
+        assert state == (0,)
 
 
 @pytest.mark.anyio
