@@ -117,6 +117,28 @@ def test_stamps_order_by_clock_then_did_and_the_clock_never_runs_behind() -> Non
     assert merge_shared([a, bad], FIELDS)[0] == {"title": "a"}  # malformed stamps do not count
 
 
+def test_the_clock_stays_a_valid_stamp_after_a_far_ahead_one_and_many_edits() -> None:
+    """Once a clock far ahead is seen, every edit until the wall clock catches up moves the
+    counter: its five digits ran out after 99,999 edits and the next stamp (six digits) was
+    invalid, so the edit counted nowhere. Now the clock steps to the next millisecond."""
+    clock = Hlc(wall_ms=lambda: 1_000)
+    clock.observe("40000000000000.99990/did:plc:ahead")  # a device clock centuries ahead
+    stamps = [clock.now("did:plc:mine") for _ in range(20)]
+    assert all(valid_stamp(s) for s in stamps)
+    assert stamps == sorted(stamps) and len(set(stamps)) == 20
+    assert stamps[0] > "40000000000000.99990" and stamps[-1].startswith("40000000000001.")
+    mine = {**TYPE, "title": "mine", CLOCKS: {"title": stamps[-1]}}
+    ahead = {**TYPE, "title": "ahead", CLOCKS: {"title": "40000000000000.99990/did:plc:zzzz"}}
+    assert merge_shared([ahead, mine], FIELDS)[0] == {"title": "mine"}  # the later edit wins
+    top = Hlc(wall_ms=lambda: 1_000, state="99999999999999.99999")
+    assert top.now("did:plc:mine") == "99999999999999.99999/did:plc:mine"  # nothing above
+
+
+def test_a_damaged_clock_state_starts_from_zero_and_moves_on() -> None:
+    clock = Hlc(wall_ms=lambda: 5_000, state="garbage")
+    assert clock.now("did:plc:mine") == "00000000005000.00000/did:plc:mine"
+
+
 def test_a_shared_keys_records_are_found_without_reading_every_followed_record() -> None:
     """Applying a shared record reads that key's versions; with many followed records held
     (here 5,000 of another collection) it must not walk all of them (it did: a full scan of

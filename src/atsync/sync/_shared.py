@@ -41,6 +41,8 @@ __all__ = ["CLOCKS", "DELETED", "Hlc", "merge_shared", "shared_records", "stamp_
 
 CLOCKS = "syncClocks"
 DELETED = "syncDeleted"
+_ZERO = "00000000000000.00000"
+_MAX_MS, _MAX_COUNTER = 10**14 - 1, 10**5 - 1
 
 
 @dataclass
@@ -49,12 +51,25 @@ class Hlc:
     a stamp seen elsewhere. ``state`` ("ms.counter") is what the database keeps between runs."""
 
     wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000
-    state: str = "00000000000000.00000"
+    state: str = _ZERO
+
+    def __post_init__(self) -> None:
+        if not _valid(self.state):  # damaged where it was kept: any stamp seen moves it on
+            self.state = _ZERO
 
     def now(self, did: str) -> str:
         ms, counter = _parse(self.state)
         wall = self.wall_ms()
-        self.state = _format(wall, 0) if wall > ms else _format(ms, counter + 1)
+        if wall > ms:
+            self.state = _format(wall, 0)
+        elif counter < _MAX_COUNTER:
+            self.state = _format(ms, counter + 1)
+        elif ms < _MAX_MS:
+            # The counter is full (a clock far ahead was seen, and edits went on since): the
+            # next millisecond, still after every stamp seen. Five digits again, so it stays
+            # a valid stamp, which a sixth digit would not be.
+            self.state = _format(ms + 1, 0)
+        # else: the largest clock there is; only the DID can order after it
         return f"{self.state}/{did}"
 
     def observe(self, stamp: str) -> None:
