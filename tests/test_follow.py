@@ -68,6 +68,18 @@ async def write(session: Session, collection: str, rkey: str, **fields: Any) -> 
         return str(result.cid)
 
 
+async def write_many(session: Session, collection: str, count: int) -> None:
+    clock = TidClock()
+    async with XrpcClient(session=session) as client:
+        for first in range(0, count, 200):
+            writes = [
+                Create(collection, {"$type": collection, "title": f"t{i}", "n": i},
+                       rkey=clock.next())
+                for i in range(first, min(count, first + 200))
+            ]  # fmt: skip
+            await client.apply_writes(session.did, writes)
+
+
 async def delete(session: Session, collection: str, rkey: str) -> None:
     async with XrpcClient(session=session) as client:
         await client.delete_record(session.did, collection, rkey)
@@ -228,15 +240,7 @@ async def test_unfollow_in_the_middle_of_a_backfill_leaves_nothing_of_that_repos
 ) -> None:
     collection = collection_for(request)
     alice, bob = await session_of(dev_pds, "alice.test"), await session_of(dev_pds, "bob.test")
-    clock = TidClock()
-    async with XrpcClient(session=bob) as client:
-        for first in range(0, 2400, 200):  # more than one applied chunk
-            writes = [
-                Create(collection, {"$type": collection, "title": f"t{i}", "n": i},
-                       rkey=clock.next())
-                for i in range(first, first + 200)
-            ]  # fmt: skip
-            await client.apply_writes(bob.did, writes)
+    await write_many(bob, collection, 2400)  # more than one applied chunk
     first_rows = anyio.Event()
     seen: list[int] = []
 
@@ -262,6 +266,25 @@ async def test_unfollow_in_the_middle_of_a_backfill_leaves_nothing_of_that_repos
             "select count(*) from _atsync_sync_state where key like ?", (f"follow:{bob.did}:%",)
         ).fetchone()
         assert state == (0,)
+
+
+@pytest.mark.anyio
+async def test_a_screen_watching_every_row_sees_a_backfill_arrive_and_all_of_it_at_the_end(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    """The live query is told at a pace during a backfill (not after each chunk, which
+    re-read the whole table per chunk), and completely before ``wait_pulled()`` returns."""
+    collection = collection_for(request)
+    alice, bob = await session_of(dev_pds, "alice.test"), await session_of(dev_pds, "bob.test")
+    await write_many(bob, collection, 3500)  # four applied chunks
+    seen: list[int] = []
+    async with device(tmp_path / "alice.db", collection, alice, resolver) as (app, sync):
+        app.db.subscribe("notes", lambda found: seen.append(len(found)), initial=False)
+        await sync.follow(bob.did)
+        await pulled(sync)
+        assert seen[0] >= 1000  # the first chunk at once
+        assert seen[-1] == 3500  # and every row by the time wait_pulled() returned
+        assert 1 <= len(seen) <= 4 and seen == sorted(seen)
 
 
 @pytest.mark.anyio

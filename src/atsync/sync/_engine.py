@@ -45,6 +45,7 @@ from ._live import listen
 from ._merge import ConflictPolicy, check_policy
 from ._migrate import upgrade_sync_tables
 from ._outbox import Outbox, create_sync_tables
+from ._paced import PacedDelivery
 from ._puller import Puller
 from ._pusher import Pusher
 from ._shared import Hlc
@@ -162,10 +163,11 @@ class ATSync(StatusKeeper, PullEvents, FollowRepos, BlobSync):
         self._identity = identity
         # The clock of shared bindings' stamps: one per database, kept between runs.
         hlc = Hlc(state=self.outbox.get_state("hlc") or Hlc().state)
+        self._paced = PacedDelivery(db)
         self._capture.hlc = hlc
         options = follow_options(
             bound, self.outbox, self._capture, validate, check_policy(conflicts), on_pds_action,
-            watch, self.lexicons, app.log_remote, hlc,
+            watch, self.lexicons, app.log_remote, hlc, self._paced,
         )  # fmt: skip
         self._puller: Puller | None = Puller(db, **options)
         self._setup_follows(db, bound, follow, options)
@@ -206,6 +208,7 @@ class ATSync(StatusKeeper, PullEvents, FollowRepos, BlobSync):
         self.verify = True
         self._identity = None
         self._puller = None
+        self._paced = PacedDelivery(db)
         self._setup_follows(db, {}, (), {})
         self._setup_blobs(db, {}, "lazy", DEFAULT_BLOB_LIMIT)
         self._signer_hooks = (None, None)
@@ -330,6 +333,7 @@ class ATSync(StatusKeeper, PullEvents, FollowRepos, BlobSync):
                 if self._pulls():
                     tg.start_soon(self._run_follows, self._own_host)
                     tg.start_soon(self._run_blob_fetches)
+                    tg.start_soon(self._paced.run)
                 task_status.started()
                 await self._loop()
         finally:
@@ -537,6 +541,7 @@ class ATSync(StatusKeeper, PullEvents, FollowRepos, BlobSync):
         await self._wait_follows(followed)  # and every followed repository's
         if self.blob_mode == "eager":
             await self._wait_blobs(self._kick_blobs())
+        self._paced.flush()  # live queries have seen every row pulled
         return self.status
 
     def start_fresh(self) -> None:

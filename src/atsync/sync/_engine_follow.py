@@ -49,6 +49,7 @@ from ._follows import Follows, Origin
 from ._key_ahead import known_key
 from ._live import listen_for_others
 from ._merge import ConflictPolicy
+from ._paced import PacedDelivery
 from ._puller import Puller
 from ._repo import Repo
 from ._status import INACTIVE_ERRORS
@@ -479,10 +480,12 @@ def follow_options(
     lexicons: Any,
     log_remote: Any,
     hlc: Any,
+    paced: PacedDelivery,
 ) -> dict[str, Any]:
     """The arguments every ``Puller`` of this engine shares (the user's own and followed)."""
     return {
         "hlc": hlc,
+        "paced": paced,
         "outbox": outbox,
         "bindings": bound,
         "applying_remote": capture.applying_remote,

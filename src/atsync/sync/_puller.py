@@ -61,6 +61,7 @@ from ._capture import Validator
 from ._key_ahead import KeyAhead, KeySource
 from ._merge import ConflictPolicy
 from ._outbox import Outbox
+from ._paced import PacedDelivery
 from ._pull_position import PullPosition
 from ._repo import OWN, Repo
 from ._shared import Hlc
@@ -97,8 +98,10 @@ class Puller:
         log_remote: Callable[[str, list[RemoteChange]], object] | None = None,
         repo: Repo = OWN,
         hlc: Hlc | None = None,
+        paced: PacedDelivery | None = None,
     ) -> None:
         self._db = db
+        self._paced = paced if paced is not None else PacedDelivery(db)
         self._repo = repo
         self._position = PullPosition(db, outbox, repo)
         self._tree = self._position.tree
@@ -505,27 +508,27 @@ class Puller:
         # and the loop is not held ~20 ms per chunk. Not the user's own, whose merges may
         # call the app's conflict policy, nor with an on_pds_action hook: the app's code
         # runs in the app's thread (a followed repository's rows are never merged). Live
-        # queries are told in the loop's thread too (changes_held).
+        # queries are told in the loop's thread too, and at a pace (see _paced).
         threaded = not self._repo.own and not self._applier.has_hook
         try:
             for start in range(0, total, CHUNK):
                 chunk = changes[start : start + CHUNK]
-                if threaded:
-                    held: list[object] = []
-                    try:
+                held: list[object] = []
+                try:
+                    if threaded:
                         await anyio.to_thread.run_sync(
                             self._apply_held, did, rev, chunk, known, result, held
                         )
-                    finally:
-                        self._db.deliver(held)
-                else:
-                    with self._db.transaction():
-                        self._applier.apply_chunk(did, rev, chunk, known, result)
+                    else:
+                        self._apply_held(did, rev, chunk, known, result, held)
+                finally:
+                    self._paced.add(held)
                 if progress is not None:
                     progress(min(total, start + CHUNK), total)
                 await anyio.lowlevel.checkpoint()  # the app's writes go between two chunks
         finally:
             self._applier.restoring(frozenset())
+            self._paced.pull_ended()
 
     def _apply_held(
         self,
