@@ -1,18 +1,18 @@
-"""Live queries told of pulled rows at a pace (atsync.sync._paced): at once when the pace
-allows, else when due — at most every 0.25 s or nine times the last telling's cost — by the
-engine's task, and everything when it stops (or, without it, at the end of a pull). A clock
-the test moves stands in for time where it can; the database is real."""
+"""Live queries told of pulled rows at a pace (atsync.sync._paced): after a telling, a pause
+nine times as long as it took; changes committed meanwhile are held and told when it is
+over — by the engine's task, and everything when it stops (or, without it, at the end of a
+pull). A clock the test moves stands in for time; the database is real."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
 import pytest
 
 from atsync.db import ModelDB
-from atsync.sync._paced import COST_FACTOR, MIN_INTERVAL, PacedDelivery
+from atsync.sync._paced import COST_FACTOR, PacedDelivery
 
 
 class Clock:
@@ -29,6 +29,11 @@ def db(tmp_path: Path) -> Iterator[ModelDB]:
         yield db
 
 
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
 def commit(db: ModelDB, first: int, count: int) -> list[object]:
     """Rows written as a pull writes them: committed, their changes held back."""
     held: list[object] = []
@@ -37,48 +42,48 @@ def commit(db: ModelDB, first: int, count: int) -> list[object]:
     return held
 
 
-def test_the_first_changes_go_at_once_then_at_most_every_interval_and_all_at_flush(
+def screen(clock: Clock, seen: list[int], cost: float) -> Callable[[list[object]], None]:
+    """A live query's callback whose re-run and drawing take ``cost`` seconds."""
+
+    def draw(rows: list[object]) -> None:
+        seen.append(len(rows))
+        clock.now += cost
+
+    return draw
+
+
+def test_a_cheap_query_is_told_of_every_chunk_as_it_lands(db: ModelDB) -> None:
+    clock = Clock()
+    seen: list[int] = []
+    db.subscribe("notes", screen(clock, seen, 0.0), initial=False)
+    paced = PacedDelivery(db, clock)
+    for n in range(3):
+        paced.add(commit(db, 10 * n, 10))
+    assert seen == [10, 20, 30]  # one live event at a time, without delay
+
+
+def test_a_costly_query_pauses_for_nine_times_its_cost_and_then_hears_of_all_held(
     db: ModelDB,
 ) -> None:
     clock = Clock()
     seen: list[int] = []
-    db.subscribe("notes", lambda rows: seen.append(len(rows)), initial=False)
-    paced = PacedDelivery(db, clock)
-    paced.add(commit(db, 0, 10))
-    assert seen == [10]  # the first chunk: a screen shows rows arriving
-    clock.now += MIN_INTERVAL / 2
-    paced.add(commit(db, 10, 10))
-    paced.add(commit(db, 20, 10))
-    assert seen == [10]  # not due: held
-    clock.now += MIN_INTERVAL
-    paced.add(commit(db, 30, 10))
-    assert seen == [10, 40]  # due: everything held, one re-run
-    paced.add(commit(db, 40, 10))
-    assert seen == [10, 40]
-    paced.pull_ended()  # no engine task runs it: the pull's end tells what is held
-    assert seen == [10, 40, 50]
-    paced.flush()  # nothing held: nothing told
-    assert seen == [10, 40, 50]
-
-
-def test_a_costly_query_is_told_less_often(db: ModelDB) -> None:
-    clock = Clock()
-    seen: list[int] = []
-
-    def slow_screen(rows: list[object]) -> None:
-        seen.append(len(rows))
-        clock.now += 1.0  # re-running and drawing took a second
-
-    db.subscribe("notes", slow_screen, initial=False)
+    db.subscribe("notes", screen(clock, seen, 1.0), initial=False)  # a second to redraw
     paced = PacedDelivery(db, clock)
     paced.add(commit(db, 0, 5))
-    assert seen == [5]
-    clock.now += COST_FACTOR * 1.0 - 0.01  # not yet nine times the telling's cost
+    assert seen == [5]  # nothing told before: at once
+    clock.now += COST_FACTOR * 1.0 - 0.01
     paced.add(commit(db, 5, 5))
-    assert seen == [5]
-    clock.now += 0.02
     paced.add(commit(db, 10, 5))
-    assert seen == [5, 15]
+    assert seen == [5]  # within the pause: held
+    clock.now += 0.02
+    paced.add(commit(db, 15, 5))
+    assert seen == [5, 20]  # over: everything held, one re-run
+    paced.add(commit(db, 20, 5))
+    assert seen == [5, 20]
+    paced.pull_ended()  # no engine task runs it: the pull's end tells what is held
+    assert seen == [5, 20, 25]
+    paced.flush()  # nothing held: nothing told
+    assert seen == [5, 20, 25]
 
 
 def test_changes_no_query_watches_cost_nothing_and_writes_outside_are_told_at_once(
@@ -90,39 +95,36 @@ def test_changes_no_query_watches_cost_nothing_and_writes_outside_are_told_at_on
     assert held == []  # no live query on the model: no change is even recorded
     paced.add(held)
     seen: list[int] = []
-    db.subscribe("notes", lambda rows: seen.append(len(rows)), initial=False)
+    db.subscribe("notes", screen(clock, seen, 1.0), initial=False)
     paced.add(commit(db, 100, 1))
     assert seen == [101]
-    paced.add(commit(db, 101, 1))  # held: not due
+    paced.add(commit(db, 101, 1))  # held: within the pause
     db.set("notes", {"id": "app", "n": -1})  # the app's own write, outside: told at once
     assert seen == [101, 103]  # with the committed rows the pull has not told yet
     paced.flush()  # nothing new for the query: its results are the same, no call
     assert seen == [101, 103]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.mark.anyio
 async def test_the_engines_task_tells_what_is_held_when_due_and_the_rest_when_it_stops(
     db: ModelDB,
 ) -> None:
+    clock = Clock()
     seen: list[int] = []
     told = [anyio.Event()]
+    draw = screen(clock, seen, 0.02)  # the task sleeps 9 x 0.02 s after each telling
 
-    def screen(rows: list[object]) -> None:
-        seen.append(len(rows))
+    def callback(rows: list[object]) -> None:
+        draw(rows)
         told[-1].set()
 
-    db.subscribe("notes", screen, initial=False)
-    paced = PacedDelivery(db)  # the real clock: the task sleeps until due
+    db.subscribe("notes", callback, initial=False)
+    paced = PacedDelivery(db, clock)
     async with anyio.create_task_group() as tg:
         tg.start_soon(paced.run)
         await anyio.wait_all_tasks_blocked()
         paced.add(commit(db, 0, 5))
-        assert seen == [5]  # the pace was free: at once
+        assert seen == [5]  # at once
         told.append(anyio.Event())
         paced.add(commit(db, 5, 5))
         paced.pull_ended()  # the engine's task tells it, when due
@@ -130,7 +132,7 @@ async def test_the_engines_task_tells_what_is_held_when_due_and_the_rest_when_it
         with anyio.fail_after(10):
             await told[-1].wait()
         assert seen == [5, 10]
-        paced.add(commit(db, 10, 5))  # not due for MIN_INTERVAL at least
+        paced.add(commit(db, 10, 5))  # within the pause again
         assert seen == [5, 10]
         tg.cancel_scope.cancel()  # the engine stops
     assert seen == [5, 10, 15]

@@ -3,13 +3,15 @@
 A whole read or a catch-up applies its rows in chunks of 1,000, one commit each, and many
 followed repositories are read at once. Told after every commit, a live query over the whole
 model re-reads every row so far each time: a backfill of 20 followed repositories re-read the
-table 20 times and took twice the CPU of the backfill alone (quadratic in the rows). So the
-changes of those pulls are held and told at most every ``MIN_INTERVAL``, or ``COST_FACTOR``
-times as long as the last telling took, whichever is longer: the re-runs cost at most about
-a tenth of the time. Changes that find the pace free are told at once (the first chunk of a
-backfill: a screen shows rows arriving); the rest when due, by the engine's task (``run``),
-and all of them before ``wait_pulled()`` or ``wait_for_idle()`` returns and when the engine
-stops. Live events (one commit each) and every other write are told at once, as ever.
+table 20 times and took twice the CPU of the backfill alone (quadratic in the rows). So a
+telling is followed by a pause ``COST_FACTOR`` times as long as it took (re-running the
+queries and their callbacks): changes committed by pulls meanwhile are held, and told when
+it is over, all in one go — by the engine's task (``run``), and in full before
+``wait_pulled()`` or ``wait_for_idle()`` returns and when the engine stops. The re-runs then
+take at most about a tenth of the time. A cheap query (a filter, a ``limit``) pauses for
+next to nothing, so its rows are told as they land, one live event at a time; an expensive
+one is told less often during a burst. Live events applied from the stream, and every other
+write, are told at once, as ever.
 
 One per engine, shared by the pulls of the user's repository and of those followed, all on
 the event loop's thread. Without ``run`` (a puller used alone) each pull ends with a flush.
@@ -26,10 +28,9 @@ import anyio
 from .._errors import ClosedError
 from ..db import ModelDB
 
-__all__ = ["COST_FACTOR", "MIN_INTERVAL", "PacedDelivery"]
+__all__ = ["COST_FACTOR", "PacedDelivery"]
 
-MIN_INTERVAL = 0.25  # seconds between two tellings of pulled changes, at least
-COST_FACTOR = 9  # and at least this many times the last telling's own duration
+COST_FACTOR = 9  # after a telling, a pause this many times as long as it took
 
 
 class PacedDelivery:
@@ -65,7 +66,7 @@ class PacedDelivery:
             self._db.deliver(held)
         finally:
             end = self._clock()
-            self._due = end + max(MIN_INTERVAL, COST_FACTOR * (end - start))
+            self._due = end + COST_FACTOR * (end - start)
 
     async def run(self) -> None:
         """Until cancelled (in the engine's task group): tell held changes when due; at the
