@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 
 from atsync.app import App
-from atsync.atproto import IdentityResolver, Session, XrpcClient, login
+from atsync.atproto import Create, IdentityResolver, Session, TidClock, XrpcClient, login
 from atsync.sync import ATSync, SyncStatus
 
 __all__ = [
@@ -83,3 +83,17 @@ class ForgetfulResolver(IdentityResolver):
         while did not in self.forgotten[since:]:
             self.forgot = anyio.Event()
             await self.forgot.wait()
+
+
+async def write_many(session: Session, collection: str, count: int) -> None:
+    """``count`` records ``{"title": "note <i>", "n": i}`` in the account's repository, 200
+    per ``applyWrites`` (TID record keys, in order)."""
+    clock = TidClock()
+    async with XrpcClient(session=session) as client:
+        for first in range(0, count, 200):
+            writes = [
+                Create(collection, {"$type": collection, "title": f"note {i}", "n": i},
+                       rkey=clock.next())
+                for i in range(first, min(count, first + 200))
+            ]  # fmt: skip
+            await client.apply_writes(session.did, writes)

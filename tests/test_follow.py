@@ -19,16 +19,14 @@ import pytest
 from atsync import ActionError, InvalidSyntaxError
 from atsync.app import ActionContext, App, Contract
 from atsync.atproto import (
-    Create,
     IdentityResolver,
     Session,
-    TidClock,
     XrpcClient,
     generate_keypair,
 )
 from atsync.sync import ATSync, Binding, Immediate, Live, Manual, Origin, RemoteRecord
 from pds_fixtures import MakePDS
-from sync_devices import ForgetfulResolver, remote, session_of
+from sync_devices import ForgetfulResolver, remote, session_of, write_many
 from sync_devices import collection_for as shared_collection_for
 
 contract = Contract(
@@ -66,18 +64,6 @@ async def write(session: Session, collection: str, rkey: str, **fields: Any) -> 
             session.did, collection, rkey, {"$type": collection, "n": 0, **fields}
         )
         return str(result.cid)
-
-
-async def write_many(session: Session, collection: str, count: int) -> None:
-    clock = TidClock()
-    async with XrpcClient(session=session) as client:
-        for first in range(0, count, 200):
-            writes = [
-                Create(collection, {"$type": collection, "title": f"t{i}", "n": i},
-                       rkey=clock.next())
-                for i in range(first, min(count, first + 200))
-            ]  # fmt: skip
-            await client.apply_writes(session.did, writes)
 
 
 async def delete(session: Session, collection: str, rkey: str) -> None:

@@ -21,9 +21,9 @@ import anyio
 import pytest
 
 from atsync.app import App, Contract
-from atsync.atproto import Create, IdentityResolver, TidClock, XrpcClient, login
+from atsync.atproto import IdentityResolver, login
 from atsync.sync import ATSync, Binding, Manual
-from sync_devices import remote
+from sync_devices import remote, write_many
 
 RECORDS = 3_000
 contract = Contract(models={"notes": {"id": "primary", "title": "string", "n": "integer"}})
@@ -69,15 +69,7 @@ async def test_a_backfill_killed_midway_completes_on_the_next_pull(
     account = dev_pds.accounts["alice.test"]
     session = await login(account.did, account.password, dev_pds.pds_url)
     collection = "test.atsync.crash.backfill"
-    clock = TidClock()
-    async with XrpcClient(session=session) as client:
-        for first in range(0, RECORDS, 200):
-            writes = [
-                Create(collection, {"$type": collection, "title": f"note {i}", "n": i},
-                       rkey=clock.next())
-                for i in range(first, first + 200)
-            ]  # fmt: skip
-            await client.apply_writes(session.did, writes)
+    await write_many(session, collection, RECORDS)
     db = tmp_path / "device.db"
     args = [str(db), collection, dev_pds.pds_url, dev_pds.plc_url, account.did, account.password]
     async with await anyio.open_process([sys.executable, "-c", CHILD, *args]) as child:
