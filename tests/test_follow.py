@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import pytest
 
-from atsync import ActionError, InvalidSyntaxError
+from atsync import ActionError, InvalidSyntaxError, VerificationError
 from atsync.app import ActionContext, App, Contract
 from atsync.atproto import (
     IdentityResolver,
@@ -470,6 +470,11 @@ async def test_follow_takes_handles_resolved_when_the_engine_starts(
             assert sync.following == [bob.did]
             assert set(rows(app)) == {f"at://{bob.did}/{collection}/h1"}
             assert "nobody.test" in sync.follow_errors
+            said = sync.follow_errors["nobody.test"]
+            assert "handle nobody.test does not resolve" in said and "HandleNotFound" in said
+            with pytest.raises(VerificationError, match=r"nobody\.test does not resolve"):
+                await sync.follow("nobody.test")  # the same, asked while running
+            assert sync.following == [bob.did]
             assert sync.unfollow("bob.test") is True  # by the handle it was followed by
 
 

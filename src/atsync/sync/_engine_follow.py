@@ -163,9 +163,15 @@ class FollowRepos:
             if session is None:
                 raise
             pds = session.pds_url
-            answer = await self._public_client(pds).query(
-                "com.atproto.identity.resolveHandle", {"handle": handle}
-            )
+            try:
+                answer = await self._public_client(pds).query(
+                    "com.atproto.identity.resolveHandle", {"handle": handle}
+                )
+            except PermanentError as refused:  # e.g. HandleNotFound: said as the resolver does
+                raise VerificationError(
+                    f"handle {handle} does not resolve: {failure}; nor by {pds}: "
+                    f"{refused.error or refused}"
+                ) from refused
             did = answer.get("did") if isinstance(answer, dict) else None
             if not isinstance(did, str) or not is_valid_did(did):
                 raise VerificationError(f"{pds} resolved {handle!r} to {did!r}") from failure
