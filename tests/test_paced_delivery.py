@@ -136,3 +136,48 @@ async def test_the_engines_task_tells_what_is_held_when_due_and_the_rest_when_it
         assert seen == [5, 10]
         tg.cancel_scope.cancel()  # the engine stops
     assert seen == [5, 10, 15]
+
+
+@pytest.mark.anyio
+async def test_a_query_failing_in_the_engines_task_is_logged_and_the_task_goes_on(
+    db: ModelDB, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock()
+    seen: list[int] = []
+    told = [anyio.Event()]
+    draw = screen(clock, seen, 0.01)
+
+    def callback(rows: list[object]) -> None:
+        draw(rows)
+        told[-1].set()
+
+    db.subscribe("notes", callback, initial=False)
+    paced = PacedDelivery(db, clock)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(paced.run)
+        await anyio.wait_all_tasks_blocked()
+        paced.add(commit(db, 0, 5))
+        assert seen == [5]
+        real_run_query = db.run_query
+        failed = anyio.Event()
+
+        def broken(query: object) -> object:
+            failed.set()
+            raise OSError("disk I/O error, as it were")
+
+        monkeypatch.setattr(db, "run_query", broken)
+        paced.add(commit(db, 5, 5))  # held; the task's telling fails
+        with anyio.fail_after(10):
+            await failed.wait()
+            await anyio.wait_all_tasks_blocked()
+        assert "telling live queries of pulled rows failed" in caplog.text
+        monkeypatch.setattr(db, "run_query", real_run_query)
+        paced.add(commit(db, 10, 5))  # due (the failed telling cost no time): told at once
+        assert seen == [5, 15]
+        told.append(anyio.Event())
+        paced.add(commit(db, 15, 5))  # within the pause: for the task, which is still there
+        assert seen == [5, 15]
+        with anyio.fail_after(10):
+            await told[-1].wait()
+        assert seen == [5, 15, 20]
+        tg.cancel_scope.cancel()

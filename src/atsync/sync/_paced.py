@@ -20,6 +20,7 @@ the event loop's thread. Without ``run`` (a puller used alone) each pull ends wi
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 
@@ -31,6 +32,8 @@ from ..db import ModelDB
 __all__ = ["COST_FACTOR", "PacedDelivery"]
 
 COST_FACTOR = 9  # after a telling, a pause this many times as long as it took
+
+log = logging.getLogger("atsync.sync")
 
 
 class PacedDelivery:
@@ -78,7 +81,12 @@ class PacedDelivery:
                     await self._wake.wait()
                     continue
                 await anyio.sleep(max(0.0, self._due - self._clock()))
-                self.flush()
+                try:
+                    self.flush()
+                except Exception:
+                    # A query that cannot be re-run now (the disk failing under it): said,
+                    # and the engine goes on; the next change re-runs it.
+                    log.exception("telling live queries of pulled rows failed")
         finally:
             self._wake = None
             with contextlib.suppress(ClosedError):  # the app closed its database first
