@@ -42,12 +42,17 @@ def commit(db: ModelDB, first: int, count: int) -> list[object]:
     return held
 
 
-def screen(clock: Clock, seen: list[int], cost: float) -> Callable[[list[object]], None]:
-    """A live query's callback whose re-run and drawing take ``cost`` seconds."""
+def screen(
+    clock: Clock, seen: list[int], cost: float, told: list[anyio.Event] | None = None
+) -> Callable[[list[object]], None]:
+    """A live query's callback whose re-run and drawing take ``cost`` seconds; it sets the
+    last of ``told`` (append a new one to await the next call)."""
 
     def draw(rows: list[object]) -> None:
         seen.append(len(rows))
         clock.now += cost
+        if told:
+            told[-1].set()
 
     return draw
 
@@ -112,13 +117,8 @@ async def test_the_engines_task_tells_what_is_held_when_due_and_the_rest_when_it
     clock = Clock()
     seen: list[int] = []
     told = [anyio.Event()]
-    draw = screen(clock, seen, 0.02)  # the task sleeps 9 x 0.02 s after each telling
-
-    def callback(rows: list[object]) -> None:
-        draw(rows)
-        told[-1].set()
-
-    db.subscribe("notes", callback, initial=False)
+    # the task sleeps 9 x 0.02 s after each telling
+    db.subscribe("notes", screen(clock, seen, 0.02, told), initial=False)
     paced = PacedDelivery(db, clock)
     async with anyio.create_task_group() as tg:
         tg.start_soon(paced.run)
@@ -145,13 +145,7 @@ async def test_a_query_failing_in_the_engines_task_is_logged_and_the_task_goes_o
     clock = Clock()
     seen: list[int] = []
     told = [anyio.Event()]
-    draw = screen(clock, seen, 0.01)
-
-    def callback(rows: list[object]) -> None:
-        draw(rows)
-        told[-1].set()
-
-    db.subscribe("notes", callback, initial=False)
+    db.subscribe("notes", screen(clock, seen, 0.01, told), initial=False)
     paced = PacedDelivery(db, clock)
     async with anyio.create_task_group() as tg:
         tg.start_soon(paced.run)
