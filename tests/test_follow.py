@@ -274,6 +274,28 @@ async def test_a_screen_watching_every_row_sees_a_backfill_arrive_and_all_of_it_
 
 
 @pytest.mark.anyio
+async def test_a_screen_watching_every_row_has_all_of_a_new_devices_backfill_when_pulled(
+    dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
+) -> None:
+    """The same for a new device of the user's own account, waited for as docs/pull.md's
+    snippet waits (``wait_pulled()``, the default strategies)."""
+    collection = collection_for(request)
+    alice = await session_of(dev_pds, "alice.test")
+    await write_many(alice, collection, 2500)  # three applied chunks
+    seen: list[int] = []
+    with App.open(tmp_path / "new-device.db", contract) as app:
+        app.db.subscribe("notes", lambda found: seen.append(len(found)), initial=False)
+        sync = ATSync(app, bindings={"notes": Binding(collection)}, session=alice,
+                      identity=resolver)  # fmt: skip
+        async with sync:
+            with anyio.fail_after(60):
+                await sync.wait_pulled()
+            assert len(app.db.query("notes")) == 2500
+            assert seen[-1] == 2500  # told of every row by the time wait_pulled() returned
+        sync.close()
+
+
+@pytest.mark.anyio
 async def test_a_database_failing_under_a_followed_repository_does_not_end_the_engine(
     dev_pds: Any, tmp_path: Path, request: pytest.FixtureRequest, resolver: IdentityResolver
 ) -> None:

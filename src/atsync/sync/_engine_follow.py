@@ -420,21 +420,9 @@ class FollowRepos:
     async def _pull_followed_once(self, did: str) -> PermanentError | None:
         """``_pull_followed`` at the host the DID resolves to now. Returns the host's answer
         when the account is not active there; any other failure goes to ``follow_errors``."""
+        identity = None
         try:
             identity = await self._resolver().resolve(did, check_handle=False)
-        except (VerificationError, InvalidSyntaxError) as exc:
-            # No document (yet), or one without a usable PDS or key: tried again on the next
-            # event or ask, not on a timer. Nothing of the repository was read to refuse.
-            self._follow_retry.discard(did)
-            self.follow_errors[did] = f"its identity does not resolve: {exc}"
-            log.warning("followed repository %s: its identity does not resolve: %s", did, exc)
-            return None
-        except (NetworkError, OSError) as exc:
-            self._follow_retry.add(did)
-            self.follow_errors[did] = str(exc)
-            log.info("resolving followed repository %s failed: %s", did, exc)
-            return None
-        try:
             pds = identity.pds.rstrip("/")
             if self._follow_hosts.get(did) != pds:
                 self._follow_hosts[did] = pds  # a new host to listen to (or it moved)
@@ -447,13 +435,23 @@ class FollowRepos:
                 key = identity.signing_key if self.verify else None
                 puller = self._followed_puller(did)
                 result = await puller.pull(did, theirs, known_key(key), download_slot=host)
-        except VerificationError as exc:
-            # Forged or damaged: tried again on the next event or ask, not on a timer (each
-            # try records its refusal).
+        except (VerificationError, InvalidSyntaxError) as exc:
+            # Tried again on the next event or ask, not on a timer.
             self._follow_retry.discard(did)
-            self._followed_puller(did).reject_all(did, "VerificationError", str(exc))
-            self.follow_errors[did] = f"the repository failed verification: {exc}"
-            log.warning("followed repository %s failed verification: %s", did, exc)
+            if identity is None:
+                # No DID document (yet), or one without a usable PDS or key: nothing of the
+                # repository was read, so nothing of it is recorded as refused.
+                self.follow_errors[did] = f"its identity does not resolve: {exc}"
+                log.warning("followed repository %s: its identity does not resolve: %s", did, exc)
+            else:  # forged or damaged: each try records its refusal
+                reason = (
+                    "VerificationError"
+                    if isinstance(exc, VerificationError)
+                    else "InvalidSyntaxError"
+                )
+                self._followed_puller(did).reject_all(did, reason, str(exc))
+                self.follow_errors[did] = f"the repository failed verification: {exc}"
+                log.warning("followed repository %s failed verification: %s", did, exc)
         except PermanentError as exc:
             if exc.error in INACTIVE_ERRORS:
                 return exc

@@ -15,7 +15,6 @@ import anyio
 
 from .._errors import PermanentError
 from ._outbox import Outbox
-from ._paced import PacedDelivery
 from ._status import State, SyncStatus
 
 __all__ = ["StatusKeeper", "as_dict", "float_or_none"]
@@ -31,7 +30,6 @@ class StatusKeeper:
     _status_changed: anyio.Event
     _listeners: list[Callable[[SyncStatus], None]]
     _persisted: tuple[Any, ...] | None
-    _paced: PacedDelivery  # pulled changes live queries have not been told yet
 
     def _init_status(self) -> None:
         self._listeners = []
@@ -79,7 +77,6 @@ class StatusKeeper:
             if status.pending == 0 and status.state in (State.IDLE, State.STOPPED):
                 pending, _, _ = self.outbox.counts()
                 if pending == 0:
-                    self._paced.flush()  # idle: live queries have seen every pulled row
                     return status
         raise AssertionError("unreachable")
 

@@ -7,7 +7,7 @@ table 20 times and took twice the CPU of the backfill alone (quadratic in the ro
 telling is followed by a pause ``COST_FACTOR`` times as long as it took (re-running the
 queries and their callbacks): changes committed by pulls meanwhile are held, and told when
 it is over, all in one go — by the engine's task (``run``), and in full before
-``wait_pulled()`` or ``wait_for_idle()`` returns and when the engine stops. The re-runs then
+``wait_pulled()`` returns and when the engine stops. The re-runs then
 take at most about a tenth of the time. A cheap query (a filter, a ``limit``) pauses for
 next to nothing, so its rows are told as they land, one live event at a time; an expensive
 one is told less often during a burst. Live events applied from the stream, and every other
