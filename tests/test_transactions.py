@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from atsync._errors import TransactionError
-from atsync.db import ModelDB
+from atsync.db import ModelDB, _transactions
+from atsync.db._transactions import BULK_WAL_BYTES
 
 MODELS = {"items": {"id": "primary", "n": "integer"}}
 
@@ -123,16 +124,18 @@ def test_checkpoints_deferred_leave_bulk_writes_in_the_wal_until_checkpoint(
         (value,) = db.connection.execute("PRAGMA wal_autocheckpoint").fetchone()
         return int(value)
 
+    bound = BULK_WAL_BYTES // 4096
     assert autocheckpoint() == 1000
     rows = [{"id": f"k{i:05}" + "x" * 200, "n": i} for i in range(20_000)]  # ~2,000 pages
     with db.checkpoints_deferred():
-        assert autocheckpoint() == 0
+        assert autocheckpoint() == bound and db.checkpoints_are_deferred
         with db.checkpoints_deferred():  # nested (or a concurrent bulk load): one restore
             pass
-        assert autocheckpoint() == 0
+        assert autocheckpoint() == bound and not db.checkpoint_due
         for start in range(0, len(rows), 1000):
             db.set_many("items", rows[start : start + 1000])  # a commit each
     assert autocheckpoint() == 1000
+    assert db.checkpoint_due and not db.checkpoints_are_deferred
     in_file, in_wal = _pages(tmp_path / "t.db")
     assert in_wal > 1000  # past the automatic threshold, and none of it moved yet
     assert in_file < 100
@@ -140,6 +143,27 @@ def test_checkpoints_deferred_leave_bulk_writes_in_the_wal_until_checkpoint(
     db.checkpoint()  # from another connection, so it may run on another thread
     in_file, _ = _pages(tmp_path / "t.db")
     assert in_file > 1000
+    assert not db.checkpoint_due
+
+
+def test_a_bulk_load_below_the_automatic_threshold_leaves_no_checkpoint_due(db: ModelDB) -> None:
+    """SQLite would not have checkpointed it either: the next automatic checkpoint will."""
+    with db.checkpoints_deferred():
+        db.set_many("items", [{"id": f"k{i}", "n": i} for i in range(100)])
+    assert not db.checkpoint_due and not db.checkpoints_are_deferred
+
+
+def test_checkpoints_deferred_still_checkpoint_a_wal_past_the_bulk_bound(
+    db: ModelDB, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However long a bulk load runs, its WAL does not grow without bound."""
+    monkeypatch.setattr(_transactions, "BULK_WAL_BYTES", 1500 * 4096)
+    rows = [{"id": f"k{i:05}" + "x" * 200, "n": i} for i in range(20_000)]  # ~2,000 pages
+    with db.checkpoints_deferred():
+        for start in range(0, len(rows), 1000):
+            db.set_many("items", rows[start : start + 1000])
+        in_file, _ = _pages(tmp_path / "t.db")
+        assert in_file > 1000  # checkpointed once the WAL passed 1,500 pages
 
 
 def test_checkpoint_of_a_database_in_memory_does_nothing() -> None:

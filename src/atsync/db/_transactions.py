@@ -8,6 +8,7 @@ savepoints.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import urllib.parse
@@ -25,6 +26,9 @@ __all__ = ["Transactions", "file_uri"]
 # empty (the usual start of a transaction), so a rollback empties them all.
 _Marks = list[tuple[list[Any], int]] | None
 _DB = TypeVar("_DB", bound="Transactions")
+# Inside checkpoints_deferred(): the WAL is checkpointed when it passes this size, not 1,000
+# pages (SQLite's default), so that no bulk load, however long, grows it without bound.
+BULK_WAL_BYTES = 64 * 1024 * 1024
 
 
 def file_uri(path: str | Path, mode: str) -> str:
@@ -79,7 +83,10 @@ class Transactions:
         self._cursor = conn.cursor()
         self.path = path
         self._deferrals = 0  # checkpoints_deferred() blocks running now
+        # The last of them ended: the WAL holds their writes until checkpoint() runs.
+        self.checkpoint_due = False
         self._autocheckpoint = 1000  # SQLite's default, until one saves the connection's own
+        self._page_size = 4096
         self._lock = _CountingLock()
         self._depth = 0
         self._owner: int | None = None  # thread id holding the open transaction
@@ -336,16 +343,22 @@ class Transactions:
 
     @contextmanager
     def checkpoints_deferred(self) -> Iterator[None]:
-        """Bulk writes inside: no WAL checkpoint while they run. SQLite checkpoints whenever
-        the WAL passes 1,000 pages, each time syncing the database file — several times in
-        one bulk load, the largest part of its commits' cost. The writes go to the WAL only,
-        readers see them all the same; ``checkpoint()`` afterwards moves them in one pass.
-        Keep the writes inside bounded: the WAL grows by all of them."""
+        """Bulk writes inside: a WAL checkpoint only every ``BULK_WAL_BYTES`` while they run.
+        SQLite checkpoints whenever the WAL passes 1,000 pages, each time syncing the
+        database file — many times in one bulk load, a large part of its commits' cost; a
+        page rewritten by several commits is copied once per checkpoint. Readers see the
+        writes all the same. Blocks may overlap (several repositories loaded at once): the
+        bound holds until the last one ends; then ``checkpoint_due`` says whether the WAL
+        grew past SQLite's own threshold, for the caller to tell whoever waits for the writes
+        first and ``checkpoint()`` afterwards."""
         with self._lock:
             self._check_open()
             if self._deferrals == 0:  # nested or concurrent bulk writes: the first saves it
                 (self._autocheckpoint,) = self._conn.execute("PRAGMA wal_autocheckpoint").fetchone()
-                self._conn.execute("PRAGMA wal_autocheckpoint = 0")
+                (page_size,) = self._conn.execute("PRAGMA page_size").fetchone()
+                self._page_size = int(page_size)
+                bulk = max(int(self._autocheckpoint), BULK_WAL_BYTES // self._page_size)
+                self._conn.execute(f"PRAGMA wal_autocheckpoint = {bulk}")
             self._deferrals += 1
         try:
             yield
@@ -354,11 +367,27 @@ class Transactions:
                 self._deferrals -= 1
                 if self._deferrals == 0 and not self._closed:
                     self._conn.execute(f"PRAGMA wal_autocheckpoint = {int(self._autocheckpoint)}")
+                    # A load that left less than SQLite would have checkpointed anyway: its
+                    # next automatic checkpoint, as usual.
+                    threshold = int(self._autocheckpoint) * self._page_size
+                    self.checkpoint_due = threshold > 0 and self._wal_bytes() > threshold
+
+    def _wal_bytes(self) -> int:
+        try:
+            return os.path.getsize(self.path + "-wal")
+        except OSError:  # in memory, or no WAL (yet)
+            return 0
+
+    @property
+    def checkpoints_are_deferred(self) -> bool:
+        """Whether a ``checkpoints_deferred()`` block is running now."""
+        return self._deferrals > 0
 
     def checkpoint(self) -> None:
         """Move what the WAL holds into the database file, without waiting for or blocking
         anyone (a passive checkpoint, on a connection of its own: safe to call from another
         thread while this one is used). Nothing to do for a database in memory."""
+        self.checkpoint_due = False
         if self._closed or self.path == ":memory:" or self.path.startswith("file::memory:"):
             return
         # mode=rw: a database file gone meanwhile is not created empty.

@@ -20,7 +20,6 @@ class PullResult:
     merged: int = 0  # remote changes merged with a queued local edit
     conflicts: int = 0  # merges with a field changed on both sides
     rejected: int = 0  # records not applied (see _atsync_rejected)
-    checkpoint_due: bool = False  # applied without WAL checkpoints: run one (db.checkpoint)
 
 
 @dataclass(frozen=True, slots=True)

@@ -83,6 +83,7 @@ class FollowRepos:
     if TYPE_CHECKING:  # from the other parts of ATSync
 
         def _kick_blobs(self) -> int: ...
+        async def _checkpoint_if_due(self) -> None: ...
         def _current_session(self) -> Any: ...
 
     def _setup_follows(
@@ -368,6 +369,7 @@ class FollowRepos:
                 self._kick_blobs()
                 progress, self._follow_progress = self._follow_progress, anyio.Event()
                 progress.set()
+                await self._checkpoint_if_due()
 
     async def _watch_follow_hosts(self, own_host: Callable[[], str | None]) -> None:
         """Run until cancelled: one event stream per host of followed repositories (the

@@ -9,7 +9,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import anyio
+
 from ..atproto import FirehoseFrame
+from ..db import ModelDB
 from ._outbox import Outbox
 from ._puller import Puller
 from ._strategies import Live, Manual, PullStrategy
@@ -29,6 +32,7 @@ class PullEvents:
 
     outbox: Outbox
     pull_strategy: PullStrategy
+    _db: ModelDB
     _puller: Puller | None
     _runner: StepRunner | None
     _last_pull: float | None
@@ -41,6 +45,16 @@ class PullEvents:
     _on_other: Callable[[str | None, str, str], None]
     _wake: Callable[[], None]
     _refresh_status: Callable[..., None]
+
+    async def _checkpoint_if_due(self) -> None:
+        """After a whole repository's rows were applied and their waiters told: the WAL its
+        load left (``ModelDB.checkpoints_deferred``) moves into the file in a worker thread,
+        once no other load is running. Shielded: bounded work, and an engine stopped right
+        after should not leave it to the app's next write."""
+        db = self._db
+        if db.checkpoint_due and not db.checkpoints_are_deferred:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(db.checkpoint)
 
     def _pulls(self) -> bool:
         return self._puller is not None and bool(self._puller.collections)

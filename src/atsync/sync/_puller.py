@@ -200,13 +200,11 @@ class Puller:
                 did, client, key, known_cids, spill, paused
             )
             result.commit, result.rev = commit, rev
-            # The user's own repository only: followed ones are pulled several at once, and
-            # their loads overlapping would keep the WAL from ever being checkpointed.
-            if in_memory and len(changes) > CHUNK and self._repo.own:
-                # A bounded bulk load (its CAR fitted in memory): one checkpoint afterwards,
-                # off the way of whoever waits for the rows (see PullResult.checkpoint_due).
+            if in_memory and changes:
+                # A bounded bulk load (its CAR fitted in memory; followed repositories' loads
+                # overlap): one checkpoint after the last, off the way of whoever waits for
+                # the rows (the engine runs it when the database says it is due).
                 paused.enter_context(self._db.checkpoints_deferred())
-                result.checkpoint_due = True
             await self._apply(did, rev, changes, known, result, progress)
             self._position.record(
                 commit, rev, data, tree_limit=TREE_NODES_MAX, collections=self.collections,

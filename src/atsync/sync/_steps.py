@@ -264,12 +264,7 @@ class StepRunner:
                 result.rejected,
             )  # fmt: skip
         engine._refresh_status(download_error=None, pull_progress=None)
-        if result.checkpoint_due:
-            # After the waiters were told: the WAL moves into the file while they go on.
-            # Shielded: bounded work, and an engine stopped right after should not leave it
-            # to the app's next write.
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(engine._db.checkpoint)
+        await engine._checkpoint_if_due()
         return True
 
     async def _apply_events(self, did: str, key: str, frames: list[FirehoseFrame]) -> bool:
