@@ -13,10 +13,13 @@ account on the first host. Then:
             from entering ``async with sync`` to ``wait_pulled()`` returning — each
             repository resolved to its host and key, its CAR downloaded and verified (commit
             signature, every block, the MST), its records applied as rows keyed by AT URI.
-    (a)     the ``atproto`` SDK: for each repository, a ``com.atproto.repo.listRecords`` loop
-            (limit 100, cursor) against its host, each record inserted into a plain
-            ``sqlite3`` table (WAL, synchronous=NORMAL; one transaction per page). Nothing
-            verified.
+    (a)     the ``atproto`` SDK, from the same DIDs: each resolved to its host with the SDK's
+            ``IdResolver`` (one DID document each, as atsync reads), then a
+            ``com.atproto.repo.listRecords`` loop (limit 100, cursor) against that host, each
+            record inserted into a plain ``sqlite3`` table (WAL, synchronous=NORMAL; one
+            transaction per page). Nothing verified.
+    (a0)    (a) handed each repository's host instead of resolving it (shown, not the
+            target's baseline: atsync is handed only DIDs).
 
     --screen: atsync again, with a live query on every note (``app.db.subscribe("notes",
             …)``, as a window listing them would hold): told of the rows at a pace while they
@@ -119,8 +122,11 @@ async def atsync_backfill(
     return seconds, int(rows)
 
 
-def sdk_backfill(hosts: dict[str, str], db: Path) -> tuple[float, int]:
-    from atproto import Client  # the Python AT Protocol SDK
+def sdk_backfill(
+    dids: list[str], plc_url: str, db: Path, hosts: dict[str, str] | None = None
+) -> tuple[float, int]:
+    """(a); (a0) with ``hosts``."""
+    from atproto import Client, IdResolver  # the Python AT Protocol SDK
 
     conn = sqlite3.connect(db, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
@@ -128,9 +134,13 @@ def sdk_backfill(hosts: dict[str, str], db: Path) -> tuple[float, int]:
     conn.execute(
         "CREATE TABLE notes (uri TEXT PRIMARY KEY, text TEXT NOT NULL, n INTEGER NOT NULL)"
     )
-    clients = {url: Client(base_url=url) for url in set(hosts.values())}
+    clients = {url: Client(base_url=url) for url in set((hosts or {}).values())}
     start = time.perf_counter()
-    for did, url in hosts.items():
+    resolver = IdResolver(plc_url=plc_url)
+    for did in dids:
+        url = hosts[did] if hosts is not None else resolver.did.resolve_atproto_data(did).pds
+        if url not in clients:
+            clients[url] = Client(base_url=url)
         cursor: str | None = None
         while True:
             params: dict[str, Any] = {"repo": did, "collection": COLLECTION, "limit": 100}
@@ -224,7 +234,7 @@ def main() -> int:
             print(f"  filled in {time.perf_counter() - start:.1f} s", flush=True)
             dids = [pds.accounts[h].did for pds, h in owners]
             hosts = {pds.accounts[h].did: pds.pds_url for pds, h in owners}
-            ours, sdk, screened = [], [], []
+            ours, sdk, handed, screened = [], [], [], []
             with tempfile.TemporaryDirectory() as tmp:
                 for n in range(args.rounds):
                     print(f"round {n + 1}/{args.rounds}: atsync …", flush=True)
@@ -240,10 +250,16 @@ def main() -> int:
                             backend="asyncio",
                         )  # fmt: skip
                         screened.append(rows / seconds)
-                    print("  (a) SDK listRecords loops …", flush=True)
-                    seconds, rows = sdk_backfill(hosts, Path(tmp) / f"s{n}.db")
+                    print("  (a) SDK: resolve, listRecords loops …", flush=True)
+                    seconds, rows = sdk_backfill(dids, first.plc_url, Path(tmp) / f"s{n}.db")
                     assert rows == args.repos * args.records, rows
                     sdk.append(rows / seconds)
+                    print("  (a0) SDK handed the hosts: listRecords loops …", flush=True)
+                    seconds, rows = sdk_backfill(
+                        dids, first.plc_url, Path(tmp) / f"h{n}.db", hosts=hosts
+                    )
+                    assert rows == args.repos * args.records, rows
+                    handed.append(rows / seconds)
                 print(f"live fan-in, {args.live} writes …", flush=True)
                 # Writers alternate hosts: the warm-up writes reach both hosts' streams.
                 by_host = [owners[: len(on_first)], owners[len(on_first) :]]
@@ -262,7 +278,10 @@ def main() -> int:
     runs = ", ".join(f"{v:,.0f}" for v in ours)
     print(f"  atsync, verified, into its database : {a:9,.0f}   ({runs})")
     runs = ", ".join(f"{v:,.0f}" for v in sdk)
-    print(f"  (a) atproto SDK listRecords loops   : {s:9,.0f}   ({runs})")
+    print(f"  (a) SDK: resolve, listRecords loops : {s:9,.0f}   ({runs})")
+    h = statistics.median(handed)
+    runs = ", ".join(f"{v:,.0f}" for v in handed)
+    print(f"  (a0) SDK handed the hosts           : {h:9,.0f}   ({runs})")
     print(
         f"  atsync / (a) = {a / s:5.2f}x   target >= {TARGET_SDK}x   {'PASS' if ok_sdk else 'FAIL'}"
     )
@@ -270,6 +289,8 @@ def main() -> int:
     # the machine's (both move together) and how much is one side's.
     paired = [x / y for x, y in zip(ours, sdk, strict=True)]
     print(f"  per round: {min(paired):.2f}x to {max(paired):.2f}x")
+    paired = [x / y for x, y in zip(ours, handed, strict=True)]
+    print(f"  atsync / (a0) = {a / h:5.2f}x   per round: {min(paired):.2f}x to {max(paired):.2f}x")
     if screened:
         w = statistics.median(screened)
         runs = ", ".join(f"{v:,.0f}" for v in screened)
