@@ -149,3 +149,47 @@ async def test_a_new_device_reads_a_moved_account_before_its_new_host_made_a_com
             await arrives_from_another_device(new, app, collection)
             status = await wait_status(sync, lambda s: s.live)
             assert status.download_error is None and status.rejected == 0
+
+
+@pytest.mark.anyio
+async def test_the_stream_position_at_the_old_host_is_not_used_at_the_new_one(
+    make_pds: MakePDS, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A stream position counts one host's events only. Alice's device stood at event ~30 of
+    the old host; at the new host her records were written at event ~10, and the host had
+    passed 30 by the time the device logged in there: resumed from 30, the device would
+    never hear of them (no pull on a login that resumes a stream)."""
+    collection = collection_for(request, "test.atsync.move")
+    async with alice_before_the_move(make_pds, tmp_path, collection) as moving:
+        old, new, signer, app, _ = moving
+        writer = await session_of(old, "alice.test")
+        async with XrpcClient(session=writer) as client:
+            for i in range(25):  # each an event of the old host, heard by the device
+                record = {"$type": collection, "title": f"old host {i}", "n": i}
+                await client.put_record(writer.did, collection, f"o{i:02d}", record)
+        heard = anyio.Event()
+        with app.db.subscribe("notes", lambda found: len(found) == 26 and heard.set()):
+            with anyio.fail_after(15):
+                await heard.wait()
+        cursor = int(app.model_db.execute(
+            "select value from _atsync_sync_state where key = 'stream_cursor'"
+        ).fetchone()[0])  # fmt: skip
+        assert cursor > 25
+
+        await anyio.to_thread.run_sync(old.move_account, "alice.test", new)
+        moved = await session_of(new, "alice.test")
+        async with XrpcClient(session=moved) as client:
+            record = {"$type": collection, "title": "at the new host", "n": 1}
+            await client.put_record(moved.did, collection, "n3", record)
+        dan = await session_of(new, "dan.test")
+        async with XrpcClient(session=dan) as client:
+            for i in range(cursor + 5):  # the new host's stream passes the old position
+                record = {"$type": collection, "title": f"dan {i}", "n": i}
+                await client.put_record(dan.did, collection, f"d{i:03d}", record)
+
+        await signer.login_async("alice.test", "alice-pw-1", new.pds_url)
+        arrived = anyio.Event()
+        with app.db.subscribe("notes", lambda found: found and arrived.set(), where={"id": "n3"}):
+            with anyio.fail_after(15):
+                await arrived.wait()
+        assert refused(app) == []

@@ -172,6 +172,17 @@ async def converged(
     assert entries == len(expected)
 
 
+def stored_for(db: Path, proxy: FaultProxy) -> None:
+    """Mark B's stored stream position as read through ``proxy``: a position counts the
+    events of the host it was read from (by URL), and the proxy is the same PDS under
+    another one. Without this, B would not resume from it there but read what changed."""
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "INSERT OR REPLACE INTO _atsync_sync_state (key, value) VALUES ('stream_host', ?)",
+            (proxy.url,),
+        )
+
+
 def stream_cursor(app: App) -> int | None:
     row = app.model_db.execute(
         "select value from _atsync_sync_state where key = 'stream_cursor'"
@@ -460,6 +471,7 @@ async def test_a_restart_with_an_outdated_cursor_reads_the_repository(
 
             async with FaultProxy(pds.pds_url) as proxy:
                 b_session = proxied_session(session, proxy.url)
+                stored_for(tmp_path / "b.db", proxy)
                 async with device(tmp_path / "b.db", collection, b_session, plc, pull=Live()) as (
                     b,
                     sync_b,
@@ -665,6 +677,7 @@ async def test_a_future_cursor_is_dropped_and_the_repository_read(
         await write_each(a, sync_a, ["p1", "p2"])
         async with FaultProxy(dev_pds.pds_url) as proxy:
             b_session = proxied_session(session, proxy.url)
+            stored_for(tmp_path / "b.db", proxy)
             async with device(tmp_path / "b.db", collection, b_session, resolver, pull=Live()) as (
                 b,
                 sync_b,
@@ -697,6 +710,7 @@ async def test_a_restart_replays_through_a_slow_handshake_and_a_cut(
             proxy.add(Delay(1.0), nsid=STREAM, nth=1)
             proxy.add_frame(Cut(), type="#commit", repo=session.did, nth=8)
             b_session = proxied_session(session, proxy.url)
+            stored_for(tmp_path / "b.db", proxy)
             async with device(tmp_path / "b.db", collection, b_session, resolver, pull=Live()) as (
                 b,
                 sync_b,

@@ -108,14 +108,27 @@ class PullEvents:
 
     def _stream_cursor(self) -> int | None:
         value = self.outbox.get_state("stream_cursor")
+        if value is None:
+            return None
+        # A position counts one host's events: after the account moved, resumed at the new
+        # host it would skip whatever that host sent below it.
+        kept_for, host = self.outbox.get_state("stream_host"), self._own_host()
+        if kept_for is not None and host is not None and kept_for != host:
+            return None
         try:
-            return int(value) if value is not None else None
+            return int(value)
         except ValueError:
             return None  # damaged: read the whole repository once instead
 
     def _on_stream(self, up: bool) -> None:
         self._stream_up = up
         host = self._own_host()
+        if up and host is not None and self.outbox.get_state("stream_host") != host:
+            # Connected to another host (or the first time): positions stored from now on
+            # are its. Events still held from the old host would store theirs, so they go;
+            # the connect without a position makes the next pull read what they carried.
+            self._events.clear()
+            self.outbox.set_state("stream_host", host)
         if host is not None:
             self._on_host_stream(host, up)  # it carries followed accounts on this host too
         self._refresh_status(live=up)
