@@ -19,7 +19,7 @@ import pytest
 from atsync import TransientError
 from atsync.app import REMOTE_ACTION, ActionContext, App, Contract
 from atsync.atproto import Identity, IdentityResolver, Session, XrpcClient, login
-from atsync.sync import ATSync, Binding, Immediate, Live, Manual, OnStart, SyncStatus
+from atsync.sync import ATSync, Binding, Immediate, Live, Manual, OnStart, Poll, SyncStatus
 from sync_devices import ForgetfulResolver, as_rows, remote, rows, session_of, wait_status
 from sync_devices import collection_for as shared_collection_for
 
@@ -151,6 +151,39 @@ async def test_a_fresh_device_restores_what_was_written_elsewhere(
         assert progress and progress[-1] == (1_000, 1_000)
     # The restored rows are not pushed back.
     assert sync_b.status.pending == 0
+
+
+@pytest.mark.parametrize(
+    ("strategy", "old_row"), [("live", False), ("poll", False), ("live", True)]
+)
+async def test_wait_for_idle_on_a_new_device_includes_its_first_pull_and_its_old_rows(
+    dev_pds: Any,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    resolver: IdentityResolver,
+    strategy: str,
+    old_row: bool,
+) -> None:
+    """Right after the start, nothing has run yet: "idle" waits for what the engine will
+    start by itself — the first pull of the account's records, and the rows the database
+    held before sync was attached — not only for what is queued so far."""
+    collection = collection_for(request) + strategy + str(old_row).lower()
+    session = await alice(dev_pds)
+    await written_elsewhere(tmp_path / "a.db", collection, session, resolver, 50)
+    if old_row:
+        with App.open(tmp_path / "b.db", contract) as b:
+            b.actions.put("mine", "written before sync was attached", None, 0)
+    pull = Live() if strategy == "live" else Poll(seconds=3600)
+    async with device(tmp_path / "b.db", collection, session, resolver, pull=pull) as (
+        b,
+        sync_b,
+    ):
+        with anyio.fail_after(30):
+            status = await sync_b.wait_for_idle()
+        assert len(rows(b)) == 50 + old_row  # the account's 50 notes, pulled
+        if old_row:
+            assert "mine" in await remote(session, collection)  # and the old row, pushed
+        assert status.pending == 0 and status.last_pulled_at is not None
 
 
 async def test_a_bulk_restore_checkpoints_once_after_the_rows_are_in(

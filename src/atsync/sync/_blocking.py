@@ -73,7 +73,8 @@ class SyncThread:
         self.engine.push_now()
 
     def wait_for_idle(self, timeout: float | None = None) -> SyncStatus:
-        """Block until the queue is empty (``TimeoutError`` after ``timeout`` seconds)."""
+        """Block until the queue is empty and the engine idle (``ATSync.wait_for_idle``;
+        ``TimeoutError`` after ``timeout`` seconds)."""
 
         async def wait() -> SyncStatus:
             with anyio.fail_after(timeout):

@@ -38,6 +38,9 @@ class PullEvents:
     _last_pull: float | None
     _stream_up: bool
     _pull_forced: bool
+    _resync_due: bool
+    _clock: Callable[[], float]
+    _current_session: Callable[[], SessionLike | None]
     _events: deque[FirehoseFrame]
     _events_lost: bool
     _account_inactive: str | None
@@ -55,6 +58,16 @@ class PullEvents:
         if db.checkpoint_due and not db.checkpoints_are_deferred:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(db.checkpoint)
+
+    def _work_due(self) -> bool:
+        """Whether the running engine will start work by itself now: the start-up comparison
+        (``_resync_due``), or a pull of the user's repository that is asked for or due."""
+        runner = self._runner
+        if runner is None or self._current_session() is None:
+            return False  # stopped, or nothing can start before a login (needs_auth says so)
+        if self._resync_due:
+            return True
+        return self._pulls() and (self._pull_forced or self._pull_at(runner) <= self._clock())
 
     def _pulls(self) -> bool:
         return self._puller is not None and bool(self._puller.collections)

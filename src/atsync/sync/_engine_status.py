@@ -30,6 +30,7 @@ class StatusKeeper:
     _status_changed: anyio.Event
     _listeners: list[Callable[[SyncStatus], None]]
     _persisted: tuple[Any, ...] | None
+    _work_due: Callable[[], bool]
 
     def _init_status(self) -> None:
         self._listeners = []
@@ -69,14 +70,18 @@ class StatusKeeper:
             await changed.wait()
 
     async def wait_for_idle(self) -> SyncStatus:
-        """Wait until the queue is empty and the engine idle; returns the status then.
+        """Wait until the queue is empty and the engine idle — nothing it will start by
+        itself left to do: the start-up comparison of the rows with what was synced has run,
+        and no pull of the user's repository is due (a new device's first pull, a live
+        event's); returns the status then. Followed repositories are not waited for:
+        ``wait_pulled()`` does.
 
         Bound the wait with ``anyio.fail_after(seconds)`` around the call.
         """
         async for status in self.status_changes():
             if status.pending == 0 and status.state in (State.IDLE, State.STOPPED):
                 pending, _, _ = self.outbox.counts()
-                if pending == 0:
+                if pending == 0 and not self._work_due():
                     return status
         raise AssertionError("unreachable")
 

@@ -109,8 +109,7 @@ class StepRunner:
             )
         # What the old session's stream said of the account (deactivated, a signing key) was
         # said by its host: after a move the new host says otherwise. The stored stream cursor
-        # stays: on another host it is refused or outdated (a whole read), or its replay is
-        # checked event by event against the stored rev and MST root like any other.
+        # counts the old host's events: it is not used at another (``_stream_cursor``).
         engine._account_inactive = None
         self.forget_identity()
         self.head_renewed = False
