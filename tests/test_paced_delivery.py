@@ -5,8 +5,10 @@ pull). A clock the test moves stands in for time; the database is real."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -44,17 +46,36 @@ def commit(db: ModelDB, first: int, count: int) -> list[object]:
 
 def screen(
     clock: Clock, seen: list[int], cost: float, told: list[anyio.Event] | None = None
-) -> Callable[[list[object]], None]:
+) -> Callable[[list[dict[str, Any]]], None]:
     """A live query's callback whose re-run and drawing take ``cost`` seconds; it sets the
     last of ``told`` (append a new one to await the next call)."""
 
-    def draw(rows: list[object]) -> None:
+    def draw(rows: list[dict[str, Any]]) -> None:
         seen.append(len(rows))
         clock.now += cost
         if told:
             told[-1].set()
 
     return draw
+
+
+@asynccontextmanager
+async def engine_task(
+    db: ModelDB, cost: float
+) -> AsyncIterator[tuple[PacedDelivery, list[int], list[anyio.Event], anyio.abc.TaskGroup]]:
+    """A screen whose re-run takes ``cost`` seconds, and the pacing with its engine task
+    running (cancel the task group to stop the engine): (paced, seen, told, task group)."""
+    clock = Clock()
+    seen: list[int] = []
+    told = [anyio.Event()]
+    db.subscribe("notes", screen(clock, seen, cost, told), initial=False)
+    paced = PacedDelivery(db, clock)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(paced.run)
+        await anyio.wait_all_tasks_blocked()
+        paced.add(commit(db, 0, 5))
+        assert seen == [5]  # at once
+        yield paced, seen, told, tg
 
 
 def test_a_cheap_query_is_told_of_every_chunk_as_it_lands(db: ModelDB) -> None:
@@ -114,17 +135,8 @@ def test_changes_no_query_watches_cost_nothing_and_writes_outside_are_told_at_on
 async def test_the_engines_task_tells_what_is_held_when_due_and_the_rest_when_it_stops(
     db: ModelDB,
 ) -> None:
-    clock = Clock()
-    seen: list[int] = []
-    told = [anyio.Event()]
     # the task sleeps 9 x 0.02 s after each telling
-    db.subscribe("notes", screen(clock, seen, 0.02, told), initial=False)
-    paced = PacedDelivery(db, clock)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(paced.run)
-        await anyio.wait_all_tasks_blocked()
-        paced.add(commit(db, 0, 5))
-        assert seen == [5]  # at once
+    async with engine_task(db, 0.02) as (paced, seen, told, tg):
         told.append(anyio.Event())
         paced.add(commit(db, 5, 5))
         paced.pull_ended()  # the engine's task tells it, when due
@@ -142,16 +154,7 @@ async def test_the_engines_task_tells_what_is_held_when_due_and_the_rest_when_it
 async def test_a_query_failing_in_the_engines_task_is_logged_and_the_task_goes_on(
     db: ModelDB, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    clock = Clock()
-    seen: list[int] = []
-    told = [anyio.Event()]
-    db.subscribe("notes", screen(clock, seen, 0.01, told), initial=False)
-    paced = PacedDelivery(db, clock)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(paced.run)
-        await anyio.wait_all_tasks_blocked()
-        paced.add(commit(db, 0, 5))
-        assert seen == [5]
+    async with engine_task(db, 0.01) as (paced, seen, told, tg):
         real_run_query = db.run_query
         failed = anyio.Event()
 
